@@ -1,0 +1,348 @@
+"""Attention processors: a fused fast path, and a capture path that exports per-head maps.
+
+The processors follow diffusers' attention-processor protocol: a processor is a callable
+``processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs)``
+held by an attention module and swapped with ``module.set_processor(p)``. They therefore work on
+this package's :class:`Attention` (timm layout: ``qkv``, ``proj``) and on diffusers' ``Attention``
+(``to_q``/``to_k``/``to_v``/``to_out``), e.g. inside ``DiTTransformer2DModel``.
+
+``attention_mask`` is an *additive* bias on the attention logits (MDT's relative-position bias),
+broadcastable to (B, H, N, M). Maps are never produced by monkey-patching: use
+:func:`capture_attention`, which swaps in :class:`CaptureProcessor` and restores the original
+processors on exit, also when the body raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Attention",
+    "SDPAProcessor",
+    "CaptureProcessor",
+    "AttentionStore",
+    "attention_layers",
+    "capture_attention",
+    "attention_probs",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Module-layout adapters: one place that knows both the timm and the diffusers parameter names.
+# --------------------------------------------------------------------------------------------
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)  # (B, H, N, d)
+
+
+def project_qkv(
+    attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head queries, keys and values of ``attn`` for ``hidden_states``.
+
+    Args:
+        attn: this package's :class:`Attention` (fused ``qkv``) or a diffusers ``Attention``.
+        hidden_states: (B, N, D) tokens.
+        encoder_hidden_states: (B, M, D_enc) context for cross-attention (diffusers modules only).
+
+    Returns:
+        q (B, H, N, d), k (B, H, M, d), v (B, H, M, d).
+    """
+    if hidden_states.ndim != 3:
+        raise ValueError(
+            f"attention processors expect (B, N, D) tokens, got shape {tuple(hidden_states.shape)}"
+        )
+    heads = attn.heads
+    if hasattr(attn, "qkv"):
+        if encoder_hidden_states is not None:
+            raise ValueError("shd_diffusion.Attention is self-attention only; got encoder_hidden_states")
+        b, n, c = hidden_states.shape
+        qkv = attn.qkv(hidden_states).view(b, n, 3, heads, c // heads)  # (B, N, 3, H, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
+        return q, k, v
+    # diffusers layout
+    for unsupported in ("spatial_norm", "group_norm"):
+        if getattr(attn, unsupported, None) is not None:
+            raise NotImplementedError(f"attention module uses `{unsupported}`, which these processors do not support")
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and getattr(attn, "norm_cross", None) is not None:
+        context = attn.norm_encoder_hidden_states(context)
+    q = _split_heads(attn.to_q(hidden_states), heads)  # (B, H, N, d)
+    k = _split_heads(attn.to_k(context), heads)  # (B, H, M, d)
+    v = _split_heads(attn.to_v(context), heads)  # (B, H, M, d)
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
+def output_projection(attn: nn.Module) -> nn.Linear:
+    """The out-projection ``nn.Linear`` whose weight (D, H*d) mixes the heads back."""
+    return attn.proj if hasattr(attn, "proj") else attn.to_out[0]
+
+
+def _finish(attn: nn.Module, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Merge heads, project, and apply the module's output-side options."""
+    b, h, n, d = out.shape
+    out = out.transpose(1, 2).reshape(b, n, h * d)  # (B, N, D)
+    out = output_projection(attn)(out)
+    if hasattr(attn, "proj"):
+        drop = getattr(attn, "proj_drop", None)
+        return drop(out) if drop is not None else out
+    out = attn.to_out[1](out)  # dropout
+    if getattr(attn, "residual_connection", False):
+        out = out + residual
+    return out / getattr(attn, "rescale_output_factor", 1.0)
+
+
+def _scale(attn: nn.Module, head_dim: int) -> float:
+    return float(getattr(attn, "scale", head_dim**-0.5))
+
+
+def _logits_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        raise TypeError("attention_mask must be an additive float bias, not a boolean mask")
+    return attention_mask.to(dtype)
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Explicit ``softmax((q k^T * scale + bias) / temperature)`` in float32.
+
+    Args:
+        q: (B, H, N, d) queries. k: (B, H, M, d) keys.
+        scale: logit scale, normally 1/sqrt(d).
+        bias: additive logit bias broadcastable to (B, H, N, M), or None.
+        temperature: T_a >= 1 softens the distribution (paper eq. 10).
+
+    Returns:
+        (B, H, N, M) probabilities; each row sums to 1.
+    """
+    logits = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, N, M)
+    if bias is not None:
+        logits = logits + bias.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.softmax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Processors
+# --------------------------------------------------------------------------------------------
+
+
+class SDPAProcessor:
+    """Fast path: fused ``scaled_dot_product_attention``; never materialises the maps."""
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
+        bias = _logits_bias(attention_mask, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=_scale(attn, q.shape[-1]))  # (B, H, N, d)
+        return _finish(attn, out, hidden_states)
+
+
+@dataclass
+class AttentionStore:
+    """What :class:`CaptureProcessor` exports, one list entry per captured layer call.
+
+    Attributes:
+        maps: (B, H, N, M) probabilities at the capture temperature T_a. For a student they keep
+            their autograd graph; for a teacher (``export_values=True``) they are detached.
+        probs: (B, H, N, M) probabilities at T = 1 (the same tensors as ``maps`` when T_a == 1).
+            Squeezing computes alpha from these (alpha preserves the teacher's real output).
+        values: (B, H, M, d) per-head values (teacher capture only).
+        out_weights: (D, H*d) out-projection weights in ``nn.Linear.weight`` layout (teacher only).
+        layer_indices: index of each entry's layer in :func:`attention_layers` order.
+    """
+
+    maps: list[torch.Tensor] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    out_weights: list[torch.Tensor] = field(default_factory=list)
+    layer_indices: list[int] = field(default_factory=list)
+
+    def clear(self) -> None:
+        """Drop everything captured so far (e.g. between two forwards in one context)."""
+        for entries in (self.maps, self.probs, self.values, self.out_weights, self.layer_indices):
+            entries.clear()
+
+
+class CaptureProcessor:
+    """Attention that also records its per-head probabilities into an :class:`AttentionStore`.
+
+    The module output is computed from the same explicit probabilities at T = 1, so it equals the
+    fused path up to float rounding; the temperature only affects what is exported.
+
+    Args:
+        store: where maps are appended.
+        layer_index: this layer's position in :func:`attention_layers` order.
+        temperature: T_a for the exported maps (paper eq. 10); the module output ignores it.
+        export_values: teacher mode: detach everything and also export values and W_out.
+    """
+
+    def __init__(
+        self, store: AttentionStore, layer_index: int, temperature: float = 1.0, export_values: bool = False
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"attention temperature must be > 0, got {temperature}")
+        self.store = store
+        self.layer_index = layer_index
+        self.temperature = float(temperature)
+        self.export_values = export_values
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
+        bias = _logits_bias(attention_mask, torch.float32)
+        scale = _scale(attn, q.shape[-1])
+        logits = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, N, M)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)  # (B, H, N, M), T = 1: drives the module output
+        soft = probs if self.temperature == 1.0 else (logits / self.temperature).softmax(dim=-1)
+        out = (probs.to(v.dtype) @ v)  # (B, H, N, d)
+
+        store = self.store
+        if self.export_values:
+            store.maps.append(soft.detach())
+            store.probs.append(probs.detach())
+            store.values.append(v.detach())
+            store.out_weights.append(output_projection(attn).weight.detach())
+        else:
+            store.maps.append(soft)
+            store.probs.append(probs)
+        store.layer_indices.append(self.layer_index)
+        return _finish(attn, out, hidden_states)
+
+
+# --------------------------------------------------------------------------------------------
+# The module used by this package's models
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter layout (``qkv``, ``proj``).
+
+    The math lives in the processor, so official DiT/MDT checkpoints load unchanged while the
+    attention computation can be swapped (fast SDPA, or map capture for distillation).
+
+    Args:
+        dim: model width D. num_heads: H (D must be divisible by H). qkv_bias: bias on ``qkv``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.processor: object = SDPAProcessor()
+
+    def set_processor(self, processor: object) -> None:
+        """Swap how attention is computed (diffusers' protocol)."""
+        self.processor = processor
+
+    def attention_bias(self, ids_keep: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Additive logit bias; none for plain attention (MDT overrides this)."""
+        return None
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D) -> (B, N, D). ``ids_keep`` (B, N) selects bias rows for masked passes."""
+        return self.processor(self, x, attention_mask=self.attention_bias(ids_keep))
+
+
+# --------------------------------------------------------------------------------------------
+# Capture context
+# --------------------------------------------------------------------------------------------
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """Attention modules of ``model`` in execution order of its (unmasked) forward.
+
+    Models of this package define ``attention_layers()``; for others (diffusers' DiT) the modules
+    that take processors are listed in registration order, which is execution order there.
+    """
+    own = getattr(model, "attention_layers", None)
+    if callable(own):
+        return list(own())
+    return [m for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+
+
+@contextlib.contextmanager
+def capture_attention(
+    model: nn.Module,
+    temperature: float = 1.0,
+    layers: Sequence[int] | None = None,
+    export_values: bool = False,
+) -> Iterator[AttentionStore]:
+    """Record per-head attention maps of ``model`` while the context is open.
+
+    ``with capture_attention(model) as store: model(x, t, y)`` leaves ``store.maps`` holding one
+    (B, H, N, N) tensor per attention layer, in execution order. Only the selected layers switch
+    to the capturing processor; the others keep their fast path. All original processors are
+    restored on exit, also when the body raises.
+
+    Args:
+        model: a model of this package or a diffusers model built from ``Attention`` modules.
+        temperature: T_a of the exported maps; the model's output is unchanged.
+        layers: indices into :func:`attention_layers` order to capture (None = all). Negative
+            indices count from the end.
+        export_values: teacher mode (see :class:`CaptureProcessor`). Run the teacher under
+            ``torch.no_grad()``.
+
+    Yields:
+        The :class:`AttentionStore` being filled.
+    """
+    modules = attention_layers(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules that accept processors")
+    n = len(modules)
+    if layers is None:
+        selected = list(range(n))
+    else:
+        selected = []
+        for i in layers:
+            if not -n <= int(i) < n:
+                raise IndexError(f"attention layer {i} out of range: the model has {n} attention layers")
+            selected.append(int(i) % n)
+    store = AttentionStore()
+    originals = [(m, m.processor) for m in modules]
+    try:
+        for i in sorted(set(selected)):
+            modules[i].set_processor(CaptureProcessor(store, i, temperature, export_values))
+        yield store
+    finally:
+        for m, p in originals:
+            m.set_processor(p)
