@@ -1,0 +1,169 @@
+"""Benchmark SHD head squeezing + loss: head-dim-space alpha vs the naive N x D formulation.
+
+Default setting: MDTv2-B/2 -> S/2 style layer set, 12 student layers, teacher 12 heads of d = 64
+(D = 768) squeezed to 6 student heads, batch 32, N = 256 and 1024 tokens. For each token count and
+implementation it reports the median wall time of
+
+  * squeeze: alpha for every layer (T = 1 maps) and the squeezed maps (``torch.no_grad``),
+  * loss: ``shd_loss`` forward + backward to the student maps,
+
+and the peak memory above the inputs (``torch.cuda.max_memory_allocated``; "n/a" on CPU).
+
+    python benchmarks/bench_squeeze.py --device cuda --dtype bf16 --json bench.json
+    python benchmarks/bench_squeeze.py --device cpu --dtype fp32 --batch 2 --tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from shd_diffusion.shd import (
+    apply_alphas,
+    default_groups,
+    naive_squeeze_alphas,
+    shd_loss,
+    squeeze_heads,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="teacher maps/values/weights dtype")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--layers", type=int, default=12, help="distilled student layers")
+    p.add_argument("--teacher-heads", type=int, default=12)
+    p.add_argument("--student-heads", type=int, default=6)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--impl", nargs="+", choices=["head_space", "naive"], default=["head_space", "naive"])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
+    p.add_argument("--json", default=None, help="write the results here")
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_layers(args: argparse.Namespace, tokens: int, device: torch.device) -> dict[str, list[torch.Tensor]]:
+    """Random teacher (softmax maps, values, out weights) and student maps for every layer."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    b, ht, hs, d = args.batch, args.teacher_heads, args.student_heads, args.head_dim
+    out: dict[str, list[torch.Tensor]] = {"probs": [], "values": [], "weights": [], "student": []}
+    for _ in range(args.layers):
+        logits = torch.randn(b, ht, tokens, tokens, device=device, generator=gen) * 2  # (B, H_t, N, N)
+        out["probs"].append(logits.softmax(-1).to(dtype))
+        del logits
+        out["values"].append(torch.randn(b, ht, tokens, d, device=device, generator=gen).to(dtype))  # (B, H_t, N, d)
+        out["weights"].append((torch.randn(ht * d, ht * d, device=device, generator=gen) / (ht * d) ** 0.5).to(dtype))
+        s_logits = torch.randn(b, hs, tokens, tokens, device=device, generator=gen) * 2  # (B, H_s, N, N)
+        out["student"].append(s_logits.softmax(-1).requires_grad_(True))
+    return out
+
+
+def squeeze_head_space(layers: dict[str, list[torch.Tensor]], hs: int) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [squeeze_heads(p, v, w, hs)[0] for p, v, w in zip(layers["probs"], layers["values"], layers["weights"])]
+
+
+def squeeze_naive(layers: dict[str, list[torch.Tensor]], hs: int) -> list[torch.Tensor]:
+    """Baseline: same eq. (6) solve from explicit N x D products (float32, no simplex step)."""
+    out = []
+    with torch.no_grad():
+        for p, v, w in zip(layers["probs"], layers["values"], layers["weights"]):
+            groups = default_groups(p.shape[1], hs)
+            alphas = naive_squeeze_alphas(p, v, w, groups, dtype=torch.float32)
+            out.append(apply_alphas(p, alphas, groups))
+    return out
+
+
+def time_it(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[float, object]:
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), result
+
+
+def run_one(args: argparse.Namespace, tokens: int, impl: str, device: torch.device) -> dict[str, object]:
+    layers = make_layers(args, tokens, device)
+    squeeze = squeeze_head_space if impl == "head_space" else squeeze_naive
+    cuda = device.type == "cuda"
+    if cuda:
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def loss_step() -> None:
+        for s in layers["student"]:
+            s.grad = None
+        shd_loss(layers["student"], teacher_maps).sum().backward()
+
+    try:
+        squeeze_ms, teacher_maps = time_it(lambda: squeeze(layers, args.student_heads), device, args.warmup, args.iters)
+        loss_ms, _ = time_it(loss_step, device, args.warmup, args.iters)
+    except torch.OutOfMemoryError:
+        return {"tokens": tokens, "impl": impl, "status": "oom"}
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    row: dict[str, object] = {
+        "tokens": tokens,
+        "impl": impl,
+        "status": "ok",
+        "squeeze_ms": round(squeeze_ms, 3),
+        "loss_fwd_bwd_ms": round(loss_ms, 3),
+        "total_ms": round(squeeze_ms + loss_ms, 3),
+        "peak_mem_above_inputs_mib": round((peak - base) / 2**20, 1) if cuda else "n/a",
+        "peak_mem_mib": round(peak / 2**20, 1) if cuda else "n/a",
+    }
+    del layers, teacher_maps
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for tokens in args.tokens:
+        for impl in args.impl:
+            row = run_one(args, tokens, impl, device)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    report = {
+        "setting": {k: v for k, v in vars(args).items() if k != "json"},
+        "model_dim": args.teacher_heads * args.head_dim,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "results": rows,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

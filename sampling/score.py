@@ -1,0 +1,512 @@
+"""Score an ADM-format sample set: FID, IS, precision/recall (k=3), KID.
+
+    python -m sampling.score samples.npz --ref VIRTUAL_imagenet256_labeled.npz --json scores.json
+    python -m sampling.score samples.npz --ref data/val_images/ --inception-weights weights/inception_fid_helper.pth
+
+Inputs:
+    samples  ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3) (ADM's sample format; ``arr_1`` labels
+             are allowed and ignored). Grayscale (N, H, W) or (N, H, W, 1) is replicated to 3 channels.
+    --ref    one of
+             * an ADM reference batch ``.npz``: features are recomputed from its ``arr_0`` images;
+               its ``mu`` / ``sigma`` come from TF Inception and are never mixed with torch features;
+             * a folder of .png / .jpg / .jpeg images (searched recursively; converted to RGB:
+               grayscale replicated to 3 channels, alpha dropped);
+             * a statistics file written by this tool (see below).
+
+Features come from torch-fidelity's FID Inception (uint8 NCHW in, TF-exact resize to 299 inside):
+pool3 ('2048') for FID, KID and precision/recall, 'logits_unbiased' for IS. With converted
+no-logits weights (scripts/convert_inception.py) IS is reported as null with the reason.
+
+Reference statistics are computed once and cached in ``--cache-dir`` as
+``<ref name>-<key16>.npz`` where key = sha256 of (format, resolved ref path, its size + mtime —
+for a folder every image's relative path, size and mtime —, weights sha256). The file
+(format ``shd_diffusion.ref_stats/v1``) holds ``format``, ``mu`` (D,) and ``sigma`` (D, D) float64,
+``features`` (N, D) float32 (for precision/recall and KID), ``image_hw``, ``weights_sha256``,
+``feature_extractor`` and ``source``; it can itself be passed as ``--ref``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sampling import metrics
+from sampling.inception import (
+    FEATURE_EXTRACTOR_NAME,
+    InceptionWeightsError,
+    WeightsInfo,
+    default_weights_path,
+    inspect_weights,
+    load_feature_extractor,
+)
+
+STATS_FORMAT = "shd_diffusion.ref_stats/v1"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shd_diffusion" / "ref_stats"
+POOL, LOGITS = "2048", "logits_unbiased"  # torch-fidelity feature names
+
+
+class ScoreError(ValueError):
+    """Bad inputs to scoring; the message names the problem and the fix."""
+
+
+def _log(msg: str) -> None:
+    """All diagnostics go through here (stderr), keeping stdout for the summary line / JSON."""
+    print(f"[score] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+def as_rgb_nhwc(x: np.ndarray, name: str) -> np.ndarray:
+    """Validate an image array and return uint8 (N, H, W, 3); grayscale is replicated to 3 channels.
+
+    Args:
+        x: uint8 (N, H, W, 3), (N, H, W, 1) or (N, H, W).
+        name: what to call the array in errors.
+    """
+    if x.dtype != np.uint8:
+        hint = " (floats in [-1, 1]: `((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)`)" if x.dtype.kind == "f" else ""
+        raise ScoreError(f"{name}: dtype {x.dtype}, expected uint8 in [0, 255]{hint}")
+    if x.ndim == 3:
+        x = x[..., None]  # (N, H, W, 1)
+    if x.ndim != 4:
+        raise ScoreError(f"{name}: shape {x.shape}, expected (N, H, W, 3) uint8 (ADM sample format)")
+    if x.shape[-1] not in (1, 3):
+        if x.shape[1] in (1, 3):
+            raise ScoreError(f"{name}: shape {x.shape} looks channels-first; save NHWC: `x.transpose(0, 2, 3, 1)`")
+        raise ScoreError(f"{name}: shape {x.shape} has {x.shape[-1]} channels, expected 3 (RGB) or 1 (grayscale)")
+    if x.shape[0] == 0:
+        raise ScoreError(f"{name}: no images")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)  # grayscale -> RGB by replication
+    return x
+
+
+def load_samples(path: str | os.PathLike) -> np.ndarray:
+    """Load ADM-format samples: ``arr_0`` uint8 (N, H, W, 3) from an ``.npz`` (no pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScoreError(f"samples {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.files)
+            x = z["arr_0"] if "arr_0" in keys else None
+    except (ValueError, OSError) as e:  # not a zip / object arrays (would need pickle)
+        raise ScoreError(f"{path}: not a readable .npz ({e}); expected np.savez output with arr_0 uint8 (N, H, W, 3)") from e
+    if x is None:
+        raise ScoreError(
+            f"{path}: no 'arr_0' (keys: {keys}); save samples with `np.savez(path, images)` "
+            "where images is uint8 (N, H, W, 3)"
+        )
+    return as_rgb_nhwc(x, f"{path}:arr_0")
+
+
+def _folder_images(path: Path) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise ScoreError(f"reference folder {path} has no {'/'.join(IMAGE_EXTS)} images")
+    return files
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)  # L -> RGB replicates; RGBA drops alpha
+
+
+def _iter_folder(files: list[Path], batch_size: int, hw: tuple[int, int]) -> Iterator[np.ndarray]:
+    for i in range(0, len(files), batch_size):
+        batch = []
+        for f in files[i : i + batch_size]:
+            im = _read_rgb(f)
+            if im.shape[:2] != hw:
+                raise ScoreError(
+                    f"{f}: size {im.shape[1]}x{im.shape[0]} (WxH) differs from {hw[1]}x{hw[0]} of {files[0].name}; "
+                    "resize the folder to one size first"
+                )
+            batch.append(im)
+        yield np.stack(batch)  # (B, H, W, 3)
+
+
+def _iter_array(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size]
+
+
+# --------------------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def extract_features(
+    batches: Iterator[np.ndarray],
+    total: int,
+    extractor: torch.nn.Module,
+    device: str | torch.device,
+    names: Sequence[str],
+    desc: str = "features",
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Run the extractor over uint8 (B, H, W, 3) batches.
+
+    Args:
+        batches: iterator of uint8 NHWC batches.
+        total: number of images (for the progress bar).
+        extractor: torch-fidelity extractor built with ``features == names``.
+        device: where to send the batches.
+        names: the extractor's feature names, in its order.
+
+    Returns:
+        {name: float32 (N, dim)} for every name.
+    """
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+        for batch in batches:
+            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)  # (B, 3, H, W) uint8
+            for n, f in zip(names, extractor(x)):
+                out[n].append(f.float().cpu().numpy())  # (B, dim)
+            bar.update(len(batch))
+    return {n: np.concatenate(v) for n, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------- reference stats
+
+
+@dataclass
+class RefStats:
+    """Reference-set statistics in this package's feature space."""
+
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+    features: np.ndarray  # (N, D) float32, for precision/recall and KID
+    image_hw: tuple[int, int]
+    weights_sha256: str
+    source: str
+
+    def save(self, path: Path) -> None:
+        """Atomic write (tmp + rename) so an interrupted run never leaves a half cache file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(
+            tmp,
+            format=np.array(STATS_FORMAT),
+            mu=self.mu,
+            sigma=self.sigma,
+            features=self.features,
+            image_hw=np.array(self.image_hw, dtype=np.int64),
+            weights_sha256=np.array(self.weights_sha256),
+            feature_extractor=np.array(FEATURE_EXTRACTOR_NAME),
+            source=np.array(self.source),
+        )
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(path: Path) -> "RefStats":
+        with np.load(path, allow_pickle=False) as z:
+            if "format" not in z.files or str(z["format"]) != STATS_FORMAT:
+                raise ScoreError(f"{path}: not a {STATS_FORMAT} statistics file")
+            hw = z["image_hw"]
+            return RefStats(z["mu"], z["sigma"], z["features"], (int(hw[0]), int(hw[1])), str(z["weights_sha256"]), str(z["source"]))
+
+
+def reference_cache_key(ref: str | os.PathLike, weights_sha256: str) -> str:
+    """sha256 over (format, resolved path, size + mtime of the file or of every folder image, weights).
+
+    Any edit to the reference or a different weights file yields a different key.
+    """
+    ref = Path(ref).resolve()
+    if ref.is_dir():
+        stamp = [(str(p.relative_to(ref)), p.stat().st_size, p.stat().st_mtime_ns) for p in _folder_images(ref)]
+    else:
+        st = ref.stat()
+        stamp = [(ref.name, st.st_size, st.st_mtime_ns)]
+    blob = json.dumps([STATS_FORMAT, str(ref), stamp, weights_sha256])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _npz_files(path: Path) -> list[str]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return list(z.files)
+    except (ValueError, OSError) as e:
+        raise ScoreError(f"--ref {path}: not a readable .npz ({e})") from e
+
+
+def reference_stats(
+    ref: str | os.PathLike,
+    extractor: torch.nn.Module,
+    weights: WeightsInfo,
+    cache_dir: Path,
+    batch_size: int,
+    device: str | torch.device,
+    names: Sequence[str],
+    progress: bool = True,
+) -> tuple[RefStats, dict]:
+    """Reference statistics from a stats file, the cache, or the images (then cached).
+
+    Returns:
+        (stats, info) where info = {path, kind, cache_path, cache_hit}.
+    """
+    ref = Path(ref)
+    if not ref.exists():
+        raise ScoreError(f"--ref {ref} not found")
+    info = {"path": str(ref.resolve()), "kind": None, "cache_path": None, "cache_hit": False}
+    if ref.is_file():
+        files = _npz_files(ref)
+        if "format" in files:
+            stats = RefStats.load(ref)
+            if stats.weights_sha256 != weights.sha256:
+                raise ScoreError(
+                    f"--ref {ref} was computed with Inception weights sha256 {stats.weights_sha256[:12]}..., "
+                    f"scoring uses {weights.sha256[:12]}... ({weights.path}); pass the reference images instead "
+                    "or the matching --inception-weights"
+                )
+            info["kind"] = "stats"
+            return stats, info
+        if "arr_0" not in files:
+            extra = (
+                " It holds mu/sigma from TF Inception, which cannot be mixed with torch features."
+                if {"mu", "sigma"} <= set(files)
+                else ""
+            )
+            raise ScoreError(
+                f"--ref {ref}: no 'arr_0' images (keys: {files}).{extra} Pass the ADM reference batch with its "
+                "arr_0 images, an image folder, or a statistics file written by this tool"
+            )
+        info["kind"] = "adm_npz"
+        if {"mu", "sigma"} & set(files):
+            _log(f"{ref.name}: ignoring its precomputed mu/sigma (TF Inception); recomputing from arr_0")
+    elif ref.is_dir():
+        info["kind"] = "folder"
+    else:
+        raise ScoreError(f"--ref {ref}: expected an .npz file or an image folder")
+
+    key = reference_cache_key(ref, weights.sha256)
+    cache_path = Path(cache_dir) / f"{ref.stem or ref.name}-{key[:16]}.npz"
+    info["cache_path"] = str(cache_path)
+    if cache_path.is_file():
+        stats = RefStats.load(cache_path)
+        if stats.weights_sha256 == weights.sha256:
+            info["cache_hit"] = True
+            _log(f"reference statistics from cache {cache_path}")
+            return stats, info
+
+    if info["kind"] == "adm_npz":
+        with np.load(ref, allow_pickle=False) as z:
+            images = as_rgb_nhwc(z["arr_0"], f"--ref {ref}:arr_0")
+        n, hw, batches = len(images), images.shape[1:3], _iter_array(images, batch_size)
+    else:
+        files = _folder_images(ref)
+        hw = _read_rgb(files[0]).shape[:2]
+        n, batches = len(files), _iter_folder(files, batch_size, hw)
+    _check_count(n, f"reference {ref}", need_pr=False, need_is=False)
+    feats = extract_features(batches, n, extractor, device, names, desc="reference", progress=progress)[POOL]
+    mu, sigma = metrics.feature_stats(feats)
+    stats = RefStats(mu, sigma, feats, (int(hw[0]), int(hw[1])), weights.sha256, str(ref.resolve()))
+    stats.save(cache_path)
+    _log(f"reference statistics cached at {cache_path}")
+    return stats, info
+
+
+# ------------------------------------------------------------------------------------------ score
+
+_PR_K = 3
+_IS_SPLITS = 10
+
+
+def _check_count(n: int, what: str, need_pr: bool, need_is: bool, k: int = _PR_K, splits: int = _IS_SPLITS) -> None:
+    needs = {"FID (covariance)": 2}
+    if need_pr:
+        needs[f"precision/recall (k={k} neighbours)"] = k + 1
+    if need_is:
+        needs[f"IS ({splits} splits)"] = splits
+    for metric, m in needs.items():
+        if n < m:
+            raise ScoreError(f"{what}: {n} images, but {metric} needs at least {m}: provide more images")
+
+
+def score(
+    samples: str | os.PathLike,
+    ref: str | os.PathLike,
+    inception_weights: str | os.PathLike | None = None,
+    batch_size: int = 200,
+    device: str = "auto",
+    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = _PR_K,
+    pr_batch_size: int = 10000,
+    is_splits: int = _IS_SPLITS,
+    allow_size_mismatch: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Compute FID, IS, precision/recall and KID of ``samples`` against ``ref``.
+
+    Args: see ``python -m sampling.score --help`` (same names, same defaults).
+
+    Returns:
+        The JSON-able report: fid, is_mean, is_std, is_unavailable_reason, precision, recall,
+        kid_mean, kid_std, num_samples, num_ref, weights {path, sha256, logits_available},
+        feature_extractor, ref {path, kind, cache_path, cache_hit}, and the settings used.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    images = load_samples(samples)  # (N, H, W, 3) uint8
+    _check_count(len(images), f"samples {samples}", need_pr=True, need_is=False, k=pr_k)
+
+    weights = inspect_weights(inception_weights) if inception_weights is not None else None
+    names = [POOL, LOGITS] if weights is None or weights.logits_available else [POOL]
+    extractor = load_feature_extractor(inception_weights, device=device, features=names)
+    if weights is None:  # torch-fidelity's download: hash the file torch.hub cached
+        weights = inspect_weights(default_weights_path())
+
+    ref_stats, ref_info = reference_stats(ref, extractor, weights, Path(cache_dir), batch_size, device, names, progress)
+    if tuple(images.shape[1:3]) != ref_stats.image_hw and not allow_size_mismatch:
+        raise ScoreError(
+            f"samples are {images.shape[2]}x{images.shape[1]} (WxH) but the reference is "
+            f"{ref_stats.image_hw[1]}x{ref_stats.image_hw[0]}: resize one side to match (ADM: center-crop + "
+            "resize the reference to the sample resolution) or pass --allow-size-mismatch"
+        )
+    num_ref = len(ref_stats.features)
+    _check_count(num_ref, "reference", need_pr=True, need_is=False, k=pr_k)
+
+    feats = extract_features(_iter_array(images, batch_size), len(images), extractor, device, names, "samples", progress)
+    mu, sigma = metrics.feature_stats(feats[POOL])
+    # Fewer samples than feature dims: the centred features are an exact, cheap factor of sigma.
+    factor = metrics.covariance_factor(feats[POOL]) if len(images) <= feats[POOL].shape[1] else None
+    fid = metrics.frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma, factor1=factor)
+
+    is_mean = is_std = None
+    is_reason = weights.logits_unavailable_reason
+    if is_reason is None:
+        if len(images) < is_splits:
+            is_reason = f"{len(images)} samples < is_splits={is_splits}"
+        else:
+            is_mean, is_std = metrics.inception_score(feats[LOGITS], splits=is_splits)
+
+    precision, recall = metrics.precision_recall(
+        ref_stats.features, feats[POOL], k=pr_k, batch_size=pr_batch_size, device=device
+    )
+
+    subset = min(kid_subset_size, len(images), num_ref)
+    if subset < kid_subset_size:
+        _log(f"KID subset size lowered from {kid_subset_size} to {subset} (= fewest images of samples / reference)")
+    kid_mean, kid_std = metrics.kernel_inception_distance(
+        feats[POOL], ref_stats.features, num_subsets=kid_subsets, subset_size=subset, seed=seed
+    )
+
+    import torch_fidelity
+
+    return {
+        "fid": fid,
+        "is_mean": is_mean,
+        "is_std": is_std,
+        "is_unavailable_reason": is_reason,
+        "precision": precision,
+        "recall": recall,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "num_samples": int(len(images)),
+        "num_ref": int(num_ref),
+        "image_hw": [int(images.shape[1]), int(images.shape[2])],
+        "samples": str(Path(samples).resolve()),
+        "ref": ref_info,
+        "weights": {"path": weights.path, "sha256": weights.sha256, "logits_available": weights.logits_available},
+        "feature_extractor": (
+            f"torch-fidelity {torch_fidelity.__version__} {FEATURE_EXTRACTOR_NAME}: "
+            f"'{POOL}' (pool3) for FID/KID/PR, '{LOGITS}' for IS"
+        ),
+        "settings": {
+            "pr_k": pr_k,
+            "is_splits": is_splits,
+            "kid_subsets": kid_subsets,
+            "kid_subset_size": subset,
+            "seed": seed,
+        },
+    }
+
+
+def summary_line(result: dict) -> str:
+    """One human-readable line of the headline numbers."""
+    is_part = (
+        f"IS {result['is_mean']:.2f} +- {result['is_std']:.2f}" if result["is_mean"] is not None else "IS n/a"
+    )
+    return (
+        f"FID {result['fid']:.3f} | {is_part} | precision {result['precision']:.4f} recall {result['recall']:.4f} | "
+        f"KID {result['kid_mean']:.5f} +- {result['kid_std']:.5f} | "
+        f"{result['num_samples']} samples vs {result['num_ref']} reference"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sampling.score",
+        description="FID / IS / precision / recall / KID of an ADM-format sample .npz.",
+        epilog="Offline: python scripts/convert_inception.py --out PATH, then --inception-weights PATH (IS then n/a).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("samples", type=Path, help="samples .npz: arr_0 uint8 (N, H, W, 3)")
+    parser.add_argument(
+        "--ref", type=Path, required=True,
+        help="reference: ADM reference batch .npz (arr_0 images), image folder, or a stats .npz from this tool",
+    )
+    parser.add_argument(
+        "--inception-weights", type=Path, default=None,
+        help="torch-fidelity Inception state dict; None = torch-fidelity's download (cached by torch.hub)",
+    )
+    parser.add_argument("--batch-size", type=int, default=200, help="images per Inception forward")
+    parser.add_argument("--device", default="auto", help="'auto' = cuda if available else cpu")
+    parser.add_argument("--json", default=None, help="write the JSON report here ('-' = stdout)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="reference statistics cache")
+    parser.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
+    parser.add_argument(
+        "--kid-subset-size", type=int, default=1000, help="KID: subset size (lowered to the smaller set size if needed)"
+    )
+    parser.add_argument("--pr-k", type=int, default=_PR_K, help="precision/recall: k-th nearest neighbour radius")
+    parser.add_argument("--pr-batch-size", type=int, default=10000, help="precision/recall: distance block edge")
+    parser.add_argument("--is-splits", type=int, default=_IS_SPLITS, help="IS: number of splits")
+    parser.add_argument(
+        "--allow-size-mismatch", action="store_true", default=False,
+        help="score even if samples and reference have different HxW",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the KID subset draws")
+    parser.add_argument("--no-progress", action="store_true", default=False, help="hide progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """CLI entry point; returns the report (also written to --json, summary printed to stdout)."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = score(
+            args.samples, args.ref, args.inception_weights, batch_size=args.batch_size, device=args.device,
+            cache_dir=args.cache_dir, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+            pr_k=args.pr_k, pr_batch_size=args.pr_batch_size, is_splits=args.is_splits,
+            allow_size_mismatch=args.allow_size_mismatch, seed=args.seed, progress=not args.no_progress,
+        )
+    except (ScoreError, InceptionWeightsError) as e:
+        raise SystemExit(f"error: {e}") from e
+    text = json.dumps(result, indent=2)
+    if args.json == "-":
+        print(text)
+    elif args.json is not None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(summary_line(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""Shard bookkeeping for resumable, multi-process sampling, and assembly of the ADM ``.npz``.
+
+Layout of a sampling run directory ``DIR``::
+
+    DIR/shards/manifest.json      what is being sampled (N, shard size, model, seed, ...)
+    DIR/shards/shard_000000.npz   images [0, S), written atomically
+    DIR/shards/shard_000001.npz   images [S, 2S)
+    ...
+    DIR/samples_{N}x{H}x{W}x3.npz the assembled result (ADM evaluator format)
+
+Image indices ``0..N-1`` are cut into fixed shards of ``S`` consecutive indices; shard ``k`` holds
+``[k*S, min((k+1)*S, N))``. The split depends only on (N, S), never on the number of processes, so
+a job restarted with another GPU count resumes the same shards. Rank ``r`` of ``world`` owns shards
+``r, r + world, r + 2*world, ...``.
+
+A shard file is ``np.savez`` (uncompressed) with
+
+* ``images``  uint8 (n, H, W, 3), NHWC,
+* ``labels``  int64 (n,),
+* ``indices`` int64 (n,), exactly the shard's index range in increasing order.
+
+It is written to a temporary name in the same folder and renamed (``os.replace``, atomic on POSIX),
+so a shard file either exists complete or not at all; a killed job leaves at most a ``*.tmp-*``
+file, which is ignored and later removed. Everything here is pure file/array logic: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+__all__ = [
+    "SHARD_DIR",
+    "MANIFEST",
+    "ShardError",
+    "num_shards",
+    "shard_range",
+    "shards_for_rank",
+    "shard_path",
+    "write_shard",
+    "read_shard",
+    "shard_is_complete",
+    "remove_stale_temps",
+    "write_manifest",
+    "read_manifest",
+    "samples_filename",
+    "assemble",
+]
+
+SHARD_DIR = "shards"
+MANIFEST = "manifest.json"
+_TMP_TAG = ".tmp-"
+
+
+class ShardError(RuntimeError):
+    """A run directory is inconsistent (missing shard, duplicate index, changed settings)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Index bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+def num_shards(num_samples: int, shard_size: int) -> int:
+    """Number of shards covering ``num_samples`` indices (the last one may be short).
+
+    Args:
+        num_samples: N > 0. shard_size: S > 0.
+
+    Returns:
+        ceil(N / S).
+    """
+    if num_samples <= 0 or shard_size <= 0:
+        raise ValueError(f"num_samples and shard_size must be > 0, got {num_samples} and {shard_size}")
+    return -(-num_samples // shard_size)
+
+
+def shard_range(k: int, num_samples: int, shard_size: int) -> range:
+    """Image indices held by shard ``k``: ``range(k*S, min((k+1)*S, N))``."""
+    n = num_shards(num_samples, shard_size)
+    if not 0 <= k < n:
+        raise IndexError(f"shard {k} out of range: {num_samples} samples in shards of {shard_size} give {n} shards")
+    return range(k * shard_size, min((k + 1) * shard_size, num_samples))
+
+
+def shards_for_rank(total_shards: int, rank: int, world_size: int) -> list[int]:
+    """Shards owned by ``rank``: ``rank, rank + world, ...`` (round robin, so ranks stay balanced).
+
+    Args:
+        total_shards: number of shards. rank: 0 <= rank < world_size. world_size: process count.
+
+    Returns:
+        Shard ids in increasing order.
+    """
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    return list(range(rank, total_shards, world_size))
+
+
+def shard_path(out_dir: str | os.PathLike, k: int) -> Path:
+    """``out_dir/shards/shard_{k:06d}.npz``."""
+    return Path(out_dir) / SHARD_DIR / f"shard_{k:06d}.npz"
+
+
+def samples_filename(num_samples: int, height: int, width: int) -> str:
+    """ADM's file name for a sample set: ``samples_{N}x{H}x{W}x3.npz``."""
+    return f"samples_{num_samples}x{height}x{width}x3.npz"
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic file writes
+# --------------------------------------------------------------------------------------------
+
+
+def _temp_name(final: Path) -> Path:
+    # Unique per writer, in the same folder so the rename stays on one filesystem (atomic).
+    return final.with_name(f"{final.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """fsync ``tmp`` and rename it onto ``final`` (readers never see a partial file)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def write_shard(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> Path:
+    """Write one shard atomically (temporary file + rename).
+
+    Args:
+        path: final ``shard_{k:06d}.npz`` path (its folder is created).
+        images: uint8 (n, H, W, 3).
+        labels: (n,) integer class labels.
+        indices: (n,) integer image indices.
+
+    Returns:
+        The final path.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"shard images must be uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
+    labels = np.asarray(labels, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    if not len(images) == len(labels) == len(indices):
+        raise ValueError(f"shard arrays disagree in length: {len(images)} images, {len(labels)} labels, {len(indices)} indices")
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(final)
+    try:
+        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
+            np.savez(f, images=images, labels=labels, indices=indices)
+        _commit(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def read_shard(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Load a shard.
+
+    Returns:
+        images uint8 (n, H, W, 3), labels int64 (n,), indices int64 (n,).
+    """
+    with np.load(path, allow_pickle=False) as z:
+        return z["images"], z["labels"], z["indices"]
+
+
+def _shard_indices(path: Path) -> np.ndarray:
+    # Only the small index array is read (npz members load lazily).
+    with np.load(path, allow_pickle=False) as z:
+        return z["indices"]
+
+
+def shard_is_complete(path: str | os.PathLike, expected: range) -> bool:
+    """Whether ``path`` is a finished shard holding exactly the indices ``expected``.
+
+    A file that cannot be read (truncated by a crash outside our atomic write, e.g. a copy) counts
+    as unfinished and will be recomputed. A readable file with other indices means the run folder
+    was made with other settings: that is an error, not something to overwrite silently.
+
+    Raises:
+        ShardError: the shard holds indices other than ``expected``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        got = _shard_indices(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return False
+    if not np.array_equal(got, np.arange(expected.start, expected.stop)):
+        raise ShardError(
+            f"{path} holds indices {_describe(got)}, expected {expected.start}..{expected.stop - 1}: "
+            "the folder was sampled with other --num-samples/--shard-size; use a new --out"
+        )
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete leftover temporary files of the shard ``path`` (from a killed writer).
+
+    Call it only from the process that owns the shard, right before recomputing it: another live
+    process never writes this shard, so its temporary files are garbage.
+
+    Returns:
+        The removed paths.
+    """
+    final = Path(path)
+    removed = []
+    for tmp in final.parent.glob(f"{final.name}{_TMP_TAG}*"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest: what the folder is being sampled with
+# --------------------------------------------------------------------------------------------
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
+    """Record the sampling settings in ``out_dir/shards/manifest.json``, or check them.
+
+    The first run writes the file (atomically; every rank writes identical content, so concurrent
+    writers are harmless). A later run must bring the same settings, otherwise its shards would
+    mix two different sample sets.
+
+    Args:
+        out_dir: the run directory.
+        manifest: JSON-serialisable settings; must contain ``num_samples`` and ``shard_size``.
+
+    Returns:
+        The manifest path.
+
+    Raises:
+        ShardError: the folder holds a manifest with different settings (names the keys).
+    """
+    for key in ("num_samples", "shard_size"):
+        if key not in manifest:
+            raise ValueError(f"manifest needs `{key}`")
+    path = Path(out_dir) / SHARD_DIR / MANIFEST
+    new = json.loads(json.dumps(dict(manifest)))  # normalise (tuples -> lists) for comparison
+    if path.is_file():
+        old = read_manifest(out_dir)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise ShardError(
+                f"{path} was written with other settings ({diff}); resume with the original "
+                "settings or sample into a new --out"
+            )
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    _commit(tmp, path)
+    return path
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The settings stored by :func:`write_manifest`.
+
+    Raises:
+        ShardError: no manifest (not a sampling run folder).
+    """
+    path = Path(out_dir) / SHARD_DIR / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path} not found: {out_dir} is not a folder written by `python -m sampling.sample`")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Assembly
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(indices: np.ndarray, limit: int = 5) -> str:
+    items = [int(i) for i in np.asarray(indices).ravel()[:limit]]
+    more = "" if len(indices) <= limit else f", ... ({len(indices)} in all)"
+    return "[" + ", ".join(map(str, items)) + more + "]"
+
+
+@dataclass(frozen=True)
+class _ShardInfo:
+    k: int
+    path: Path
+    indices: np.ndarray  # (n,) int64
+    shape: tuple[int, ...]  # images shape (n, H, W, 3)
+
+
+def _image_shape(path: Path) -> tuple[int, ...]:
+    """Shape of ``images`` in a shard, read from the .npy header only (no pixel data)."""
+    with zipfile.ZipFile(path) as zf, zf.open("images.npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    if dtype != np.uint8:
+        raise ShardError(f"{path}: images are {dtype}, expected uint8")
+    return tuple(shape)
+
+
+def _check_shards(out_dir: Path, num_samples: int, shard_size: int) -> list[_ShardInfo]:
+    """Every shard present, indices exactly 0..N-1 once each, one image size; else ShardError."""
+    n_shards = num_shards(num_samples, shard_size)
+    missing = [k for k in range(n_shards) if not shard_path(out_dir, k).is_file()]
+    if missing:
+        names = ", ".join(shard_path(out_dir, k).name for k in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ShardError(
+            f"{len(missing)} of {n_shards} shards missing in {out_dir / SHARD_DIR}: {names}{more}; "
+            "rerun the same sampling command to finish them"
+        )
+    extra = sorted(
+        p.name
+        for p in (out_dir / SHARD_DIR).glob("shard_*.npz")
+        if not p.stem[len("shard_"):].isdigit() or int(p.stem[len("shard_"):]) >= n_shards
+    )
+    if extra:
+        raise ShardError(f"unexpected shard files for {num_samples} samples in shards of {shard_size}: {', '.join(extra)}")
+
+    infos, seen = [], np.zeros(num_samples, dtype=np.int64)
+    for k in range(n_shards):
+        path = shard_path(out_dir, k)
+        try:
+            idx = _shard_indices(path).astype(np.int64)
+            shape = _image_shape(path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            raise ShardError(f"{path} is unreadable ({e}); delete it and rerun the sampling command") from e
+        if shape[0] != len(idx) or len(shape) != 4 or shape[-1] != 3:
+            raise ShardError(f"{path}: images {shape} do not match {len(idx)} indices as (n, H, W, 3)")
+        out_of_range = idx[(idx < 0) | (idx >= num_samples)]
+        if len(out_of_range):
+            raise ShardError(f"{path} holds indices outside 0..{num_samples - 1}: {_describe(out_of_range)}")
+        np.add.at(seen, idx, 1)
+        infos.append(_ShardInfo(k, path, idx, shape))
+
+    dup = np.flatnonzero(seen > 1)
+    if len(dup):
+        owners = [i.path.name for i in infos if np.isin(i.indices, dup[:1]).any()]
+        raise ShardError(f"duplicate image indices {_describe(dup)}; index {dup[0]} appears in {', '.join(owners)}")
+    absent = np.flatnonzero(seen == 0)
+    if len(absent):
+        raise ShardError(f"image indices missing from the shards: {_describe(absent)}")
+    for info in infos:
+        expected = shard_range(info.k, num_samples, shard_size)
+        if not np.array_equal(info.indices, np.arange(expected.start, expected.stop)):
+            raise ShardError(
+                f"{info.path} holds indices {_describe(info.indices)}, expected {expected.start}..{expected.stop - 1}"
+            )
+    sizes = {i.shape[1:] for i in infos}
+    if len(sizes) != 1:
+        raise ShardError(f"shards disagree in image size: {sorted(sizes)}")
+    return infos
+
+
+def _entry(name: str) -> zipfile.ZipInfo:
+    # A fixed timestamp makes the archive a pure function of its arrays (byte-identical reruns).
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    return info
+
+
+def _iter_shard_images(infos: list[_ShardInfo]) -> Iterator[tuple[_ShardInfo, np.ndarray, np.ndarray]]:
+    for info in infos:
+        images, labels, _ = read_shard(info.path)
+        yield info, images, labels
+
+
+def assemble(
+    out_dir: str | os.PathLike,
+    png_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Check all shards of ``out_dir`` and write ``out_dir/samples_{N}x{H}x{W}x3.npz``.
+
+    The result is ADM's evaluator format: ``arr_0`` uint8 (N, H, W, 3) in index order and
+    ``arr_1`` int64 (N,) labels. ``arr_0`` is streamed into the (uncompressed, zip64) archive one
+    shard at a time, so peak memory is one shard plus the labels, not all N images (50,000 x 256 x
+    256 x 3 is 9.8 GB). The archive is written to a temporary name and renamed.
+
+    Args:
+        out_dir: a run folder with ``shards/manifest.json`` and all shard files.
+        png_dir: if given, also write every image as ``{index:06d}.png`` there.
+
+    Returns:
+        Path of the assembled ``.npz``.
+
+    Raises:
+        ShardError: a shard is missing or unreadable, an index is duplicated or missing, or shards
+            disagree in image size. The message names the shard / index.
+    """
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    n, s = int(manifest["num_samples"]), int(manifest["shard_size"])
+    infos = _check_shards(out_dir, n, s)
+    _, height, width, _ = infos[0].shape
+    final = out_dir / samples_filename(n, height, width)
+    tmp = _temp_name(final)
+    labels = np.empty(n, dtype=np.int64)
+    if png_dir is not None:
+        from PIL import Image  # optional dependency, only for PNG export
+
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        # ZIP_STORED + zip64, the same container np.savez writes, so np.load and ADM's streaming
+        # reader (which parses the .npy header itself) both read it.
+        with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open(_entry("arr_0.npy"), mode="w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": (n, height, width, 3)}
+                np.lib.format.write_array_header_1_0(f, header)
+                for info, images, shard_labels in _iter_shard_images(infos):
+                    f.write(np.ascontiguousarray(images).tobytes())
+                    labels[info.indices] = shard_labels
+                    if png_dir is not None:
+                        for i, img in zip(info.indices, images):
+                            Image.fromarray(img).save(Path(png_dir) / f"{int(i):06d}.png")
+            with zf.open(_entry("arr_1.npy"), mode="w", force_zip64=True) as f:
+                np.lib.format.write_array(f, labels, allow_pickle=False)
+        _commit(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final

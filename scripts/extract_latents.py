@@ -1,0 +1,89 @@
+"""Encode an ImageNet-style folder into VAE latent shards (resumable; one or many GPUs).
+
+Single process:
+    python scripts/extract_latents.py --data /path/imagenet/train --out latents/ \
+        --vae stabilityai/sd-vae-ft-ema --image-size 256 --batch-size 64 [--both-flips]
+
+Several GPUs (shard i is encoded by rank i % world_size; rank 0 writes index.json at the end):
+    accelerate launch --num_processes 8 scripts/extract_latents.py --data ... --out latents/
+
+Rerunning the same command resumes: finished shards are skipped. The format and the encoding
+choices are documented in shd_diffusion/latents.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import torch
+
+from shd_diffusion.latents import SD_VAE_SCALE_FACTOR, extract_latents, missing_shards, write_index
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line.
+
+    Args:
+        argv: arguments (None = ``sys.argv[1:]``).
+
+    Returns:
+        The parsed namespace.
+    """
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="image folder with one sub-folder per class")
+    p.add_argument("--out", required=True, help="output folder for shards and index.json")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL hub id or local folder")
+    p.add_argument("--image-size", type=int, default=256, help="ADM center-crop size")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
+    p.add_argument("--both-flips", action="store_true", help="also store latents of mirrored images")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored latent dtype")
+    p.add_argument("--scale-factor", type=float, default=SD_VAE_SCALE_FACTOR, help="latent multiplier")
+    p.add_argument("--device", default=None, help="default: this process's device (cuda if available)")
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
+    p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per process")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run (or resume) the extraction on this process's shards; rank 0 finalises the index."""
+    args = parse_args(argv)
+    from accelerate import PartialState  # one process under plain python, N under accelerate launch
+
+    state = PartialState()
+    device = torch.device(args.device) if args.device else state.device
+    report = extract_latents(
+        args.data,
+        args.out,
+        args.vae,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        both_flips=args.both_flips,
+        dtype=args.dtype,
+        scale_factor=args.scale_factor,
+        device=device,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        num_workers=args.num_workers,
+        max_shards=args.max_shards,
+        progress=state.is_main_process,
+    )
+    state.wait_for_everyone()  # every rank's shards are on disk before rank 0 looks
+    if not state.is_main_process:
+        return
+    missing = missing_shards(args.out, report.num_shards)
+    if missing:
+        done = report.num_shards - len(missing)
+        print(f"{done}/{report.num_shards} shards done; rerun the same command to continue")
+        return
+    index = report.index or write_index(args.out)
+    print(
+        f"{index['num_images']} latents {tuple(index['latent_shape'])} in {len(index['shards'])} shards "
+        f"-> {args.out} (both_flips={index['both_flips']})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Train a student diffusion transformer with KD / SHD from a frozen teacher.
+
+    accelerate launch scripts/train_mdt_shd.py --config configs/mdtv2_s2_from_b2.yaml [key=value ...]
+    python scripts/train_mdt_shd.py --config configs/demo.yaml --dry-run
+
+Overrides are dotted config keys (``train.steps=1000 distill.shd_beta=0.25``). The run folder is
+named by the config (``train.output_dir/<config stem>``), and ``--resume auto`` (the default)
+continues from its latest checkpoint, so a requeued job resumes itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from shd_diffusion.config import ConfigError, dump_yaml, load_config
+from shd_diffusion.train_config import ExperimentConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=None, help="YAML experiment config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=1000")
+    parser.add_argument("--resume", default="auto", help="'auto' (latest in the run folder), 'none', or a checkpoint path")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, then exit")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    from shd_diffusion.training import run_dir_for
+
+    run_dir = run_dir_for(cfg, args.config, args.overrides)
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        print(f"# run folder: {run_dir}")
+        return 0
+
+    from shd_diffusion.training import train
+
+    try:
+        train(cfg, run_dir, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

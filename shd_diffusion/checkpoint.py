@@ -1,0 +1,458 @@
+"""Checkpoints that survive preemption: atomic writes, safe loads, RNG state, resume checks.
+
+Layout: ``run_dir/checkpoints/step_{step:08d}.pt``, each a ``torch.save`` of a plain dict that
+loads with ``torch.load(weights_only=True)`` (no pickled code: run dirs can be shared). A write
+goes to a temp file in the same directory, is fsynced, then ``os.replace``d into place, so a job
+killed mid-write leaves the previous checkpoint as the newest complete one.
+
+The training loop's side (for its owner): save from the main process only; poll
+:class:`PreemptionHandler` once per step and, under DDP, all-reduce the flag so every rank stops
+at the same step; on start, ``latest_checkpoint`` -> ``load_checkpoint`` ->
+``check_resume_compatible`` -> restore model / EMA / optimizer / scheduler / RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import signal
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "CHECKPOINT_DIR",
+    "check_weights_only_safe",
+    "save_checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "config_fingerprint",
+    "check_resume_compatible",
+    "PreemptionHandler",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME_RE = re.compile(r"^step_(\d{8,})\.pt$")
+_TMP_PREFIX = ".tmp-step_"
+
+# Exactly these types load under weights_only=True (subclasses such as NamedTuple, IntEnum,
+# defaultdict or tensor subclasses do not), so the check is on exact type.
+_SCALARS = (int, float, str, bool, type(None))
+_EXTRA_ATOMS = (torch.dtype, torch.device, torch.Size)
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read; the message names the file and what to do."""
+
+
+def _child_path(path: str, key: Any) -> str:
+    return f"{path}[{key!r}]"
+
+
+def check_weights_only_safe(obj: Any, path: str = "state") -> None:
+    """Raise TypeError if ``obj`` holds anything ``torch.load(weights_only=True)`` would refuse.
+
+    Allowed: tensors, dict / OrderedDict, list, tuple, int, float, str, bool, None (and
+    torch.dtype / torch.device / torch.Size), nested arbitrarily.
+
+    Args:
+        obj: The object to check.
+        path: Name of ``obj`` used in the error message.
+
+    Raises:
+        TypeError: naming the key path of the first offending value, e.g. ``state['rng'][3]``.
+    """
+    kind = type(obj)
+    if kind in _SCALARS or kind in _EXTRA_ATOMS or kind in _TENSORS:
+        return
+    if kind in (dict, OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in (str, int):
+                raise TypeError(
+                    f"cannot save checkpoint: {path} has a key {key!r} of type {type(key).__name__}; "
+                    "use str or int keys"
+                )
+            check_weights_only_safe(value, _child_path(path, key))
+        return
+    if kind in (list, tuple):
+        for i, value in enumerate(obj):
+            check_weights_only_safe(value, f"{path}[{i}]")
+        return
+    hint = "convert it with torch.as_tensor(...) or .tolist()" if kind.__module__.startswith("numpy") else (
+        "store its state_dict() or plain fields instead")
+    raise TypeError(
+        f"cannot save checkpoint: {path} is a {kind.__module__}.{kind.__qualname__}, which "
+        f"torch.load(weights_only=True) refuses; {hint}"
+    )
+
+
+def _checkpoint_files(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint files (temp files excluded), sorted by step, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for path in ckpt_dir.iterdir():
+        match = _NAME_RE.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: Path | str, step: int, keep_last: int | None = 3) -> Path:
+    """Write ``run_dir/checkpoints/step_{step:08d}.pt`` atomically, then prune old ones.
+
+    Args:
+        state: Plain dict of tensors / containers / scalars (checked before anything is written).
+        run_dir: The run directory (named by the config, so a requeued job finds it again).
+        step: Global optimizer step the state corresponds to.
+        keep_last: How many checkpoints to keep, newest by step; the one just written is always
+            kept. None keeps all.
+
+    Returns:
+        Path of the written checkpoint.
+
+    Raises:
+        TypeError: ``state`` holds a value ``weights_only`` loading would refuse (key named).
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    if type(state) not in (dict, OrderedDict):
+        raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
+    check_weights_only_safe(state)
+
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step_{step:08d}.pt"
+    # Same directory as the target: os.replace is then a rename within one filesystem (atomic).
+    # A unique name opened with "xb" (not mkstemp, which forces mode 0600) keeps the umask's
+    # permissions, so others sharing the run dir can read the checkpoint.
+    tmp = ckpt_dir / f"{_TMP_PREFIX}{step:08d}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(ckpt_dir)
+
+    newer = [s for s, _ in _checkpoint_files(ckpt_dir) if s > step]
+    if newer:
+        warnings.warn(
+            f"saved step {step} but {final.parent} already has step {max(newer)}: "
+            "latest_checkpoint will still pick the higher step",
+            stacklevel=2,
+        )
+    _prune(ckpt_dir, keep_last, keep=final)
+    return final
+
+
+def _prune(ckpt_dir: Path, keep_last: int | None, keep: Path) -> None:
+    """Delete checkpoints beyond the newest ``keep_last`` (never ``keep``) and stale temp files."""
+    # Temp files left by a job killed mid-write (only the main process writes, so none is live).
+    for path in ckpt_dir.glob(f"{_TMP_PREFIX}*.tmp"):
+        path.unlink(missing_ok=True)
+    if keep_last is None:
+        return
+    files = [p for _, p in _checkpoint_files(ckpt_dir)]
+    for path in files[: max(0, len(files) - keep_last)]:
+        if path != keep:
+            path.unlink(missing_ok=True)
+
+
+def latest_checkpoint(run_dir: Path | str) -> Path | None:
+    """The newest checkpoint in ``run_dir`` that can be read, or None.
+
+    Each candidate is opened with ``torch.load(mmap=True, weights_only=True)``: that reads the
+    zip directory and the pickled structure but not the tensor bytes, so it is cheap even for
+    GB files and catches truncated or garbage files. An unreadable file is skipped with a warning
+    and the previous one is tried. (Bit flips inside tensor data are not detected.)
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        Path of the newest readable ``step_*.pt``, or None if there is none.
+    """
+    for step, path in reversed(_checkpoint_files(Path(run_dir) / CHECKPOINT_DIR)):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # any failure to read means "not usable"; say why and fall back
+            warnings.warn(
+                f"skipping unreadable checkpoint {path} ({type(err).__name__}: {_first_line(err)}); "
+                "trying the previous one",
+                stacklevel=2,
+            )
+            continue
+        return path
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``.
+
+    Args:
+        path: A file written by :func:`save_checkpoint`.
+        map_location: Where tensors go; CPU by default (``load_state_dict`` then copies them to
+            the model's device without a second GPU copy).
+
+    Returns:
+        The saved dict.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is truncated, corrupt, or holds objects weights_only refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: it is truncated, corrupt, or holds objects that "
+            f"weights_only loading refuses ({type(err).__name__}: {_first_line(err)}). Delete or move it "
+            "to resume from the previous checkpoint (latest_checkpoint skips unreadable files)."
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot python ``random``, numpy's global RNG, torch CPU and all CUDA generators.
+
+    Everything is converted to tensors and scalars so it saves under weights_only. Note that
+    ``torch.cuda.get_rng_state_all`` touches every visible GPU.
+
+    Returns:
+        ``{"python": ..., "numpy": ... (if numpy is installed), "torch": ByteTensor,
+        "cuda": [ByteTensor per device]}``.
+    """
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        # 625 words < 2**32 each: an int64 tensor is exact and compact.
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state["numpy"] = {
+        "algorithm": str(algorithm),
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured (missing parts are left alone).
+
+    Args:
+        state: The captured dict (e.g. after a weights_only load).
+    """
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    cuda_states = list(state.get("cuda", []))
+    if cuda_states:
+        if not torch.cuda.is_available():
+            warnings.warn(
+                "checkpoint has CUDA RNG states but CUDA is unavailable: not restored", stacklevel=2
+            )
+        else:
+            count = torch.cuda.device_count()
+            if count != len(cuda_states):
+                warnings.warn(
+                    f"checkpoint has {len(cuda_states)} CUDA RNG states, {count} devices visible: "
+                    f"restoring the first {min(count, len(cuda_states))}",
+                    stacklevel=2,
+                )
+            for device, rng in enumerate(cuda_states[:count]):
+                torch.cuda.set_rng_state(rng, device)
+    if "numpy" in state:
+        import numpy as np
+
+        npst = state["numpy"]
+        keys = npst["keys"].numpy().astype(np.uint32)
+        np.random.set_state(
+            (npst["algorithm"], keys, npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+        )
+
+
+# ----------------------------------------------------------------------------- resume checks
+
+_MISSING = object()
+
+
+def _plain(obj: Any, path: str = "config") -> Any:
+    """Dataclasses -> dicts, tuples -> lists, recursively; other non-JSON values are errors."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v, f"{path}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(
+        f"{path}: {type(obj).__name__} is not a plain config value (dict/list/str/number/bool/None)"
+    )
+
+
+def config_fingerprint(shape_config: Mapping[str, Any] | Any) -> str:
+    """A short stable hash of the config fields that fix tensor shapes / the block split.
+
+    Tuples and lists hash alike (YAML gives lists, dataclasses tuples); key order is irrelevant.
+
+    Args:
+        shape_config: Mapping (or dataclass) of the shape-defining fields.
+
+    Returns:
+        16 hex characters of the SHA-256 of the canonical JSON (suitable for a run-dir suffix).
+    """
+    canonical = json.dumps(_plain(shape_config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+    """Value at a dotted path through dicts / dataclasses (plain form), or _MISSING."""
+    node = config
+    for part in dotted.split("."):
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            node = getattr(node, part, _MISSING)
+        elif isinstance(node, Mapping):
+            node = node.get(part, _MISSING)
+        else:
+            return _MISSING
+        if node is _MISSING:
+            return _MISSING
+    return _plain(node, dotted)
+
+
+def _show(value: Any) -> str:
+    return "<missing>" if value is _MISSING else repr(value)
+
+
+def check_resume_compatible(saved: Mapping[str, Any] | Any, current: Mapping[str, Any] | Any,
+                            shape_fields: Iterable[str]) -> None:
+    """Refuse to resume when a shape-defining config field changed.
+
+    Args:
+        saved: The config stored in the checkpoint (nested dict, or dataclass).
+        current: The config of this run.
+        shape_fields: Dotted names, e.g. ``["model.hidden_size", "model.decode_layer"]``. A field
+            present on one side only counts as changed.
+
+    Raises:
+        ValueError: naming the first changed field, its old and new value, and the fix.
+    """
+    for field in shape_fields:
+        old, new = _lookup(saved, field), _lookup(current, field)
+        if old != new:  # _plain already turned tuples into lists, so (2, 2) == [2, 2]
+            raise ValueError(
+                f"cannot resume: {field} changed from {_show(old)} to {_show(new)}; "
+                "start a new run directory or revert the change"
+            )
+
+
+# ----------------------------------------------------------------------------- preemption
+
+class PreemptionHandler:
+    """Context manager turning SIGTERM / SIGUSR1 into a flag the training loop polls.
+
+    SLURM sends SIGTERM (or ``--signal=USR1@<sec>``) before killing a job; the loop checks
+    ``handler.requested`` once per step, saves, and exits. Previous handlers come back on exit.
+    Must be entered from the main thread (Python delivers signals there).
+
+    Attributes:
+        requested: True once any handled signal arrived.
+        signum: The last signal received, or None.
+    """
+
+    def __init__(self, signals: Iterable[int] | None = None) -> None:
+        """Args:
+        signals: Signals to catch; default SIGTERM and SIGUSR1 (where the platform has it).
+        """
+        if signals is None:
+            signals = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+        self.signals = list(signals)
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Only set flags: the loop decides when it is safe to checkpoint and stop.
+        self.requested = True
+        self.signum = signum
+
+    def __enter__(self) -> PreemptionHandler:
+        try:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError as err:
+            self._restore()
+            raise RuntimeError("PreemptionHandler must be entered from the main thread") from err
+        return self
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            # None means the old handler was installed from C; the default is the closest match.
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()

@@ -1,0 +1,385 @@
+"""Latent extraction: encode an image folder with a VAE into resumable safetensors shards.
+
+Layout of an output folder (read back by :class:`shd_diffusion.data.LatentDataset`)::
+
+    out/shard_00000.safetensors   images [0, S) of the sorted ImageFolderDataset
+    out/shard_00001.safetensors   images [S, 2S) ...
+    out/index.json                written last, once every shard exists
+
+A shard holds ``latents`` (n, C, h, w), ``labels`` (n,) int64 and, with ``both_flips``,
+``latents_flip`` (the latents of the mirrored images). Its safetensors metadata carries the full
+extraction plan (VAE, sizes, scale factor, dataset fingerprint...), so a shard describes itself.
+
+Encoding uses the posterior mean ``latent_dist.mean * scale_factor``, not a sample: the result
+is deterministic (a re-extracted shard is identical), and the SD-VAE posterior std is small
+enough that one frozen sample (what DiT's feature extraction stores) only adds fixed noise.
+
+Resuming: shards are written to ``<name>.tmp`` and renamed, so a shard file exists only when
+complete. A rerun skips existing shards whose plan matches, refuses ones whose plan differs
+(naming the differing fields), and overwrites this rank's stale temp files. With several
+processes, shard ``i`` belongs to rank ``i % world_size``; rank 0 writes the index after a
+barrier (see ``scripts/extract_latents.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .data import LATENT_FORMAT, LATENT_INDEX, DatasetError, ImageFolderDataset
+
+__all__ = [
+    "SD_VAE_SCALE_FACTOR",
+    "ExtractReport",
+    "extract_latents",
+    "encode_latents",
+    "load_vae",
+    "shard_name",
+    "missing_shards",
+    "write_index",
+]
+
+SD_VAE_SCALE_FACTOR = 0.18215  # makes SD-VAE latents roughly unit variance (LDM/DiT convention)
+_PLAN_KEY = "shd_latents_plan"
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class ExtractReport:
+    """What one :func:`extract_latents` call did on its rank."""
+
+    num_shards: int  # shards of the whole extraction (all ranks)
+    written: list[int] = field(default_factory=list)  # shard ids encoded in this call
+    skipped: list[int] = field(default_factory=list)  # this rank's shards that were already complete
+    pending: list[int] = field(default_factory=list)  # this rank's shards left for a later call (max_shards)
+    index: dict[str, Any] | None = None  # the written index.json, when this call finalised the folder
+
+
+def shard_name(shard: int) -> str:
+    """File name of shard ``shard``."""
+    return f"shard_{shard:05d}.safetensors"
+
+
+def load_vae(vae: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a diffusers ``AutoencoderKL`` (hub id or local folder) in eval mode, frozen.
+
+    Args:
+        vae: hub id (e.g. ``stabilityai/sd-vae-ft-ema``) or a ``save_pretrained`` folder.
+        device: where to put it.
+
+    Returns:
+        The VAE.
+    """
+    from diffusers import AutoencoderKL  # heavy import, only when encoding
+
+    model = AutoencoderKL.from_pretrained(str(vae))
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(
+    vae: nn.Module, x: torch.Tensor, scale_factor: float = SD_VAE_SCALE_FACTOR
+) -> torch.Tensor:
+    """Scaled posterior-mean latents of images.
+
+    Args:
+        vae: an ``AutoencoderKL``.
+        x: (B, 3, H, W) images in [-1, 1].
+        scale_factor: multiplier applied to the latents.
+
+    Returns:
+        (B, C, H/f, W/f) latents, f the VAE's downsampling factor.
+    """
+    return vae.encode(x).latent_dist.mean * scale_factor
+
+
+def _fingerprint(dataset: ImageFolderDataset) -> str:
+    """Hash of the (label, relative path) list: a different image folder cannot resume an extraction."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in range(len(dataset)):
+        h.update(f"{int(dataset.labels[i])}\t{dataset.relative_path(i)}\n".encode())
+    return h.hexdigest()
+
+
+def _vae_identity(vae: str | Path) -> str:
+    """Hub ids stay as given; local folders are resolved so ``./vae`` and its absolute path match."""
+    path = Path(vae)
+    return str(path.resolve()) if path.exists() else str(vae)
+
+
+def _read_plan(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:
+        raise DatasetError(f"cannot read latent shard {path}: {err}; delete it and resume") from err
+    if _PLAN_KEY not in meta:
+        raise DatasetError(
+            f"{path} was not written by extract_latents (no plan metadata); move it out of the folder"
+        )
+    return json.loads(meta[_PLAN_KEY])
+
+
+def _check_plan(path: Path, found: dict[str, Any], plan: dict[str, Any]) -> None:
+    """Raise naming the differing fields when an existing shard belongs to another extraction."""
+    keys = sorted((set(found) | set(plan)) - {"shard", "count"})  # per-shard fields differ by design
+    diff = [k for k in keys if found.get(k) != plan.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: {found.get(k)!r} in the shard, {plan.get(k)!r} now" for k in diff[:4])
+        raise DatasetError(
+            f"{path} belongs to a different extraction ({shown}). Use a new --out folder, or delete "
+            "the old shards to re-extract"
+        )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that ``path`` exists only when complete (temp + fsync + rename)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    _fsync(tmp)  # data on disk before the rename makes it visible
+    os.replace(tmp, path)
+    _fsync(path.parent)  # and the rename itself survives a crash
+
+
+def _encode_shard(
+    dataset: ImageFolderDataset,
+    first: int,
+    count: int,
+    vae: nn.Module,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    scale_factor: float,
+    both_flips: bool,
+    bar: Any,
+) -> dict[str, torch.Tensor]:
+    loader = DataLoader(
+        Subset(dataset, range(first, first + count)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    latents, flipped, labels = [], [], []
+    for x, y in loader:  # x (B, 3, H, W) un-flipped (bare indices), y (B,)
+        x = x.to(device, non_blocking=True)
+        latents.append(encode_latents(vae, x, scale_factor).to("cpu", dtype))  # (B, C, h, w)
+        if both_flips:
+            # Mirroring the cropped tensor is exactly what the dataset does for a flipped item.
+            flipped.append(encode_latents(vae, x.flip(-1), scale_factor).to("cpu", dtype))
+        labels.append(y)
+        bar.update(len(y))
+    tensors = {"latents": torch.cat(latents).contiguous(), "labels": torch.cat(labels).to(torch.int64)}
+    if both_flips:
+        tensors["latents_flip"] = torch.cat(flipped).contiguous()
+    return tensors
+
+
+def extract_latents(
+    data: str | Path,
+    out: str | Path,
+    vae: str | Path | nn.Module,
+    *,
+    vae_id: str | None = None,
+    image_size: int = 256,
+    batch_size: int = 64,
+    shard_size: int = 10_000,
+    both_flips: bool = False,
+    dtype: str = "float16",
+    scale_factor: float = SD_VAE_SCALE_FACTOR,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+    max_shards: int | None = None,
+    progress: bool = True,
+) -> ExtractReport:
+    """Encode this rank's missing shards of an image folder; resumable and idempotent.
+
+    With ``world_size == 1`` the call also writes ``index.json`` once all shards exist. With
+    several ranks, call :func:`write_index` on rank 0 after a barrier.
+
+    Args:
+        data: ImageNet-style folder (see :class:`~shd_diffusion.data.ImageFolderDataset`).
+        out: output folder (created).
+        vae: hub id, local ``save_pretrained`` folder, or a loaded ``AutoencoderKL``.
+        vae_id: name recorded in the index; required when ``vae`` is a module.
+        image_size: ADM center-crop size of the images.
+        batch_size: images per VAE forward.
+        shard_size: images per shard (the last shard may be smaller).
+        both_flips: also store the latents of the mirrored images (for flip augmentation).
+        dtype: stored dtype, ``"float16"`` (half the disk) or ``"float32"``.
+        scale_factor: latent multiplier (0.18215 for the SD VAEs).
+        device: where the VAE runs.
+        rank: this process's rank; it owns shards ``rank, rank + world_size, ...``.
+        world_size: number of processes.
+        num_workers: image-decoding DataLoader workers.
+        max_shards: encode at most this many shards in this call (None = all).
+        progress: show a tqdm bar.
+
+    Returns:
+        An :class:`ExtractReport`.
+
+    Raises:
+        DatasetError: bad image folder or unreadable image (named), or existing shards from a
+            different extraction in ``out``.
+    """
+    from tqdm.auto import tqdm
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if isinstance(vae, nn.Module):
+        if vae_id is None:
+            raise ValueError("vae_id is required when vae is a loaded module (it is recorded in the index)")
+    else:
+        vae_id = vae_id or _vae_identity(vae)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = ImageFolderDataset(data, image_size=image_size, hflip=False)
+    n = len(dataset)
+    num_shards = math.ceil(n / shard_size)
+    plan = {
+        "format": LATENT_FORMAT,
+        "vae": vae_id,
+        "encoding": "latent_dist.mean",
+        "scale_factor": scale_factor,
+        "image_size": image_size,
+        "both_flips": both_flips,
+        "dtype": dtype,
+        "num_images": n,
+        "shard_size": shard_size,
+        "num_shards": num_shards,
+        "classes": dataset.classes,
+        "files_sha256": _fingerprint(dataset),
+    }
+
+    report = ExtractReport(num_shards=num_shards)
+    todo = []
+    for shard in range(rank, num_shards, world_size):
+        path = out / shard_name(shard)
+        if path.exists():
+            _check_plan(path, _read_plan(path), plan)
+            report.skipped.append(shard)
+        else:
+            todo.append(shard)
+    if max_shards is not None:
+        todo, report.pending = todo[:max_shards], todo[max_shards:]
+
+    if todo:
+        device = torch.device(device)
+        model = load_vae(vae, device) if not isinstance(vae, nn.Module) else vae.to(device).eval()
+        total = sum(min(shard_size, n - s * shard_size) for s in todo)
+        with tqdm(total=total, unit="img", desc=f"latents (rank {rank})", disable=not progress) as bar:
+            for shard in todo:
+                first = shard * shard_size
+                count = min(shard_size, n - first)
+                tensors = _encode_shard(
+                    dataset, first, count, model, batch_size=batch_size, num_workers=num_workers,
+                    device=device, dtype=_DTYPES[dtype], scale_factor=scale_factor,
+                    both_flips=both_flips, bar=bar,
+                )
+                meta = {_PLAN_KEY: json.dumps({**plan, "shard": shard, "count": count})}
+                _write_atomic(out / shard_name(shard), tensors, meta)
+                report.written.append(shard)
+
+    if world_size == 1 and not report.pending:
+        report.index = write_index(out)
+    return report
+
+
+def missing_shards(out: str | Path, num_shards: int) -> list[int]:
+    """Shard ids in ``range(num_shards)`` whose file does not exist yet in ``out``."""
+    return [i for i in range(num_shards) if not (Path(out) / shard_name(i)).exists()]
+
+
+def write_index(out: str | Path) -> dict[str, Any]:
+    """Check that every shard of the extraction in ``out`` exists and agrees; write ``index.json``.
+
+    Args:
+        out: the extraction folder.
+
+    Returns:
+        The index that was written.
+
+    Raises:
+        DatasetError: no shards, missing shards (listed), or shards of different extractions.
+    """
+    from safetensors import safe_open
+
+    out = Path(out)
+    first = out / shard_name(0)
+    existing = sorted(out.glob("shard_*.safetensors"))
+    if not existing:
+        raise DatasetError(f"no latent shards in {out}: run scripts/extract_latents.py first")
+    plan = _read_plan(first if first.exists() else existing[0])
+    missing = missing_shards(out, plan["num_shards"])
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise DatasetError(
+            f"{out}: {len(missing)} of {plan['num_shards']} shards missing ({shown}); rerun the same "
+            "extract_latents command to finish them"
+        )
+    shards, latent_shape = [], None
+    for i in range(plan["num_shards"]):
+        path = out / shard_name(i)
+        found = _read_plan(path)
+        _check_plan(path, found, plan)
+        if found["shard"] != i:
+            raise DatasetError(f"{path} holds shard {found['shard']}, not {i}; delete it and resume")
+        with safe_open(str(path), framework="pt") as f:
+            shape = list(f.get_slice("latents").get_shape())  # (n, C, h, w)
+        if shape[0] != found["count"] or (latent_shape is not None and shape[1:] != latent_shape):
+            raise DatasetError(
+                f"{path}: latents of shape {shape} do not match the other shards; delete it and resume"
+            )
+        latent_shape = shape[1:]
+        shards.append({"name": shard_name(i), "count": found["count"]})
+    index = {
+        "format": LATENT_FORMAT,
+        "vae": plan["vae"],
+        "encoding": plan["encoding"],
+        "scale_factor": plan["scale_factor"],
+        "image_size": plan["image_size"],
+        "both_flips": plan["both_flips"],
+        "dtype": plan["dtype"],
+        "num_images": plan["num_images"],
+        "latent_shape": latent_shape,
+        "num_classes": len(plan["classes"]),
+        "classes": plan["classes"],
+        "files_sha256": plan["files_sha256"],
+        "shards": shards,
+    }
+    tmp = out / (LATENT_INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    _fsync(tmp)
+    os.replace(tmp, out / LATENT_INDEX)
+    return index

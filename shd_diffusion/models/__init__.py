@@ -1,0 +1,37 @@
+"""DiT and MDTv2 with official parameter names, a registry of named configs, checkpoint loading.
+
+``create_model("MDTv2-S/2")`` builds a model; ``load_official_state_dict(model, ckpt)`` loads
+upstream weights strictly. Every model exposes ``attention_layers()`` (execution order of the
+unmasked forward) for :func:`shd_diffusion.attention.capture_attention`, ``null_class`` for CFG,
+and diffusers' ``save_pretrained`` / ``from_pretrained``.
+"""
+
+from shd_diffusion.models.dit import DiT
+from shd_diffusion.models.loading import (
+    describe_architecture,
+    extract_state_dict,
+    infer_architecture,
+    load_checkpoint_file,
+    load_official_state_dict,
+    matching_model_names,
+)
+from shd_diffusion.models.mdt import MDTv2, RelPosAttention, RelativePositionBias, power_cosine_cfg_scale
+from shd_diffusion.models.registry import MODEL_CONFIGS, MODEL_NAMES, create_model, model_family
+
+__all__ = [
+    "DiT",
+    "MDTv2",
+    "RelPosAttention",
+    "RelativePositionBias",
+    "power_cosine_cfg_scale",
+    "MODEL_CONFIGS",
+    "MODEL_NAMES",
+    "create_model",
+    "model_family",
+    "load_checkpoint_file",
+    "extract_state_dict",
+    "infer_architecture",
+    "matching_model_names",
+    "describe_architecture",
+    "load_official_state_dict",
+]

@@ -1,0 +1,170 @@
+"""The experiment schema of ``scripts/train_mdt_shd.py``: one dataclass per config section.
+
+Every field has a default and a comment; YAML files under ``configs/`` set what differs. Fields
+marked *shape* define tensor shapes or the meaning of the weights: a resumed run refuses to
+start when one of them changed (see :data:`SHAPE_FIELDS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "ModelConfig",
+    "TeacherConfig",
+    "DistillConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "SHAPE_FIELDS",
+    "MODES",
+]
+
+# What each distillation mode switches on (the weights below scale the terms that are on).
+MODES: dict[str, tuple[bool, bool, str | None]] = {
+    # mode:          (KD,    SHD,   feature distillation)
+    "none": (False, False, None),  # plain diffusion training of the student, no teacher
+    "kd": (True, False, None),  # paper's "simple KD" baseline: match the teacher's output
+    "kd_shd": (True, True, None),  # KD + Squeezing-Heads Distillation (the method)
+    "shd": (False, True, None),  # SHD only
+    "kd_feat": (True, False, "projector"),  # KD + feature distillation with a learned projector
+    "kd_selfcorr": (True, False, "self_correlation"),  # KD + self-correlation features (eq. 12)
+}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "MDTv2-S/2"  # registry name (shd_diffusion.models.MODEL_NAMES)  [shape]
+    input_size: int | None = None  # latent/pixel grid side; None = registry default (32)  [shape]
+    patch_size: int | None = None  # patch side override; None = the name's /p  [shape]
+    in_channels: int | None = None  # image channels (4 = SD-VAE latents, 1 = demo)  [shape]
+    num_classes: int | None = None  # None = registry default (1000)  [shape]
+    hidden_size: int | None = None  # width override (tiny/demo models)  [shape]
+    depth: int | None = None  # depth override  [shape]
+    num_heads: int | None = None  # head-count override  [shape]
+    decode_layer: int | None = None  # MDTv2 decoder blocks (upstream S/2 trains with 6)  [shape]
+    mask_ratio: float | None = None  # MDTv2 base mask ratio (+ U(0, 0.2) per batch)
+    class_dropout_prob: float | None = None  # label dropout for CFG; None = 0.1
+    learn_sigma: bool = True  # predict the variance interpolation too (hybrid loss)  [shape]
+
+    def overrides(self) -> dict[str, object]:
+        """Keyword overrides for ``create_model`` (the fields that were set)."""
+        keys = ("input_size", "patch_size", "in_channels", "num_classes", "hidden_size", "depth", "num_heads",
+                "decode_layer", "mask_ratio", "class_dropout_prob")
+        out: dict[str, object] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        out["learn_sigma"] = self.learn_sigma
+        return out
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="MDTv2-B/2"))  # teacher architecture
+    checkpoint: str | None = None  # official .pt, this package's checkpoint, or a save_pretrained dir
+    use_ema: bool = True  # take the `ema` entry of wrapped checkpoints
+
+
+@dataclass
+class DistillConfig:
+    mode: Literal["none", "kd", "kd_shd", "shd", "kd_feat", "kd_selfcorr"] = "kd_shd"  # see MODES
+    kd_weight: float = 1.0  # lambda_kd on the output-matching KD term
+    shd_beta: float = 2.0  # beta on L_SHD (paper: 2.0 for image generation)
+    temperature: float = 1.0  # attention temperature T_a >= 1 for the distilled maps
+    loss: Literal["kl", "mse"] = "kl"  # map loss: row-wise KL(teacher || student) or MSE
+    reduction: Literal["sum", "mean"] = "sum"  # over layers x heads: sum (paper eq. 11) or mean
+    squeeze: Literal["lstsq", "constant", "hard", "matching", "progressive"] = "lstsq"  # alpha rule
+    groups: list[list[int]] | None = None  # explicit teacher-head groups, one per student head
+    layer_map: list[int] | None = None  # teacher layer (0-indexed) per student layer; None = round(j L_t / L_s)
+    student_layers: list[int] | None = None  # student layers that get SHD (0-indexed); None = all
+    feature_weight: float = 1.0  # weight of the feature-distillation term (kd_feat / kd_selfcorr)
+    seed: int = 0  # seed of the hard-selection ablation's head subset
+    calibration_batches: int = 1  # batches used once to compute head matching
+
+    def __post_init__(self) -> None:
+        if self.temperature < 1.0:
+            raise ValueError(f"distill.temperature must be >= 1 (T_a softens maps), got {self.temperature}")
+        for name in ("kd_weight", "shd_beta", "feature_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def uses_kd(self) -> bool:
+        return MODES[self.mode][0]
+
+    @property
+    def uses_shd(self) -> bool:
+        return MODES[self.mode][1]
+
+    @property
+    def feature_kind(self) -> str | None:
+        return MODES[self.mode][2]
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["animal_mnist", "image_folder", "latents"] = "latents"  # dataset type
+    path: str | None = None  # folder of images or latent shards (animal_mnist: None = installed package)
+    image_size: int = 256  # pixel size of images (image_folder); latents are image_size / 8
+    vae: str = "stabilityai/sd-vae-ft-ema"  # AutoencoderKL hub id or local path (image_folder only)
+    num_workers: int = 4  # DataLoader workers per process
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adan", "adan_pytorch", "adamw"] = "adan"  # adan = timm's Adan (see shd_diffusion.optim)
+    lr: float = 5e-4  # upstream MDTv2-S/2 at global batch 256
+    betas: list[float] | None = None  # None = (0.98, 0.92, 0.99) for Adan (official convention, not 1 - beta), (0.9, 0.999) for AdamW
+    weight_decay: float = 0.0  # decoupled weight decay
+    eps: float = 1e-8  # Adan epsilon
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    warmup_steps: int = 0  # linear lr warmup
+
+
+@dataclass
+class TrainConfig:
+    run_name: str | None = None  # run folder name; None = the config file's stem (+ overrides hash)
+    output_dir: str = "runs"  # parent of run folders
+    steps: int = 400_000  # optimizer steps
+    global_batch_size: int = 256  # images per optimizer step over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: Literal["fp32", "bf16"] = "bf16"  # autocast dtype of the forward passes
+    seed: int = 0  # global seed: init, data order, noise, masks
+    ema_decay: float = 0.9999  # EMA of student weights (used for sampling)
+    loss_weighting: Literal["auto", "uniform", "min_snr5"] = "auto"  # eps-MSE weights; auto = MDT's min-SNR-5 for MDTv2
+    checkpoint_every: int = 10_000  # steps between checkpoints (also on SIGTERM/SIGUSR1)
+    keep_last: int = 3  # checkpoints kept
+    log_every: int = 100  # steps between scalar logs
+    sample_every: int = 0  # steps between EMA sample grids (0 = never)
+    grad_checkpointing: bool = False  # recompute activations in backward (saves memory)
+    compile: bool = False  # torch.compile the student
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class ExperimentConfig:
+    student: ModelConfig = field(default_factory=ModelConfig)  # the model being trained
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # frozen teacher
+    distill: DistillConfig = field(default_factory=DistillConfig)  # what is distilled, how
+    data: DataConfig = field(default_factory=DataConfig)  # training images / latents
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer + schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # loop, checkpoints, logging
+
+
+# Changing any of these invalidates a checkpoint (weights, optimizer state or data stream).
+SHAPE_FIELDS: list[str] = [
+    "student.name", "student.input_size", "student.patch_size", "student.in_channels", "student.num_classes",
+    "student.hidden_size", "student.depth", "student.num_heads", "student.decode_layer",
+    "student.learn_sigma", "teacher.model.name", "distill.mode", "data.kind", "data.image_size",
+    "train.global_batch_size", "train.grad_accum", "train.seed", "optim.name",
+]

@@ -1,0 +1,435 @@
+"""DiT / MDTv2 (shd_diffusion.models): parity with the official code, loading, registry, passes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from shd_diffusion.attention import SDPAProcessor, capture_attention
+from shd_diffusion.models import (
+    MODEL_NAMES,
+    DiT,
+    MDTv2,
+    create_model,
+    infer_architecture,
+    load_checkpoint_file,
+    load_official_state_dict,
+)
+from shd_diffusion.models.mdt import power_cosine_cfg_scale, random_masking
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
+
+# Parity tolerances against the official code. The fixture models have random (not zero-init)
+# weights, so attention logits reach ~300 and float32 rounding alone moves the outputs by ~1e-4:
+# evaluating the same weights in float64 differs from the fixture by 9.6e-5 (DiT output) and
+# up to 6.3e-5 (maps), and our float32 run lands in the same band. Hence a tolerance relative to
+# the output scale, and 2e-4 on probabilities; any real mistake (layout, order, bias, schedule)
+# is orders of magnitude larger.
+OUT_RTOL = 3e-5  # max |ours - official| / max |official|, outputs and CFG outputs
+MAP_ATOL = 2e-4  # max abs difference of attention probabilities
+# Same math, two attention implementations (fused SDPA vs explicit softmax), moderate weights.
+PATH_ATOL = 1e-5
+
+TINY_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10)
+TINY_MDT = dict(TINY_DIT, depth=6, mask_ratio=0.3, decode_layer=2)
+
+
+def fixture(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(constructor config, tensors) of an official reference file; skips when absent."""
+    safetensors = pytest.importorskip("safetensors")
+    path = FIXTURES / f"{name}.safetensors"
+    if not path.is_file():
+        pytest.skip(f"official reference outputs not found at {path} (shared/ must sit beside the repo)")
+    with safetensors.safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return config, tensors
+
+
+def official_model(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    config, tensors = fixture(name)
+    cls = {"dit_tiny": DiT, "mdtv2_tiny": MDTv2}[name]
+    state = {k.removeprefix("state_dict."): v for k, v in tensors.items() if k.startswith("state_dict.")}
+    model = load_official_state_dict(cls(**config), state).eval()
+    return model, tensors
+
+
+def randomize_(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
+    """Replace every parameter by N(0, std) so no path is switched off by adaLN-Zero init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def batch(b: int = 4, size: int = 8, num_classes: int = 10, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, size, size, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    y = torch.randint(0, num_classes, (b,), generator=g)
+    return x, t, y
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a - ref).abs().max() / ref.abs().max()).item()
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with the official model code
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dit_tiny", "mdtv2_tiny"])
+def test_official_parity(name: str) -> None:
+    model, ref = official_model(name)
+    with torch.no_grad():
+        out = model(ref["input.x"], ref["input.t"], ref["input.y"])
+        if name == "dit_tiny":
+            cfg_kwargs = {"cfg_scale": 4.0}
+        else:
+            cfg_kwargs = {"cfg_scale": 3.8, "diffusion_steps": 1000, "scale_pow": 4.0}
+        cfg = model.forward_with_cfg(ref["cfg_input.x"], ref["cfg_input.t"], ref["cfg_input.y"], **cfg_kwargs)
+        with capture_attention(model) as store:
+            captured_out = model(ref["input.x"], ref["input.t"], ref["input.y"])
+    assert rel_err(out, ref["output.eps_sigma"]) < OUT_RTOL
+    assert rel_err(captured_out, ref["output.eps_sigma"]) < OUT_RTOL
+    assert rel_err(cfg, ref["cfg_output"]) < OUT_RTOL
+    map_keys = sorted(k for k in ref if k.startswith("attention_maps."))
+    assert len(store.maps) == len(map_keys) == len(model.attention_layers())
+    for key, got in zip(map_keys, store.maps):
+        assert got.shape == ref[key].shape, key
+        assert (got - ref[key]).abs().max().item() < MAP_ATOL, key
+
+
+@pytest.mark.parametrize("name", ["dit_tiny", "mdtv2_tiny"])
+def test_cfg_all_channels_option(name: str) -> None:
+    model, ref = official_model(name)
+    x, t, y = ref["cfg_input.x"], ref["cfg_input.t"], ref["cfg_input.y"]
+    assert (y[2:] == model.null_class).all()
+    with torch.no_grad():
+        raw = model(torch.cat([x[:2], x[:2]]), t, y)
+        guided = model.forward_with_cfg(x, t, y, cfg_scale=3.0, guidance_channels=None)
+    scale = torch.full((2,), 3.0) if name == "dit_tiny" else power_cosine_cfg_scale(t[:2], 3.0)
+    cond, uncond = raw[:2, :4], raw[2:, :4]
+    expect = uncond + scale.view(-1, 1, 1, 1) * (cond - uncond)
+    torch.testing.assert_close(guided[:2, :4], expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided[2:, :4], expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided[:, 4:], raw[:, 4:])  # variance channels pass through
+
+
+def test_power_cosine_schedule() -> None:
+    t = torch.tensor([0, 250, 500, 999])
+    got = power_cosine_cfg_scale(t, 3.8, diffusion_steps=1000, scale_pow=4.0)
+    expect = [(3.8 - 1) * (1 - math.cos(math.pi * (1 - s / 1000) ** 4)) / 2 + 1 for s in t.tolist()]
+    torch.testing.assert_close(got, torch.tensor(expect), atol=1e-6, rtol=0)
+    assert got[0] == pytest.approx(3.8) and got[-1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_relative_position_index_matches_official() -> None:
+    _, ref = fixture("mdtv2_tiny")
+    model = MDTv2(**TINY_MDT)
+    for name, buf in model.named_buffers():
+        assert torch.equal(buf, ref[f"state_dict.{name}"]), name
+
+
+def test_sincos_pos_embed_brute_force() -> None:
+    model = DiT(**TINY_DIT)
+    d, g = 64, 4
+    pos = model.pos_embed[0]  # (N, D)
+    for n in range(g * g):
+        row, col = divmod(n, g)
+        for i in range(d // 4):
+            omega = 1.0 / 10000 ** (i / (d // 4))
+            # first half encodes the column, second half the row; each half is [sin | cos]
+            expect = [math.sin(col * omega), math.cos(col * omega), math.sin(row * omega), math.cos(row * omega)]
+            got = [pos[n, i], pos[n, d // 4 + i], pos[n, d // 2 + i], pos[n, 3 * d // 4 + i]]
+            assert [float(v) for v in got] == pytest.approx(expect, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading official checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def official_like_state(cls: type, **config) -> dict[str, torch.Tensor]:
+    """A state dict in the official layout (key names are proven by the parity test)."""
+    return randomize_(cls(**config)).state_dict()
+
+
+def test_load_errors_name_the_keys() -> None:
+    state = official_like_state(MDTv2, **TINY_MDT)
+    model = MDTv2(**TINY_MDT)
+
+    dropped = dict(state)
+    del dropped["de_blocks.1.attn.qkv.bias"]
+    with pytest.raises(ValueError, match=r"missing keys 1: de_blocks\.1\.attn\.qkv\.bias"):
+        load_official_state_dict(model, dropped)
+
+    added = dict(state, **{"extra.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"unexpected keys 1: extra\.weight"):
+        load_official_state_dict(model, added)
+
+    reshaped = dict(state, mask_token=torch.zeros(1, 2, 64))
+    with pytest.raises(ValueError, match=r"mask_token \(checkpoint \(1, 2, 64\) vs model \(1, 1, 64\)\)"):
+        load_official_state_dict(model, reshaped)
+
+    # Many offenders: the first few and a count.
+    truncated = {k: v for k, v in state.items() if not k.startswith("en_")}
+    with pytest.raises(ValueError, match=r"missing keys \d+: .*\.\.\. \(\d+ more\)"):
+        load_official_state_dict(model, truncated)
+
+
+def test_load_error_wrong_decode_layer() -> None:
+    state = official_like_state(MDTv2, **TINY_MDT)  # decode_layer=2
+    model = MDTv2(**dict(TINY_MDT, decode_layer=4))
+    with pytest.raises(ValueError, match=r"checkpoint has decode_layer=2 .* built with decode_layer=4") as err:
+        load_official_state_dict(model, state)
+    assert "de_blocks.2" in str(err.value) and "en_inblocks.1" in str(err.value)
+
+
+def test_load_error_names_fitting_registry_config() -> None:
+    with torch.device("meta"):
+        small, base = create_model("MDTv2-S/2", decode_layer=2), create_model("MDTv2-B/2")
+        dit_small, dit_base = create_model("DiT-S/2"), create_model("DiT-B/2")
+    assert infer_architecture(small.state_dict())["num_heads"] == 6
+    with pytest.raises(ValueError, match=r"fits create_model\('MDTv2-S/2', decode_layer=2\)"):
+        load_official_state_dict(base, small.state_dict())
+    with pytest.raises(ValueError, match=r"num_heads cannot be read off.*fits create_model\('DiT-S/2'\)"):
+        load_official_state_dict(dit_base, dit_small.state_dict())
+
+
+def test_load_accepts_wrappers() -> None:
+    ema = official_like_state(DiT, **TINY_DIT)
+    raw = {k: torch.zeros_like(v) for k, v in ema.items()}
+    model = DiT(**TINY_DIT)
+    for ckpt in (
+        {"ema": ema, "model": raw, "opt": {}, "args": argparse.Namespace(lr=1e-4)},
+        {"model": ema},
+        {f"module.{k}": v for k, v in ema.items()},
+        {"ema": {f"module.{k}": v for k, v in ema.items()}},
+    ):
+        nn.init.zeros_(model.final_layer.linear.weight)
+        load_official_state_dict(model, ckpt)
+        assert torch.equal(model.final_layer.linear.weight, ema["final_layer.linear.weight"])
+
+
+def test_load_checkpoint_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = official_like_state(DiT, **TINY_DIT)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint_file(tmp_path / "nope.pt")
+
+    torch.save({"ema": state, "args": argparse.Namespace(model="DiT-S/2")}, tmp_path / "train.pt")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    for name in ("train.pt", "w.safetensors"):
+        model = load_official_state_dict(DiT(**TINY_DIT), load_checkpoint_file(tmp_path / name))
+        assert torch.equal(model.pos_embed, state["pos_embed"])
+
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="not a dict of tensors"):
+        load_checkpoint_file(tmp_path / "list.pt")
+    torch.save({"step": 3, "note": "x"}, tmp_path / "meta.pt")
+    with pytest.raises(ValueError, match="not a tensor dict.*'step'"):
+        load_checkpoint_file(tmp_path / "meta.pt")
+    torch.save({"ema": state, "cfg": TinyConfig()}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="not a weights-only checkpoint"):
+        load_checkpoint_file(tmp_path / "pickled.pt")
+
+
+class TinyConfig:
+    """An arbitrary pickled object: weights_only loading must refuse it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, overrides, millions",
+    [
+        ("DiT-S/2", {}, 33.0),
+        ("DiT-B/2", {}, 130.5),
+        ("DiT-XL/2", {}, 675.1),
+        # 37.9M is MDTv2-S/2 with decode_layer=2; each extra decoder block adds a skip_linear.
+        ("MDTv2-S/2", {"decode_layer": 2}, 37.9),
+        ("MDTv2-S/2", {}, 38.5),
+    ],
+)
+def test_registry_param_counts(name: str, overrides: dict, millions: float) -> None:
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)
+
+
+def test_registry_builds_every_name() -> None:
+    assert len(MODEL_NAMES) == 16
+    for name in MODEL_NAMES:
+        with torch.device("meta"):
+            model = create_model(name)
+        assert isinstance(model, MDTv2 if name.startswith("MDTv2") else DiT)
+        assert model.config.patch_size == int(name.rsplit("/", 1)[1])
+        assert len(model.attention_layers()) == model.config.depth
+    with torch.device("meta"):
+        assert create_model("MDTv2-S/2").decode_layer == 6
+        assert create_model("MDTv2-XL/2").decode_layer == 4
+    with pytest.raises(ValueError, match=r"did you mean 'DiT-XL/2'.*valid names: DiT-S/2"):
+        create_model("DiT-XL2")
+
+
+# --------------------------------------------------------------------------------------------
+# Model behaviour
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls, config", [(DiT, TINY_DIT), (MDTv2, TINY_MDT)])
+def test_save_pretrained_round_trip(cls: type, config: dict, tmp_path: Path) -> None:
+    model = randomize_(cls(**config)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = cls.from_pretrained(tmp_path)
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(model.config)
+    x, t, y = batch()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), loaded(x, t, y))
+
+
+@pytest.mark.parametrize("cls, config", [(DiT, TINY_DIT), (MDTv2, TINY_MDT)])
+def test_sdpa_path_equals_capture_path(cls: type, config: dict) -> None:
+    model = randomize_(cls(**config)).eval()
+    x, t, y = batch()
+    with torch.no_grad():
+        fast = model(x, t, y)
+        fast_again = model(x, t, y)
+        with capture_attention(model) as store:
+            slow = model(x, t, y)
+    assert torch.equal(fast, fast_again)  # the unmasked pass is deterministic
+    assert (fast - slow).abs().max().item() < PATH_ATOL
+    assert all(isinstance(a.processor, SDPAProcessor) for a in model.attention_layers())  # restored
+    assert all(m.shape == (4, 4, 16, 16) for m in store.maps)
+
+
+@pytest.mark.parametrize("cls, config", [(DiT, TINY_DIT), (MDTv2, TINY_MDT)])
+def test_bf16_autocast_forward(cls: type, config: dict) -> None:
+    model = randomize_(cls(**config)).eval()
+    x, t, y = batch()
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+            if cls is MDTv2:
+                masked = model(x, t, y, enable_mask=True, generator=torch.Generator().manual_seed(0))
+                assert torch.isfinite(masked).all()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert rel_err(out.float(), ref) < 0.05
+
+
+def test_label_embedding_null_class_and_dropout() -> None:
+    model = randomize_(DiT(**TINY_DIT))
+    assert model.null_class == 10 and model.y_embedder.embedding_table.num_embeddings == 11
+    emb = model.y_embedder
+    labels = torch.arange(8)
+    forced = emb.token_drop(labels, force_drop_ids=torch.tensor([1, 0] * 4))
+    assert forced.tolist() == [10, 1, 10, 3, 10, 5, 10, 7]
+    big = torch.zeros(4000, dtype=torch.long)
+    a = emb.token_drop(big, generator=torch.Generator().manual_seed(3))
+    b = emb.token_drop(big, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and 0.08 < (a == 10).float().mean().item() < 0.12
+    # Train mode drops labels (reproducibly with a generator); eval mode never does.
+    x, t, y = batch()
+    model.train()
+    out1 = model(x, t, y, generator=torch.Generator().manual_seed(5))
+    out2 = model(x, t, y, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out1, out2)
+    model.eval()
+    with torch.no_grad():
+        uncond = model(x, t, torch.full_like(y, model.null_class))
+        assert torch.equal(model(x, t, y, force_drop_ids=torch.ones_like(y)), uncond)
+
+
+def test_random_masking_and_gathered_bias() -> None:
+    x = torch.randn(3, 16, 8)
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(0))
+    kept, mask, ids_restore, ids_keep = random_masking(x, 10, noise)
+    assert kept.shape == (3, 10, 8) and (mask.sum(1) == 6).all()
+    for b in range(3):
+        assert torch.equal(kept[b], x[b, ids_keep[b]])
+        assert mask[b, ids_keep[b]].sum() == 0
+        assert torch.equal(noise[b].argsort()[ids_restore[b]], torch.arange(16))
+    attn = MDTv2(**TINY_MDT).en_inblocks[0].attn
+    full = attn.attention_bias()[0]  # (H, N, N)
+    gathered = attn.attention_bias(ids_keep)  # (B, H, K, K)
+    for b in range(3):
+        for i, qi in enumerate(ids_keep[b].tolist()):
+            for j, kj in enumerate(ids_keep[b].tolist()):
+                assert torch.equal(gathered[b, :, i, j], full[:, qi, kj])
+
+
+def test_mdt_masked_forward() -> None:
+    model = randomize_(MDTv2(**TINY_MDT)).train()
+    x, t, y = batch()
+
+    def run(seed: int) -> torch.Tensor:
+        return model(x, t, y, enable_mask=True, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (4, 8, 8, 8)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    with torch.no_grad():
+        assert not torch.allclose(a, model(x, t, y, generator=torch.Generator().manual_seed(0)))
+
+    # Capture during the masked pass: only attention_layers() switch; the sideblock stays fast.
+    side = model.sideblocks[0].attn
+    seen = []
+    original = side.processor
+    side.set_processor(lambda attn, h, **kw: seen.append(type(original).__name__) or original(attn, h, **kw))
+    try:
+        with capture_attention(model) as store:
+            run(0)
+    finally:
+        side.set_processor(original)
+    assert seen == ["SDPAProcessor"]
+    assert len(store.maps) == len(model.attention_layers()) == 6
+    n_enc = 2 * model.half_depth
+    keep = store.maps[0].shape[-1]
+    assert 16 * (1 - 0.3 - 0.2) - 1 <= keep <= 16 * (1 - 0.3)
+    assert all(m.shape == (4, 4, keep, keep) for m in store.maps[:n_enc])
+    assert all(m.shape == (4, 4, 16, 16) for m in store.maps[n_enc:])
+
+    with pytest.raises(ValueError, match="mask_ratio"):
+        MDTv2(**dict(TINY_MDT, mask_ratio=None))(x, t, y, enable_mask=True)
+
+
+@pytest.mark.parametrize("cls, config", [(DiT, TINY_DIT), (MDTv2, TINY_MDT)])
+def test_gradient_checkpointing_same_gradients(cls: type, config: dict) -> None:
+    model = randomize_(cls(**config)).train()
+    x, t, y = batch()
+    kwargs = {"enable_mask": True} if cls is MDTv2 else {}
+
+    def grads(checkpointing: bool) -> tuple[list[torch.Tensor], int]:
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        with capture_attention(model, layers=[0, -1]) as store:
+            out = model(x, t, y, generator=torch.Generator().manual_seed(0), **kwargs)
+            # A distillation-like loss also backpropagates through the captured maps.
+            loss = out.square().mean() + sum(m.square().mean() for m in store.maps)
+            loss.backward()
+            count = len(store.maps)
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], count
+
+    plain, n_plain = grads(False)
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    ckpt, n_ckpt = grads(True)
+    assert n_plain == n_ckpt == 2  # recomputation in backward does not append maps again
+    assert len(plain) == len(ckpt)
+    for g0, g1 in zip(plain, ckpt):
+        torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)

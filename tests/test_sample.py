@@ -1,0 +1,461 @@
+"""Sampling for FID (sampling.sample, sampling.shards): determinism, resume, npz layout, CFG layout.
+
+Tiny randomly initialised models, 3-5 DDPM steps, pixel space (``--vae none``) except one test
+with a tiny local AutoencoderKL. Everything runs on the CPU in a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sampling.sample import (
+    GuidedDenoiser,
+    Sampler,
+    build_parser,
+    class_labels,
+    image_seeds,
+    load_model,
+    load_vae,
+    main,
+    resolve_guidance_channels,
+    resolve_guidance_schedule,
+    run_shards,
+    to_uint8_images,
+)
+from sampling.shards import (
+    ShardError,
+    assemble,
+    num_shards,
+    read_shard,
+    shard_path,
+    shard_range,
+    shards_for_rank,
+    write_shard,
+)
+from shd_diffusion.diffusion import create_diffusion
+from shd_diffusion.models import create_model
+from shd_diffusion.models.mdt import power_cosine_cfg_scale
+
+NUM_CLASSES = 10
+CPU = torch.device("cpu")
+
+
+def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Perturb every parameter: the zero-initialised adaLN/final layers would output eps = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval().requires_grad_(False)
+
+
+def tiny(name: str = "DiT-S/2", in_channels: int = 1, **kw: object) -> nn.Module:
+    arch = dict(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=NUM_CLASSES, in_channels=in_channels)
+    if name.startswith("MDTv2"):
+        arch.update(depth=4, decode_layer=2)
+    arch.update(kw)
+    return _randomise(create_model(name, **arch))
+
+
+@pytest.fixture(scope="module")
+def pixel_model() -> nn.Module:
+    return tiny()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """`main()` builds an Accelerator; reset accelerate's process-wide state around the test so
+    later tests can create one with other settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def make_sampler(model: nn.Module, steps: int = 5, cfg_scale: float = 3.8, seed: int = 0, labels: str = "balanced") -> Sampler:
+    channels = resolve_guidance_channels(3, model.in_channels)
+    denoiser = GuidedDenoiser(model, cfg_scale, resolve_guidance_schedule("auto", model), 4.0, channels)
+    c, s = model.config.in_channels, model.config.input_size
+    return Sampler(denoiser, create_diffusion(str(steps)), (c, s, s), NUM_CLASSES, CPU, seed=seed,
+                   label_rule=labels, clip_denoised=True)
+
+
+def sample_run(sampler: Sampler, out: Path, n: int, shard: int, batch: int, world: int = 1) -> Path:
+    """Run every rank of a simulated `world` in turn, then assemble."""
+    for rank in range(world):
+        run_shards(sampler, out, n, shard, batch, rank=rank, world_size=world, manifest={"tag": "t"})
+    return assemble(out)
+
+
+def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as z:
+        return z["arr_0"], z["arr_1"]
+
+
+# --------------------------------------------------------------------------------------------
+# Label and seed rules
+# --------------------------------------------------------------------------------------------
+
+
+def test_label_rules():
+    idx = np.arange(25)
+    assert class_labels(idx, NUM_CLASSES).tolist() == [i % NUM_CLASSES for i in range(25)]
+    # uniform: per-index (the same label whatever else is asked), seeded, in range, ~uniform.
+    big = class_labels(np.arange(20_000), NUM_CLASSES, "uniform", seed=3)
+    assert big.min() >= 0 and big.max() < NUM_CLASSES
+    assert class_labels([7, 19_999], NUM_CLASSES, "uniform", seed=3).tolist() == [big[7], big[19_999]]
+    counts = np.bincount(big, minlength=NUM_CLASSES)
+    chi2 = ((counts - 2000) ** 2 / 2000).sum()
+    assert chi2 < 30  # 9 dof: p ~ 4e-4
+    assert not np.array_equal(big, class_labels(np.arange(20_000), NUM_CLASSES, "uniform", seed=4))
+    with pytest.raises(ValueError, match="label rule"):
+        class_labels(idx, NUM_CLASSES, "sorted")  # type: ignore[arg-type]
+
+
+def test_image_seeds_are_per_index():
+    s = image_seeds(np.arange(1000), seed=0)
+    assert s.dtype == np.int64 and (s >= 0).all() and len(set(s.tolist())) == 1000
+    assert image_seeds([500], 0)[0] == s[500]
+    # Neighbouring base seeds give unrelated streams (not a shift of each other).
+    assert not set(image_seeds(np.arange(1000), 1).tolist()) & set(s.tolist())
+
+
+def test_shard_split_and_rank_assignment():
+    assert num_shards(10, 3) == 4
+    assert [list(shard_range(k, 10, 3)) for k in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert shards_for_rank(4, 0, 3) == [0, 3] and shards_for_rank(4, 2, 3) == [2]
+    owned = sorted(k for r in range(3) for k in shards_for_rank(4, r, 3))
+    assert owned == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# CFG batch layout (stub model)
+# --------------------------------------------------------------------------------------------
+
+
+class StubModel(nn.Module):
+    """Records every call; eps = 1 for conditional rows, 0 for null rows; channel 3 and the
+    variance channels carry the label so the test can see which half they came from."""
+
+    in_channels = 4
+    null_class = NUM_CLASSES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls.append((x.clone(), t.clone(), y.clone()))
+        cond = (y != self.null_class).float().view(-1, 1, 1, 1).expand(-1, 4, *x.shape[2:])  # (B, 4, H, W)
+        out = torch.cat([cond, y.float().view(-1, 1, 1, 1).expand_as(cond)], dim=1)  # (B, 8, H, W)
+        out[:, 3] = y.float().view(-1, 1, 1)
+        return out
+
+
+def test_cfg_batch_layout_and_guidance_with_stub():
+    stub = StubModel()
+    x = torch.randn(3, 4, 2, 2)
+    t = torch.tensor([999, 500, 0])
+    y = torch.tensor([4, 5, 6])
+    out = GuidedDenoiser(stub, cfg_scale=3.0, schedule="constant", guidance_channels=3)(x, t, y)
+    (xs, ts, ys), = stub.calls
+    assert torch.equal(xs, torch.cat([x, x])) and torch.equal(ts, torch.cat([t, t]))
+    assert ys.tolist() == [4, 5, 6, NUM_CLASSES, NUM_CLASSES, NUM_CLASSES]  # cond first, null second
+    assert out.shape == (3, 8, 2, 2)
+    assert torch.all(out[:, :3] == 3.0)  # 0 + 3 * (1 - 0): guided
+    assert torch.equal(out[:, 3], y.float().view(-1, 1, 1).expand(-1, 2, 2))  # 4th eps channel: conditional, unguided
+    assert torch.equal(out[:, 4:], y.float().view(-1, 1, 1, 1).expand(-1, 4, 2, 2))  # variance from the cond half
+
+    # Power-cosine: per-sample scale from the original timestep; ~1 at t = 999, s at t = 0.
+    stub.calls.clear()
+    out = GuidedDenoiser(stub, cfg_scale=3.0, schedule="power-cosine", guidance_channels=None)(x, t, y)
+    expected = power_cosine_cfg_scale(t, 3.0, 1000, 4.0)
+    assert torch.allclose(out[:, 0, 0, 0], expected)
+    # All 4 eps channels guided: channel 3 (cond = label, null = 10) is now extrapolated too.
+    assert torch.allclose(out[:, 3, 0, 0], NUM_CLASSES + expected * (y - NUM_CLASSES))
+    assert abs(expected[0].item() - 1.0) < 1e-6 and expected[2].item() == pytest.approx(3.0)
+
+    # Scale 1: one plain conditional forward, no null rows.
+    stub.calls.clear()
+    GuidedDenoiser(stub, cfg_scale=1.0)(x, t, y)
+    assert stub.calls[0][2].tolist() == [4, 5, 6]
+
+
+def test_sampler_feeds_label_rule_and_per_image_noise_to_the_model():
+    stub = StubModel()
+    sampler = Sampler(GuidedDenoiser(stub, 2.0), create_diffusion("2"), (4, 2, 2), NUM_CLASSES, CPU, seed=5)
+    sampler.decode = lambda z: z[:, :3].clamp(-1, 1)  # type: ignore[method-assign]
+    sampler.sample([13, 4, 27])
+    assert len(stub.calls) == 2  # one model call per step
+    x0, t0, y0 = stub.calls[0]
+    assert y0.tolist() == [3, 4, 7, NUM_CLASSES, NUM_CLASSES, NUM_CLASSES]
+    assert t0.tolist() == [999] * 6  # original timestep scale
+    # x_T of image i is the first draw of its own generator.
+    g = torch.Generator().manual_seed(int(image_seeds([27], 5)[0]))
+    assert torch.equal(x0[2], torch.randn((4, 2, 2), generator=g))
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "MDTv2-S/2"])
+def test_denoiser_matches_model_forward_with_cfg(name):
+    model = tiny(name, in_channels=4)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([999, 400, 3]), torch.tensor([1, 2, 3])
+    null = torch.full_like(y, model.null_class)
+    ref = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.8)[:3]
+    got = GuidedDenoiser(model, 3.8, resolve_guidance_schedule("auto", model), 4.0, 3)(x, t, y)
+    assert torch.equal(got, ref)
+
+
+def test_guidance_channels_resolution():
+    assert resolve_guidance_channels(3, 4) == 3
+    assert resolve_guidance_channels("all", 4) is None
+    assert resolve_guidance_channels(3, 1) is None  # pixel model: 3 means every channel
+    assert resolve_guidance_schedule("auto", tiny("MDTv2-S/2")) == "power-cosine"
+    assert resolve_guidance_schedule("auto", tiny()) == "constant"
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism across batch sizes and process counts
+# --------------------------------------------------------------------------------------------
+
+
+def test_bitwise_identical_across_batch_sizes(pixel_model):
+    sampler = make_sampler(pixel_model)
+    idx = range(8)
+    ref, labels = sampler.sample(idx)
+    assert ref.shape == (8, 8, 8, 3) and ref.std() > 10  # not a constant image
+    one = np.concatenate([sampler.sample([i])[0] for i in idx])
+    three = np.concatenate([sampler.sample(idx[s : s + 3])[0] for s in range(0, 8, 3)])
+    assert np.array_equal(ref, one) and np.array_equal(ref, three)
+    # Same index, different neighbours and position in the batch: same image.
+    assert np.array_equal(sampler.sample([5, 2])[0][0], ref[5])
+
+
+def test_identical_for_one_and_two_processes_and_any_batch(pixel_model, tmp_path):
+    sampler = make_sampler(pixel_model, steps=3)
+    one = sample_run(sampler, tmp_path / "w1", n=10, shard=3, batch=3)
+    two = sample_run(sampler, tmp_path / "w2", n=10, shard=3, batch=1, world=2)
+    assert one.name == two.name == "samples_10x8x8x3.npz"
+    assert one.read_bytes() == two.read_bytes()  # same arrays, and a byte-reproducible archive
+
+
+@pytest.mark.skipif(not os.environ.get("SHD_SLOW_TESTS"), reason="real 2-process `accelerate launch` (~15 s); set SHD_SLOW_TESTS=1")
+def test_accelerate_launch_two_processes(pixel_model, tmp_path, fresh_accelerate):
+    ckpt = tmp_path / "ckpt"
+    pixel_model.save_pretrained(ckpt)
+    args = ["--checkpoint", str(ckpt), "--num-samples", "6", "--steps", "3", "--shard-size", "2",
+            "--batch-size", "2", "--vae", "none", "--cfg-scale", "2.0"]
+    main([*args, "--out", str(tmp_path / "one")])
+    start = time.time()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "sampling.sample", *args, "--out", str(tmp_path / "two")]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).parents[1], timeout=120)
+    if time.time() - start > 60:
+        pytest.skip("2-process launch took > 60 s on this machine")
+    a = tmp_path / "one" / "samples_6x8x8x3.npz"
+    assert a.read_bytes() == (tmp_path / "two" / a.name).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_resume_after_kill_matches_uninterrupted_run(pixel_model, tmp_path):
+    sampler = make_sampler(pixel_model, steps=3)
+    reference = sample_run(sampler, tmp_path / "ref", n=10, shard=3, batch=2)
+
+    out = tmp_path / "run"
+
+    def die_after_two(k: int) -> None:
+        if k == 3:  # rank 1 of 2 owns shards 1 and 3: written, then the job dies
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_shards(sampler, out, 10, 3, 2, rank=1, world_size=2, manifest={"tag": "t"}, on_shard_done=die_after_two)
+    # Leftovers of a writer killed mid-shard: a temp file, and an unreadable (truncated) shard.
+    stray = shard_path(out, 0).with_name("shard_000000.npz.tmp-999-dead")
+    stray.write_bytes(b"partial")
+    shard_path(out, 2).write_bytes(b"PK\x03\x04truncated")
+
+    # Resume with a different process count: only the unfinished shards are sampled.
+    done = run_shards(sampler, out, 10, 3, 2, rank=0, world_size=1, manifest={"tag": "t"})
+    assert done == [0, 2]
+    assert not stray.exists()
+    assert run_shards(sampler, out, 10, 3, 2, manifest={"tag": "t"}) == []  # nothing left to do
+
+    result = assemble(out)
+    indices = np.concatenate([read_shard(shard_path(out, k))[2] for k in range(4)])
+    assert sorted(indices.tolist()) == list(range(10))
+    assert result.read_bytes() == reference.read_bytes()
+
+
+def test_resume_with_other_settings_is_refused(pixel_model, tmp_path):
+    sampler = make_sampler(pixel_model, steps=3)
+    run_shards(sampler, tmp_path, 4, 2, 2, manifest={"seed": 0})
+    with pytest.raises(ShardError, match=r"seed: 0 -> 1"):
+        run_shards(sampler, tmp_path, 4, 2, 2, manifest={"seed": 1})
+    with pytest.raises(ShardError, match="shard_size"):
+        run_shards(sampler, tmp_path, 4, 4, 2, manifest={"seed": 0})
+
+
+# --------------------------------------------------------------------------------------------
+# npz layout and assembly errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_npz_layout_labels_and_png(pixel_model, tmp_path):
+    sampler = make_sampler(pixel_model, steps=3)
+    run_shards(sampler, tmp_path, 12, 5, 5, manifest={})
+    path = assemble(tmp_path, png_dir=tmp_path / "png")
+    assert path == tmp_path / "samples_12x8x8x3.npz"
+    images, labels = load_npz(path)
+    assert images.dtype == np.uint8 and images.shape == (12, 8, 8, 3)
+    assert labels.dtype == np.int64 and labels.tolist() == [i % NUM_CLASSES for i in range(12)]
+    # Grayscale model: the three channels are copies.
+    assert np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2])
+    # In index order: image i is what the sampler gives for index i alone.
+    assert np.array_equal(images[7], sampler.sample([7])[0][0])
+    # ADM's evaluator streams arr_0 by parsing the .npy header inside the zip itself.
+    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+        assert np.lib.format.read_magic(f) == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        assert (shape, fortran, dtype) == ((12, 8, 8, 3), False, np.uint8)
+        assert np.frombuffer(f.read(), dtype=np.uint8).reshape(shape).tobytes() == images.tobytes()
+    from PIL import Image
+
+    pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert pngs[0] == "000000.png" and len(pngs) == 12
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000011.png")), images[11])
+
+
+def test_to_uint8_uses_dit_rounding():
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.999, 1.0, 2.0]).view(1, 1, 1, 7)
+    got = to_uint8_images(x)[0, 0, :, 0].tolist()
+    assert got == [0, 0, 64, 128, 255, 255, 255]  # clamp(127.5 x + 128) truncated
+
+
+def _fake_run(out: Path, n: int, shard: int) -> None:
+    from sampling.shards import write_manifest
+
+    write_manifest(out, {"num_samples": n, "shard_size": shard})
+    for k in range(num_shards(n, shard)):
+        r = shard_range(k, n, shard)
+        write_shard(shard_path(out, k), np.zeros((len(r), 2, 2, 3), np.uint8), np.zeros(len(r)), np.arange(r.start, r.stop))
+
+
+def test_assembly_errors_name_the_problem(tmp_path):
+    _fake_run(tmp_path / "missing", 7, 3)
+    shard_path(tmp_path / "missing", 1).unlink()
+    with pytest.raises(ShardError, match=r"1 of 3 shards missing.*shard_000001\.npz"):
+        assemble(tmp_path / "missing")
+
+    _fake_run(tmp_path / "dup", 7, 3)
+    write_shard(shard_path(tmp_path / "dup", 1), np.zeros((3, 2, 2, 3), np.uint8), np.zeros(3), np.array([2, 4, 5]))
+    with pytest.raises(ShardError, match=r"duplicate image indices \[2\].*shard_000000\.npz, shard_000001\.npz"):
+        assemble(tmp_path / "dup")
+
+    _fake_run(tmp_path / "extra", 7, 3)
+    write_shard(shard_path(tmp_path / "extra", 5), np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1), np.array([15]))
+    with pytest.raises(ShardError, match="unexpected shard files.*shard_000005"):
+        assemble(tmp_path / "extra")
+
+    with pytest.raises(ShardError, match="manifest.json not found"):
+        assemble(tmp_path / "nothing")
+    assert not list(tmp_path.glob("*/samples_*"))  # nothing half-written
+
+
+# --------------------------------------------------------------------------------------------
+# Latent models, checkpoint loading and the command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_latent_model_decodes_with_vae(tmp_path):
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    ).save_pretrained(tmp_path / "vae")
+    vae = load_vae(str(tmp_path / "vae"), in_channels=4)
+    model = tiny(in_channels=4)
+    sampler = make_sampler(model, steps=3)
+    sampler.vae, sampler.clip_denoised = vae, False
+    images, _ = sampler.sample([0, 1, 2])
+    assert images.shape == (3, 16, 16, 3)  # the VAE upsamples 2x
+    # Same as decoding the latents by hand with the SD scaling.
+    x_T, gens = sampler.initial_noise([0, 1, 2])
+    y = torch.as_tensor(class_labels([0, 1, 2], NUM_CLASSES))
+    latents = sampler.diffusion.p_sample_loop(sampler.denoiser, x_T, {"y": y}, gens)  # (3, 4, 8, 8)
+    with torch.no_grad():
+        z = vae.decode(latents / 0.18215).sample
+    assert np.array_equal(images, to_uint8_images(z))
+    with pytest.raises(ValueError, match="pixel-space"):
+        load_vae("none", in_channels=4)
+    assert load_vae("auto", in_channels=1) is None
+
+
+def test_load_model_from_every_checkpoint_kind(pixel_model, tmp_path):
+    arch = dict(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=NUM_CLASSES, in_channels=1)
+    ref = pixel_model.state_dict()
+    other = {k: v + 1 for k, v in ref.items()}
+
+    pixel_model.save_pretrained(tmp_path / "pretrained")
+    loaded = load_model(tmp_path / "pretrained")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ref.items())
+
+    torch.save(ref, tmp_path / "official.pt")  # DiT release layout: a bare EMA state dict
+    loaded = load_model(tmp_path / "official.pt", "DiT-S/2", overrides=arch)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ref.items())
+    with pytest.raises(ValueError, match="pass --model"):
+        load_model(tmp_path / "official.pt")
+
+    student = {"name": "DiT-S/2", **arch}
+    torch.save({"ema": ref, "model": other, "step": 3, "config": {"student": student}}, tmp_path / "train.pt")
+    ema = load_model(tmp_path / "train.pt")  # architecture from the checkpoint's config
+    raw = load_model(tmp_path / "train.pt", use_ema=False)
+    k = "final_layer.linear.weight"
+    assert torch.equal(ema.state_dict()[k], ref[k]) and torch.equal(raw.state_dict()[k], other[k])
+
+
+def test_cli_help_shows_paper_defaults():
+    text = " ".join(build_parser().format_help().split())  # undo line wrapping
+    for default in ("(default: 50000)", "(default: 250)", "(default: 3.8)", "(default: 4.0)", "(default: auto)", "(default: 3)"):
+        assert default in text, default
+
+
+def test_cli_end_to_end(pixel_model, tmp_path, fresh_accelerate):
+    pixel_model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--num-samples", "5", "--steps", "3",
+            "--shard-size", "2", "--batch-size", "2", "--vae", "none", "--seed", "1"]
+    assert main(argv) == 0
+    images, labels = load_npz(out / "samples_5x8x8x3.npz")
+    assert images.shape == (5, 8, 8, 3) and labels.tolist() == [0, 1, 2, 3, 4]
+    # Same as the library path with the same settings.
+    expected = make_sampler(pixel_model, steps=3, seed=1).sample(range(5))[0]
+    assert np.array_equal(images, expected)
+    first = (out / "samples_5x8x8x3.npz").read_bytes()
+    (out / "shards" / "shard_000001.npz").unlink()
+    assert main(argv) == 0  # resumes: recomputes the one missing shard
+    assert (out / "samples_5x8x8x3.npz").read_bytes() == first
+    assert main(["--assemble", str(out)]) == 0
