@@ -135,9 +135,6 @@ def run_one(args: argparse.Namespace, tokens: int, impl: str, device: torch.devi
         "peak_mem_above_inputs_mib": round((peak - base) / 2**20, 1) if cuda else "n/a",
         "peak_mem_mib": round(peak / 2**20, 1) if cuda else "n/a",
     }
-    del layers, teacher_maps
-    if cuda:
-        torch.cuda.empty_cache()
     return row
 
 
@@ -150,6 +147,8 @@ def main() -> None:
     for tokens in args.tokens:
         for impl in args.impl:
             row = run_one(args, tokens, impl, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the run's tensors are gone with its frame
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {

@@ -229,7 +229,9 @@ def _check_fits_torch_fidelity(path: Path) -> None:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     try:
-        FeatureExtractorInceptionV3(FEATURE_EXTRACTOR_NAME, ["2048"], feature_extractor_weights_path=str(path))
+        FeatureExtractorInceptionV3(
+            FEATURE_EXTRACTOR_NAME, ["2048"], feature_extractor_weights_path=str(path)
+        )
     except RuntimeError as e:  # load_state_dict names missing / unexpected / size-mismatched tensors
         raise InceptionWeightsError(
             f"converted weights do not fit torch-fidelity's FeatureExtractorInceptionV3: {e}"
@@ -251,7 +253,7 @@ def convert_fid_helper_inception(src: str | os.PathLike | None, dst: str | os.Pa
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     # TorchScript archives are read by a restricted unpickler: no arbitrary Python runs on load.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": still its only reader
+        warnings.simplefilter("ignore", FutureWarning)  # "jit.load is deprecated": still its only reader
         state = torch.jit.load(str(src_path), map_location="cpu").state_dict()
     converted = convert_state_dict(state)
     tmp = dst_path.with_name(dst_path.name + ".tmp")

@@ -71,13 +71,25 @@ def _drop_roundoff(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w > tol, w, torch.zeros_like(w))
 
 
+def _shifted(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m + c I, c) with c = max diag(m), so a symmetric PSD m has eigenvalues in [c, c + max eig].
+
+    LAPACK's symmetric eigensolvers crawl on large clusters of (near-)zero eigenvalues, which every
+    rank-deficient covariance has (500 x 500 of rank 15: seconds instead of milliseconds). The shift
+    leaves eigenvectors unchanged and the absolute accuracy (eps * |m|) of the same order.
+    """
+    c = m.diagonal().max().clamp_min(0)
+    return m + c * torch.eye(m.shape[0], dtype=m.dtype, device=m.device), c
+
+
 def _psd_factor(sigma: torch.Tensor) -> torch.Tensor:
     """B with sigma = B B^T: Cholesky when sigma is positive definite, else eigh (V sqrt(w))."""
     chol, info = torch.linalg.cholesky_ex(sigma)
     if int(info) == 0:
         return chol  # (D, D) lower-triangular
-    w, v = torch.linalg.eigh(sigma)  # singular: the slow but safe route
-    w = _drop_roundoff(w)
+    shifted, c = _shifted((sigma + sigma.T) / 2)
+    w, v = torch.linalg.eigh(shifted)
+    w = _drop_roundoff(w - c)
     keep = w > 0
     return v[:, keep] * w[keep].sqrt()  # (D, r)
 
@@ -101,7 +113,8 @@ def trace_sqrt_product(sigma1: ArrayLike, sigma2: ArrayLike, factor1: ArrayLike 
     s2 = _t64(sigma2)
     b = _psd_factor(_t64(sigma1)) if factor1 is None else _t64(factor1)
     m = b.T @ s2 @ b  # (r, r)
-    w = torch.linalg.eigvalsh((m + m.T) / 2)
+    shifted, c = _shifted((m + m.T) / 2)
+    w = torch.linalg.eigvalsh(shifted) - c
     return float(_drop_roundoff(w).sqrt().sum())
 
 

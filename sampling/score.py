@@ -1,7 +1,8 @@
 """Score an ADM-format sample set: FID, IS, precision/recall (k=3), KID.
 
     python -m sampling.score samples.npz --ref VIRTUAL_imagenet256_labeled.npz --json scores.json
-    python -m sampling.score samples.npz --ref data/val_images/ --inception-weights weights/inception_fid_helper.pth
+    python -m sampling.score samples.npz --ref data/val_images/ \
+        --inception-weights weights/inception_fid_helper.pth
 
 Inputs:
     samples  ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3) (ADM's sample format; ``arr_1`` labels
@@ -52,8 +53,12 @@ from sampling.inception import (
 
 STATS_FORMAT = "shd_diffusion.ref_stats/v1"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shd_diffusion" / "ref_stats"
+DEFAULT_CACHE_DIR = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shd_diffusion" / "ref_stats"
+)
 POOL, LOGITS = "2048", "logits_unbiased"  # torch-fidelity feature names
+_PR_K = 3
+_IS_SPLITS = 10
 
 
 class ScoreError(ValueError):
@@ -76,7 +81,9 @@ def as_rgb_nhwc(x: np.ndarray, name: str) -> np.ndarray:
         name: what to call the array in errors.
     """
     if x.dtype != np.uint8:
-        hint = " (floats in [-1, 1]: `((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)`)" if x.dtype.kind == "f" else ""
+        hint = ""
+        if x.dtype.kind == "f":
+            hint = " (floats in [-1, 1]: `((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)`)"
         raise ScoreError(f"{name}: dtype {x.dtype}, expected uint8 in [0, 255]{hint}")
     if x.ndim == 3:
         x = x[..., None]  # (N, H, W, 1)
@@ -84,8 +91,12 @@ def as_rgb_nhwc(x: np.ndarray, name: str) -> np.ndarray:
         raise ScoreError(f"{name}: shape {x.shape}, expected (N, H, W, 3) uint8 (ADM sample format)")
     if x.shape[-1] not in (1, 3):
         if x.shape[1] in (1, 3):
-            raise ScoreError(f"{name}: shape {x.shape} looks channels-first; save NHWC: `x.transpose(0, 2, 3, 1)`")
-        raise ScoreError(f"{name}: shape {x.shape} has {x.shape[-1]} channels, expected 3 (RGB) or 1 (grayscale)")
+            raise ScoreError(
+                f"{name}: shape {x.shape} looks channels-first; save NHWC: `x.transpose(0, 2, 3, 1)`"
+            )
+        raise ScoreError(
+            f"{name}: shape {x.shape} has {x.shape[-1]} channels, expected 3 (RGB) or 1 (grayscale)"
+        )
     if x.shape[0] == 0:
         raise ScoreError(f"{name}: no images")
     if x.shape[-1] == 1:
@@ -103,7 +114,9 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
             keys = list(z.files)
             x = z["arr_0"] if "arr_0" in keys else None
     except (ValueError, OSError) as e:  # not a zip / object arrays (would need pickle)
-        raise ScoreError(f"{path}: not a readable .npz ({e}); expected np.savez output with arr_0 uint8 (N, H, W, 3)") from e
+        raise ScoreError(
+            f"{path}: not a readable .npz ({e}); expected np.savez output with arr_0 uint8 (N, H, W, 3)"
+        ) from e
     if x is None:
         raise ScoreError(
             f"{path}: no 'arr_0' (keys: {keys}); save samples with `np.savez(path, images)` "
@@ -133,8 +146,8 @@ def _iter_folder(files: list[Path], batch_size: int, hw: tuple[int, int]) -> Ite
             im = _read_rgb(f)
             if im.shape[:2] != hw:
                 raise ScoreError(
-                    f"{f}: size {im.shape[1]}x{im.shape[0]} (WxH) differs from {hw[1]}x{hw[0]} of {files[0].name}; "
-                    "resize the folder to one size first"
+                    f"{f}: size {im.shape[1]}x{im.shape[0]} (WxH) differs from {hw[1]}x{hw[0]} of "
+                    f"{files[0].name}; resize the folder to one size first"
                 )
             batch.append(im)
         yield np.stack(batch)  # (B, H, W, 3)
@@ -173,7 +186,8 @@ def extract_features(
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         for batch in batches:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)  # (B, 3, H, W) uint8
+            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+            x = x.to(device)
             for n, f in zip(names, extractor(x)):
                 out[n].append(f.float().cpu().numpy())  # (B, dim)
             bar.update(len(batch))
@@ -216,8 +230,9 @@ class RefStats:
         with np.load(path, allow_pickle=False) as z:
             if "format" not in z.files or str(z["format"]) != STATS_FORMAT:
                 raise ScoreError(f"{path}: not a {STATS_FORMAT} statistics file")
-            hw = z["image_hw"]
-            return RefStats(z["mu"], z["sigma"], z["features"], (int(hw[0]), int(hw[1])), str(z["weights_sha256"]), str(z["source"]))
+            hw = (int(z["image_hw"][0]), int(z["image_hw"][1]))
+            sha, source = str(z["weights_sha256"]), str(z["source"])
+            return RefStats(z["mu"], z["sigma"], z["features"], hw, sha, source)
 
 
 def reference_cache_key(ref: str | os.PathLike, weights_sha256: str) -> str:
@@ -226,11 +241,8 @@ def reference_cache_key(ref: str | os.PathLike, weights_sha256: str) -> str:
     Any edit to the reference or a different weights file yields a different key.
     """
     ref = Path(ref).resolve()
-    if ref.is_dir():
-        stamp = [(str(p.relative_to(ref)), p.stat().st_size, p.stat().st_mtime_ns) for p in _folder_images(ref)]
-    else:
-        st = ref.stat()
-        stamp = [(ref.name, st.st_size, st.st_mtime_ns)]
+    files = _folder_images(ref) if ref.is_dir() else [ref]
+    stamp = [(str(p.relative_to(ref.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     blob = json.dumps([STATS_FORMAT, str(ref), stamp, weights_sha256])
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -243,17 +255,45 @@ def _npz_files(path: Path) -> list[str]:
         raise ScoreError(f"--ref {path}: not a readable .npz ({e})") from e
 
 
+def _check_count(n: int, what: str, min_images: dict[str, int]) -> None:
+    for metric, m in min_images.items():
+        if n < m:
+            raise ScoreError(f"{what}: {n} images, but {metric} needs at least {m}: provide more images")
+
+
+def _check_hw(sample_hw: tuple[int, int], ref_hw: tuple[int, int], allow_mismatch: bool) -> None:
+    if tuple(sample_hw) != tuple(ref_hw) and not allow_mismatch:
+        raise ScoreError(
+            f"samples are {sample_hw[1]}x{sample_hw[0]} (WxH) but the reference is {ref_hw[1]}x{ref_hw[0]}: "
+            "resize one side to match (ADM: center-crop + resize the reference to the sample resolution) "
+            "or pass --allow-size-mismatch"
+        )
+
+
 def reference_stats(
     ref: str | os.PathLike,
     extractor: torch.nn.Module,
     weights: WeightsInfo,
-    cache_dir: Path,
-    batch_size: int,
-    device: str | torch.device,
-    names: Sequence[str],
+    cache_dir: str | os.PathLike,
+    sample_hw: tuple[int, int],
+    min_images: dict[str, int],
+    batch_size: int = 200,
+    device: str | torch.device = "cpu",
+    names: Sequence[str] = (POOL,),
+    allow_size_mismatch: bool = False,
     progress: bool = True,
 ) -> tuple[RefStats, dict]:
     """Reference statistics from a stats file, the cache, or the images (then cached).
+
+    Sizes and counts are checked before any Inception forward.
+
+    Args:
+        ref: ADM reference batch .npz, image folder, or stats .npz.
+        extractor: torch-fidelity extractor returning ``names`` (only ``POOL`` is kept).
+        weights: the extractor's weights (their sha256 keys the cache).
+        cache_dir: where cached statistics live.
+        sample_hw: (H, W) of the samples, which the reference must match.
+        min_images: {metric: least number of reference images}.
 
     Returns:
         (stats, info) where info = {path, kind, cache_path, cache_hit}.
@@ -263,77 +303,66 @@ def reference_stats(
         raise ScoreError(f"--ref {ref} not found")
     info = {"path": str(ref.resolve()), "kind": None, "cache_path": None, "cache_hit": False}
     if ref.is_file():
-        files = _npz_files(ref)
-        if "format" in files:
+        keys = _npz_files(ref)
+        if "format" in keys:
             stats = RefStats.load(ref)
             if stats.weights_sha256 != weights.sha256:
                 raise ScoreError(
                     f"--ref {ref} was computed with Inception weights sha256 {stats.weights_sha256[:12]}..., "
-                    f"scoring uses {weights.sha256[:12]}... ({weights.path}); pass the reference images instead "
-                    "or the matching --inception-weights"
+                    f"scoring uses {weights.sha256[:12]}... ({weights.path}); pass the reference images "
+                    "instead or the matching --inception-weights"
                 )
             info["kind"] = "stats"
-            return stats, info
-        if "arr_0" not in files:
-            extra = (
-                " It holds mu/sigma from TF Inception, which cannot be mixed with torch features."
-                if {"mu", "sigma"} <= set(files)
-                else ""
-            )
+        elif "arr_0" not in keys:
+            tf_only = {"mu", "sigma"} <= set(keys)
+            extra = " It holds TF-Inception mu/sigma, which cannot be mixed with torch features." * tf_only
             raise ScoreError(
-                f"--ref {ref}: no 'arr_0' images (keys: {files}).{extra} Pass the ADM reference batch with its "
-                "arr_0 images, an image folder, or a statistics file written by this tool"
+                f"--ref {ref}: no 'arr_0' images (keys: {keys}).{extra} Pass the ADM reference batch with "
+                "its arr_0 images, an image folder, or a statistics file written by this tool"
             )
-        info["kind"] = "adm_npz"
-        if {"mu", "sigma"} & set(files):
-            _log(f"{ref.name}: ignoring its precomputed mu/sigma (TF Inception); recomputing from arr_0")
+        else:
+            info["kind"] = "adm_npz"
+            if {"mu", "sigma"} & set(keys):
+                _log(f"{ref.name}: ignoring its precomputed mu/sigma (TF Inception); recomputing from arr_0")
     elif ref.is_dir():
         info["kind"] = "folder"
     else:
         raise ScoreError(f"--ref {ref}: expected an .npz file or an image folder")
 
-    key = reference_cache_key(ref, weights.sha256)
-    cache_path = Path(cache_dir) / f"{ref.stem or ref.name}-{key[:16]}.npz"
-    info["cache_path"] = str(cache_path)
-    if cache_path.is_file():
-        stats = RefStats.load(cache_path)
-        if stats.weights_sha256 == weights.sha256:
-            info["cache_hit"] = True
+    if info["kind"] != "stats":
+        key = reference_cache_key(ref, weights.sha256)
+        cache_path = Path(cache_dir) / f"{ref.stem or ref.name}-{key[:16]}.npz"
+        info["cache_path"] = str(cache_path)
+        if cache_path.is_file():
+            stats = RefStats.load(cache_path)
+            info["cache_hit"] = stats.weights_sha256 == weights.sha256  # the key already implies it
+    if info["kind"] == "stats" or info["cache_hit"]:
+        if info["cache_hit"]:
             _log(f"reference statistics from cache {cache_path}")
-            return stats, info
+        _check_hw(sample_hw, stats.image_hw, allow_size_mismatch)
+        _check_count(len(stats.features), f"reference {ref}", min_images)
+        return stats, info
 
     if info["kind"] == "adm_npz":
         with np.load(ref, allow_pickle=False) as z:
-            images = as_rgb_nhwc(z["arr_0"], f"--ref {ref}:arr_0")
+            images = as_rgb_nhwc(z["arr_0"], f"--ref {ref}:arr_0")  # (N, H, W, 3)
         n, hw, batches = len(images), images.shape[1:3], _iter_array(images, batch_size)
     else:
         files = _folder_images(ref)
         hw = _read_rgb(files[0]).shape[:2]
         n, batches = len(files), _iter_folder(files, batch_size, hw)
-    _check_count(n, f"reference {ref}", need_pr=False, need_is=False)
+    hw = (int(hw[0]), int(hw[1]))
+    _check_hw(sample_hw, hw, allow_size_mismatch)
+    _check_count(n, f"reference {ref}", min_images)
     feats = extract_features(batches, n, extractor, device, names, desc="reference", progress=progress)[POOL]
     mu, sigma = metrics.feature_stats(feats)
-    stats = RefStats(mu, sigma, feats, (int(hw[0]), int(hw[1])), weights.sha256, str(ref.resolve()))
+    stats = RefStats(mu, sigma, feats, hw, weights.sha256, str(ref.resolve()))
     stats.save(cache_path)
     _log(f"reference statistics cached at {cache_path}")
     return stats, info
 
 
 # ------------------------------------------------------------------------------------------ score
-
-_PR_K = 3
-_IS_SPLITS = 10
-
-
-def _check_count(n: int, what: str, need_pr: bool, need_is: bool, k: int = _PR_K, splits: int = _IS_SPLITS) -> None:
-    needs = {"FID (covariance)": 2}
-    if need_pr:
-        needs[f"precision/recall (k={k} neighbours)"] = k + 1
-    if need_is:
-        needs[f"IS ({splits} splits)"] = splits
-    for metric, m in needs.items():
-        if n < m:
-            raise ScoreError(f"{what}: {n} images, but {metric} needs at least {m}: provide more images")
 
 
 def score(
@@ -354,57 +383,57 @@ def score(
 ) -> dict:
     """Compute FID, IS, precision/recall and KID of ``samples`` against ``ref``.
 
-    Args: see ``python -m sampling.score --help`` (same names, same defaults).
+    Args:
+        samples, ref, ...: as ``python -m sampling.score --help`` (same names, same defaults);
+        ``progress=False`` is ``--no-progress``.
 
     Returns:
         The JSON-able report: fid, is_mean, is_std, is_unavailable_reason, precision, recall,
-        kid_mean, kid_std, num_samples, num_ref, weights {path, sha256, logits_available},
-        feature_extractor, ref {path, kind, cache_path, cache_hit}, and the settings used.
+        kid_mean, kid_std, num_samples, num_ref, image_hw, samples, ref {path, kind, cache_path,
+        cache_hit}, weights {path, sha256, logits_available}, feature_extractor, settings.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    min_images = {"FID (covariance)": 2, f"precision/recall (k={pr_k} neighbours)": pr_k + 1}
     images = load_samples(samples)  # (N, H, W, 3) uint8
-    _check_count(len(images), f"samples {samples}", need_pr=True, need_is=False, k=pr_k)
+    _check_count(len(images), f"samples {samples}", min_images)
 
     weights = inspect_weights(inception_weights) if inception_weights is not None else None
     names = [POOL, LOGITS] if weights is None or weights.logits_available else [POOL]
     extractor = load_feature_extractor(inception_weights, device=device, features=names)
-    if weights is None:  # torch-fidelity's download: hash the file torch.hub cached
+    if weights is None:  # torch-fidelity's own download: hash the file torch.hub cached
         weights = inspect_weights(default_weights_path())
 
-    ref_stats, ref_info = reference_stats(ref, extractor, weights, Path(cache_dir), batch_size, device, names, progress)
-    if tuple(images.shape[1:3]) != ref_stats.image_hw and not allow_size_mismatch:
-        raise ScoreError(
-            f"samples are {images.shape[2]}x{images.shape[1]} (WxH) but the reference is "
-            f"{ref_stats.image_hw[1]}x{ref_stats.image_hw[0]}: resize one side to match (ADM: center-crop + "
-            "resize the reference to the sample resolution) or pass --allow-size-mismatch"
-        )
+    ref_stats, ref_info = reference_stats(
+        ref, extractor, weights, cache_dir, images.shape[1:3], min_images, batch_size, device, names,
+        allow_size_mismatch, progress,
+    )
     num_ref = len(ref_stats.features)
-    _check_count(num_ref, "reference", need_pr=True, need_is=False, k=pr_k)
 
-    feats = extract_features(_iter_array(images, batch_size), len(images), extractor, device, names, "samples", progress)
-    mu, sigma = metrics.feature_stats(feats[POOL])
+    batches = _iter_array(images, batch_size)
+    feats = extract_features(batches, len(images), extractor, device, names, "samples", progress)
+    pool = feats[POOL]  # (N, 2048)
+    mu, sigma = metrics.feature_stats(pool)
     # Fewer samples than feature dims: the centred features are an exact, cheap factor of sigma.
-    factor = metrics.covariance_factor(feats[POOL]) if len(images) <= feats[POOL].shape[1] else None
+    factor = metrics.covariance_factor(pool) if len(pool) <= pool.shape[1] else None
     fid = metrics.frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma, factor1=factor)
 
     is_mean = is_std = None
     is_reason = weights.logits_unavailable_reason
-    if is_reason is None:
-        if len(images) < is_splits:
-            is_reason = f"{len(images)} samples < is_splits={is_splits}"
-        else:
-            is_mean, is_std = metrics.inception_score(feats[LOGITS], splits=is_splits)
+    if is_reason is None and len(images) < is_splits:
+        is_reason = f"{len(images)} samples < is_splits={is_splits}"
+    elif is_reason is None:
+        is_mean, is_std = metrics.inception_score(feats[LOGITS], splits=is_splits)
 
     precision, recall = metrics.precision_recall(
-        ref_stats.features, feats[POOL], k=pr_k, batch_size=pr_batch_size, device=device
+        ref_stats.features, pool, k=pr_k, batch_size=pr_batch_size, device=device
     )
 
     subset = min(kid_subset_size, len(images), num_ref)
     if subset < kid_subset_size:
-        _log(f"KID subset size lowered from {kid_subset_size} to {subset} (= fewest images of samples / reference)")
+        _log(f"KID subset size lowered from {kid_subset_size} to {subset} (the smaller set's size)")
     kid_mean, kid_std = metrics.kernel_inception_distance(
-        feats[POOL], ref_stats.features, num_subsets=kid_subsets, subset_size=subset, seed=seed
+        pool, ref_stats.features, num_subsets=kid_subsets, subset_size=subset, seed=seed
     )
 
     import torch_fidelity
@@ -423,7 +452,11 @@ def score(
         "image_hw": [int(images.shape[1]), int(images.shape[2])],
         "samples": str(Path(samples).resolve()),
         "ref": ref_info,
-        "weights": {"path": weights.path, "sha256": weights.sha256, "logits_available": weights.logits_available},
+        "weights": {
+            "path": weights.path,
+            "sha256": weights.sha256,
+            "logits_available": weights.logits_available,
+        },
         "feature_extractor": (
             f"torch-fidelity {torch_fidelity.__version__} {FEATURE_EXTRACTOR_NAME}: "
             f"'{POOL}' (pool3) for FID/KID/PR, '{LOGITS}' for IS"
@@ -440,13 +473,12 @@ def score(
 
 def summary_line(result: dict) -> str:
     """One human-readable line of the headline numbers."""
-    is_part = (
-        f"IS {result['is_mean']:.2f} +- {result['is_std']:.2f}" if result["is_mean"] is not None else "IS n/a"
-    )
+    r = result
+    is_part = f"IS {r['is_mean']:.2f} +- {r['is_std']:.2f}" if r["is_mean"] is not None else "IS n/a"
     return (
-        f"FID {result['fid']:.3f} | {is_part} | precision {result['precision']:.4f} recall {result['recall']:.4f} | "
-        f"KID {result['kid_mean']:.5f} +- {result['kid_std']:.5f} | "
-        f"{result['num_samples']} samples vs {result['num_ref']} reference"
+        f"FID {r['fid']:.3f} | {is_part} | precision {r['precision']:.4f} recall {r['recall']:.4f} | "
+        f"KID {r['kid_mean']:.5f} +- {r['kid_std']:.5f} | "
+        f"{r['num_samples']} samples vs {r['num_ref']} reference"
     )
 
 
@@ -454,13 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sampling.score",
         description="FID / IS / precision / recall / KID of an ADM-format sample .npz.",
-        epilog="Offline: python scripts/convert_inception.py --out PATH, then --inception-weights PATH (IS then n/a).",
+        epilog="Offline: python scripts/convert_inception.py --out PATH, then --inception-weights PATH "
+        "(IS is then reported as null).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("samples", type=Path, help="samples .npz: arr_0 uint8 (N, H, W, 3)")
     parser.add_argument(
         "--ref", type=Path, required=True,
-        help="reference: ADM reference batch .npz (arr_0 images), image folder, or a stats .npz from this tool",
+        help="ADM reference batch .npz (arr_0 images), image folder, or a stats .npz written by this tool",
     )
     parser.add_argument(
         "--inception-weights", type=Path, default=None,
@@ -469,13 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=200, help="images per Inception forward")
     parser.add_argument("--device", default="auto", help="'auto' = cuda if available else cpu")
     parser.add_argument("--json", default=None, help="write the JSON report here ('-' = stdout)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="reference statistics cache")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="reference stats cache")
     parser.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
     parser.add_argument(
-        "--kid-subset-size", type=int, default=1000, help="KID: subset size (lowered to the smaller set size if needed)"
+        "--kid-subset-size", type=int, default=1000, help="KID: subset size (capped at the smaller set size)"
     )
-    parser.add_argument("--pr-k", type=int, default=_PR_K, help="precision/recall: k-th nearest neighbour radius")
-    parser.add_argument("--pr-batch-size", type=int, default=10000, help="precision/recall: distance block edge")
+    parser.add_argument("--pr-k", type=int, default=_PR_K, help="precision/recall: k-th neighbour radius")
+    parser.add_argument("--pr-batch-size", type=int, default=10000, help="precision/recall: block edge")
     parser.add_argument("--is-splits", type=int, default=_IS_SPLITS, help="IS: number of splits")
     parser.add_argument(
         "--allow-size-mismatch", action="store_true", default=False,

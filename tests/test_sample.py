@@ -6,7 +6,6 @@ with a tiny local AutoencoderKL. Everything runs on the CPU in a few seconds.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -251,7 +250,6 @@ def test_identical_for_one_and_two_processes_and_any_batch(pixel_model, tmp_path
     assert one.read_bytes() == two.read_bytes()  # same arrays, and a byte-reproducible archive
 
 
-@pytest.mark.skipif(not os.environ.get("SHD_SLOW_TESTS"), reason="real 2-process `accelerate launch` (~15 s); set SHD_SLOW_TESTS=1")
 def test_accelerate_launch_two_processes(pixel_model, tmp_path, fresh_accelerate):
     ckpt = tmp_path / "ckpt"
     pixel_model.save_pretrained(ckpt)

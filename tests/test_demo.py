@@ -1,0 +1,187 @@
+"""The embedded demo end to end at a microscopic size (``scripts/demo.py --size tiny``).
+
+One module-scoped run (2 training steps per run, 10 samples of 3 sampling steps, 10 reference
+images, FID on those) feeds the checks; the reruns check that finished stages are reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shd_diffusion import demo
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("none", "kd", "kd_shd")
+
+
+def _cli():
+    """scripts/demo.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("demo_cli", REPO / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    out, weights = tmp / "out", tmp / "inception.pth"
+    argv = ["--size", "tiny", "--out", str(out), "--inception-weights", str(weights), "--no-progress"]
+    assert _cli().main(argv) == 0
+    return out, weights, argv
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    """mtime of every stage product: checkpoints, samples, scores, reference, figures, grids."""
+    patterns = ["runs/*/checkpoints/*.pt", "samples/*/*.npz", "samples/*/shards/*.npz", "scores/*.json",
+                "reference/*.npz", "figures/*.png", "samples_*.png", "reference_grid.png"]
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for pat in patterns for p in sorted(out.glob(pat))}
+
+
+def test_every_output_exists_and_results_cover_every_mode(run):
+    out, weights, _ = run
+    for name in ["results.md", "results.json", "reference_grid.png", "figures/attention_teacher.png",
+                 "figures/alpha_histograms.png", *(f"samples_{m}_s0.png" for m in MODES)]:
+        assert (out / name).is_file(), name
+    assert not list(out.rglob(".tmp-*")), "a temporary file was left behind"
+    res = json.loads((out / "results.json").read_text())
+    assert res["format"] == demo.FORMAT and res["settings"]["size"] == "tiny"
+    assert list(res["modes"]) == list(MODES)
+    for mode, m in res["modes"].items():
+        assert {"fid", "precision", "recall", "kid", "is", "is_unavailable_reason", "train_time_s", "seeds"} <= set(m)
+        assert m["seeds"] == [0] and m["fid"]["n"] == 1
+        assert math.isfinite(m["fid"]["mean"]) and m["fid"]["mean"] >= 0
+        assert 0 <= m["precision"]["mean"] <= 1 and 0 <= m["recall"]["mean"] <= 1
+        assert math.isfinite(m["kid"]["mean"])
+        # Offline Inception has no logits: IS must be null with the reason, never a number.
+        assert m["is"] is None and "logits" in m["is_unavailable_reason"]
+        assert m["train_time_s"]["mean"] > 0
+    for r in res["runs"]:
+        assert r["is"] is None and r["num_samples"] == 10 and r["num_ref"] == 10 and r["kid_subset_size"] == 10
+        assert r["steps"] == 2 and r["train_reused"] is False
+        assert (out / r["checkpoint"]).is_file() and (out / r["samples"]).is_file()
+    assert res["inception"]["weights_path"] == str(weights.resolve()) and len(res["inception"]["sha256"]) == 64
+    assert res["inception"]["logits_available"] is False
+    assert {"torch", "torch-fidelity", "python"} <= set(res["versions"])
+    assert [row["setting"] for row in res["settings_vs_paper"]][:4] == ["data", "tokens", "teacher", "student"]
+
+    md = (out / "results.md").read_text()
+    assert "| mode | runs | FID ↓ | precision ↑ | recall ↑ | KID ×10³ ↓ | IS | train time |" in md
+    for mode in MODES:
+        assert f"| {mode} | 1 |" in md
+    assert "IS unavailable" in md and "| setting | this demo | paper (ImageNet 256) |" in md
+
+
+def test_samples_follow_the_sampling_rules(run):
+    out, _, _ = run
+    res = json.loads((out / "results.json").read_text())
+    for r in res["runs"]:
+        with np.load(out / r["samples"]) as z:
+            images, labels = z["arr_0"], z["arr_1"]
+        assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
+        np.testing.assert_array_equal(labels, np.arange(10) % 10)  # balanced labels i % 10
+        np.testing.assert_array_equal(images[..., 0], images[..., 2])  # grayscale replicated
+    # 10 images, one row, 32 px each with torchvision's 2 px padding.
+    assert Image.open(out / "samples_kd_shd_s0.png").size == (10 * 34 + 2, 36)
+
+
+def test_reference_is_the_stated_class_balanced_subset(run):
+    out, _, _ = run
+    from sampling.sample import to_uint8_images
+    from shd_diffusion.data import AnimalMNIST
+
+    ds = AnimalMNIST(image_size=32)
+    labels = ds.labels.numpy()
+    with np.load(out / "reference" / "animal_mnist_10.npz") as z:
+        idx, images, ref_labels = z["indices"], z["arr_0"], z["arr_1"]
+    # One image per class: position floor(0 * n_c / 1) = 0, the first image of each class.
+    np.testing.assert_array_equal(idx, [np.flatnonzero(labels == c)[0] for c in range(10)])
+    np.testing.assert_array_equal(ref_labels, np.arange(10))
+    np.testing.assert_array_equal(images, to_uint8_images(torch.stack([ds[int(i)][0] for i in idx])))
+
+
+def test_reference_indices_rule():
+    labels = np.repeat(np.arange(10), 7)[::-1].copy()  # 7 per class, not sorted ascending
+    idx = demo.reference_indices(labels, 25)
+    counts = np.bincount(labels[idx], minlength=10)
+    np.testing.assert_array_equal(counts, [3] * 5 + [2] * 5)  # remainder to the first classes
+    members = np.flatnonzero(labels == 0)
+    np.testing.assert_array_equal(np.intersect1d(idx, members), members[[0, 2, 4]])  # floor(i * 7 / 3)
+    np.testing.assert_array_equal(demo.reference_indices(labels, 0), np.arange(70))
+
+
+def test_alpha_statistics_and_figures(run):
+    out, _, _ = run
+    res = json.loads((out / "results.json").read_text())
+    a = res["alphas"]
+    # Tiny teacher: 4 attention layers; student 2 layers -> teacher layers round(j * 4 / 2) = 2, 4.
+    assert [s["layer"] for s in a["alpha_stats"]] == [1, 2, 3, 4]
+    assert a["shd_teacher_layers"] == [2, 4]
+    assert a["groups"] == [[2 * j, 2 * j + 1] for j in range(6)]
+    for s in a["alpha_stats"]:
+        assert s["n"] == 4 * 12 and abs(s["mean"] - 0.5) < 1e-5  # pairs: alpha and 1 - alpha
+        assert 0 <= s["outside_unit_interval"] <= 1
+    assert a["token_grid"] == 4 and a["query_token"] == 2 * 4 + 2
+    w, h = Image.open(out / "figures" / "attention_teacher.png").size
+    assert w > 19 * 48 and h > 4 * 48  # x_t + 12 heads + 6 squeezed maps per row, 4 layer rows
+
+
+def test_rerun_reuses_every_stage(run):
+    out, _, argv = run
+    before = _mtimes(out)
+    assert any(k.startswith("runs/teacher-") for k in before) and len(before) >= 15
+    assert _cli().main(argv) == 0
+    assert _mtimes(out) == before
+    res = json.loads((out / "results.json").read_text())
+    assert all(stage["reused"] for stage in res["stage_times_s"].values()), res["stage_times_s"]
+    assert res["teacher"]["reused"] is True
+
+
+def test_changed_sampling_resamples_but_keeps_training(run):
+    out, _, argv = run
+    ckpts = {k: v for k, v in _mtimes(out).items() if k.startswith("runs/")}
+    folders = set((out / "samples").iterdir())
+    assert _cli().main([*argv, "--modes", "kd_shd", "--sampling-steps", "2"]) == 0
+    assert {k: v for k, v in _mtimes(out).items() if k.startswith("runs/")} == ckpts
+    new = set((out / "samples").iterdir()) - folders
+    assert len(new) == 1 and next(iter(new)).name.startswith("kd_shd-s0-")
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["modes"]) == ["kd_shd"] and res["settings"]["sampling_steps"] == 2
+    assert not res["stage_times_s"]["samples kd_shd seed 0"]["reused"]
+    assert res["stage_times_s"]["student kd_shd seed 0"]["reused"]
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys):
+    cli = _cli()
+    assert cli.main(["--size", "tiny", "--out", str(tmp_path / "o"), "--modes", "kd,distil"]) == 2
+    assert "unknown mode(s) ['distil']" in capsys.readouterr().err
+    assert cli.main(["--size", "tiny", "--out", str(tmp_path / "o"), "--num-samples", "2"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_atomic_writes_leave_nothing_on_failure(tmp_path):
+    final = tmp_path / "x.json"
+    with pytest.raises(RuntimeError):
+        with demo._atomic_path(final) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
