@@ -6,7 +6,7 @@ Variants (each samples the same image indices from the same per-image noise):
   as DiT's ``sample_ddp.py`` enables), attention as explicit ``softmax(q k^T) v``.
 * ``fused_fp32`` -- the same precision with the fused SDPA kernel: isolates the attention kernel.
 * ``ours``       -- ``sampling.sample``'s default path: bf16 autocast on CUDA (``--precision``),
-  SDPA, optionally ``torch.compile`` (``--compile``).
+  SDPA, optionally ``torch.compile`` (``--compile``, ``--compile-mode reduce-overhead`` = CUDA graphs).
 
 For each variant: images/s over ``--num-batches`` full sampling batches (``--steps`` DDPM steps,
 CFG pairs counted as one image; VAE decoding excluded, it is the same for every variant), the
@@ -14,11 +14,18 @@ implied minutes for 50,000 images, peak CUDA memory, and the difference from the
 variant both of one guided model call (x_T at t = 500) and of the final samples (latents) after
 all steps, which compound per-call rounding. Prints JSON (and writes ``--out``).
 
+``--with-vae [SPEC]`` (a local diffusers ``AutoencoderKL`` folder or a hub id; default
+``stabilityai/sd-vae-ft-ema``) also times the decode of the sampled latents to uint8 images
+(``Sampler.decode`` in float32, ``--vae-batch-size`` latents per call, as ``sampling.sample``
+does) and adds ``vae_decode`` plus each variant's ``minutes_for_50k_with_vae``. Needs a latent
+model whose channels match the VAE (4 for the SD VAE).
+
 Without ``--checkpoint`` the model is randomly initialised and every parameter is perturbed
 (``--init-noise``): the zero-initialised adaLN/final layers would otherwise output eps = 0 and make
 all variants agree trivially. Use a real checkpoint for differences that mean something.
 
     python benchmarks/bench_sampling.py --model DiT-S/2 --batch-size 256 --steps 250 --num-batches 2
+    python benchmarks/bench_sampling.py --model DiT-S/2 --compile --compile-mode reduce-overhead --with-vae
     python benchmarks/bench_sampling.py --model DiT-S/2 --model-arg input_size=8 --model-arg hidden_size=64 \\
         --model-arg depth=2 --model-arg num_heads=2 --batch-size 4 --steps 5 --device cpu   # smoke run
 """
@@ -40,12 +47,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from sampling.sample import (  # noqa: E402
+    COMPILE_MODES,
+    DEFAULT_VAE,
     GuidedDenoiser,
     Sampler,
     _parse_model_arg,
     load_model,
+    load_vae,
     resolve_guidance_channels,
     resolve_guidance_schedule,
+    to_uint8_images,
 )
 from shd_diffusion.attention import attention_layers, attention_probs, output_projection, project_qkv  # noqa: E402
 from shd_diffusion.diffusion import create_diffusion  # noqa: E402
@@ -140,6 +151,7 @@ def run_variant(
         resolve_guidance_channels(3, cfg.in_channels),
         autocast_dtype=torch.bfloat16 if bf16 else None,
         compile=args.compile and name == "ours",
+        compile_mode=args.compile_mode,
     )
 
     def sampler(steps: int) -> Sampler:
@@ -172,7 +184,7 @@ def run_variant(
     metrics: dict[str, Any] = {
         "precision": "bf16 autocast" if bf16 else ("fp32+tf32" if device.type == "cuda" else "fp32"),
         "attention": "explicit softmax(qk^T)v" if name == "upstream" else "sdpa",
-        "compiled": bool(args.compile and name == "ours"),
+        "compiled": args.compile_mode if args.compile and name == "ours" else False,
         "images_per_s": images / seconds,
         "seconds_per_batch": seconds / args.num_batches,
         "minutes_for_50k": 50_000 / (images / seconds) / 60,
@@ -181,6 +193,36 @@ def run_variant(
         metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     assert first is not None
     return metrics, one_call, first
+
+
+def time_vae_decode(
+    vae: nn.Module, latents: torch.Tensor, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """Time decoding ``latents`` (B, C, h, w) to uint8 images as ``sampling.sample`` does.
+
+    Returns:
+        images/s, seconds per batch and minutes for 50,000 images of the decode alone.
+    """
+    # Only Sampler.decode runs: the denoiser and diffusion are placeholders.
+    sampler = Sampler(None, create_diffusion("2"), tuple(latents.shape[1:]), 1, device,  # type: ignore[arg-type]
+                      vae=vae, vae_batch_size=args.vae_batch_size)
+    z = latents.to(device)
+    with torch.no_grad():
+        to_uint8_images(sampler.decode(z[: args.vae_batch_size]))  # warm-up (kernel selection)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(args.num_batches):
+            images = to_uint8_images(sampler.decode(z))  # (B, H, W, 3), on the host: synchronises
+        seconds = time.perf_counter() - start
+    n = len(z) * args.num_batches
+    return {
+        "vae": args.with_vae,
+        "vae_batch_size": args.vae_batch_size,
+        "image_hw": list(images.shape[1:3]),
+        "images_per_s": n / seconds,
+        "seconds_per_batch": seconds / args.num_batches,
+        "minutes_for_50k": 50_000 / (n / seconds) / 60,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,6 +237,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=3.8, help="guidance scale")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="precision of the 'ours' variant (auto: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the 'ours' variant")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode with --compile (reduce-overhead = CUDA graphs)")
+    p.add_argument("--with-vae", nargs="?", const=DEFAULT_VAE, default=None, metavar="SPEC",
+                   help=f"also time VAE decoding: a local AutoencoderKL folder or hub id (bare flag: {DEFAULT_VAE})")
+    p.add_argument("--vae-batch-size", type=int, default=32, help="latents per VAE decode call (with --with-vae)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="base seed (noise and random init)")
@@ -212,6 +259,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     model = build_model(args).to(device)
     cfg = model.config
+    vae = None
+    if args.with_vae:  # load before timing anything: a wrong spec fails fast
+        vae = load_vae(args.with_vae, cfg.in_channels)
+        if vae is None:
+            raise SystemExit("--with-vae needs a VAE spec, not 'none'")
+        vae = vae.to(device)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -242,6 +295,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["variants"][name]["speedup_vs_" + ref_name] = (
             report["variants"][name]["images_per_s"] / report["variants"][ref_name]["images_per_s"]
         )
+    if vae is not None:
+        decode = time_vae_decode(vae, samples[variants[-1]], args, device)
+        report["vae_decode"] = decode
+        for entry in report["variants"].values():
+            entry["minutes_for_50k_with_vae"] = entry["minutes_for_50k"] + decode["minutes_for_50k"]
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -9,6 +9,21 @@ implementation it reports the median wall time of
 
 and the peak memory above the inputs (``torch.cuda.max_memory_allocated``; "n/a" on CPU).
 
+Precision. ``--dtype`` is the storage dtype of the random teacher tensors (maps, values,
+out-projection weights): ``bf16`` = torch.bfloat16, ``fp32`` = torch.float32. Whatever it is,
+alpha is solved in float32 (bf16 inputs are upcast; the head-dim products and the Gram are float32
+matmuls, TF32 only if torch's ``allow_tf32`` flag is on, which this script leaves at its default and
+records), squeezed maps come back in the teacher dtype, the student maps are float32 with autograd,
+and ``shd_loss`` computes in float32. The naive baseline forms its N x D products in float32. Note
+that ``capture_attention`` exports float32 maps and model-dtype values, so ``--dtype fp32`` is the
+closer match to training maps; ``bf16`` shows the cost when the teacher tensors are stored in bf16.
+
+Target (issue 2): squeeze + loss for all 12 student layers under 10% of a DiT-S/2 training step,
+i.e. ``fraction_of_step = total_ms_per_256 / step_ms < 0.10`` with ``step_ms`` = 86 ms, the
+upstream DiT-S/2 bf16 step at batch 256 on an H100. ``total_ms_per_256 = total_ms * 256 / batch``
+scales the measured batch linearly to 256 samples (an overestimate when a small batch leaves the
+GPU idle). The fraction is only meaningful on a GPU comparable to the one ``step_ms`` came from.
+
     python benchmarks/bench_squeeze.py --device cuda --dtype bf16 --json bench.json
     python benchmarks/bench_squeeze.py --device cpu --dtype fp32 --batch 2 --tokens 256
 """
@@ -49,8 +64,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--impl", nargs="+", choices=["head_space", "naive"], default=["head_space", "naive"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
+    p.add_argument(
+        "--step-ms", type=float, default=86.0,
+        help="training step time to compare with (default: upstream DiT-S/2, bf16, batch 256, H100)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.step_ms <= 0 or args.batch < 1:
+        p.error(f"--step-ms must be > 0 and --batch >= 1, got {args.step_ms} and {args.batch}")
+    return args
 
 
 def sync(device: torch.device) -> None:
@@ -125,13 +147,18 @@ def run_one(args: argparse.Namespace, tokens: int, impl: str, device: torch.devi
     except torch.OutOfMemoryError:
         return {"tokens": tokens, "impl": impl, "status": "oom"}
     peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    total_ms = squeeze_ms + loss_ms
+    per_256 = total_ms * 256 / args.batch  # linear in batch
     row: dict[str, object] = {
         "tokens": tokens,
         "impl": impl,
         "status": "ok",
+        "batch": args.batch,
         "squeeze_ms": round(squeeze_ms, 3),
         "loss_fwd_bwd_ms": round(loss_ms, 3),
-        "total_ms": round(squeeze_ms + loss_ms, 3),
+        "total_ms": round(total_ms, 3),
+        "total_ms_per_256": round(per_256, 3),
+        "fraction_of_step": round(per_256 / args.step_ms, 4),
         "peak_mem_above_inputs_mib": round((peak - base) / 2**20, 1) if cuda else "n/a",
         "peak_mem_mib": round(peak / 2**20, 1) if cuda else "n/a",
     }
@@ -157,6 +184,14 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "target": {
+            "fraction_of_step_below": 0.10,
+            "step_ms": args.step_ms,
+            "step": "DiT-S/2 training step, bf16, batch 256, H100 (upstream code, from issue 2)",
+            "fraction_of_step": "total_ms_per_256 / step_ms; total_ms_per_256 = total_ms * 256 / batch",
+            "note": "meaningful only on a GPU comparable to the one step_ms was measured on",
+        },
         "results": rows,
     }
     if args.json:

@@ -368,6 +368,17 @@ def load_feature_extractor(
             list(features),
             feature_extractor_weights_path=None if weights_path is None else str(weights_path),
         )
+    except RuntimeError as e:  # strict load_state_dict: missing / unexpected / misshapen tensors
+        if weights_path is None:
+            raise
+        detail = " ".join(str(e).split())  # torch lists every offending tensor: keep the start
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise InceptionWeightsError(
+            f"Inception weights {weights_path} do not fit torch-fidelity's FeatureExtractorInceptionV3 "
+            f"({detail}): not a torch-fidelity Inception state dict. "
+            f"Re-create it with `python scripts/convert_inception.py --out {weights_path}`, "
+            "or omit --inception-weights to use torch-fidelity's download"
+        ) from e
     except OSError as e:  # urllib's URLError and socket errors are OSErrors
         if weights_path is not None:
             raise

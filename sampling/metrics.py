@@ -176,8 +176,10 @@ def kernel_inception_distance(
 ) -> tuple[float, float]:
     """KID: unbiased MMD^2 with kernel (x.y / d + 1)^3 over random subsets.
 
-    Each subset draws ``subset_size`` rows of each set independently, without replacement (as
-    torch-fidelity). For independent sets the estimate is unbiased. A set against *itself* reads
+    Draws exactly as torch-fidelity's ``kid_features_to_metric``: one ``np.random.RandomState(seed)``;
+    per subset ``choice(N1, subset_size, replace=False)`` rows of set 1, then the same for set 2.
+    With the same seed (torch-fidelity's default ``rng_seed`` is 2020) the subsets, hence the
+    values, match it (tested). For independent sets the estimate is unbiased. A set against *itself* reads
     slightly negative, E = -(2/N)(mean_i k(x_i, x_i) - mean_{i!=j} k(x_i, x_j)), because a row drawn
     into both subsets adds its diagonal kernel value to the cross term; with subset_size = N it is
     exactly that value.
@@ -186,7 +188,7 @@ def kernel_inception_distance(
         features1, features2: (N1, D), (N2, D).
         num_subsets: number of subsets averaged.
         subset_size: rows per subset; must be <= min(N1, N2) and >= 2.
-        seed: numpy Generator seed for the subset draws.
+        seed: ``np.random.RandomState`` seed for the subset draws.
 
     Returns:
         (mean, std) of the per-subset MMD^2 estimates.
@@ -201,7 +203,7 @@ def kernel_inception_distance(
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"feature dims differ: {f1.shape[1]} vs {f2.shape[1]}")
     d, m = f1.shape[1], subset_size
-    rng = np.random.default_rng(seed)
+    rng = np.random.RandomState(seed)  # legacy RNG on purpose: torch-fidelity's draws
     mmds = np.empty(num_subsets)
     for i in range(num_subsets):
         x = f1[rng.choice(len(f1), m, replace=False)]  # (m, D)

@@ -10,9 +10,11 @@ Rules that make the result reproducible (see also :mod:`sampling.shards`):
 
 * Image ``i`` gets its class label from :func:`class_labels` (default ``"balanced"``:
   ``label(i) = i % num_classes``; ``"uniform"``: a seeded hash of ``(seed, i)`` mod
-  ``num_classes``) and *all* of its noise (x_T and every ancestral step) from its own
-  ``torch.Generator`` seeded with :func:`image_seeds` ``(seed, i)``. Nothing depends on which
-  process or which batch the image lands in.
+  ``num_classes``) and *all* of its noise from its own ``torch.Generator`` seeded with
+  :func:`image_seeds` ``(seed, i)``: first x_T (``randn((C, H, W))``), then the ancestral noise in
+  blocks of ``NOISE_BLOCK_STEPS`` = 25 steps (``randn((k, C, H, W))`` per block, see
+  :meth:`GaussianDiffusion.p_sample_loop`), so a batch of B images costs B generator calls per
+  25 steps rather than per step. Nothing depends on which process or which batch the image lands in.
 * Indices are cut into fixed shards (``--shard-size``) and batches are formed *within* a shard, so
   for a given (shard size, batch size) every image is computed in the same batch whatever the
   number of processes. On CPU the result is also bitwise independent of the batch size (tested);
@@ -29,7 +31,11 @@ Classifier-free guidance runs the model once on ``[x, x]`` with labels ``[y, nul
 ``forward_with_cfg`` use): constant scale for DiT, MDTv2's power-cosine schedule for MDTv2
 (``--guidance-schedule auto``), by default guiding only the first 3 eps channels like both
 upstreams. Unlike upstream, the sampler only carries the conditional half (upstream's null half is
-ignored by ``forward_with_cfg`` anyway), so per-step noise is drawn once per image.
+ignored by ``forward_with_cfg`` anyway), so noise is drawn for one row per image.
+
+``--compile`` wraps the model in ``torch.compile(mode=--compile-mode)``; ``reduce-overhead`` (and
+``max-autotune``) replay CUDA graphs, which removes the per-kernel launch cost that dominates small
+models like S/2. Only the network is compiled: guidance, noise and the update stay eager.
 """
 
 from __future__ import annotations
@@ -61,13 +67,18 @@ from sampling.shards import (
     write_manifest,
     write_shard,
 )
-from shd_diffusion.diffusion import GaussianDiffusion, create_diffusion
+from shd_diffusion.diffusion import (
+    NOISE_BLOCK_STEPS,
+    GaussianDiffusion,
+    create_diffusion,
+)
 from shd_diffusion.models.layers import guided_output
 from shd_diffusion.models.mdt import MDTv2, power_cosine_cfg_scale
 
 __all__ = [
     "DEFAULT_VAE",
     "LATENT_SCALE",
+    "COMPILE_MODES",
     "image_seeds",
     "class_labels",
     "resolve_guidance_channels",
@@ -85,6 +96,9 @@ __all__ = [
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by DiT / MDT training
 DIFFUSION_STEPS = 1000  # the models' original timestep scale
+# torch.compile modes offered by --compile-mode; the last two capture CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 LabelRule = Literal["balanced", "uniform"]
 Schedule = Literal["constant", "power-cosine"]
@@ -222,6 +236,8 @@ class GuidedDenoiser:
         guidance_channels: leading eps channels to guide, None = all.
         autocast_dtype: run the model under ``torch.autocast`` with this dtype (None = off).
         compile: wrap the model's forward in ``torch.compile``.
+        compile_mode: ``torch.compile`` mode, one of :data:`COMPILE_MODES` (``"reduce-overhead"``
+            = CUDA graphs; one graph per batch shape).
     """
 
     def __init__(
@@ -233,9 +249,12 @@ class GuidedDenoiser:
         guidance_channels: int | None = 3,
         autocast_dtype: torch.dtype | None = None,
         compile: bool = False,
+        compile_mode: str = "default",
     ) -> None:
         if cfg_scale < 1.0:
             raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
         self.model = model
         self.cfg_scale = float(cfg_scale)
         self.schedule = schedule
@@ -245,7 +264,8 @@ class GuidedDenoiser:
         self.eps_channels = int(model.in_channels)
         self.null_class = int(model.null_class) if self.guided else None
         # torch.compile(model) keeps the nn.Module interface; recompiles once per new batch size.
-        self._forward: Callable[..., torch.Tensor] = torch.compile(model) if compile else model
+        self._forward: Callable[..., torch.Tensor] = torch.compile(model, mode=compile_mode) if compile else model
+        self._cudagraphs = compile and compile_mode in _CUDAGRAPH_MODES
 
     @property
     def guided(self) -> bool:
@@ -264,6 +284,10 @@ class GuidedDenoiser:
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
+        if self._cudagraphs:
+            # Each call is a new inference step: the graph may reuse the previous output's memory,
+            # which the caller has consumed by now.
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             out = self._forward(x, t, y)
         # Guidance and the diffusion update stay in float32 whatever the model ran in.
@@ -327,6 +351,8 @@ class Sampler:
         vae: diffusers ``AutoencoderKL`` for latent models, None for pixel-space models.
         vae_batch_size: images decoded per VAE call (bounds decoder activation memory).
         clip_denoised: clamp predicted x_0 to [-1, 1] each step (pixel-space models).
+        noise_block: ancestral steps per per-image noise draw (part of the noise definition,
+            see :meth:`GaussianDiffusion.p_sample_loop`).
     """
 
     denoiser: Callable[..., torch.Tensor]
@@ -339,6 +365,7 @@ class Sampler:
     vae: nn.Module | None = None
     vae_batch_size: int = 32
     clip_denoised: bool = False
+    noise_block: int = NOISE_BLOCK_STEPS
 
     def initial_noise(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
         """x_T of each image from its own generator, and the generators (advanced past x_T).
@@ -381,7 +408,8 @@ class Sampler:
         x_T, gens = self.initial_noise(indices)
         y = torch.as_tensor(labels, device=self.device)
         z = self.diffusion.p_sample_loop(
-            self.denoiser, x_T, model_kwargs={"y": y}, generators=gens, clip_denoised=self.clip_denoised
+            self.denoiser, x_T, model_kwargs={"y": y}, generators=gens, clip_denoised=self.clip_denoised,
+            noise_block=self.noise_block,
         )  # (n, C, h, w)
         return z, labels
 
@@ -489,6 +517,7 @@ def load_model(
     model_name: str | None = None,
     use_ema: bool = True,
     overrides: dict[str, Any] | None = None,
+    verbose: bool = False,
 ) -> nn.Module:
     """Build the model described by ``checkpoint`` and load its weights (``weights_only``).
 
@@ -503,8 +532,11 @@ def load_model(
     Args:
         checkpoint: path of the folder or file.
         model_name: registry name, e.g. ``"MDTv2-S/2"``.
-        use_ema: take the ``ema`` weights of a dict that has them (else ``model``).
+        use_ema: take the ``ema`` weights of a dict that has them (else ``model``). A
+            ``save_pretrained`` folder or a bare state dict holds one set of weights, which is
+            used either way (``verbose`` says so).
         overrides: constructor keywords for ``create_model`` (e.g. ``{"input_size": 8}``).
+        verbose: log which weights were loaded (pass ``is_main``).
 
     Returns:
         The model in eval mode with gradients off, on the CPU.
@@ -524,6 +556,8 @@ def load_model(
         if model_name is not None and not model_name.startswith(cls_name + "-"):
             raise ValueError(f"--model {model_name} does not match {path}, which holds a {cls_name}; drop --model")
         model = classes[cls_name].from_pretrained(path)
+        ignored = "" if use_ema else " (--no-use-ema ignored: the folder holds one set of weights)"
+        _log(f"loaded {cls_name} weights from save_pretrained folder {path}{ignored}", verbose)
         return model.eval().requires_grad_(False)
 
     raw = loading.load_checkpoint_file(path)
@@ -544,7 +578,23 @@ def load_model(
     # extract_state_dict prefers `ema`; --no-use-ema picks the raw training weights instead.
     state = raw["model"] if not use_ema and isinstance(raw.get("model"), dict) else raw
     loading.load_official_state_dict(model, state)
+    _log(f"loaded {name} from {path}: {_which_weights(raw, use_ema)}", verbose)
     return model.eval().requires_grad_(False)
+
+
+def _which_weights(raw: dict[str, Any], use_ema: bool) -> str:
+    """Which entry of a checkpoint dict :func:`load_model` loaded, in words (for the log)."""
+    has_ema, has_model = isinstance(raw.get("ema"), dict), isinstance(raw.get("model"), dict)
+    if use_ema and has_ema:
+        return "its 'ema' weights"
+    if not use_ema and has_model:
+        return "its 'model' (raw training) weights, as --no-use-ema asks"
+    if has_model:
+        return "its 'model' weights: it has no 'ema' entry"
+    if has_ema:
+        return "its 'ema' weights: --no-use-ema ignored, it has no 'model' entry"
+    ignored = "" if use_ema else "; --no-use-ema ignored"
+    return f"a bare state dict (DiT's release files hold EMA weights){ignored}"
 
 
 def load_vae(spec: str, in_channels: int) -> nn.Module | None:
@@ -639,6 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=250, help="images per batch per process (the model sees 2x with CFG)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (first batch pays compilation)")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode with --compile: reduce-overhead = CUDA graphs (removes kernel-launch "
+                   "overhead; one graph per batch shape, so keep --shard-size a multiple of --batch-size); "
+                   "max-autotune = also autotuned GEMMs (long first compile)")
     g.add_argument("--vae-batch-size", type=int, default=32, help="latents decoded per VAE call")
 
     g = p.add_argument_group("output")
@@ -664,10 +718,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.assemble:
         path = assemble(args.assemble, png_dir=args.png_dir)
-        print(f"wrote {path}")
+        _log(f"wrote {path}")
         return 0
     if not args.checkpoint or not args.out:
         p.error("--checkpoint and --out are required (or --assemble DIR)")
+    if args.compile_mode != "default" and not args.compile:
+        p.error(f"--compile-mode {args.compile_mode} needs --compile")
     for name in ("num_samples", "steps", "batch_size", "shard_size", "vae_batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
@@ -676,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=args.dist_timeout_min))])
     device, is_main = accelerator.device, accelerator.is_main_process
-    model = load_model(args.checkpoint, args.model, args.use_ema, dict(args.model_arg)).to(device)
+    model = load_model(args.checkpoint, args.model, args.use_ema, dict(args.model_arg), verbose=is_main).to(device)
     cfg = model.config
     vae = load_vae(args.vae, cfg.in_channels)
     if vae is not None:
@@ -690,7 +746,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              "each shard ends with a smaller batch (slower; with --compile also a recompile)", is_main)
 
     sampler = Sampler(
-        denoiser=GuidedDenoiser(model, args.cfg_scale, schedule, args.scale_pow, channels, autocast, args.compile),
+        denoiser=GuidedDenoiser(
+            model, args.cfg_scale, schedule, args.scale_pow, channels, autocast, args.compile, args.compile_mode
+        ),
         diffusion=create_diffusion(str(args.steps), learn_sigma=cfg.learn_sigma),
         latent_shape=(cfg.in_channels, cfg.input_size, cfg.input_size),
         num_classes=cfg.num_classes,
@@ -718,6 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seed": args.seed,
         "precision": "bf16" if autocast is not None else "fp32",
         "clip_denoised": clip,
+        "noise_block": sampler.noise_block,  # defines the per-image noise stream
     }
     _log(f"sampling {args.num_samples} images with {accelerator.num_processes} process(es) into {args.out}: "
          + json.dumps(manifest), is_main)
@@ -732,7 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"all shards done in {time.time() - start:.0f} s", is_main)
         if not args.no_assemble:
             _log(f"wrote {assemble(args.out, png_dir=args.png_dir)}", is_main)
-    accelerator.end_training()  # tears down the process group cleanly
+    accelerator.wait_for_everyone()  # tear down together (a rank leaving early can abort gloo)
+    accelerator.end_training()  # destroys the process group (one left alive aborts at exit)
     return 0
 
 

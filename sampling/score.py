@@ -7,6 +7,8 @@
 Inputs:
     samples  ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3) (ADM's sample format; ``arr_1`` labels
              are allowed and ignored). Grayscale (N, H, W) or (N, H, W, 1) is replicated to 3 channels.
+             ``arr_0`` is streamed in batches straight from the archive (stored or deflated), so
+             50,000 x 256 x 256 images need memory for one batch plus the features, not 9.8 GB.
     --ref    one of
              * an ADM reference batch ``.npz``: features are recomputed from its ``arr_0`` images;
                its ``mu`` / ``sigma`` come from TF Inception and are never mixed with torch features;
@@ -31,8 +33,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -50,6 +54,10 @@ from sampling.inception import (
     inspect_weights,
     load_feature_extractor,
 )
+from sampling.shards import (  # the atomic-write helpers of the sample shards
+    _commit,
+    _temp_name,
+)
 
 STATS_FORMAT = "shd_diffusion.ref_stats/v1"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -58,6 +66,7 @@ DEFAULT_CACHE_DIR = (
 )
 POOL, LOGITS = "2048", "logits_unbiased"  # torch-fidelity feature names
 _PR_K = 3
+_READ_CHUNK = 1 << 20  # bytes per read when streaming arr_0
 _IS_SPLITS = 10
 
 
@@ -73,6 +82,34 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------- inputs
 
 
+def check_image_layout(shape: tuple[int, ...], dtype: np.dtype, name: str) -> None:
+    """Raise ScoreError unless (shape, dtype) is uint8 (N, H, W, 3), (N, H, W, 1) or (N, H, W), N > 0.
+
+    Args:
+        shape, dtype: of the array (e.g. read from an ``.npy`` header, before any pixel data).
+        name: what to call the array in errors.
+    """
+    if dtype != np.uint8:
+        hint = ""
+        if dtype.kind == "f":
+            hint = " (floats in [-1, 1]: `((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)`)"
+        raise ScoreError(f"{name}: dtype {dtype}, expected uint8 in [0, 255]{hint}")
+    shape = tuple(shape)
+    full = shape + (1,) if len(shape) == 3 else shape  # (N, H, W) -> (N, H, W, 1)
+    if len(full) != 4:
+        raise ScoreError(f"{name}: shape {shape}, expected (N, H, W, 3) uint8 (ADM sample format)")
+    if full[-1] not in (1, 3):
+        if full[1] in (1, 3):
+            raise ScoreError(
+                f"{name}: shape {shape} looks channels-first; save NHWC: `x.transpose(0, 2, 3, 1)`"
+            )
+        raise ScoreError(
+            f"{name}: shape {shape} has {full[-1]} channels, expected 3 (RGB) or 1 (grayscale)"
+        )
+    if full[0] == 0:
+        raise ScoreError(f"{name}: no images")
+
+
 def as_rgb_nhwc(x: np.ndarray, name: str) -> np.ndarray:
     """Validate an image array and return uint8 (N, H, W, 3); grayscale is replicated to 3 channels.
 
@@ -80,49 +117,125 @@ def as_rgb_nhwc(x: np.ndarray, name: str) -> np.ndarray:
         x: uint8 (N, H, W, 3), (N, H, W, 1) or (N, H, W).
         name: what to call the array in errors.
     """
-    if x.dtype != np.uint8:
-        hint = ""
-        if x.dtype.kind == "f":
-            hint = " (floats in [-1, 1]: `((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)`)"
-        raise ScoreError(f"{name}: dtype {x.dtype}, expected uint8 in [0, 255]{hint}")
+    check_image_layout(x.shape, x.dtype, name)
     if x.ndim == 3:
         x = x[..., None]  # (N, H, W, 1)
-    if x.ndim != 4:
-        raise ScoreError(f"{name}: shape {x.shape}, expected (N, H, W, 3) uint8 (ADM sample format)")
-    if x.shape[-1] not in (1, 3):
-        if x.shape[1] in (1, 3):
-            raise ScoreError(
-                f"{name}: shape {x.shape} looks channels-first; save NHWC: `x.transpose(0, 2, 3, 1)`"
-            )
-        raise ScoreError(
-            f"{name}: shape {x.shape} has {x.shape[-1]} channels, expected 3 (RGB) or 1 (grayscale)"
-        )
-    if x.shape[0] == 0:
-        raise ScoreError(f"{name}: no images")
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)  # grayscale -> RGB by replication
     return x
 
 
-def load_samples(path: str | os.PathLike) -> np.ndarray:
-    """Load ADM-format samples: ``arr_0`` uint8 (N, H, W, 3) from an ``.npz`` (no pickle)."""
+@dataclass(frozen=True)
+class NpzImages:
+    """A uint8 image array stored as one ``.npy`` member of an ``.npz``, read in batches.
+
+    Only the ``.npy`` header is read up front; :meth:`batches` then reads the pixels sequentially
+    from the zip member (stored or deflated alike), so memory is one batch, never the whole array.
+    Build it with :func:`open_npz_images`.
+    """
+
+    path: Path
+    member: str  # zip member, e.g. "arr_0.npy"
+    shape: tuple[int, ...]  # as stored: (N, H, W), (N, H, W, 1) or (N, H, W, 3)
+    data_offset: int  # bytes of .npy header before the pixels (C order, uint8)
+
+    @property
+    def num_images(self) -> int:
+        """N."""
+        return int(self.shape[0])
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(H, W)."""
+        return int(self.shape[1]), int(self.shape[2])
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Yield uint8 (B, H, W, 3) batches in order (grayscale replicated to 3 channels)."""
+        per_image = self.shape[1:]
+        name = f"{self.path}:{self.member[:-4]}"
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+            f.read(self.data_offset)  # skip the header (zip members cannot seek cheaply when deflated)
+            for start in range(0, self.num_images, batch_size):
+                out = np.empty((min(batch_size, self.num_images - start), *per_image), dtype=np.uint8)
+                view, got = memoryview(out).cast("B"), 0
+                while got < len(view):
+                    n = f.readinto(view[got : got + _READ_CHUNK])  # bounded: inflating builds temporaries
+                    if not n:
+                        raise ScoreError(f"{name}: data ends after {start * math.prod(per_image) + got} bytes "
+                                         f"of {self.num_images * math.prod(per_image)}; the file is truncated")
+                    got += n
+                yield as_rgb_nhwc(out, name)  # (B, H, W, 3)
+
+
+def _read_npy_header(f: zipfile.ZipExtFile) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """(shape, fortran_order, dtype, header bytes) of an ``.npy`` stream; None for a version it cannot stream."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        return None
+    return tuple(shape), fortran, dtype, f.tell()
+
+
+def open_npz_images(path: str | os.PathLike, key: str = "arr_0", what: str = "samples") -> NpzImages | np.ndarray:
+    """Open ``key`` of an ``.npz`` for streaming after checking its layout from the header alone.
+
+    Args:
+        path: the ``.npz``.
+        key: the array's name (``arr_0`` in ADM files).
+        what: what to call the file in errors (``samples``, ``--ref``).
+
+    Returns:
+        An :class:`NpzImages`; or, for the rare layouts that cannot be streamed (Fortran order,
+        ``.npy`` format 3.0), the whole array loaded as uint8 (N, H, W, 3), with a note on stderr.
+
+    Raises:
+        ScoreError: not a readable ``.npz``, no ``key``, or not uint8 (N, H, W, 3|1) / (N, H, W).
+    """
     path = Path(path)
     if not path.is_file():
-        raise ScoreError(f"samples {path} not found")
+        raise ScoreError(f"{what} {path} not found")
+    member, name = f"{key}.npy", f"{path}:{key}"
+    header, members = None, []
     try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.files)
-            x = z["arr_0"] if "arr_0" in keys else None
-    except (ValueError, OSError) as e:  # not a zip / object arrays (would need pickle)
+        with zipfile.ZipFile(path) as zf:
+            members = zf.namelist()
+            if member in members:
+                with zf.open(member) as f:
+                    header = _read_npy_header(f)
+    except (OSError, ValueError, zipfile.BadZipFile, NotImplementedError, EOFError) as e:
+        # Not a zip, a corrupt header, or a zip compression method Python cannot read.
         raise ScoreError(
-            f"{path}: not a readable .npz ({e}); expected np.savez output with arr_0 uint8 (N, H, W, 3)"
+            f"{path}: not a readable .npz ({type(e).__name__}: {e}); expected np.savez or np.savez_compressed "
+            f"output with {key} uint8 (N, H, W, 3)"
         ) from e
-    if x is None:
+    if member not in members:
+        keys = [m.removesuffix(".npy") for m in members]
         raise ScoreError(
-            f"{path}: no 'arr_0' (keys: {keys}); save samples with `np.savez(path, images)` "
+            f"{path}: no '{key}' (keys: {keys}); save samples with `np.savez(path, images)` "
             "where images is uint8 (N, H, W, 3)"
         )
-    return as_rgb_nhwc(x, f"{path}:arr_0")
+    if header is not None:
+        shape, fortran, dtype, offset = header
+        check_image_layout(shape, dtype, name)
+        if not fortran:
+            return NpzImages(path, member, shape, offset)
+    _log(f"{name}: not a C-order .npy v1/v2 member, so it cannot be streamed: loading it whole")
+    with np.load(path, allow_pickle=False) as z:
+        return as_rgb_nhwc(z[key], name)
+
+
+def load_samples(path: str | os.PathLike) -> np.ndarray:
+    """Load ADM-format samples whole: ``arr_0`` uint8 (N, H, W, 3) from an ``.npz`` (no pickle).
+
+    Scoring streams instead (:func:`open_npz_images`); this is for small sets and tests.
+    """
+    images = open_npz_images(path)
+    if isinstance(images, np.ndarray):
+        return images
+    return np.concatenate(list(images.batches(max(images.num_images, 1))))
 
 
 def _folder_images(path: Path) -> list[Path]:
@@ -156,6 +269,18 @@ def _iter_folder(files: list[Path], batch_size: int, hw: tuple[int, int]) -> Ite
 def _iter_array(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     for i in range(0, len(x), batch_size):
         yield x[i : i + batch_size]
+
+
+def _image_batches(images: NpzImages | np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """uint8 (B, H, W, 3) batches of a streamed or an in-memory image set."""
+    return images.batches(batch_size) if isinstance(images, NpzImages) else _iter_array(images, batch_size)
+
+
+def _count_hw(images: NpzImages | np.ndarray) -> tuple[int, tuple[int, int]]:
+    """(N, (H, W)) of a streamed or an in-memory image set."""
+    if isinstance(images, NpzImages):
+        return images.num_images, images.image_hw
+    return len(images), (int(images.shape[1]), int(images.shape[2]))
 
 
 # --------------------------------------------------------------------------------------- features
@@ -209,24 +334,32 @@ class RefStats:
     source: str
 
     def save(self, path: Path) -> None:
-        """Atomic write (tmp + rename) so an interrupted run never leaves a half cache file."""
+        """Atomic write: a unique temporary name (concurrent scorers never share one), fsync, rename.
+
+        An interrupted run never leaves a half cache file under ``path``.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
-            tmp,
-            format=np.array(STATS_FORMAT),
-            mu=self.mu,
-            sigma=self.sigma,
-            features=self.features,
-            image_hw=np.array(self.image_hw, dtype=np.int64),
-            weights_sha256=np.array(self.weights_sha256),
-            feature_extractor=np.array(FEATURE_EXTRACTOR_NAME),
-            source=np.array(self.source),
-        )
-        os.replace(tmp, path)
+        tmp = _temp_name(path)
+        try:
+            with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
+                np.savez(
+                    f,
+                    format=np.array(STATS_FORMAT),
+                    mu=self.mu,
+                    sigma=self.sigma,
+                    features=self.features,
+                    image_hw=np.array(self.image_hw, dtype=np.int64),
+                    weights_sha256=np.array(self.weights_sha256),
+                    feature_extractor=np.array(FEATURE_EXTRACTOR_NAME),
+                    source=np.array(self.source),
+                )
+            _commit(tmp, path)  # fsync + os.replace
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @staticmethod
-    def load(path: Path) -> "RefStats":
+    def load(path: Path) -> RefStats:
         with np.load(path, allow_pickle=False) as z:
             if "format" not in z.files or str(z["format"]) != STATS_FORMAT:
                 raise ScoreError(f"{path}: not a {STATS_FORMAT} statistics file")
@@ -255,10 +388,28 @@ def _npz_files(path: Path) -> list[str]:
         raise ScoreError(f"--ref {path}: not a readable .npz ({e})") from e
 
 
-def _check_count(n: int, what: str, min_images: dict[str, int]) -> None:
-    for metric, m in min_images.items():
+def _check_count(n: int, what: str, min_images: dict[str, tuple[int, str]]) -> None:
+    """ScoreError for the first metric that needs more than ``n`` images; its fix may use ``{n}``."""
+    for metric, (m, fix) in min_images.items():
         if n < m:
-            raise ScoreError(f"{what}: {n} images, but {metric} needs at least {m}: provide more images")
+            raise ScoreError(f"{what}: {n} images, but {metric} needs at least {m}: {fix.format(n=n)}")
+
+
+def required_images(pr_k: int, kid_subset_size: int) -> dict[str, tuple[int, str]]:
+    """{metric: (least images per set, fix)}, checked on both sets before any Inception forward.
+
+    Args:
+        pr_k: precision/recall neighbourhood size.
+        kid_subset_size: rows drawn from each set per KID subset.
+    """
+    more = "provide more images"
+    return {
+        "FID (covariance)": (2, more),
+        f"precision/recall (k={pr_k} neighbours)": (pr_k + 1, more),
+        f"KID with subset size {kid_subset_size}": (
+            kid_subset_size, "pass --kid-subset-size N with 2 <= N <= {n} (kid_subset_size=N), or " + more
+        ),
+    }
 
 
 def _check_hw(sample_hw: tuple[int, int], ref_hw: tuple[int, int], allow_mismatch: bool) -> None:
@@ -276,7 +427,7 @@ def reference_stats(
     weights: WeightsInfo,
     cache_dir: str | os.PathLike,
     sample_hw: tuple[int, int],
-    min_images: dict[str, int],
+    min_images: dict[str, tuple[int, str]],
     batch_size: int = 200,
     device: str | torch.device = "cpu",
     names: Sequence[str] = (POOL,),
@@ -293,7 +444,7 @@ def reference_stats(
         weights: the extractor's weights (their sha256 keys the cache).
         cache_dir: where cached statistics live.
         sample_hw: (H, W) of the samples, which the reference must match.
-        min_images: {metric: least number of reference images}.
+        min_images: {metric: (least number of reference images, fix)}, see :func:`required_images`.
 
     Returns:
         (stats, info) where info = {path, kind, cache_path, cache_hit}.
@@ -344,9 +495,9 @@ def reference_stats(
         return stats, info
 
     if info["kind"] == "adm_npz":
-        with np.load(ref, allow_pickle=False) as z:
-            images = as_rgb_nhwc(z["arr_0"], f"--ref {ref}:arr_0")  # (N, H, W, 3)
-        n, hw, batches = len(images), images.shape[1:3], _iter_array(images, batch_size)
+        images = open_npz_images(ref, what="--ref")  # streamed: ADM's 10k reference is 2 GB of pixels
+        n, hw = _count_hw(images)
+        batches = _image_batches(images, batch_size)
     else:
         files = _folder_images(ref)
         hw = _read_rgb(files[0]).shape[:2]
@@ -394,9 +545,12 @@ def score(
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    min_images = {"FID (covariance)": 2, f"precision/recall (k={pr_k} neighbours)": pr_k + 1}
-    images = load_samples(samples)  # (N, H, W, 3) uint8
-    _check_count(len(images), f"samples {samples}", min_images)
+    if kid_subset_size < 2:
+        raise ScoreError(f"--kid-subset-size {kid_subset_size}: KID's unbiased estimate needs at least 2")
+    needs = required_images(pr_k, kid_subset_size)
+    images = open_npz_images(samples)  # header only: pixels are streamed batch by batch
+    num_samples, sample_hw = _count_hw(images)
+    _check_count(num_samples, f"samples {samples}", needs)
 
     weights = inspect_weights(inception_weights) if inception_weights is not None else None
     names = [POOL, LOGITS] if weights is None or weights.logits_available else [POOL]
@@ -405,13 +559,13 @@ def score(
         weights = inspect_weights(default_weights_path())
 
     ref_stats, ref_info = reference_stats(
-        ref, extractor, weights, cache_dir, images.shape[1:3], min_images, batch_size, device, names,
+        ref, extractor, weights, cache_dir, sample_hw, needs, batch_size, device, names,
         allow_size_mismatch, progress,
     )
     num_ref = len(ref_stats.features)
 
-    batches = _iter_array(images, batch_size)
-    feats = extract_features(batches, len(images), extractor, device, names, "samples", progress)
+    batches = _image_batches(images, batch_size)
+    feats = extract_features(batches, num_samples, extractor, device, names, "samples", progress)
     pool = feats[POOL]  # (N, 2048)
     mu, sigma = metrics.feature_stats(pool)
     # Fewer samples than feature dims: the centred features are an exact, cheap factor of sigma.
@@ -420,8 +574,8 @@ def score(
 
     is_mean = is_std = None
     is_reason = weights.logits_unavailable_reason
-    if is_reason is None and len(images) < is_splits:
-        is_reason = f"{len(images)} samples < is_splits={is_splits}"
+    if is_reason is None and num_samples < is_splits:
+        is_reason = f"{num_samples} samples < is_splits={is_splits}"
     elif is_reason is None:
         is_mean, is_std = metrics.inception_score(feats[LOGITS], splits=is_splits)
 
@@ -429,11 +583,8 @@ def score(
         ref_stats.features, pool, k=pr_k, batch_size=pr_batch_size, device=device
     )
 
-    subset = min(kid_subset_size, len(images), num_ref)
-    if subset < kid_subset_size:
-        _log(f"KID subset size lowered from {kid_subset_size} to {subset} (the smaller set's size)")
-    kid_mean, kid_std = metrics.kernel_inception_distance(
-        pool, ref_stats.features, num_subsets=kid_subsets, subset_size=subset, seed=seed
+    kid_mean, kid_std = metrics.kernel_inception_distance(  # both set sizes were checked above
+        pool, ref_stats.features, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
     )
 
     import torch_fidelity
@@ -447,9 +598,9 @@ def score(
         "recall": recall,
         "kid_mean": kid_mean,
         "kid_std": kid_std,
-        "num_samples": int(len(images)),
+        "num_samples": int(num_samples),
         "num_ref": int(num_ref),
-        "image_hw": [int(images.shape[1]), int(images.shape[2])],
+        "image_hw": [int(sample_hw[0]), int(sample_hw[1])],
         "samples": str(Path(samples).resolve()),
         "ref": ref_info,
         "weights": {
@@ -465,7 +616,7 @@ def score(
             "pr_k": pr_k,
             "is_splits": is_splits,
             "kid_subsets": kid_subsets,
-            "kid_subset_size": subset,
+            "kid_subset_size": kid_subset_size,
             "seed": seed,
         },
     }
@@ -483,6 +634,7 @@ def summary_line(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m sampling.score`` argument parser (``--help`` shows every default)."""
     parser = argparse.ArgumentParser(
         prog="python -m sampling.score",
         description="FID / IS / precision / recall / KID of an ADM-format sample .npz.",
@@ -505,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="reference stats cache")
     parser.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
     parser.add_argument(
-        "--kid-subset-size", type=int, default=1000, help="KID: subset size (capped at the smaller set size)"
+        "--kid-subset-size", type=int, default=1000,
+        help="KID: rows drawn from each set per subset; both sets need at least this many images (else an error)",
     )
     parser.add_argument("--pr-k", type=int, default=_PR_K, help="precision/recall: k-th neighbour radius")
     parser.add_argument("--pr-batch-size", type=int, default=10000, help="precision/recall: block edge")
@@ -514,13 +667,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-size-mismatch", action="store_true", default=False,
         help="score even if samples and reference have different HxW",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the KID subset draws")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the KID subset draws (np.random.RandomState, as torch-fidelity)"
+    )
     parser.add_argument("--no-progress", action="store_true", default=False, help="hide progress bars")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI entry point; returns the report (also written to --json, summary printed to stdout)."""
+    """CLI entry point; returns the report (also written to --json).
+
+    The summary line goes to stdout, or to stderr with ``--json -`` so stdout is pure JSON.
+    """
     args = build_parser().parse_args(argv)
     try:
         result = score(
@@ -533,11 +691,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from e
     text = json.dumps(result, indent=2)
     if args.json == "-":
-        print(text)
+        print(text, flush=True)
     elif args.json is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
-    print(summary_line(result))
+    print(summary_line(result), file=sys.stderr if args.json == "-" else sys.stdout)
     return result
 
 

@@ -19,6 +19,11 @@ from sampling.inception import convert_fid_helper_inception, sha256_file  # noqa
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse ``--out`` / ``--src``, convert, and print the output path and its sha256.
+
+    Args:
+        argv: command-line arguments (None = ``sys.argv[1:]``).
+    """
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )

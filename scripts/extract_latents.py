@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     state = PartialState()
     try:
         _run(args, state)
+        state.wait_for_everyone()  # tear down together (a rank leaving early can abort gloo)
     finally:
         state.destroy_process_group()  # a gloo/NCCL group left alive aborts the process at exit
 

@@ -2,11 +2,12 @@
 """Train a student diffusion transformer with KD / SHD from a frozen teacher.
 
     accelerate launch scripts/train_mdt_shd.py --config configs/mdtv2_s2_from_b2.yaml [key=value ...]
-    python scripts/train_mdt_shd.py --config configs/demo.yaml --dry-run
+    python scripts/train_mdt_shd.py --config configs/demo_student.yaml --dry-run
 
 Overrides are dotted config keys (``train.steps=1000 distill.shd_beta=0.25``). The run folder is
-named by the config (``train.output_dir/<config stem>``), and ``--resume auto`` (the default)
-continues from its latest checkpoint, so a requeued job resumes itself.
+``train.output_dir/<train.run_name>``, or ``<config stem>[-<hash of the overrides>]`` without a
+run name (``--dry-run`` prints it), and ``--resume auto`` (the default) continues from its latest
+checkpoint, so a requeued job resumes itself.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from shd_diffusion.train_config import ExperimentConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: ``--config``, dotted overrides, resume / dry-run / step options."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -29,10 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, then exit")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    return parser.parse_args(argv)
+    # Intermixed: overrides may come before or after the options (``--resume auto train.steps=10``).
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) one training job; returns the exit code (2 = bad input, 3 = non-finite loss)."""
     args = parse_args(argv)
     try:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
@@ -48,13 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# run folder: {run_dir}")
         return 0
 
-    from shd_diffusion.training import train
+    from shd_diffusion.checkpoint import CheckpointError
+    from shd_diffusion.data import DatasetError
+    from shd_diffusion.training import NonFiniteLossError, train
 
     try:
         train(cfg, run_dir, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError, DatasetError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)  # bad input: one line, nothing was trained
         return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

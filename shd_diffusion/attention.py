@@ -7,9 +7,16 @@ this package's :class:`Attention` (timm layout: ``qkv``, ``proj``) and on diffus
 (``to_q``/``to_k``/``to_v``/``to_out``), e.g. inside ``DiTTransformer2DModel``.
 
 ``attention_mask`` is an *additive* bias on the attention logits (MDT's relative-position bias),
-broadcastable to (B, H, N, M). Maps are never produced by monkey-patching: use
+a 4-D float tensor broadcastable to (B, H, N, M). Maps are never produced by monkey-patching: use
 :func:`capture_attention`, which swaps in :class:`CaptureProcessor` and restores the original
 processors on exit, also when the body raises.
+
+Precision: exported maps are always float32. Their logits and softmax run with autocast disabled,
+because under ``torch.autocast`` even ``q.float() @ k.float()`` is cast back down to bf16/fp16.
+The projections (and so q, k, v) keep whatever precision the caller runs in.
+
+Unsupported diffusers features (joint attention with ``add_k_proj``/``add_v_proj``, spatial or
+group norms, 2-D/3-D diffusers-style masks) raise ``NotImplementedError`` instead of being ignored.
 """
 
 from __future__ import annotations
@@ -68,10 +75,16 @@ def project_qkv(
         qkv = attn.qkv(hidden_states).view(b, n, 3, heads, c // heads)  # (B, N, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
         return q, k, v
-    # diffusers layout
+    # diffusers layout. Refuse what these processors would otherwise silently skip.
     for unsupported in ("spatial_norm", "group_norm"):
         if getattr(attn, unsupported, None) is not None:
             raise NotImplementedError(f"attention module uses `{unsupported}`, which these processors do not support")
+    joint = [name for name in ("add_q_proj", "add_k_proj", "add_v_proj") if getattr(attn, name, None) is not None]
+    if joint:
+        raise NotImplementedError(
+            f"attention module has {', '.join(joint)} (joint/added-KV attention, e.g. SD3/Flux/UniDiffuser): "
+            "these processors implement plain self-/cross-attention only; keep diffusers' own processor there"
+        )
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     if encoder_hidden_states is not None and getattr(attn, "norm_cross", None) is not None:
         context = attn.norm_encoder_hidden_states(context)
@@ -109,11 +122,34 @@ def _scale(attn: nn.Module, head_dim: int) -> float:
 
 
 def _logits_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive logit bias in ``dtype``, after checking it is one these processors understand."""
     if attention_mask is None:
         return None
     if attention_mask.dtype == torch.bool:
         raise TypeError("attention_mask must be an additive float bias, not a boolean mask")
+    if attention_mask.ndim != 4:
+        # diffusers callers pass (B, M) / (B, 1, M) key masks or (B*heads, N, M) prepared masks;
+        # broadcasting those against (B, H, N, M) would silently mix up batch and heads.
+        raise NotImplementedError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} is not supported: these processors take "
+            "a 4-D additive logit bias broadcastable to (B, heads, N, M); diffusers-style 2-D/3-D masks are not"
+        )
     return attention_mask.to(dtype)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that disables autocast on ``device`` (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _fp32_logits(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """``q k^T * scale + bias`` in float32; call with autocast disabled (see :func:`_autocast_off`)."""
+    logits = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, N, M)
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits
 
 
 def attention_probs(
@@ -123,7 +159,7 @@ def attention_probs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Explicit ``softmax((q k^T * scale + bias) / temperature)`` in float32.
+    """Explicit ``softmax((q k^T * scale + bias) / temperature)`` in float32, also under autocast.
 
     Args:
         q: (B, H, N, d) queries. k: (B, H, M, d) keys.
@@ -132,14 +168,13 @@ def attention_probs(
         temperature: T_a >= 1 softens the distribution (paper eq. 10).
 
     Returns:
-        (B, H, N, M) probabilities; each row sums to 1.
+        (B, H, N, M) float32 probabilities; each row sums to 1.
     """
-    logits = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, N, M)
-    if bias is not None:
-        logits = logits + bias.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits.softmax(dim=-1)
+    with _autocast_off(q.device):
+        logits = _fp32_logits(q, k, scale, bias)  # (B, H, N, M)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return logits.softmax(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +183,14 @@ def attention_probs(
 
 
 class SDPAProcessor:
-    """Fast path: fused ``scaled_dot_product_attention``; never materialises the maps."""
+    """Fast path: fused ``scaled_dot_product_attention``; never materialises the maps.
+
+    The additive bias is cast to the dtype of q (bf16 under bf16 autocast): CUDA's fused
+    memory-efficient kernel, the one that takes a bias, rejects a bias of another dtype ("invalid
+    dtype for bias"), and rounding the bias to bf16 costs no more than the bf16 rounding of q and
+    k that enter the same logits. The fused CUDA kernels accumulate logits and softmax in float32.
+    Maps that must be float32 come from :class:`CaptureProcessor`.
+    """
 
     def __call__(
         self,
@@ -168,12 +210,15 @@ class SDPAProcessor:
 class AttentionStore:
     """What :class:`CaptureProcessor` exports, one list entry per captured layer call.
 
+    All exported tensors are float32, whatever the model's dtype or autocast state.
+
     Attributes:
         maps: (B, H, N, M) probabilities at the capture temperature T_a. For a student they keep
             their autograd graph; for a teacher (``export_values=True``) they are detached.
         probs: (B, H, N, M) probabilities at T = 1 (the same tensors as ``maps`` when T_a == 1).
             Squeezing computes alpha from these (alpha preserves the teacher's real output).
-        values: (B, H, M, d) per-head values (teacher capture only).
+        values: (B, H, M, d) per-head values (teacher capture only). Upcast copies of the values
+            the layer actually used: under autocast they carry the projection's bf16 rounding.
         out_weights: (D, H*d) out-projection weights in ``nn.Linear.weight`` layout (teacher only).
         layer_indices: index of each entry's layer in :func:`attention_layers` order.
     """
@@ -193,14 +238,18 @@ class AttentionStore:
 class CaptureProcessor:
     """Attention that also records its per-head probabilities into an :class:`AttentionStore`.
 
-    The module output is computed from the same explicit probabilities at T = 1, so it equals the
-    fused path up to float rounding; the temperature only affects what is exported.
+    Logits and softmax are computed in float32 with autocast disabled, so the maps are float32
+    even under bf16 autocast. The module output is computed from the same probabilities at T = 1
+    (cast to the dtype of v), so it equals the fused path up to float rounding; the temperature
+    only affects what is exported.
 
     Args:
         store: where maps are appended.
         layer_index: this layer's position in :func:`attention_layers` order.
         temperature: T_a for the exported maps (paper eq. 10); the module output ignores it.
-        export_values: teacher mode: detach everything and also export values and W_out.
+        export_values: teacher mode: also export values and W_out, all detached. Must run with
+            gradients disabled (``torch.no_grad()``/``torch.inference_mode()``): a teacher forward
+            that records a graph wastes the memory of a second training step, so it is an error.
     """
 
     def __init__(
@@ -221,22 +270,26 @@ class CaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
+        if self.export_values and torch.is_grad_enabled():
+            raise RuntimeError(
+                "teacher capture (capture_attention(..., export_values=True)) must run without autograd: "
+                "wrap the teacher forward in `with torch.no_grad():`"
+            )
         q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
         bias = _logits_bias(attention_mask, torch.float32)
         scale = _scale(attn, q.shape[-1])
-        logits = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, N, M)
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(dim=-1)  # (B, H, N, M), T = 1: drives the module output
-        soft = probs if self.temperature == 1.0 else (logits / self.temperature).softmax(dim=-1)
-        out = (probs.to(v.dtype) @ v)  # (B, H, N, d)
+        with _autocast_off(q.device):
+            logits = _fp32_logits(q, k, scale, bias)  # (B, H, N, M) float32
+            probs = logits.softmax(dim=-1)  # (B, H, N, M), T = 1: drives the module output
+            soft = probs if self.temperature == 1.0 else (logits / self.temperature).softmax(dim=-1)
+        out = probs.to(v.dtype) @ v  # (B, H, N, d), in the precision the projections ran in
 
         store = self.store
         if self.export_values:
             store.maps.append(soft.detach())
             store.probs.append(probs.detach())
-            store.values.append(v.detach())
-            store.out_weights.append(output_projection(attn).weight.detach())
+            store.values.append(v.detach().float())
+            store.out_weights.append(output_projection(attn).weight.detach().float())
         else:
             store.maps.append(soft)
             store.probs.append(probs)
@@ -279,7 +332,16 @@ class Attention(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, D) -> (B, N, D). ``ids_keep`` (B, N) selects bias rows for masked passes."""
+        """Attention over the tokens ``x`` through the current processor.
+
+        Args:
+            x: (B, K, D) tokens: all K = N of them, or the K kept ones of a masked pass.
+            ids_keep: (B, K) original indices of the kept tokens (selects their bias entries),
+                or None when all N tokens are present.
+
+        Returns:
+            (B, K, D) attention output.
+        """
         return self.processor(self, x, attention_mask=self.attention_bias(ids_keep))
 
 
@@ -319,8 +381,8 @@ def capture_attention(
         temperature: T_a of the exported maps; the model's output is unchanged.
         layers: indices into :func:`attention_layers` order to capture (None = all). Negative
             indices count from the end.
-        export_values: teacher mode (see :class:`CaptureProcessor`). Run the teacher under
-            ``torch.no_grad()``.
+        export_values: teacher mode (see :class:`CaptureProcessor`). The teacher forward must
+            run under ``torch.no_grad()``; with gradients enabled the first captured layer raises.
 
     Yields:
         The :class:`AttentionStore` being filled.

@@ -110,7 +110,7 @@ class DemoSettings:
     shard_size: int = 250  # images per sample shard (the unit of resume)
     inception_batch_size: int = 50  # images per Inception forward
     kid_subsets: int = 100  # KID: random subsets
-    kid_subset_size: int = 1000  # KID: subset size (capped at the smaller set)
+    kid_subset_size: int = 1000  # KID: subset size (the demo caps it at the smaller set; the scorer refuses more)
     alpha_batch: int = 64  # teacher batch for the alpha histograms
     attention_timestep: int = 100  # t of the noisy image whose attention maps are drawn
     grid_images: int = 100  # images per sample grid (10 per row: column = class)
@@ -509,11 +509,12 @@ def ensure_samples(
     )
     from sampling.shards import assemble
 
-    from .diffusion import create_diffusion
+    from .diffusion import NOISE_BLOCK_STEPS, create_diffusion
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     manifest = {
         "checkpoint": _rel(checkpoint, out),
+        "noise_block": NOISE_BLOCK_STEPS,  # how per-image noise is drawn: part of what the pixels are
         "use_ema": True,
         "steps": s.sampling_steps,
         "cfg_scale": s.cfg_scale,

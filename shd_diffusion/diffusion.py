@@ -231,10 +231,8 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_bin))
 
 
-def _make_noise(x: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
-    """Standard normal noise like ``x``; sample i drawn from ``generators[i]`` alone when given."""
-    if generators is None:
-        return torch.randn_like(x)
+def _check_generators(x: Tensor, generators: Sequence[torch.Generator]) -> None:
+    """One generator per sample, on ``x``'s device type; else a ValueError naming the fix."""
     if len(generators) != x.shape[0]:
         raise ValueError(
             f"got {len(generators)} generators for a batch of {x.shape[0]}: pass one torch.Generator "
@@ -246,10 +244,37 @@ def _make_noise(x: Tensor, generators: Sequence[torch.Generator] | None) -> Tens
                 f"generator on {g.device} but samples on {x.device}: create them with "
                 f"torch.Generator(device='{x.device}')"
             )
+
+
+def _make_noise(x: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
+    """Standard normal noise like ``x``; sample i drawn from ``generators[i]`` alone when given."""
+    if generators is None:
+        return torch.randn_like(x)
+    _check_generators(x, generators)
     # Per-row draws, so a sample's trajectory never depends on which batch it was sampled in.
     return torch.stack(
         [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generators]
     )  # (B, C, H, W)
+
+
+#: Ancestral steps whose noise each image draws in one generator call in ``p_sample_loop``.
+#: Part of the noise definition: another value gives other (equally valid) samples.
+NOISE_BLOCK_STEPS = 25
+
+
+def _make_noise_block(x: Tensor, generators: Sequence[torch.Generator], steps: int) -> Tensor:
+    """Noise of the next ``steps`` ancestral steps, one ``randn((steps, C, H, W))`` per sample.
+
+    One call per sample per block instead of per step: B * ceil(T / block) small kernels in a
+    T-step loop rather than B * T. Sample i's values come from ``generators[i]`` alone.
+
+    Returns:
+        (steps, B, C, H, W): entry ``[j]`` is the noise of the block's j-th step.
+    """
+    _check_generators(x, generators)
+    shape = (steps, *x.shape[1:])
+    per_sample = [torch.randn(shape, generator=g, device=x.device, dtype=x.dtype) for g in generators]
+    return torch.stack(per_sample, dim=1)  # (steps, B, C, H, W)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,6 +567,11 @@ class GaussianDiffusion:
             dict of (B,) tensors: ``mse`` (weighted mean squared eps error), and with
             ``learn_sigma`` also ``vb`` (variational bound term in bits/dim, scaled by
             ``num_timesteps / 1000``, training only the variance); ``loss`` = sum of the terms.
+
+        The ``num_timesteps / 1000`` factor is the one of improved DDPM / ADM's rescaled hybrid
+        loss (``LossType.RESCALED_MSE``; DiT's default ``LossType.MSE`` omits it). Training uses
+        the 1000-step process, where the factor is exactly 1, so the loss equals upstream DiT's and
+        MDT's either way; it only matters when training losses use a respaced diffusion.
         """
         model_output = model_output.to(x_t.dtype)
         eps, v = self._split_output(model_output, x_t)
@@ -600,6 +630,7 @@ class GaussianDiffusion:
         model_kwargs: dict[str, Any] | None = None,
         generators: Sequence[torch.Generator] | None = None,
         clip_denoised: bool = False,
+        noise: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """One ancestral step ``x_t -> x_{t-1}``.
 
@@ -612,18 +643,23 @@ class GaussianDiffusion:
             generators: one ``torch.Generator`` per sample, on ``x``'s device; the global RNG
                 when None.
             clip_denoised: clamp predicted x_0 to [-1, 1].
+            noise: (B, C, H, W) standard normal noise to use instead of drawing it (then
+                ``generators`` is ignored); :meth:`p_sample_loop` passes per-sample blocks.
 
         Returns:
             dict with ``sample`` (B, C, H, W) x_{t-1} and ``pred_xstart`` (B, C, H, W).
         """
         t = self._full_t(t, x)
+        if noise is not None and noise.shape != x.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected x's {tuple(x.shape)}")
         model_output = model_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
         out = self.p_mean_variance(model_output, x, t, clip_denoised=clip_denoised)
         sample = out["mean"]
         # The last step (t == 0) returns the mean: noise there would only blur the output.
         nonzero = t != 0
         if bool(nonzero.any()):
-            noise = _make_noise(x, generators)
+            if noise is None:
+                noise = _make_noise(x, generators)
             mask = nonzero.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
             sample = sample + mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -636,6 +672,7 @@ class GaussianDiffusion:
         generators: Sequence[torch.Generator] | None = None,
         progress: bool = False,
         clip_denoised: bool = False,
+        noise_block: int = NOISE_BLOCK_STEPS,
     ) -> Tensor:
         """Ancestral sampling from ``x_T`` through all steps of this (respaced) diffusion.
 
@@ -649,17 +686,31 @@ class GaussianDiffusion:
             x_T: (B, C, H, W) starting noise.
             model_kwargs: extra model inputs.
             generators: one ``torch.Generator`` per sample on ``x_T``'s device; sample i's noise
-                comes from ``generators[i]`` only, so results do not depend on the batch.
+                comes from ``generators[i]`` only, so results do not depend on the batch. The
+                ``T - 1`` noisy steps (the last step adds none) are cut into blocks of
+                ``noise_block`` steps; at the start of each block sample i draws
+                ``randn((k, C, H, W), generator=generators[i])`` (k = steps left in the block)
+                and step j of the block uses entry j.
             progress: show a tqdm bar.
             clip_denoised: clamp predicted x_0 to [-1, 1] at each step.
+            noise_block: steps per noise draw (with ``generators``); it defines the noise
+                stream, so the same value gives the same samples.
 
         Returns:
             (B, C, H, W) x_0 samples.
         """
+        if noise_block < 1:
+            raise ValueError(f"noise_block must be >= 1, got {noise_block}")
         x = x_T
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="sampling"):
+        block: Tensor | None = None  # (k, B, C, H, W) noise of the current block
+        for n, i in enumerate(tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="sampling")):
+            step_noise = None
+            if generators is not None and i > 0:  # steps T-1 .. 1 add noise: n done, i to go
+                if n % noise_block == 0:
+                    block = _make_noise_block(x, generators, min(noise_block, i))
+                step_noise = block[n % noise_block]  # type: ignore[index]  # (B, C, H, W)
             with torch.no_grad():
-                x = self.p_sample_step(model_fn, x, i, model_kwargs, generators, clip_denoised)["sample"]
+                x = self.p_sample_step(model_fn, x, i, model_kwargs, generators, clip_denoised, step_noise)["sample"]
         return x
 
     def ddim_sample_step(

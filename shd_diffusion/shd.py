@@ -25,15 +25,27 @@ system) is ``delta = -(Mc + ridge I + 1 1^T)^{-1} h``: the rank-one term fixes t
 constraint removes and leaves delta in the sum-zero subspace. Centring on the uniform alpha means the
 ridge pulls towards equal weights, which is the natural answer when heads are indistinguishable
 (identical heads: Mc = 0, h = 0, alpha = 1/k exactly). The ridge is relative to the problem scale
-``mean_i ||A_i S||^2`` (1e-6 in float32, 1e-12 in float64), i.e. at the float32 noise floor.
+``mean_i ||A_i S||^2`` (1e-6 in float32, 1e-12 in float64), i.e. at the float32 noise floor. It
+must be at least the machine epsilon of the solve dtype: below that ``1 + ridge == 1`` and the
+system is singular for indistinguishable heads (which the error-free solve would turn into NaN).
 
 The simplex. The squeezed map is a KL target, so it must stay a distribution. When the
 unconstrained optimum has a negative weight, alpha is replaced by the *exact* minimiser of eq. (6)
 over the probability simplex (not the Euclidean projection of alpha, which can increase f by much
 more than necessary). The simplex QP is solved exactly by enumerating supports: the optimum lies in
 the relative interior of one face, where it is that face's equality-constrained minimiser; among
-the feasible face minimisers the one with the smallest f wins. Groups of more than
-``_MAX_ENUM_K`` heads (2^k faces) fall back to accelerated projected gradient.
+the feasible face minimisers the one with the smallest f wins. A face minimiser counts as feasible
+when every weight is >= -64 eps max_i |alpha_i| (eps of the solve dtype: 7.6e-6 relative in
+float32, 1.4e-14 in float64), a tolerance relative to alpha's own scale for the solve's rounding.
+Groups of more than ``_MAX_ENUM_K`` heads (2^k faces) fall back to accelerated projected gradient.
+
+Batching. All groups of one size are solved together (12 -> 6: one solve; 16 -> 6: one for the
+size-3 and one for the size-2 groups), and nothing waits on the device: groups of up to
+``_ALWAYS_ENUM_K`` heads run the face enumeration for every sample and keep it only where the free
+alpha left the simplex (``torch.where``), solves skip the error check that would synchronise
+(``solve_ex``; the ridge keeps the systems non-singular), and head lists are taken as slices of
+their consecutive runs (a Python-list index is a blocking host-to-device copy). Only larger groups
+still ask the host whether any sample needs the simplex step.
 
 The T = 1 maps drive alpha (alpha preserves the teacher's real output); :func:`apply_alphas`
 then applies the same alpha to the temperature-softened maps used for distillation (paper eq. 10).
@@ -45,7 +57,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +65,15 @@ from torch import Tensor
 
 __all__ = [
     "SqueezeMode",
+    "LossKind",
+    "LossReduction",
     "default_groups",
     "validate_groups",
     "hard_selection",
     "progressive_groups",
     "resolve_groups",
+    "head_similarity",
+    "cluster_heads",
     "match_heads",
     "squeeze_heads",
     "apply_alphas",
@@ -73,10 +89,15 @@ __all__ = [
 ]
 
 SqueezeMode = Literal["lstsq", "constant", "hard", "progressive"]
-_MODES = ("lstsq", "constant", "hard", "progressive")
+_MODES: tuple[str, ...] = get_args(SqueezeMode)
+LossKind = Literal["kl", "mse"]
+LossReduction = Literal["sum", "mean"]
 
 # Groups up to this size solve the simplex QP exactly by enumerating its 2^k - 1 faces.
 _MAX_ENUM_K = 10
+# Groups up to this size enumerate the faces for every sample (at most 15 tiny solves each), so the
+# simplex step needs no data-dependent branch, i.e. no host sync.
+_ALWAYS_ENUM_K = 4
 # Ridge on the centred Gram, relative to mean_i ||A_i S||_F^2, per compute dtype.
 _RIDGE = {torch.float64: 1e-12, torch.float32: 1e-6}
 
@@ -207,6 +228,13 @@ def progressive_groups(num_teacher_heads: int, num_student_heads: int) -> list[l
     Each level merges adjacent pairs (2i, 2i+1) and carries an odd last head (Algorithm 1 of the
     authors' rebuttal): 9 -> 5 -> 3 gives [[0..3], [4..7], [8]].
 
+    Args:
+        num_teacher_heads: H_t.
+        num_student_heads: H_s; must lie on the halving path of H_t (rounding up).
+
+    Returns:
+        H_s contiguous lists of teacher head indices, in head order; group j feeds student head j.
+
     Raises:
         ValueError: when halving (rounding up) never lands on H_s (e.g. 16 -> 8 -> 4, not 6).
     """
@@ -228,7 +256,7 @@ def progressive_groups(num_teacher_heads: int, num_student_heads: int) -> list[l
 def resolve_groups(
     num_teacher_heads: int,
     num_student_heads: int,
-    mode: str = "lstsq",
+    mode: SqueezeMode = "lstsq",
     groups: Sequence[Sequence[int]] | None = None,
     generator_seed: int = 0,
 ) -> list[list[int]]:
@@ -260,19 +288,33 @@ def resolve_groups(
 
 
 @torch.no_grad()
-def match_heads(
-    attn_calib: Tensor, num_student_heads: int, max_group_size: int | None = None
-) -> list[list[int]]:
-    """Group similar teacher heads ("head matching", paper Tab. 5), once on a calibration batch.
+def head_similarity(attn: Tensor) -> Tensor:
+    """Sum over samples of the cosine similarity between every two heads' flattened maps.
 
-    Similarity of heads a, b is the cosine similarity of their flattened maps, averaged over the
-    calibration samples (per-sample rather than of batch-mean maps, because alpha is per sample:
-    two heads that agree on every sample squeeze with no loss, mean maps can agree by accident).
-    Groups come from greedy agglomerative clustering with average linkage: repeatedly merge the two
-    most similar clusters (ties: lowest head indices) until H_s remain.
+    Summed (not averaged) so calibration can run in chunks: add the chunks' results and divide
+    by the sample count. Computed in float32 with autocast off.
 
     Args:
-        attn_calib: (B, H_t, N, M) teacher probabilities on a calibration batch.
+        attn: (B, H, N, M) attention probabilities.
+
+    Returns:
+        (H, H) float32.
+    """
+    if attn.ndim != 4:
+        raise ValueError(f"attn must be (B, H, N, M), got shape {tuple(attn.shape)}")
+    with torch.autocast(attn.device.type, enabled=False):
+        flat = F.normalize(attn.float().flatten(2), dim=-1)  # (B, H, N*M)
+        return (flat @ flat.transpose(1, 2)).sum(0)  # (H, H)
+
+
+def cluster_heads(similarity: Tensor, num_student_heads: int, max_group_size: int | None = None) -> list[list[int]]:
+    """Greedy average-linkage clustering of heads into ``num_student_heads`` groups.
+
+    Repeatedly merges the two most similar clusters (average of their pairwise similarities;
+    ties: lowest head indices) until H_s remain.
+
+    Args:
+        similarity: (H_t, H_t) symmetric head similarities (e.g. :func:`head_similarity` / B).
         num_student_heads: H_s.
         max_group_size: optional cap on a group's size; merges beyond it are skipped.
 
@@ -282,13 +324,11 @@ def match_heads(
     Raises:
         ValueError: if ``max_group_size`` makes H_s groups unreachable by greedy merging.
     """
-    if attn_calib.ndim != 4:
-        raise ValueError(f"attn_calib must be (B, H, N, M), got shape {tuple(attn_calib.shape)}")
-    num_teacher_heads = attn_calib.shape[1]
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"similarity must be (H, H), got shape {tuple(similarity.shape)}")
+    num_teacher_heads = similarity.shape[0]
     _check_head_counts(num_teacher_heads, num_student_heads)
-    flat = F.normalize(attn_calib.float().flatten(2), dim=-1)  # (B, H, N*M)
-    sim = (flat @ flat.transpose(1, 2)).mean(0).tolist()  # (H, H) sample-averaged cosine
-
+    sim = similarity.tolist()
     clusters = [[i] for i in range(num_teacher_heads)]
     while len(clusters) > num_student_heads:
         best: tuple[float, int, int] | None = None
@@ -309,6 +349,34 @@ def match_heads(
     return sorted(clusters, key=lambda c: c[0])
 
 
+def match_heads(
+    attn_calib: Tensor, num_student_heads: int, max_group_size: int | None = None
+) -> list[list[int]]:
+    """Group similar teacher heads ("head matching", paper Tab. 5), once on a calibration batch.
+
+    Similarity of heads a, b is the cosine similarity of their flattened maps, averaged over the
+    calibration samples (per-sample rather than of batch-mean maps, because alpha is per sample:
+    two heads that agree on every sample squeeze with no loss, mean maps can agree by accident).
+    Groups come from :func:`cluster_heads` (greedy average linkage). For a calibration set too
+    large for one batch, sum :func:`head_similarity` over chunks and call :func:`cluster_heads`.
+
+    Args:
+        attn_calib: (B, H_t, N, M) teacher probabilities on a calibration batch.
+        num_student_heads: H_s.
+        max_group_size: optional cap on a group's size; merges beyond it are skipped.
+
+    Returns:
+        H_s groups, each sorted, ordered by their smallest head.
+
+    Raises:
+        ValueError: if ``max_group_size`` makes H_s groups unreachable by greedy merging.
+    """
+    if attn_calib.ndim != 4:
+        raise ValueError(f"attn_calib must be (B, H, N, M), got shape {tuple(attn_calib.shape)}")
+    _check_head_counts(attn_calib.shape[1], num_student_heads)
+    return cluster_heads(head_similarity(attn_calib) / attn_calib.shape[0], num_student_heads, max_group_size)
+
+
 # --------------------------------------------------------------------------------------------
 # Alpha: exact minimiser of eq. (6) in head-dim space
 # --------------------------------------------------------------------------------------------
@@ -324,39 +392,82 @@ def _head_weights(out_proj_weight: Tensor, num_teacher_heads: int, head_dim: int
     return out_proj_weight.to(dtype).view(d_model, num_teacher_heads, head_dim).permute(1, 2, 0)  # (H, d, D)
 
 
-def _take_heads(x: Tensor, heads: Sequence[int]) -> Tensor:
-    """x[:, heads] as a view when the heads are a contiguous run (no copy of the maps)."""
-    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
-        return x[:, heads[0] : heads[0] + len(heads)]
-    return x[:, list(heads)]
+def _runs(heads: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive indices: (first head, position in ``heads``, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for pos, i in enumerate(heads):
+        if runs and i == runs[-1][0] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, pos, 1))
+    return runs
 
 
-def _group_terms(maps: Tensor, vcat: Tensor, gram_w: Tensor, owner: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+# Head lists are selected through slices of their consecutive runs, never through a Python list
+# index: on GPU a list index is a blocking host-to-device copy, i.e. a host sync.
+
+
+def _take_heads(x: Tensor, heads: Sequence[int], dim: int = 1) -> Tensor:
+    """x[:, heads] (along ``dim``); a view when the heads are one contiguous run (no copy of the maps)."""
+    runs = _runs(heads)
+    if len(runs) == 1:
+        return x.narrow(dim, heads[0], len(heads))
+    return torch.cat([x.narrow(dim, first, length) for first, _, length in runs], dim=dim)
+
+
+def _put_heads(x: Tensor, heads: Sequence[int], src: Tensor | float) -> None:
+    """x[:, heads] = src in place (src: a tensor with len(heads) columns, or a scalar)."""
+    for first, pos, length in _runs(heads):
+        if isinstance(src, Tensor):
+            x.narrow(1, first, length).copy_(src.narrow(1, pos, length))
+        else:
+            x.narrow(1, first, length).fill_(src)
+
+
+def _group_terms(
+    maps: Tensor, vcat: Tensor, gram_w: Tensor, widths: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced quadratic of eq. (6) around the uniform alpha, in head-dim space.
 
+    Leading dims ``...`` batch independent problems: (B,) for one group, (B, G) for G groups of
+    the same size solved together.
+
     Args:
-        maps: (B, k, N, M) maps of the k (pseudo-)heads, compute dtype.
-        vcat: (B, M, c) values of all original heads under the group, concatenated.
-        gram_w: (c, c) W_G^T W_G of their out-projection columns.
-        owner: (k, c) 0/1: column c belongs to (pseudo-)head i.
+        maps: (..., k, N, M) maps of the k (pseudo-)heads, compute dtype.
+        vcat: (..., M, c) values of all original heads under the group, concatenated.
+        gram_w: (..., c, c) W_G^T W_G of their out-projection columns (broadcast over B: (c, c) or
+            (G, c, c)).
+        widths: k column counts: (pseudo-)head i owns the next widths[i] columns of ``vcat``
+            (d for an original head, (number of heads) * d for a merged one).
 
     Returns:
-        Mc (B, k, k), h (B, k), scale (B,) with f(u + delta) - f(u) = delta^T Mc delta + 2 h^T delta.
+        Mc (..., k, k), h (..., k), scale (...) with f(u + delta) - f(u) = delta^T Mc delta + 2 h^T delta.
     """
-    k = maps.shape[1]
-    u_all = maps @ vcat.unsqueeze(1)  # (B, k, N, c): U_i = A_i V_G
+    k, n = maps.shape[-3], maps.shape[-2]
+    # One matmul for the k heads: stack their rows, so V_G is read once rather than broadcast k times.
+    u_all = (maps.flatten(-3, -2) @ vcat).unflatten(-2, (k, n))  # (..., k, N, c): U_i = A_i V_G
     # Centre through differences to head 0, so identical heads give exactly C = 0 and R = 0.
-    diff = u_all - u_all[:, :1]  # (B, k, N, c)
-    diff_mean = diff.mean(1, keepdim=True)  # (B, 1, N, c)
-    centred = diff - diff_mean  # (B, k, N, c): C_i = U_i - Ubar
-    u_bar = u_all[:, 0] + diff_mean[:, 0]  # (B, N, c)
-    target = torch.einsum("bknc,kc->bnc", u_all, owner)  # (B, N, c): Z, block i of U_i
-    resid = u_bar - target  # (B, N, c): R, residual of the uniform squeeze
-    c_w = centred @ gram_w  # (B, k, N, c)
-    mc = torch.einsum("binc,bjnc->bij", c_w, centred)  # (B, k, k)
-    h = torch.einsum("binc,bnc->bi", c_w, resid)  # (B, k)
-    pbar_sq = torch.einsum("bnc,bnc->b", u_bar @ gram_w, u_bar)  # ||Ubar W^T||^2
-    scale = pbar_sq + mc.diagonal(dim1=1, dim2=2).sum(-1) / k  # (B,) = mean_i ||A_i S||^2
+    diff = u_all - u_all[..., :1, :, :]  # (..., k, N, c)
+    diff_mean = diff.mean(-3, keepdim=True)  # (..., 1, N, c)
+    u_bar = u_all[..., 0, :, :] + diff_mean[..., 0, :, :]  # (..., N, c)
+    bounds = [0, *itertools.accumulate(widths)]
+    target = torch.cat(
+        [u_all[..., i, :, bounds[i] : bounds[i + 1]] for i in range(k)], dim=-1
+    )  # (..., N, c): Z, block i of U_i
+    resid = (u_bar - target).flatten(-2)  # (..., N*c): R, residual of the uniform squeeze
+    # C_i = U_i - Ubar sums to 0 over i, so only C_1..C_{k-1} are formed and go through the Gram
+    # (the costly product); the last row/column of Mc and entry of h follow, and Mc 1 = 0 and
+    # h . 1 = 0 hold exactly.
+    centred = diff[..., : k - 1, :, :] - diff_mean  # (..., k-1, N, c)
+    c_w = (centred.flatten(-3, -2) @ gram_w).unflatten(-2, (k - 1, n)).flatten(-2)  # (..., k-1, N*c)
+    m_red = c_w @ centred.flatten(-2).transpose(-2, -1)  # (..., k-1, k-1)
+    h_red = (c_w @ resid.unsqueeze(-1)).squeeze(-1)  # (..., k-1)
+    col = -m_red.sum(-1, keepdim=True)  # (..., k-1, 1): Mc_{i,k} = -sum_j Mc_ij
+    corner = m_red.sum((-2, -1))[..., None, None]  # (..., 1, 1)
+    mc = torch.cat([torch.cat([m_red, col], -1), torch.cat([col.transpose(-2, -1), corner], -1)], -2)  # (..., k, k)
+    h = torch.cat([h_red, -h_red.sum(-1, keepdim=True)], -1)  # (..., k)
+    pbar_sq = ((u_bar @ gram_w) * u_bar).sum((-2, -1))  # (...): ||Ubar W^T||^2
+    scale = pbar_sq + mc.diagonal(dim1=-2, dim2=-1).sum(-1) / k  # (...) = mean_i ||A_i S||^2
     return mc, h, scale
 
 
@@ -378,27 +489,34 @@ def project_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0)
 
 
+def _face_feasible(alpha: Tensor) -> Tensor:
+    """(...) True where every weight of alpha (..., k) is >= -64 eps max_i |alpha_i| (rounding slack)."""
+    tol = 64 * torch.finfo(alpha.dtype).eps * alpha.abs().amax(-1, keepdim=True)  # (..., 1)
+    return (alpha >= -tol).all(-1)
+
+
 def _simplex_qp_enum(q: Tensor, h: Tensor) -> Tensor:
-    """Exact argmin of _objective over the simplex by enumerating faces. q (P, k, k), h (P, k)."""
-    p, k = h.shape
+    """Exact argmin of _objective over the simplex by enumerating faces. q (..., k, k), h (..., k)."""
+    k = h.shape[-1]
     u = 1.0 / k
     bits = torch.arange(1, 2**k, device=h.device)
     masks = ((bits[:, None] >> torch.arange(k, device=h.device)) & 1).to(h.dtype)  # (F, k) faces
     nf = masks.shape[0]
     # Face S: [[Q_SS, 1_S], [1_S^T, 0]] [alpha; mu] = [(Q u - h)_S; 1], alpha_i = 0 off S.
-    kkt = torch.zeros(p, nf, k + 1, k + 1, dtype=h.dtype, device=h.device)  # (P, F, k+1, k+1)
+    kkt = h.new_zeros(*h.shape[:-1], nf, k + 1, k + 1)  # (..., F, k+1, k+1)
     mm = masks[:, :, None] * masks[:, None, :]  # (F, k, k)
-    kkt[..., :k, :k] = q[:, None] * mm + torch.diag_embed(1 - masks)
+    kkt[..., :k, :k] = q.unsqueeze(-3) * mm + torch.diag_embed(1 - masks)
     kkt[..., :k, k] = masks
     kkt[..., k, :k] = masks
-    rhs = torch.zeros(p, nf, k + 1, dtype=h.dtype, device=h.device)  # (P, F, k+1)
-    rhs[..., :k] = (u * q.sum(-1) - h)[:, None] * masks
-    rhs[..., k] = 1
-    alpha = torch.linalg.solve(kkt, rhs)[..., :k]  # (P, F, k)
-    feasible = (alpha >= -64 * torch.finfo(h.dtype).eps).all(-1)
-    f = _objective(q[:, None], h[:, None], alpha).masked_fill(~feasible, float("inf"))  # (P, F)
-    best = f.argmin(-1)  # singletons are always feasible
-    return alpha[torch.arange(p, device=h.device), best]
+    rhs = h.new_zeros(*h.shape[:-1], nf, k + 1, 1)  # (..., F, k+1, 1)
+    rhs[..., :k, 0] = (u * q.sum(-1) - h).unsqueeze(-2) * masks
+    rhs[..., k, 0] = 1
+    # Every face system is non-singular for a ridged q; solve_ex skips the check (a host sync).
+    alpha = torch.linalg.solve_ex(kkt, rhs).result[..., :k, 0]  # (..., F, k)
+    f = _objective(q.unsqueeze(-3), h.unsqueeze(-2), alpha)  # (..., F)
+    f = f.masked_fill(~_face_feasible(alpha), float("inf"))
+    best = f.argmin(-1)  # (...); singletons are always feasible
+    return alpha.gather(-2, best[..., None, None].expand(*best.shape, 1, k)).squeeze(-2)  # (..., k)
 
 
 def _simplex_qp_pgd(q: Tensor, h: Tensor, start: Tensor, iters: int = 2000) -> Tensor:
@@ -416,25 +534,39 @@ def _simplex_qp_pgd(q: Tensor, h: Tensor, start: Tensor, iters: int = 2000) -> T
     return x
 
 
+def _renormalise(alpha: Tensor) -> Tensor:
+    """Clip rounding-level negatives of a simplex solution and restore sum(alpha) = 1."""
+    alpha = alpha.clamp_min(0)
+    return alpha / alpha.sum(-1, keepdim=True)
+
+
 def _solve_alphas(mc: Tensor, h: Tensor, scale: Tensor, ridge: float, project: bool) -> Tensor:
-    """alpha (B, k) from the reduced quadratic: closed-form KKT, then the simplex if needed."""
+    """alpha (..., k) from the reduced quadratic: closed-form KKT, then the simplex if needed.
+
+    Leading dims ``...`` are independent problems (samples, or samples x groups of one size).
+    """
     k = h.shape[-1]
-    s = scale.clamp_min(torch.finfo(scale.dtype).tiny)[:, None]
+    s = scale.clamp_min(torch.finfo(scale.dtype).tiny).unsqueeze(-1)  # (..., 1)
     eye = torch.eye(k, dtype=h.dtype, device=h.device)
-    q = mc / s[..., None] + ridge * eye  # (B, k, k), ridged in units of the problem scale
-    hn = h / s  # (B, k)
-    delta = -torch.linalg.solve(q + 1.0, hn.unsqueeze(-1)).squeeze(-1)  # + 1 1^T: fix sum(delta)=0
+    q = mc / s.unsqueeze(-1) + ridge * eye  # (..., k, k), ridged in units of the problem scale
+    hn = h / s  # (..., k)
+    # + 1 1^T fixes sum(delta) = 0; ridge > 0 makes the system positive definite, so solve_ex can
+    # skip the singularity check (a host sync on GPU).
+    delta = -torch.linalg.solve_ex(q + 1.0, hn.unsqueeze(-1)).result.squeeze(-1)  # (..., k)
     alpha = delta + 1.0 / k
-    if project:
-        bad = (alpha < 0).any(-1)
-        if bool(bad.any()):
-            if k <= _MAX_ENUM_K:
-                fixed = _simplex_qp_enum(q[bad], hn[bad])
-            else:
-                fixed = _simplex_qp_pgd(q[bad], hn[bad], alpha[bad])
-            fixed = fixed.clamp_min(0)
-            alpha = alpha.clone()
-            alpha[bad] = fixed / fixed.sum(-1, keepdim=True)
+    if not project:
+        return alpha
+    bad = (alpha < 0).any(-1)  # (...) free optimum left the simplex
+    if k <= min(_ALWAYS_ENUM_K, _MAX_ENUM_K):
+        # Cheap enough for every sample: select without asking the host whether any is bad.
+        return torch.where(bad.unsqueeze(-1), _renormalise(_simplex_qp_enum(q, hn)), alpha)
+    if bool(bad.any()):  # larger groups: only the samples that need it (one host sync)
+        if k <= _MAX_ENUM_K:
+            fixed = _simplex_qp_enum(q[bad], hn[bad])
+        else:
+            fixed = _simplex_qp_pgd(q[bad], hn[bad], alpha[bad])
+        alpha = alpha.clone()
+        alpha[bad] = _renormalise(fixed)
     return alpha
 
 
@@ -451,8 +583,28 @@ def _pair_inputs(
     """Concatenated values (B, M, c) and out-projection Gram (c, c) of the original ``heads``."""
     b, _, m, d = values.shape
     vcat = _take_heads(values, heads).to(dtype).permute(0, 2, 1, 3).reshape(b, m, len(heads) * d)  # (B, M, kd)
-    w_g = w_heads[list(heads)].reshape(len(heads) * d, -1)  # (kd, D)
+    w_g = _take_heads(w_heads, heads, dim=0).reshape(len(heads) * d, -1)  # (kd, D)
     return vcat, w_g @ w_g.T  # (kd, kd)
+
+
+def _group_batch(
+    attn: Tensor, values: Tensor, w_heads: Tensor, groups: Sequence[Sequence[int]], dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stacked inputs of G groups of the same size k, for one batched solve.
+
+    Returns:
+        maps (B, G, k, N, M), concatenated values (B, G, M, kd), out-projection Grams (G, kd, kd).
+        The maps are a view of ``attn`` when the groups' heads form one contiguous run (defaults).
+    """
+    b, _, n, m = attn.shape
+    d = values.shape[-1]
+    g, k = len(groups), len(groups[0])
+    heads = [i for group in groups for i in group]
+    maps = _take_heads(attn, heads).to(dtype).reshape(b, g, k, n, m)  # (B, G, k, N, M)
+    vals = _take_heads(values, heads).to(dtype).reshape(b, g, k, m, d)  # (B, G, k, M, d)
+    vcat = vals.transpose(2, 3).reshape(b, g, m, k * d)  # (B, G, M, kd): block i = head i of the group
+    w_g = _take_heads(w_heads, heads, dim=0).reshape(g, k * d, -1)  # (G, kd, D)
+    return maps, vcat, w_g @ w_g.transpose(1, 2)  # Gram (G, kd, kd)
 
 
 @torch.no_grad()
@@ -467,14 +619,15 @@ def _lstsq_alphas(
 ) -> Tensor:
     b, num_teacher_heads, _, _ = attn.shape
     alphas = torch.ones(b, num_teacher_heads, dtype=dtype, device=attn.device)
-    for group in groups:  # one solve per group; batched over samples
-        if len(group) == 1:
-            continue
-        maps = _take_heads(attn, group).to(dtype)  # (B, k, N, M)
-        vcat, gram_w = _pair_inputs(values, w_heads, group, dtype)
-        owner = _owner_mask([1] * len(group), values.shape[-1], dtype, attn.device)
-        mc, h, scale = _group_terms(maps, vcat, gram_w, owner)
-        alphas[:, group] = _solve_alphas(mc, h, scale, ridge, project)
+    by_size: dict[int, list[list[int]]] = {}
+    for group in groups:
+        if len(group) > 1:  # singletons keep alpha = 1
+            by_size.setdefault(len(group), []).append(group)
+    for k, same in by_size.items():  # one solve per distinct group size, batched over samples x groups
+        maps, vcat, gram_w = _group_batch(attn, values, w_heads, same, dtype)
+        mc, h, scale = _group_terms(maps, vcat, gram_w, [values.shape[-1]] * k)  # (B, G, k, k), (B, G, k), (B, G)
+        heads = [i for group in same for i in group]
+        _put_heads(alphas, heads, _solve_alphas(mc, h, scale, ridge, project).flatten(1))  # (B, G*k)
     return alphas
 
 
@@ -511,11 +664,11 @@ def _progressive_alphas(
             maps = torch.stack([node_map(p), node_map(q)], dim=1)  # (B, 2, N, M)
             heads = p[1] + q[1]
             vcat, gram_w = _pair_inputs(values, w_heads, heads, dtype)
-            owner = _owner_mask([len(p[1]), len(q[1])], values.shape[-1], dtype, attn.device)
-            mc, h, scale = _group_terms(maps, vcat, gram_w, owner)
+            d = values.shape[-1]
+            mc, h, scale = _group_terms(maps, vcat, gram_w, [len(p[1]) * d, len(q[1]) * d])
             a = _solve_alphas(mc, h, scale, ridge, project)  # (B, 2)
-            alphas[:, p[1]] *= a[:, :1]
-            alphas[:, q[1]] *= a[:, 1:]
+            _put_heads(alphas, p[1], _take_heads(alphas, p[1]) * a[:, :1])
+            _put_heads(alphas, q[1], _take_heads(alphas, q[1]) * a[:, 1:])
             new_map = a[:, 0, None, None] * maps[:, 0] + a[:, 1, None, None] * maps[:, 1]  # (B, N, M)
             merged.append((new_map, heads))
         nodes = merged
@@ -539,13 +692,27 @@ def _check_squeeze_inputs(attn: Tensor, values: Tensor, out_proj_weight: Tensor)
         )
 
 
+def _check_ridge(ridge: float | None, dtype: torch.dtype) -> float:
+    """The ridge to use: the dtype default for None, else a validated user value."""
+    if ridge is None:
+        return _RIDGE[dtype]
+    eps = torch.finfo(dtype).eps
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < eps:
+        raise ValueError(
+            f"ridge={ridge!r} is not a finite number >= {eps:.1e} (machine epsilon of the {dtype} "
+            "solve): a smaller ridge leaves the Gram of indistinguishable heads singular. "
+            f"Pass ridge=None for the default ({_RIDGE[dtype]:g}) or a value >= {eps:.1e}"
+        )
+    return float(ridge)
+
+
 def squeeze_heads(
     attn: Tensor,
     values: Tensor,
     out_proj_weight: Tensor,
     num_heads: int,
     groups: Sequence[Sequence[int]] | None = None,
-    mode: str = "lstsq",
+    mode: SqueezeMode = "lstsq",
     generator_seed: int = 0,
     *,
     project: bool = True,
@@ -566,36 +733,38 @@ def squeeze_heads(
         project: keep alpha on the simplex (exact constrained minimiser). False returns the
             unconstrained eq. (6) solution, whose maps may have negative entries (analysis only).
         ridge: ridge on the centred Gram relative to mean_i ||A_i S||^2; default 1e-6 (float32
-            solves) / 1e-12 (float64).
+            solves) / 1e-12 (float64). Must be finite and >= the solve dtype's machine epsilon
+            (float32 1.2e-7, float64 2.2e-16); ridge = 0 leaves indistinguishable heads singular.
 
     Returns:
         maps (B, H_s, N, N) in ``attn``'s dtype, and alphas (B, H_t): each teacher head's weight in
-        its group, in the solve dtype (float32, or float64 for float64 inputs). If H_t == H_s with
+        its group, in the solve dtype (float32, or float64 for float64 inputs; also under autocast,
+        which the solve disables). If H_t == H_s with
         the default grouping, ``attn`` itself is returned with alphas all 1.
     """
     _check_squeeze_inputs(attn, values, out_proj_weight)
     b, num_teacher_heads, _, _ = attn.shape
     dtype = _compute_dtype(attn, values, out_proj_weight)
+    ridge = _check_ridge(ridge, dtype)
     resolved = resolve_groups(num_teacher_heads, num_heads, mode, groups, generator_seed)
     if all(g == [j] for j, g in enumerate(resolved)) and num_teacher_heads == num_heads:
         return attn, torch.ones(b, num_teacher_heads, dtype=dtype, device=attn.device)
-    if ridge is None:
-        ridge = _RIDGE[dtype]
 
     if mode == "constant":
-        alphas = torch.zeros(num_teacher_heads, dtype=dtype, device=attn.device)
+        alphas = torch.zeros(b, num_teacher_heads, dtype=dtype, device=attn.device)
         for g in resolved:
-            alphas[g] = 1.0 / len(g)
-        alphas = alphas.expand(b, -1).clone()
+            _put_heads(alphas, g, 1.0 / len(g))
     elif mode == "hard":
         alphas = torch.zeros(b, num_teacher_heads, dtype=dtype, device=attn.device)
-        alphas[:, [g[0] for g in resolved]] = 1.0
+        _put_heads(alphas, [g[0] for g in resolved], 1.0)
     else:
-        w_heads = _head_weights(out_proj_weight, num_teacher_heads, values.shape[-1], dtype)  # (H, d, D)
-        if mode == "lstsq":
-            alphas = _lstsq_alphas(attn, values, w_heads, resolved, ridge, project, dtype)
-        else:
-            alphas = _progressive_alphas(attn, values, w_heads, num_heads, ridge, project, dtype)
+        # The training step runs under autocast; a bf16 Gram would be singular, so the solve opts out.
+        with torch.autocast(attn.device.type, enabled=False):
+            w_heads = _head_weights(out_proj_weight, num_teacher_heads, values.shape[-1], dtype)  # (H, d, D)
+            if mode == "lstsq":
+                alphas = _lstsq_alphas(attn, values, w_heads, resolved, ridge, project, dtype)
+            else:
+                alphas = _progressive_alphas(attn, values, w_heads, num_heads, ridge, project, dtype)
     return apply_alphas(attn, alphas, resolved), alphas
 
 
@@ -744,7 +913,7 @@ class HeadSqueezer:
 
     teacher_heads: int
     student_heads: int
-    mode: str = "lstsq"
+    mode: SqueezeMode = "lstsq"
     groups: list[list[int]] | None = None
     seed: int = 0
     resolved: list[list[int]] = field(init=False)
@@ -855,6 +1024,15 @@ def layer_mapping(
 def validate_pair(student_heads: int, teacher_heads: int, student_tokens: int, teacher_tokens: int) -> None:
     """Check that a student/teacher attention pair can be distilled with SHD.
 
+    Args:
+        student_heads: H_s of the student layer.
+        teacher_heads: H_t of the teacher layer it imitates.
+        student_tokens: N of the student's attention maps.
+        teacher_tokens: N of the teacher's attention maps.
+
+    Returns:
+        None; the pair is valid when no error is raised.
+
     Raises:
         ValueError: different token grids, or more student heads than teacher heads.
     """
@@ -881,8 +1059,8 @@ def shd_loss(
     student_maps: Sequence[Tensor],
     teacher_maps: Sequence[Tensor],
     beta: float = 2.0,
-    kind: str = "kl",
-    reduction: str = "sum",
+    kind: LossKind = "kl",
+    reduction: LossReduction = "sum",
     eps: float = 1e-10,
 ) -> Tensor:
     """Per-sample SHD loss between student maps and squeezed teacher maps (paper eq. 11).

@@ -79,11 +79,21 @@ class DistillConfig:
     student_layers: list[int] | None = None  # student layers that get SHD (0-indexed); None = all
     feature_weight: float = 1.0  # weight of the feature-distillation term (kd_feat / kd_selfcorr)
     seed: int = 0  # seed of the hard-selection ablation's head subset
-    calibration_batches: int = 1  # batches used once to compute head matching
+    calibration_batches: int = 1  # global batches (start of the data stream) used once for head matching
+    max_group_size: int | None = None  # head matching: cap on teacher heads per student head; None = no cap
 
     def __post_init__(self) -> None:
         if self.temperature < 1.0:
             raise ValueError(f"distill.temperature must be >= 1 (T_a softens maps), got {self.temperature}")
+        if self.calibration_batches < 1:
+            raise ValueError(f"distill.calibration_batches must be >= 1, got {self.calibration_batches}")
+        if self.max_group_size is not None and self.max_group_size < 1:
+            raise ValueError(f"distill.max_group_size must be >= 1 or null, got {self.max_group_size}")
+        if self.groups is not None and self.squeeze not in ("lstsq", "constant"):
+            raise ValueError(
+                f"distill.groups is set, but distill.squeeze={self.squeeze} chooses its own groups: "
+                "explicit groups work with squeeze lstsq or constant (drop one of the two)"
+            )
         for name in ("kd_weight", "shd_beta", "feature_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
@@ -161,10 +171,16 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # loop, checkpoints, logging
 
 
-# Changing any of these invalidates a checkpoint (weights, optimizer state or data stream).
+# Changing any of these invalidates a checkpoint: the weights' shapes, the projectors, the saved
+# head groups and layer pairs, the optimizer state or the data stream. Loss weights, T_a, the lr,
+# the step counts, and the process count / train.grad_accum split of the same global batch (a
+# requeue onto other GPUs; step s always consumes stream positions [s G, (s + 1) G)) may change.
+_MODEL_SHAPE = ("name", "input_size", "patch_size", "in_channels", "num_classes", "hidden_size", "depth",
+                "num_heads", "decode_layer", "learn_sigma")
 SHAPE_FIELDS: list[str] = [
-    "student.name", "student.input_size", "student.patch_size", "student.in_channels", "student.num_classes",
-    "student.hidden_size", "student.depth", "student.num_heads", "student.decode_layer",
-    "student.learn_sigma", "teacher.model.name", "distill.mode", "data.kind", "data.image_size",
-    "train.global_batch_size", "train.grad_accum", "train.seed", "optim.name",
+    *(f"student.{k}" for k in _MODEL_SHAPE),
+    *(f"teacher.model.{k}" for k in _MODEL_SHAPE),
+    "distill.mode", "distill.squeeze", "distill.groups", "distill.seed", "distill.layer_map",
+    "distill.student_layers", "distill.calibration_batches", "distill.max_group_size",
+    "data.kind", "data.image_size", "train.global_batch_size", "train.seed", "optim.name",
 ]

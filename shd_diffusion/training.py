@@ -1,10 +1,11 @@
 """Teacher-student training loop: diffusion loss + KD + SHD, with exact resume.
 
-The loop is step-based (no epochs): step ``s`` consumes a fixed slice of a deterministic data
-stream and draws all of its randomness (timesteps, noise, label drops, MDT masks) from a
-generator seeded by ``(seed, s, rank, micro-step)``. Resuming therefore needs only the
-checkpointed weights, EMA, optimizer, lr schedule and step: the stream position is derived from
-the step, and a resumed run reproduces the uninterrupted one (bitwise on CPU).
+The loop is step-based (no epochs): step ``s`` consumes stream positions ``[s G, (s + 1) G)`` of
+a deterministic data stream (G = global batch). Every random draw of a sample (timestep, noise,
+label drop, MDT keep set) comes from a generator keyed by ``(seed, stream position)``, and MDT's
+per-step mask ratio from one keyed by ``(seed, s)``. So the result depends on neither the process
+count nor the micro-batch split, and resuming needs only the checkpointed weights, EMA,
+optimizer, lr schedule and step: a resumed run reproduces the uninterrupted one (bitwise on CPU).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -79,9 +80,15 @@ def sample_generators(seed: int, positions: list[int], device: torch.device) -> 
     return [_seeded_generator(f"sample/{seed}/{p}", device) for p in positions]
 
 
-def batch_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
-    """Generator for per-batch draws (MDT's mask ratio and keep sets), keyed by (step, rank, micro)."""
-    return _seeded_generator(f"batch/{seed}/{step}/{rank}/{micro}", device)
+def step_mask_jitter(seed: int, step: int) -> float:
+    """U(0, 1) draw of step ``step``'s extra MDT mask ratio, shared by every rank and micro-batch.
+
+    Upstream draws one ratio per GPU batch; keying it to the step instead gives the whole global
+    batch one ratio, so the masked pass does not depend on the process count or accumulation.
+    Drawn on the CPU (no device sync).
+    """
+    gen = _seeded_generator(f"mask-ratio/{seed}/{step}", torch.device("cpu"))
+    return float(torch.rand((), generator=gen))
 
 
 def _per_sample(gens: list[torch.Generator], draw: Any) -> torch.Tensor:
@@ -104,6 +111,17 @@ class StepTerms:
     terms: dict[str, torch.Tensor]  # name -> (B,) unweighted per-sample values
     total: torch.Tensor  # (B,) weighted sum that is back-propagated (after the mean)
     alphas: list[torch.Tensor] = field(default_factory=list)  # per SHD layer (B, H_t)
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step reports to the loop (see :meth:`Trainer.train_step`)."""
+
+    terms: dict[str, torch.Tensor]  # name -> sum over micro-batches of the batch-mean term
+    alphas: list[torch.Tensor]  # per micro-batch and SHD layer pair, (B, H_t)
+    grad_norm: torch.Tensor  # total gradient norm before clipping
+    images: int  # images this rank processed
+    preempted: bool  # some rank received SIGTERM/SIGUSR1
 
 
 class StudentSide(nn.Module):
@@ -172,8 +190,14 @@ class Trainer:
 
         self.teacher: nn.Module | None = None
         if dc.uses_teacher:
-            self.teacher = self._load_teacher()
-        self.layer_pairs, self.groups = self._plan_distillation(student)
+            self.teacher = self._build_teacher()
+        # Validate layer pairs and head groups before any weight I/O (errors come first).
+        self.layer_pairs, self.squeezers = self._plan_distillation(student)
+        if self.teacher is not None:
+            load_model_weights(self.teacher, cfg.teacher.checkpoint, use_ema=cfg.teacher.use_ema)
+            self.teacher.eval().requires_grad_(False)
+        if tc.compile:
+            student.compile()  # in place: parameter names (checkpoints, EMA) stay unprefixed
 
         projectors = None
         if dc.feature_kind == "projector":
@@ -201,26 +225,35 @@ class Trainer:
         self.min_snr = weighting == "min_snr5" or (weighting == "auto" and self.is_mdt)
 
         self._dataset = None  # built on first use (benchmarks drive compute_terms directly)
+        self._grid_vae: nn.Module | None | bool = None  # latent runs: decoder of the sample grids
         self.vae = None
         if cfg.data.kind == "image_folder":
             self.vae = _load_vae(cfg.data.vae, self.device)
         self.step = 0
 
     # ---------------------------------------------------------------- setup helpers
-    def _load_teacher(self) -> nn.Module:
+    def _build_teacher(self) -> nn.Module:
+        """The teacher's architecture (weights are loaded after the distillation plan is checked)."""
         tcfg = self.cfg.teacher
-        teacher = build_model(tcfg.model)
         if tcfg.checkpoint is None:
             raise ValueError(
                 f"distill.mode={self.cfg.distill.mode} needs a teacher: set teacher.checkpoint to an official "
                 ".pt file, a checkpoint of this package, or a save_pretrained folder"
             )
-        load_model_weights(teacher, tcfg.checkpoint, use_ema=tcfg.use_ema)
-        teacher.eval().requires_grad_(False)
-        return teacher
+        if not Path(tcfg.checkpoint).exists():
+            raise FileNotFoundError(
+                f"teacher.checkpoint {tcfg.checkpoint} does not exist: point it at the teacher's .pt / "
+                ".safetensors file, run folder or save_pretrained folder"
+            )
+        return build_model(tcfg.model)
 
-    def _plan_distillation(self, student: nn.Module) -> tuple[list[tuple[int, int]], list[list[list[int]]]]:
-        """(student layer, teacher layer) pairs and per-pair head groups, validated up front."""
+    def _plan_distillation(self, student: nn.Module) -> tuple[list[tuple[int, int]], list[shd_math.HeadSqueezer]]:
+        """(student layer, teacher layer) pairs and, per pair, how its teacher heads are squeezed.
+
+        Everything is validated here, before weights are loaded: token grids, head counts, the
+        layer map and the head groups. Head matching starts from the default groups and replaces
+        them on the first step (:meth:`_match_heads`).
+        """
         dc = self.cfg.distill
         if self.teacher is None or not (dc.uses_shd or dc.feature_kind):
             return [], []
@@ -232,12 +265,31 @@ class Trainer:
                 raise ValueError(f"distill.student_layers: {j} is out of range (student has {len(s_layers)} layers)")
         pairs = [(j, mapping[j]) for j in sorted(set(chosen))]
         s_tokens, t_tokens = _num_tokens(student), _num_tokens(self.teacher)
-        groups: list[list[list[int]]] = []
+        squeezers = []
         for j, i in pairs:
             h_s, h_t = int(s_layers[j].heads), int(t_layers[i].heads)
             shd_math.validate_pair(h_s, h_t, s_tokens, t_tokens)
-            groups.append(shd_math.resolve_groups(h_t, h_s, _squeeze_mode(dc.squeeze), dc.groups, dc.seed))
-        return pairs, groups
+            squeezers.append(shd_math.HeadSqueezer(h_t, h_s, _squeeze_mode(dc.squeeze), dc.groups, dc.seed))
+        return pairs, squeezers
+
+    @property
+    def groups(self) -> list[list[list[int]]]:
+        """Per SHD layer pair: one list of teacher heads per student head."""
+        return [sq.resolved for sq in self.squeezers]
+
+    def _set_groups(self, groups: list[list[list[int]]]) -> None:
+        """Use these head groups from now on (head matching, or a resumed run's saved groups)."""
+        if len(groups) != len(self.squeezers):
+            raise ValueError(
+                f"{len(groups)} saved head-group layers for {len(self.squeezers)} distilled layer pairs: "
+                "the checkpoint comes from another distill.student_layers / layer_map setup"
+            )
+        mode = _squeeze_mode(self.cfg.distill.squeeze)
+        self.squeezers = [
+            sq if mode in ("hard", "progressive") else
+            shd_math.HeadSqueezer(sq.teacher_heads, sq.student_heads, mode, [list(g) for g in layer], sq.seed)
+            for sq, layer in zip(self.squeezers, groups)
+        ]
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -263,7 +315,7 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.groups = [[list(g) for g in layer] for layer in state["groups"]]
+        self._set_groups(state["groups"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
 
@@ -279,6 +331,12 @@ class Trainer:
     def resume(self, resume: str) -> bool:
         """``resume``: "auto" (latest in the run folder, if any), "none", or a checkpoint path."""
         if resume == "none":
+            existing = latest_checkpoint(self.run_dir)
+            if existing is not None:
+                raise ValueError(
+                    f"--resume none, but {self.run_dir} already holds checkpoints (latest {existing.name}); a fresh "
+                    "run there would mix with them. Use --resume auto to continue, or a new train.run_name"
+                )
             return False
         path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
         if path is None:
@@ -290,10 +348,32 @@ class Trainer:
     # ---------------------------------------------------------------- the step
     @property
     def dataset(self) -> Any:
+        """The training dataset, built (and checked against the student) on first use."""
         if self._dataset is None:
             dc = self.cfg.data
-            self._dataset = build_dataset(dc.kind, dc.path, dc.image_size)
+            dataset = build_dataset(dc.kind, dc.path, dc.image_size)
+            self._check_data_fits_student(dataset)
+            self._dataset = dataset
         return self._dataset
+
+    def _check_data_fits_student(self, dataset: Any) -> None:
+        """Channels, grid side and classes of what the student will see (after the VAE)."""
+        sc = self.acc.unwrap_model(self.side).student.config
+        channels, side = int(dataset.in_channels), int(dataset.input_size)
+        if self.vae is not None:  # pixels are encoded on the fly
+            channels = int(self.vae.config.latent_channels)
+            side //= 2 ** (len(self.vae.config.block_out_channels) - 1)
+        problems = []
+        if channels != sc.in_channels:
+            problems.append(f"{channels} channels but student.in_channels={sc.in_channels}")
+        if side != sc.input_size:
+            problems.append(f"a {side} x {side} grid but student.input_size={sc.input_size} "
+                            f"(data.image_size={self.cfg.data.image_size})")
+        if int(dataset.num_classes) > sc.num_classes:
+            problems.append(f"{dataset.num_classes} classes but student.num_classes={sc.num_classes}")
+        if problems:
+            raise ValueError(f"data.kind={self.cfg.data.kind} gives the student " + "; ".join(problems)
+                             + ": fix the student.* or data.* settings so they agree")
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         tc = self.cfg.train
@@ -319,23 +399,46 @@ class Trainer:
         noise = _per_sample(gens, lambda g: torch.randn(dist.mean.shape[1:], generator=g, device=x.device))
         return (dist.mean + dist.std * noise.to(dist.mean.dtype)) * 0.18215
 
-    def _maybe_match_heads(self, x0: torch.Tensor, y: torch.Tensor) -> None:
-        """Head matching (paper Tab. 5): groups from teacher maps on one calibration batch, once."""
-        if self.cfg.distill.squeeze != "matching" or self.cfg.distill.groups is not None or not self.layer_pairs:
-            return
-        gen = batch_generator(self.cfg.train.seed, -1, 0, 0, self.device)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device, generator=gen)
-        x_t = self.diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, device=self.device))
-        teacher_layers = [i for _, i in self.layer_pairs]
-        with torch.no_grad(), capture_attention(self.teacher, 1.0, sorted(set(teacher_layers))) as store:
-            self.teacher(x_t, t, y)
-        by_layer = dict(zip(store.layer_indices, store.probs))
-        self.groups = [
-            shd_math.match_heads(by_layer[i], len(g)) for (j, i), g in zip(self.layer_pairs, self.groups)
-        ]
+    @torch.no_grad()
+    def _match_heads(self) -> None:
+        """Head matching (paper Tab. 5): group similar teacher heads once, before the first step.
+
+        The calibration set is the first ``distill.calibration_batches`` global batches of the
+        data stream, noised with their own per-sample generators. Every rank reads the same
+        images and so computes the same groups; the teacher runs in micro-batch chunks and only
+        the (H_t, H_t) head similarities are kept, so memory does not grow with the set.
+        """
+        dc, tc = self.cfg.distill, self.cfg.train
+        total = dc.calibration_batches * tc.global_batch_size
+        loader = make_loader(self.dataset, self.micro_batch, rank=0, world_size=1, seed=tc.seed, start=0,
+                             num_workers=self.cfg.data.num_workers)
+        t_layers = sorted({i for _, i in self.layer_pairs})
+        sims: dict[int, torch.Tensor] = {}
+        done = 0
+        while done < total:
+            x, y = next(loader)
+            x, y = x[: total - done].to(self.device), y[: total - done].to(self.device)
+            # Negative positions: generators disjoint from the training stream's.
+            gens = sample_generators(tc.seed, [-1 - (done + k) for k in range(len(x))], self.device)
+            x0 = self._encode(x, gens)
+            t = _per_sample(gens, lambda g: torch.randint(0, self.diffusion.num_timesteps, (), generator=g,
+                                                          device=self.device))
+            noise = _per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=self.device))
+            x_t = self.diffusion.q_sample(x0, t, noise.to(x0.dtype))
+            with self.acc.autocast(), capture_attention(self.teacher, 1.0, t_layers) as store:
+                self.teacher(x_t, t, y)
+            for i, probs in zip(store.layer_indices, store.probs):
+                sim = shd_math.head_similarity(probs)  # (H_t, H_t), summed over the chunk
+                sims[i] = sim if i not in sims else sims[i] + sim
+            done += len(x)
+        self._set_groups([
+            shd_math.cluster_heads(sims[i] / total, sq.student_heads, dc.max_group_size)
+            for (_, i), sq in zip(self.layer_pairs, self.squeezers)
+        ])
+        self.print(f"head matching on {total} calibration images: groups {self.groups}")
 
     def compute_terms(
-        self, x0: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator], batch_gen: torch.Generator
+        self, x0: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator], mask_jitter: float = 0.5
     ) -> StepTerms:
         """Per-sample loss terms for one micro-batch.
 
@@ -345,7 +448,8 @@ class Trainer:
         Args:
             x0: (B, C, H, W) clean latents/pixels. y: (B,) labels.
             gens: one generator per sample (timestep, noise, label drop).
-            batch_gen: generator for MDT's per-batch mask draw.
+            mask_jitter: MDT's masked pass: this step's mask-ratio draw (:func:`step_mask_jitter`);
+                the keep sets come from ``gens``.
         """
         dc, diff = self.cfg.distill, self.diffusion
         dev = self.device
@@ -377,7 +481,10 @@ class Trainer:
             # Masked pass: same t, independent noise (as upstream), random keep set per sample.
             noise_m = _per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=dev)).to(x0.dtype)
             x_tm = diff.q_sample(x0, t, noise_m)
-            out_m, _, _ = self.side(x_tm, t, y, enable_mask=True, force_drop_ids=drop, generator=batch_gen)
+            n_tokens = _num_tokens(self.acc.unwrap_model(self.side).student)
+            mask_noise = _per_sample(gens, lambda g: torch.rand(n_tokens, generator=g, device=dev))  # (B, N)
+            out_m, _, _ = self.side(x_tm, t, y, enable_mask=True, force_drop_ids=drop, mask_jitter=mask_jitter,
+                                    mask_noise=mask_noise)
             masked = diff.training_losses(out_m.float(), x0, x_tm, t, noise_m, mse_weight=weight)["loss"]
             terms["diffusion_masked"] = masked
             total = total + masked
@@ -400,20 +507,15 @@ class Trainer:
                 terms["kd"] = kd_loss(out, t_out)
                 total = total + dc.kd_weight * terms["kd"]
             if shd_on:
-                slot = {i: k for k, i in enumerate(store.layer_indices)}
-                mode = _squeeze_mode(dc.squeeze)
-                targets = []
-                for (j, i), groups in zip(self.layer_pairs, self.groups):
-                    k = slot[i]
-                    squeezed, a = shd_math.squeeze_heads(
-                        store.probs[k], store.values[k], store.out_weights[k], len(groups),
-                        groups=groups if mode in ("lstsq", "constant") else None,
-                        mode=mode, generator_seed=dc.seed,
-                    )
-                    # alpha comes from the T=1 maps; the KL target is the softened maps mixed by it.
-                    soft = squeezed if dc.temperature == 1.0 else shd_math.apply_alphas(store.maps[k], a, groups)
-                    targets.append(soft)
-                    alphas.append(a)
+                slots = [store.layer_indices.index(i) for _, i in self.layer_pairs]
+                # alpha comes from the T=1 maps; the KL target is the softened maps mixed by it.
+                targets, alphas = shd_math.squeeze_layers(
+                    self.squeezers,
+                    [store.probs[k] for k in slots],
+                    [store.values[k] for k in slots],
+                    [store.out_weights[k] for k in slots],
+                    None if dc.temperature == 1.0 else [store.maps[k] for k in slots],
+                )
                 terms["shd"] = shd_math.shd_loss(s_maps, targets, beta=1.0, kind=dc.loss, reduction=dc.reduction)
                 total = total + dc.shd_beta * terms["shd"]
             if feat_on:
@@ -437,73 +539,106 @@ class Trainer:
         """Train until ``train.steps`` (or ``max_steps`` more steps); returns the last logged scalars.
 
         Checkpoints every ``train.checkpoint_every`` steps, at the end, and when SIGTERM/SIGUSR1
-        arrives (cluster preemption), then returns.
+        arrives (cluster preemption), then returns. A non-finite loss or gradient norm stops the
+        run before the update (:class:`NonFiniteLossError`). The ranks agree on both through one
+        all-reduce per step, the only host sync of a step outside logging.
         """
         from tqdm.auto import tqdm
 
         tc = self.cfg.train
         end = tc.steps if max_steps is None else min(tc.steps, self.step + max_steps)
+        if self.step == 0 and self.cfg.distill.squeeze == "matching" and self.layer_pairs:
+            self._match_heads()
         batches = self._batches()
-        if self.step == 0 and self.cfg.distill.squeeze == "matching":
-            x, y = next(_peek(batches))
-            self._maybe_match_heads(self._encode(x, sample_generators(tc.seed, list(range(-len(x), 0)), self.device)), y)
-            batches = self._batches()
         bar = tqdm(total=end, initial=self.step, disable=not (progress and self.acc.is_main_process),
                    desc="train", dynamic_ncols=True)
         last: dict[str, float] = {}
         tick, seen = time.perf_counter(), 0
-        side = self.side
+        sums: dict[str, torch.Tensor] = {}  # running sums since the last log, kept on the device
+        alpha_stats: list[torch.Tensor] = []
+        logged_at = self.step
         with PreemptionHandler() as preempt:
             while self.step < end:
-                sums: dict[str, float] = {}
-                alpha_stats: list[torch.Tensor] = []
-                grad_norm = None
-                for micro in range(tc.grad_accum):
-                    x, y = next(batches)
-                    gens = sample_generators(tc.seed, self._positions(micro, x.shape[0]), self.device)
-                    x0 = self._encode(x, gens)
-                    batch_gen = batch_generator(tc.seed, self.step, self.acc.process_index, micro, self.device)
-                    with self.acc.accumulate(side), self.acc.autocast():
-                        st = self.compute_terms(x0, y, gens, batch_gen)
-                        loss = st.total.mean()
-                        self._check_finite(loss)
-                        self.acc.backward(loss)  # accelerate divides by grad_accum
-                        if self.acc.sync_gradients:
-                            if self.cfg.optim.max_grad_norm > 0:
-                                grad_norm = self.acc.clip_grad_norm_(side.parameters(), self.cfg.optim.max_grad_norm)
-                            self.optimizer.step()
-                            self.scheduler.step()
-                            self.optimizer.zero_grad(set_to_none=True)
-                    for k, v in st.terms.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach().mean()) / tc.grad_accum
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / tc.grad_accum
-                    alpha_stats.extend(a.detach() for a in st.alphas)
-                    seen += x.shape[0]
-                self.ema.update(self.acc.unwrap_model(side).student)
-                self.step += 1
+                out = self.train_step(batches, lambda: preempt.requested)
+                for k, v in out.terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                alpha_stats.extend(out.alphas)
+                seen += out.images
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == end:
                     elapsed = time.perf_counter() - tick
-                    last = self._log(sums, alpha_stats, grad_norm, seen * self.acc.num_processes / max(elapsed, 1e-9))
+                    n_micro = tc.grad_accum * (self.step - logged_at)
+                    means = {k: float(v) / n_micro for k, v in sums.items()}
+                    rate = seen * self.acc.num_processes / max(elapsed, 1e-9)
+                    last = self._log(means, alpha_stats, out.grad_norm, rate)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
-                    tick, seen = time.perf_counter(), 0
-                if self.step % tc.checkpoint_every == 0 or self.step == end:
-                    self.save()
+                    tick, seen, sums, alpha_stats, logged_at = time.perf_counter(), 0, {}, [], self.step
+                saved = self.step % tc.checkpoint_every == 0 or self.step == end
+                if saved:
+                    path = self.save()  # collective: every rank takes the same branches here
                 if tc.sample_every and self.step % tc.sample_every == 0:
                     self.sample_grid()
-                if self._any_rank(preempt.requested):
-                    path = self.save()
+                if out.preempted:
+                    if not saved:
+                        path = self.save()
                     self.print(f"preempted at step {self.step}: checkpoint saved{f' to {path}' if path else ''}; "
                                "rerun the same command to resume")
                     break
         bar.close()
         return last
 
-    def _any_rank(self, flag: bool) -> bool:
-        """True if ``flag`` is set on any process (all ranks must agree before a collective save)."""
-        if self.acc.num_processes == 1:
-            return flag
-        return float(self.acc.reduce(torch.tensor(float(flag), device=self.device), reduction="sum")) > 0
+    def train_step(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], preempt: Callable[[], bool] = lambda: False
+    ) -> StepOutcome:
+        """One optimizer step: ``train.grad_accum`` micro-batches, clip, check, update, EMA.
+
+        A non-finite loss or gradient norm on any rank raises :class:`NonFiniteLossError` before
+        the update. The ranks agree on that and on ``preempt()`` (a pending SIGTERM/SIGUSR1, read
+        after the backward passes) through one all-reduce, the step's only host sync.
+
+        Args:
+            batches: this rank's micro-batches ``(x (B, C, H, W), y (B,))`` (pixels or latents).
+            preempt: whether this rank has seen a preemption signal.
+
+        Returns:
+            The step's summed loss terms (device tensors), alphas, grad norm, image count and
+            whether any rank asked to stop.
+        """
+        tc = self.cfg.train
+        side = self.side
+        bad_loss = torch.zeros((), device=self.device)
+        terms: dict[str, torch.Tensor] = {}
+        alphas: list[torch.Tensor] = []
+        images = 0
+        jitter = step_mask_jitter(tc.seed, self.step)
+        for micro in range(tc.grad_accum):
+            x, y = next(batches)
+            gens = sample_generators(tc.seed, self._positions(micro, x.shape[0]), self.device)
+            x0 = self._encode(x, gens)
+            with self.acc.accumulate(side):
+                with self.acc.autocast():
+                    st = self.compute_terms(x0, y, gens, jitter)
+                    loss = st.total.mean()
+                self.acc.backward(loss)  # accelerate divides by grad_accum
+            bad_loss = bad_loss + (~torch.isfinite(loss.detach())).float()
+            for k, v in [*st.terms.items(), ("loss", loss)]:
+                terms[k] = terms.get(k, 0.0) + v.detach().float().mean()
+            alphas.extend(a.detach() for a in st.alphas)
+            images += x.shape[0]
+        # The last micro-batch synced the gradients across ranks: clip, check, update.
+        clip = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else math.inf
+        grad_norm = self.acc.clip_grad_norm_(side.parameters(), clip)
+        flags = torch.stack([bad_loss, (~torch.isfinite(grad_norm)).float(),
+                             torch.tensor(float(preempt()), device=self.device)])
+        bad_loss_any, bad_grad_any, preempted = (self.acc.reduce(flags, reduction="sum") > 0).tolist()
+        if bad_loss_any or bad_grad_any:
+            self._raise_non_finite("loss" if bad_loss_any else "gradient norm")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.acc.unwrap_model(side).student)
+        self.step += 1
+        return StepOutcome(terms, alphas, grad_norm, images, bool(preempted))
 
     def _positions(self, micro: int, size: int) -> list[int]:
         """Global stream positions of this rank's micro-batch (the sampler deals rank::world)."""
@@ -511,37 +646,66 @@ class Trainer:
         world, rank = self.acc.num_processes, self.acc.process_index
         return [(local + i) * world + rank for i in range(size)]
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
-        if float(self.acc.reduce(bad, reduction="sum")) > 0:
-            last = latest_checkpoint(self.run_dir)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step}; no update was applied. Last good checkpoint: "
-                f"{last if last else 'none yet'}. Lower optim.lr or check the data, then resume."
-            )
+    def _raise_non_finite(self, what: str) -> None:
+        last = latest_checkpoint(self.run_dir)
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {self.step}; no update was applied. Last good checkpoint: "
+            f"{last if last else 'none yet'}. Lower optim.lr or check the data, then resume."
+        )
 
-    def _log(self, sums: dict[str, float], alphas: list[torch.Tensor], grad_norm: Any, img_per_s: float) -> dict[str, float]:
-        scalars = {f"loss/{k}": v for k, v in sums.items()}
-        scalars["loss"] = sums["loss"]
+    def _log(
+        self, means: dict[str, float], alphas: list[torch.Tensor], grad_norm: torch.Tensor, img_per_s: float
+    ) -> dict[str, float]:
+        """Log the interval's mean loss terms, lr, grad norm, throughput, memory and alpha statistics.
+
+        ``alphas`` holds one (B, H_t) tensor per SHD layer pair per micro-batch, in pair order;
+        ``zero_frac`` is the share of teacher heads whose alpha sits on the simplex boundary (0),
+        i.e. how often the simplex constraint was active (exactly 0 for constant merge).
+        """
+        scalars = {f"loss/{k}": v for k, v in means.items() if k != "loss"}
+        scalars["loss"] = means["loss"]
         scalars["lr"] = float(self.scheduler.get_last_lr()[0])
         scalars["throughput/img_per_s"] = img_per_s
-        if grad_norm is not None:
-            scalars["grad_norm"] = float(grad_norm)
+        scalars["grad_norm"] = float(grad_norm)
         if torch.cuda.is_available():
             scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         n_pairs = len(self.layer_pairs)
-        for k, a in enumerate(alphas):
-            layer = self.layer_pairs[k % n_pairs][0] if n_pairs else k
-            scalars[f"alpha/layer{layer:02d}_min"] = float(a.min())
-            scalars[f"alpha/layer{layer:02d}_max"] = float(a.max())
-            scalars[f"alpha/layer{layer:02d}_std"] = float(a.std())
+        for k, (j, _) in enumerate(self.layer_pairs if alphas else []):
+            a = torch.cat(alphas[k::n_pairs]).float()  # (micro-batches * B, H_t)
+            scalars[f"alpha/layer{j:02d}_min"] = float(a.min())
+            scalars[f"alpha/layer{j:02d}_max"] = float(a.max())
+            scalars[f"alpha/layer{j:02d}_std"] = float(a.std())
+            scalars[f"alpha/layer{j:02d}_zero_frac"] = float((a == 0).float().mean())
         self.acc.log(scalars, step=self.step)
         return scalars
 
+    def _decoder(self) -> nn.Module | None | bool:
+        """VAE that turns sampled latents into pixels: None for pixel-space data, False if unavailable.
+
+        Latent runs load ``data.vae`` on first use (main process only); if that fails (e.g. no
+        hub access), grids are switched off with one message instead of stopping the run.
+        """
+        if self.vae is not None or self.cfg.data.kind != "latents":
+            return self.vae
+        if self._grid_vae is None:
+            try:
+                self._grid_vae = _load_vae(self.cfg.data.vae, self.device)
+            except (OSError, ValueError) as err:
+                self.print(f"sample grids are off: cannot load data.vae={self.cfg.data.vae} to decode latents ({err})")
+                self._grid_vae = False
+        return self._grid_vae
+
     @torch.no_grad()
-    def sample_grid(self, num: int = 16, steps: str = "50") -> Path | None:
-        """Sample a small grid with the EMA weights (CFG 4, ``steps`` respaced DDPM steps)."""
+    def sample_grid(self, num: int = 16, steps: str = "50", cfg_scale: float = 3.8) -> Path | None:
+        """Sample a preview grid with the EMA weights (CFG, ``steps`` respaced DDPM steps).
+
+        Written to ``run_dir/samples/step_{step:08d}.png`` on the main process; returns None on
+        other ranks and when latents cannot be decoded.
+        """
         if not self.acc.is_main_process:
+            return None
+        decoder = self._decoder()
+        if decoder is False:
             return None
         from torchvision.utils import save_image
 
@@ -561,15 +725,13 @@ class Trainer:
             student.eval()
             x = diffusion.p_sample_loop(
                 lambda x_, t_, **_: student.forward_with_cfg(
-                    torch.cat([x_, x_]), torch.cat([t_, t_]), y, 4.0, guidance_channels=guide
+                    torch.cat([x_, x_]), torch.cat([t_, t_]), y, cfg_scale, guidance_channels=guide
                 )[:num],
                 z,
             )
             student.train(was_training)
-        if self.vae is not None:
-            x = self.vae.decode(x / 0.18215).sample
-        elif self.cfg.data.kind == "latents":
-            return None  # no VAE loaded for latent runs: grids need decoding
+        if decoder is not None:
+            x = decoder.decode(x / 0.18215).sample
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=int(math.sqrt(num)))
@@ -613,10 +775,6 @@ def _num_tokens(model: nn.Module) -> int:
     return int(model.x_embedder.num_patches)
 
 
-def _peek(it: Iterator[Any]) -> Iterator[Any]:
-    yield next(it)
-
-
 def _load_vae(name_or_path: str, device: torch.device) -> nn.Module:
     from diffusers.models import AutoencoderKL
 
@@ -656,16 +814,19 @@ def train(
 ) -> Trainer:
     """Build a :class:`Trainer`, resume if asked, and train. Returns the trainer (for tests)."""
     acc = accelerator or make_accelerator(cfg, run_dir)
-    if acc.is_main_process:
-        write_run_files(run_dir, cfg)
-    trainer = Trainer(cfg, run_dir, acc)
-    trainer.resume(resume)
-    if acc.log_with:
-        acc.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
     try:
+        trainer = Trainer(cfg, run_dir, acc)
+        trainer.resume(resume)  # refuses an incompatible run folder before anything is written
+        if acc.is_main_process:
+            write_run_files(run_dir, cfg)
+        if acc.log_with:
+            acc.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
         trainer.fit(max_steps=max_steps, progress=progress)
+        # Tear down together: a rank that destroys its gloo group while a peer is still working
+        # can abort in C++ ("terminate called without an active exception").
+        acc.wait_for_everyone()
     finally:
-        acc.end_training()
+        acc.end_training()  # also destroys the process group (one left alive aborts at exit)
     return trainer
 
 

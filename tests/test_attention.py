@@ -9,11 +9,18 @@ from shd_diffusion.attention import (
     CaptureProcessor,
     SDPAProcessor,
     attention_layers,
+    attention_probs,
     capture_attention,
+    project_qkv,
 )
 
 # Float32 SDPA vs explicit softmax(QK^T)V: different summation order only.
 OUT_ATOL = 1e-5
+# bf16 autocast vs float32, same weights: q, k, v carry bf16 rounding (2^-9 relative) from the
+# projections, which moves logits of size ~5 by ~1e-2. Measured on these tiny stacks: maps 1.2e-3,
+# outputs 3.6e-3 (max |out| 3.3); an ignored bias or a wrong softmax is off by O(0.1) or more.
+AUTOCAST_MAP_ATOL = 5e-3
+AUTOCAST_OUT_ATOL = 2e-2
 
 
 class Biased(Attention):
@@ -138,11 +145,72 @@ def test_student_maps_keep_graph_teacher_export_detached():
     torch.testing.assert_close(out @ teacher.out_weights[0].T + blk.proj.bias, blk(x), atol=OUT_ATOL, rtol=0)
 
 
-def test_works_on_diffusers_dit():
+def test_teacher_capture_requires_no_grad():
+    model = Stack(depth=2)
+    originals = [blk.processor for blk in model.blocks]
+    with pytest.raises(RuntimeError, match=r"export_values=True.*torch\.no_grad"):
+        with capture_attention(model, export_values=True):
+            model(torch.randn(1, 10, 32))
+    assert [blk.processor for blk in model.blocks] == originals
+    with torch.inference_mode(), capture_attention(model, export_values=True) as store:
+        model(torch.randn(1, 10, 32))  # inference mode counts as no-grad
+    assert len(store.values) == 2
+
+
+def test_capture_under_bf16_autocast_is_float32():
+    torch.manual_seed(4)
+    model = Stack(biased=True, depth=2)
+    x = torch.randn(3, 10, 32)
+    with torch.no_grad():
+        with capture_attention(model, temperature=2.0) as ref:
+            model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with capture_attention(model, temperature=2.0) as got:
+                model(x)
+            with capture_attention(model, export_values=True) as teacher:
+                model(x)
+            q, k, _ = project_qkv(model.blocks[0], x)  # (B, H, N, d) each, bf16 under autocast
+            in_autocast = attention_probs(q, k, model.blocks[0].scale, model.blocks[0].bias)
+    assert q.dtype == torch.bfloat16  # the projections did run in bf16
+    for entries in (got.maps, got.probs, teacher.maps, teacher.probs, teacher.values, teacher.out_weights):
+        assert all(e.dtype == torch.float32 for e in entries)
+    # Oracle: float32 softmax of exactly those bf16 q, k, computed outside autocast. A bf16
+    # matmul or softmax would be ~1e-3 off; float32 on the same inputs agrees to rounding.
+    blk = model.blocks[0]
+    logits = (q.float() @ k.float().transpose(-2, -1)) * blk.scale + blk.bias  # (B, H, N, N)
+    torch.testing.assert_close(got.maps[0], (logits / 2.0).softmax(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.probs[0], logits.softmax(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(in_autocast, logits.softmax(-1), atol=1e-6, rtol=0)
+    # And close to a float32 capture of the same weights.
+    for a, b in zip(got.maps + got.probs, ref.maps + ref.probs):
+        torch.testing.assert_close(a, b, atol=AUTOCAST_MAP_ATOL, rtol=0)
+
+
+def test_sdpa_bias_under_bf16_autocast():
+    # The fast path casts the additive bias to q's dtype (bf16): it must still be applied, and
+    # agree with float32 and with the capture path under the same autocast.
+    torch.manual_seed(5)
+    model = Stack(biased=True, depth=2)
+    x = torch.randn(3, 10, 32)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = model(x)
+            with capture_attention(model):
+                captured = model(x)
+        for blk in model.blocks:
+            blk.bias.zero_()
+        without_bias = model(x)
+    torch.testing.assert_close(fast.float(), ref, atol=AUTOCAST_OUT_ATOL, rtol=0)
+    torch.testing.assert_close(captured.float(), ref, atol=AUTOCAST_OUT_ATOL, rtol=0)
+    # The tolerance is tight enough to notice a dropped bias.
+    assert (without_bias - ref).abs().max() > 10 * AUTOCAST_OUT_ATOL
+
+
+def _tiny_diffusers_dit():
     from diffusers import DiTTransformer2DModel
 
-    torch.manual_seed(3)
-    model = DiTTransformer2DModel(
+    return DiTTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=4,
@@ -152,17 +220,27 @@ def test_works_on_diffusers_dit():
         patch_size=2,
         num_embeds_ada_norm=10,
     ).eval()
-    for blk in model.transformer_blocks:
-        blk.attn1.set_processor(SDPAProcessor())
+
+
+def test_works_on_diffusers_dit():
+    torch.manual_seed(3)
+    model = _tiny_diffusers_dit()
     x = torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 500])
     y = torch.tensor([1, 3])
+    # Reference: diffusers' own default processor, before ours is swapped in.
+    assert all(type(b.attn1.processor).__name__ == "AttnProcessor2_0" for b in model.transformer_blocks)
+    with torch.no_grad():
+        reference = model(x, timestep=t, class_labels=y).sample
+    for blk in model.transformer_blocks:
+        blk.attn1.set_processor(SDPAProcessor())
     with torch.no_grad():
         fast = model(x, timestep=t, class_labels=y).sample
         with capture_attention(model, temperature=1.0) as store:
             captured = model(x, timestep=t, class_labels=y).sample
     assert len(store.maps) == 2 and store.maps[0].shape == (2, 2, 16, 16)
-    torch.testing.assert_close(captured, fast, atol=OUT_ATOL, rtol=0)
+    torch.testing.assert_close(fast, reference, atol=OUT_ATOL, rtol=0)
+    torch.testing.assert_close(captured, reference, atol=OUT_ATOL, rtol=0)
     # Against diffusers' own map-producing processor, which returns (B*heads, N, N).
     attn = model.transformer_blocks[0].attn1
     assert len(attention_layers(model)) == 2
@@ -174,3 +252,19 @@ def test_works_on_diffusers_dit():
         with capture_attention(model, layers=[0]) as store:
             attn(hidden)
     torch.testing.assert_close(store.maps[0], ref, atol=1e-6, rtol=1e-5)
+
+
+def test_diffusers_unsupported_features_raise():
+    from diffusers.models.attention_processor import Attention as DiffusersAttention
+
+    torch.manual_seed(6)
+    hidden = torch.randn(2, 16, 16)
+    joint = DiffusersAttention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16)
+    plain = _tiny_diffusers_dit().transformer_blocks[0].attn1
+    for processor in (SDPAProcessor(), CaptureProcessor(store=None, layer_index=0)):
+        with pytest.raises(NotImplementedError, match="add_k_proj, add_v_proj"):
+            processor(joint, hidden, encoder_hidden_states=torch.randn(2, 5, 16))
+        # diffusers-style key masks, (B, 1, M) and (B*heads, N, M): refused, not mis-broadcast.
+        for mask in (torch.zeros(2, 1, 16), torch.zeros(4, 16, 16)):
+            with pytest.raises(NotImplementedError, match="4-D additive logit bias"):
+                processor(plain, hidden, attention_mask=mask)

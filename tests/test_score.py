@@ -6,11 +6,15 @@ resizes to 299), so the image sets are tiny and the two scoring runs are shared 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import runpy
+import tracemalloc
 import urllib.error
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +30,14 @@ from sampling.inception import (
     load_feature_extractor,
 )
 from sampling.score import (
+    NpzImages,
     RefStats,
     ScoreError,
     as_rgb_nhwc,
     build_parser,
     load_samples,
     main,
+    open_npz_images,
     reference_cache_key,
     score,
 )
@@ -43,6 +49,7 @@ NO_FID_HELPER = (
     "it ships the only offline Inception weights"
 )
 N_IMAGES = 5  # per set: FID needs >= 2, k=3 precision/recall >= 4; each image costs an Inception forward
+KID = {"kid_subset_size": N_IMAGES}  # the default 1000 needs 1000 images per set
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -61,7 +68,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two runs of the CLI entry point on one reference: itself (cache miss), brightened (cache hit)."""
+    """Two runs of the CLI entry point on one reference: itself (cache miss), brightened (cache hit,
+    with ``--json -``: stdout and stderr captured)."""
     d = tmp_path_factory.mktemp("score")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (N_IMAGES, 32, 32, 3), dtype=np.uint8)  # (N, H, W, 3)
@@ -73,11 +81,15 @@ def runs(converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     np.savez(d / "ref.npz", images, mu=np.ones(7), sigma=np.eye(7))
     common = ["--ref", str(d / "ref.npz"), "--inception-weights", str(converted)]
     common += ["--cache-dir", str(d / "cache"), "--no-progress", "--batch-size", "4", "--device", "cpu"]
+    common += ["--kid-subset-size", str(N_IMAGES)]
     first = main([str(d / "samples.npz"), *common, "--json", str(d / "self.json")])
     cache = Path(first["ref"]["cache_path"])
     mtime = cache.stat().st_mtime_ns
-    second = main([str(d / "bright.npz"), *common])
-    return {"dir": d, "first": first, "second": second, "cache": cache, "mtime": mtime}
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        second = main([str(d / "bright.npz"), *common, "--json", "-"])
+    return {"dir": d, "first": first, "second": second, "cache": cache, "mtime": mtime,
+            "stdout": out.getvalue(), "stderr": err.getvalue()}
 
 
 # ------------------------------------------------------------------------------------- converter
@@ -85,7 +97,9 @@ def runs(converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.skipif(not HAS_FID_HELPER, reason=NO_FID_HELPER)
 def test_converted_weights_match_torchscript_pool3(converted: Path) -> None:
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    from torch_fidelity.interpolate_compat_tensorflow import (
+        interpolate_bilinear_2d_like_tensorflow1x,
+    )
 
     from sampling.inception import fid_helper_model_path
 
@@ -279,7 +293,12 @@ def test_score_fid_self_zero_and_brighter_positive(runs: dict) -> None:
     assert first["num_samples"] == first["num_ref"] == N_IMAGES
     assert first["ref"]["kind"] == "adm_npz"
     assert json.loads((runs["dir"] / "self.json").read_text())["fid"] == first["fid"]
-    assert first["settings"]["kid_subset_size"] == N_IMAGES  # capped from 1000, and recorded
+    assert first["settings"]["kid_subset_size"] == N_IMAGES  # as requested, and recorded
+
+
+def test_json_to_stdout_is_pure_json(runs: dict) -> None:
+    assert json.loads(runs["stdout"]) == json.loads(json.dumps(runs["second"]))  # the whole of stdout
+    assert runs["stderr"].strip().splitlines()[-1].startswith("FID ")  # the summary moved to stderr
 
 
 def test_score_reports_is_unavailable_with_converted_weights(runs: dict, converted: Path) -> None:
@@ -307,14 +326,31 @@ def test_reference_cache_reused_and_keyed_by_weights(runs: dict, converted: Path
     stats.weights_sha256 = "0" * 64
     stats.save(tmp_path / "stats.npz")
     with pytest.raises(ScoreError, match="computed with Inception weights sha256 000000000000.*--inception-weights"):
-        score(runs["dir"] / "samples.npz", tmp_path / "stats.npz", converted, cache_dir=tmp_path, progress=False)
+        score(runs["dir"] / "samples.npz", tmp_path / "stats.npz", converted, cache_dir=tmp_path, progress=False, **KID)
 
 
 def test_sample_and_reference_size_mismatch(runs: dict, converted: Path, tmp_path: Path) -> None:
     np.savez(tmp_path / "small.npz", np.zeros((N_IMAGES, 16, 16, 3), dtype=np.uint8))
     # Reference statistics come from the cache: no Inception forward before the check.
     with pytest.raises(ScoreError, match=r"samples are 16x16 \(WxH\) but the reference is 32x32.*allow-size"):
-        score(tmp_path / "small.npz", runs["dir"] / "ref.npz", converted, cache_dir=runs["dir"] / "cache")
+        score(tmp_path / "small.npz", runs["dir"] / "ref.npz", converted, cache_dir=runs["dir"] / "cache", **KID)
+
+
+def test_kid_subset_larger_than_a_set_is_an_error(runs: dict, converted: Path, tmp_path: Path) -> None:
+    ref, cache = runs["dir"] / "ref.npz", runs["dir"] / "cache"
+    # Default 1000 > 5 samples: refused before any Inception forward, naming sizes and the flag.
+    with pytest.raises(ScoreError, match=r"5 images, but KID with subset size 1000 needs at least 1000: "
+                                         r"pass --kid-subset-size N with 2 <= N <= 5"):
+        score(runs["dir"] / "samples.npz", ref, converted, cache_dir=cache, progress=False)
+    # The reference (5 cached) is the smaller set: its size is named.
+    np.savez(tmp_path / "more.npz", np.zeros((7, 32, 32, 3), np.uint8))
+    with pytest.raises(ScoreError, match=r"reference .*ref\.npz: 5 images, but KID with subset size 6 .*N <= 5"):
+        score(tmp_path / "more.npz", ref, converted, cache_dir=cache, progress=False, kid_subset_size=6)
+    with pytest.raises(ScoreError, match="--kid-subset-size 1: KID's unbiased estimate needs at least 2"):
+        score(tmp_path / "more.npz", ref, converted, cache_dir=cache, kid_subset_size=1)
+    with pytest.raises(SystemExit, match=r"error: .*--kid-subset-size N with 2 <= N <= 5"):
+        main([str(runs["dir"] / "samples.npz"), "--ref", str(ref), "--inception-weights", str(converted),
+              "--cache-dir", str(cache), "--no-progress"])
 
 
 def test_reference_errors(converted: Path, tmp_path: Path) -> None:
@@ -326,7 +362,7 @@ def test_reference_errors(converted: Path, tmp_path: Path) -> None:
     for name in ("a1", "a2", "a3", "a4"):
         Image.new("RGB", (8, 8)).save(folder / f"{name}.png")
     Image.new("L", (9, 8)).save(folder / "b.png")  # in the first batch: fails before any forward
-    kwargs = {"cache_dir": tmp_path / "cache", "progress": False}
+    kwargs = {"cache_dir": tmp_path / "cache", "progress": False, "kid_subset_size": 3}
     with pytest.raises(ScoreError, match=r"b\.png: size 9x8 \(WxH\) differs from 8x8.*resize"):
         score(tmp_path / "samples.npz", folder, converted, **kwargs)
     np.savez(tmp_path / "tf_stats.npz", mu=np.zeros(3), sigma=np.eye(3))
@@ -367,3 +403,196 @@ def test_help_shows_defaults() -> None:
     for default in ("200", "auto", "1000", "100", "10", "3", "None", "False"):
         assert f"(default: {default})" in text, default
     assert "ref_stats)" in text  # the cache dir's default path
+
+
+# ------------------------------------------------------------------- parity with torch-fidelity
+# torch-fidelity's own metric functions on random features are the oracle for ours.
+
+
+def test_fid_matches_torch_fidelity() -> None:
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    rng = np.random.default_rng(10)
+    a = rng.normal(size=(300, 24))
+    b = rng.normal(size=(250, 24)) @ rng.normal(size=(24, 24)) * 0.3 + 0.2  # other mean and covariance
+    (mu1, s1), (mu2, s2) = metrics.feature_stats(a), metrics.feature_stats(b)
+    ref = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, verbose=False)[KEY_METRIC_FID]
+    assert ref > 1.0
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-10)
+    # N < D (singular covariances, the small-set case): torch-fidelity's eigvals of the
+    # non-symmetric product carries round-off there; ours agrees to that round-off.
+    c, d = rng.normal(size=(12, 40)), rng.normal(size=(15, 40)) + 0.1
+    (mu1, s1), (mu2, s2) = metrics.feature_stats(c), metrics.feature_stats(d)
+    ref = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, verbose=False)[KEY_METRIC_FID]
+    assert metrics.frechet_distance(mu1, s1, mu2, s2, factor1=metrics.covariance_factor(c)) == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize(("n1", "n2", "subset", "seed"), [(40, 40, 40, 0), (90, 70, 25, 2020), (60, 80, 10, 7)])
+def test_kid_matches_torch_fidelity(n1: int, n2: int, subset: int, seed: int) -> None:
+    """subset == N: every subset is the whole set (draws do not matter); subset < N: the same
+    RandomState(seed) draws as torch-fidelity, so the per-subset values and their mean/std match."""
+    from torch_fidelity.metric_kid import (
+        KEY_METRIC_KID_MEAN,
+        KEY_METRIC_KID_STD,
+        kid_features_to_metric,
+    )
+
+    rng = np.random.default_rng(n1 + n2)
+    x, y = rng.normal(size=(n1, 16)), rng.normal(size=(n2, 16)) + 0.3
+    ref = kid_features_to_metric(torch.from_numpy(x), torch.from_numpy(y), kid_subsets=20,
+                                 kid_subset_size=subset, rng_seed=seed, verbose=False)
+    mean, std = metrics.kernel_inception_distance(x, y, num_subsets=20, subset_size=subset, seed=seed)
+    assert mean == pytest.approx(ref[KEY_METRIC_KID_MEAN], rel=1e-10)
+    assert std == pytest.approx(ref[KEY_METRIC_KID_STD], rel=1e-8, abs=1e-14)
+    if subset < min(n1, n2):  # the draws matter here: another seed gives another estimate
+        assert metrics.kernel_inception_distance(x, y, 20, subset, seed=seed + 1)[0] != pytest.approx(mean, rel=1e-6)
+
+
+@pytest.mark.parametrize("save_cpu_ram", [False, True])
+def test_precision_recall_matches_torch_fidelity(save_cpu_ram: bool) -> None:
+    """Same definition: torch-fidelity's features_1 = generated, features_2 = real; the k-th
+    neighbour excludes the point itself (its kthvalue(k + 1) counts the zero self-distance) and a
+    point on a ball's boundary counts as inside. torch-fidelity compares Euclidean distances, we
+    compare squared ones: the same order, so the same answer."""
+    from torch_fidelity.metric_prc import (
+        KEY_METRIC_PRECISION,
+        KEY_METRIC_RECALL,
+        prc_features_to_metric,
+    )
+
+    rng = np.random.default_rng(11)
+    real = rng.normal(size=(120, 8))
+    fake = rng.normal(size=(100, 8)) * 1.2 + 0.4
+    ref = prc_features_to_metric(torch.from_numpy(fake), torch.from_numpy(real), prc_neighborhood=3,
+                                 prc_batch_size=37, save_cpu_ram=save_cpu_ram, verbose=False)
+    ours = metrics.precision_recall(real, fake, k=3, batch_size=37, dtype=torch.float64)
+    assert 0 < ref[KEY_METRIC_PRECISION] < 1 and 0 < ref[KEY_METRIC_RECALL] < 1
+    # torch-fidelity averages the hits in float32: compare the hit counts.
+    assert round(ours[0] * len(fake)) == round(ref[KEY_METRIC_PRECISION] * len(fake))
+    assert round(ours[1] * len(real)) == round(ref[KEY_METRIC_RECALL] * len(real))
+
+
+def test_inception_score_matches_torch_fidelity() -> None:
+    """torch-fidelity shuffles the logits first (samples_shuffle); with shuffle off and N divisible
+    by the splits its chunks are ours (np.array_split)."""
+    from torch_fidelity.metric_isc import (
+        KEY_METRIC_ISC_MEAN,
+        KEY_METRIC_ISC_STD,
+        isc_features_to_metric,
+    )
+
+    logits = np.random.default_rng(12).normal(size=(200, 30)) * 3
+    ref = isc_features_to_metric(torch.from_numpy(logits), splits=10, shuffle=False)
+    mean, std = metrics.inception_score(logits, splits=10)
+    assert mean == pytest.approx(ref[KEY_METRIC_ISC_MEAN], rel=1e-10)
+    assert std == pytest.approx(ref[KEY_METRIC_ISC_STD], rel=1e-8)
+
+
+# --------------------------------------------------------------------------- streamed samples
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "deflated"])
+def test_samples_stream_in_batches_equal_to_the_full_array(tmp_path: Path, save) -> None:
+    rng = np.random.default_rng(13)
+    images = rng.integers(0, 256, (23, 6, 5, 3), dtype=np.uint8)  # (N, H, W, 3)
+    save(tmp_path / "s.npz", images, labels=np.arange(23))
+    stream = open_npz_images(tmp_path / "s.npz")
+    assert isinstance(stream, NpzImages) and stream.num_images == 23 and stream.image_hw == (6, 5)
+    batches = list(stream.batches(10))
+    assert [len(b) for b in batches] == [10, 10, 3]
+    assert all(b.flags.writeable and b.dtype == np.uint8 for b in batches)  # torch.from_numpy needs writable
+    assert np.array_equal(np.concatenate(batches), images)
+    assert np.array_equal(load_samples(tmp_path / "s.npz"), images)
+    gray = images[..., 0]  # (N, H, W): replicated to RGB batch by batch
+    save(tmp_path / "g.npz", gray)
+    got = np.concatenate(list(open_npz_images(tmp_path / "g.npz").batches(4)))
+    assert got.shape == (23, 6, 5, 3) and np.array_equal(got, np.repeat(gray[..., None], 3, axis=-1))
+
+
+def test_assembled_samples_stream(tmp_path: Path) -> None:
+    """What `sampling.sample` assembles (zip64 member written header + shard by shard) streams too."""
+    from sampling.shards import assemble, shard_path, write_manifest, write_shard
+
+    images = np.random.default_rng(16).integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
+    write_manifest(tmp_path, {"num_samples": 7, "shard_size": 3})
+    for k, start in enumerate(range(0, 7, 3)):
+        idx = np.arange(start, min(start + 3, 7))
+        write_shard(shard_path(tmp_path, k), images[idx], np.zeros(len(idx)), idx)
+    stream = open_npz_images(assemble(tmp_path))
+    assert isinstance(stream, NpzImages)
+    assert np.array_equal(np.concatenate(list(stream.batches(2))), images)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "deflated"])
+def test_streaming_memory_is_one_batch(tmp_path: Path, save) -> None:
+    images = np.random.default_rng(14).integers(0, 256, (400, 64, 64, 3), dtype=np.uint8)  # 4.9 MB
+    save(tmp_path / "s.npz", images)
+    stream = open_npz_images(tmp_path / "s.npz")
+    total = 0
+    tracemalloc.start()
+    try:
+        for batch in stream.batches(10):  # 123 kB each
+            total += int(batch.sum(dtype=np.int64))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == int(images.sum(dtype=np.int64))
+    # A few batches' worth (inflating keeps transient buffers), far from np.load's whole 4.9 MB.
+    assert peak < 8 * batch.nbytes < images.nbytes / 4, peak
+
+
+def test_unstreamable_layouts_fall_back_or_fail_clearly(tmp_path: Path) -> None:
+    images = np.random.default_rng(15).integers(0, 256, (4, 3, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "f.npz", np.asfortranarray(images))  # Fortran order: rows are not contiguous
+    loaded = open_npz_images(tmp_path / "f.npz")
+    assert isinstance(loaded, np.ndarray) and np.array_equal(loaded, images)  # whole-array fallback
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ScoreError, match=r"not a readable \.npz.*np\.savez"):
+        load_samples(tmp_path / "junk.npz")
+    np.savez(tmp_path / "t.npz", images)  # truncated member: cut the archive's data short
+    with zipfile.ZipFile(tmp_path / "t.npz") as zf:
+        raw = zf.read("arr_0.npy")
+    with zipfile.ZipFile(tmp_path / "t.npz", "w") as zf:
+        zf.writestr("arr_0.npy", raw[:-7])
+    with pytest.raises(ScoreError, match="truncated"):
+        load_samples(tmp_path / "t.npz")
+
+
+# ------------------------------------------------------------------- cache writes, bad weights
+
+
+def test_ref_stats_cache_write_is_unique_fsynced_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sampling import shards
+
+    stats = RefStats(np.zeros(3), np.eye(3), np.ones((4, 3), np.float32), (8, 8), "a" * 64, "src")
+    synced: list[int] = []
+    real_fsync = shards.os.fsync
+    monkeypatch.setattr(shards.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    path = tmp_path / "cache" / "ref-0123.npz"
+    stats.save(path)
+    assert len(synced) == 1 and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert RefStats.load(path).weights_sha256 == "a" * 64
+    names = {shards._temp_name(path).name for _ in range(3)}
+    assert len(names) == 3 and all(n.startswith("ref-0123.npz.tmp-") for n in names)  # unique per writer
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        stats.save(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp left, old file intact
+    assert RefStats.load(path).source == "src"
+
+
+def test_wrong_inception_weights_file_names_the_fix(tmp_path: Path) -> None:
+    # Passes the safe-load check (a tensor dict with a non-zero fc) but is no Inception.
+    torch.save({"fc.weight": torch.ones(1008, 2048), "fc.bias": torch.zeros(1008), "conv.weight": torch.ones(2)},
+               tmp_path / "wrong.pth")
+    with pytest.raises(InceptionWeightsError, match=r"(?s)wrong\.pth do not fit torch-fidelity's "
+                                                    r"FeatureExtractorInceptionV3 \(.*Missing key.*convert_inception\.py --out"):
+        load_feature_extractor(tmp_path / "wrong.pth")
+    np.savez(tmp_path / "s.npz", np.zeros((N_IMAGES, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit, match=r"error: Inception weights .*wrong\.pth do not fit"):
+        main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--inception-weights",
+              str(tmp_path / "wrong.pth"), "--kid-subset-size", "5", "--cache-dir", str(tmp_path / "c")])

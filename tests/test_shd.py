@@ -2,16 +2,22 @@
 
 import itertools
 import math
+import typing
 
 import pytest
 import torch
 
 from shd_diffusion import shd
+from shd_diffusion.attention import capture_attention
+from shd_diffusion.models import create_model
 from shd_diffusion.shd import (
     HeadSqueezer,
+    SqueezeMode,
     apply_alphas,
+    cluster_heads,
     default_groups,
     hard_selection,
+    head_similarity,
     layer_mapping,
     match_heads,
     naive_squeeze_alphas,
@@ -175,6 +181,115 @@ def test_large_group_fallback_matches_enumeration(monkeypatch):
     torch.testing.assert_close(pgd, exact, atol=1e-6, rtol=0)
 
 
+MIXED_16_TO_6 = [[0, 5, 9], [1, 14], [2, 7, 11], [3, 12, 15], [4, 8], [6, 10, 13]]  # sizes 3,2,3,3,2,3
+
+
+def per_group_alphas(attn, values, weight, groups, **kwargs):
+    """Oracle for the batched solve: each group squeezed on its own (its heads, its W columns)."""
+    d = values.shape[-1]
+    out = torch.empty(attn.shape[:2], dtype=torch.float64 if attn.dtype == F64 else torch.float32)
+    for group in groups:
+        cols = torch.cat([torch.arange(i * d, (i + 1) * d) for i in group])
+        _, a = squeeze_heads(attn[:, group], values[:, group], weight[:, cols], 1, **kwargs)
+        out[:, group] = a
+    return out
+
+
+@pytest.mark.parametrize("dtype,atol", [(F64, 1e-12), (torch.float32, 2e-6)])
+def test_batched_groups_equal_per_group_solves(dtype, atol):
+    # non-contiguous groups of mixed sizes: two batched solves (sizes 3 and 2), results scattered
+    # back to the right heads; the simplex step is active for some (sample, group) pairs
+    attn, values, weight = make_teacher(22, b=16, h=16, n=8, d=3, dim=12, dtype=dtype)
+    free = naive_squeeze_alphas(attn, values, weight, MIXED_16_TO_6)
+    assert (free < 0).any() and (free >= 0).all(1).any()  # both branches of the selection occur
+    for project in (True, False):
+        _, batched = squeeze_heads(attn, values, weight, 6, groups=MIXED_16_TO_6, project=project)
+        oracle = per_group_alphas(attn, values, weight, MIXED_16_TO_6, project=project)
+        torch.testing.assert_close(batched, oracle, atol=atol, rtol=0)
+    # the unconstrained solution also matches the explicit N x D formula
+    _, batched = squeeze_heads(attn, values, weight, 6, groups=MIXED_16_TO_6, project=False)
+    torch.testing.assert_close(batched.double(), free, atol=1e-9 if dtype == F64 else 1e-4, rtol=0)
+
+
+class HostSync(AssertionError):
+    pass
+
+
+def forbid_host_sync(monkeypatch):
+    """Make every device-to-host read (bool, item, ...) and every tensor/list index raise."""
+
+    def refuse(*args, **kwargs):
+        raise HostSync("host sync")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for name in ("__getitem__", "__setitem__"):
+        original = getattr(torch.Tensor, name)
+
+        def checked(self, key, *rest, _original=original):
+            keys = key if isinstance(key, tuple) else (key,)
+            if any(isinstance(k, (list, torch.Tensor)) for k in keys):
+                raise HostSync(f"index with {type(key).__name__}: a host-to-device copy on GPU")
+            return _original(self, key, *rest)
+
+        monkeypatch.setattr(torch.Tensor, name, checked)
+
+
+def test_lstsq_small_groups_never_sync_with_the_host(monkeypatch):
+    attn, values, weight = make_teacher(22, b=16, h=16, n=8, d=3, dim=12, dtype=torch.float32)
+    assert (naive_squeeze_alphas(attn, values, weight, MIXED_16_TO_6) < 0).any()  # simplex step needed
+    big, big_v, big_w = make_teacher(23, b=16, h=10, n=8, d=3, dim=12, dtype=torch.float32)
+    assert (naive_squeeze_alphas(big, big_v, big_w, default_groups(10, 2)) < 0).any()
+    want, _ = squeeze_heads(attn, values, weight, 6, groups=MIXED_16_TO_6)
+    with monkeypatch.context() as m:
+        forbid_host_sync(m)
+        got, _ = squeeze_heads(attn, values, weight, 6, groups=MIXED_16_TO_6)
+        squeeze_heads(attn, values, weight, 6)  # default contiguous groups
+        # groups of 5 heads still branch on the host (only the samples that need the simplex)
+        with pytest.raises(HostSync):
+            squeeze_heads(big, big_v, big_w, 2)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("ridge", [0.0, -1e-3, float("nan"), float("inf"), 1e-20])
+def test_ridge_must_be_positive_and_above_epsilon(ridge):
+    attn, values, weight = make_teacher(5, b=2, h=2, dtype=torch.float32)
+    attn[:, 1], values[:, 1] = attn[:, 0], values[:, 0]  # indistinguishable heads: singular at ridge 0
+    weight[:, 3:6] = weight[:, 0:3]
+    with pytest.raises(ValueError, match=rf"ridge={ridge!r} is not a finite number >= 1\.2e-07"):
+        squeeze_heads(attn, values, weight, 1, ridge=ridge)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_smallest_allowed_ridge_keeps_identical_heads_finite(dtype, k):
+    attn, values, weight = make_teacher(24, b=3, h=k, dtype=dtype)
+    attn[:] = attn[:, :1]
+    values[:] = values[:, :1]
+    weight[:] = weight[:, :3].repeat(1, k)
+    _, alphas = squeeze_heads(attn, values, weight, 1, ridge=torch.finfo(dtype).eps)
+    torch.testing.assert_close(alphas, torch.full((3, k), 1 / k, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_face_feasibility_is_relative_to_alpha_scale(dtype):
+    slack = 64 * torch.finfo(dtype).eps  # the documented rule: >= -64 eps max_i |alpha_i|
+    for scale in (1.0, 1e3):
+        inside = torch.tensor([scale, -0.5 * slack * scale, 0.0], dtype=dtype)
+        outside = torch.tensor([scale, -2.0 * slack * scale, 0.0], dtype=dtype)
+        assert shd._face_feasible(inside) and not shd._face_feasible(outside), scale
+
+
+def test_float32_simplex_solutions_match_float64():
+    # 64 samples, several outside the simplex: the float32 face selection (with its relative
+    # feasibility slack) picks the same constrained minimiser as float64
+    attn, values, weight = make_teacher(7, b=64, h=3)
+    _, a64 = squeeze_heads(attn, values, weight, 1)
+    _, a32 = squeeze_heads(attn.float(), values.float(), weight.float(), 1)
+    assert ((a64 == 0).any(1)).sum() >= 3  # the constraint is active for some samples
+    torch.testing.assert_close(a32.double(), a64, atol=1e-4, rtol=0)
+
+
 def test_project_simplex_known_values():
     v = torch.tensor([[0.5, 0.5, 0.5], [2.0, 0.0, -1.0], [0.2, 0.3, 0.5]], dtype=F64)
     want = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]], dtype=F64)
@@ -219,6 +334,19 @@ def test_bf16_inputs_close_to_float32():
     # the float32 solve on the bf16-rounded inputs is what the bf16 path computes
     _, a_round = squeeze_heads(attn.bfloat16().float(), values.bfloat16().float(), weight.bfloat16().float(), 3)
     torch.testing.assert_close(a16, a_round, atol=1e-6, rtol=0)
+
+
+def test_autocast_does_not_change_the_float32_solve():
+    # the training step runs under bf16 autocast; the alpha solve must stay float32
+    attn, values, weight = make_teacher(26, b=4, h=16, n=8, d=4, dim=16, dtype=torch.float32)
+    for mode in ("lstsq", "progressive"):
+        heads = 6 if mode == "lstsq" else 4
+        maps, alphas = squeeze_heads(attn, values, weight, heads, mode=mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            maps_ac, alphas_ac = squeeze_heads(attn, values, weight, heads, mode=mode)
+        assert alphas_ac.dtype == torch.float32 and maps_ac.dtype == torch.float32
+        torch.testing.assert_close(alphas_ac, alphas, atol=1e-6, rtol=0)
+        torch.testing.assert_close(maps_ac, maps, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +456,18 @@ def test_progressive_groups_and_unreachable():
     torch.testing.assert_close(maps[:, 2], attn[:, 8])
 
 
+def test_public_signatures_use_literals():
+    assert get_args_of(squeeze_heads, "mode") == typing.get_args(SqueezeMode) == shd._MODES
+    assert get_args_of(shd.resolve_groups, "mode") == shd._MODES
+    assert get_args_of(HeadSqueezer, "mode") == shd._MODES
+    assert get_args_of(shd_loss, "kind") == ("kl", "mse")
+    assert get_args_of(shd_loss, "reduction") == ("sum", "mean")
+
+
+def get_args_of(fn, name):
+    return typing.get_args(typing.get_type_hints(fn)[name])
+
+
 def test_mode_errors():
     attn, values, weight = make_teacher(0, h=4)
     with pytest.raises(ValueError, match="unknown squeeze mode"):
@@ -414,7 +554,8 @@ def test_shd_loss_zero_at_target_and_reductions():
         zero = shd_loss([t.clone() for t in teacher], teacher, kind=kind)
         assert zero.shape == (3,)
         torch.testing.assert_close(zero, torch.zeros(3), atol=1e-6, rtol=0)
-    student = [torch.rand(3, 2, 6, 6).softmax(-1) for _ in range(2)]
+    g = torch.Generator().manual_seed(20)
+    student = [torch.rand(3, 2, 6, 6, generator=g).softmax(-1) for _ in range(2)]
     for kind in ("kl", "mse"):
         total = shd_loss(student, teacher, beta=1.5, kind=kind, reduction="sum")
         mean = shd_loss(student, teacher, beta=1.5, kind=kind, reduction="mean")
@@ -438,11 +579,78 @@ def test_shd_loss_gradients_reach_student_only():
     assert t_logits.grad is None  # the squeezed teacher is a constant target
 
 
+def test_shd_through_real_models():
+    # tiny DiTs on the same 4x4 token grid: student 2 heads x 2 layers, teacher 4 heads x 4 layers
+    torch.manual_seed(25)
+    common = {"input_size": 16, "in_channels": 4, "num_classes": 10}
+    student = create_model("DiT-S/4", hidden_size=32, depth=2, num_heads=2, **common)
+    teacher = create_model("DiT-S/4", hidden_size=48, depth=4, num_heads=4, **common)
+    g = torch.Generator().manual_seed(25)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t, y = torch.tensor([10, 700]), torch.tensor([1, 7])
+    temperature = 2.0
+
+    mapping = layer_mapping(2, 4)  # [1, 3]
+    with torch.no_grad(), capture_attention(teacher, temperature, layers=mapping, export_values=True) as tstore:
+        teacher(x, t, y)
+    with capture_attention(student, temperature) as sstore:
+        student(x, t, y)
+    assert tstore.layer_indices == mapping and sstore.layer_indices == [0, 1]
+
+    targets = []
+    for s_map, probs, soft, v, w in zip(sstore.maps, tstore.probs, tstore.maps, tstore.values, tstore.out_weights):
+        validate_pair(s_map.shape[1], probs.shape[1], s_map.shape[2], probs.shape[2])
+        _, alphas = squeeze_heads(probs, v, w, 2)  # alpha from the T = 1 maps ...
+        targets.append(apply_alphas(soft, alphas, default_groups(4, 2)))  # ... applied at T_a
+        assert targets[-1].shape == s_map.shape == (2, 2, 16, 16)
+        torch.testing.assert_close(targets[-1].sum(-1), torch.ones(2, 2, 16), atol=1e-5, rtol=0)
+
+    loss = shd_loss(sstore.maps, targets)
+    assert loss.shape == (2,) and (loss > 0).all()
+    loss.sum().backward()
+    dim = 32
+    for block in student.blocks:
+        grad = block.attn.qkv.weight.grad  # rows: Q [0, D), K [D, 2D), V [2D, 3D)
+        assert grad is not None and torch.isfinite(grad).all()
+        assert grad[:dim].abs().sum() > 0 and grad[dim : 2 * dim].abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    # the squeezed targets in place of the student maps give zero loss
+    zero = shd_loss([tgt.clone() for tgt in targets], targets)
+    torch.testing.assert_close(zero, torch.zeros(2), atol=1e-6, rtol=0)
+
+
 def test_shd_loss_errors():
-    a = torch.rand(1, 2, 3, 3)
+    g = torch.Generator().manual_seed(21)
+    a = torch.rand(1, 2, 3, 3, generator=g)
     with pytest.raises(ValueError, match="squeeze the teacher"):
-        shd_loss([a], [torch.rand(1, 4, 3, 3)])
+        shd_loss([a], [torch.rand(1, 4, 3, 3, generator=g)])
     with pytest.raises(ValueError, match="unknown SHD loss kind"):
         shd_loss([a], [a], kind="js")
     with pytest.raises(ValueError, match="same non-zero number"):
         shd_loss([a], [])
+
+
+def test_head_similarity_brute_force_and_chunked_matching():
+    gen = torch.Generator().manual_seed(5)
+    attn = torch.rand(6, 5, 4, 3, generator=gen, dtype=F64).softmax(-1)  # (B, H, N, M)
+    sim = head_similarity(attn)
+    brute = torch.zeros(5, 5, dtype=F64)
+    for b in range(6):
+        for i in range(5):
+            for j in range(5):
+                u, v = attn[b, i].flatten(), attn[b, j].flatten()
+                brute[i, j] += (u @ v) / (u.norm() * v.norm())
+    torch.testing.assert_close(sim.double(), brute, atol=1e-6, rtol=1e-6)
+    # Summing chunks and clustering once gives the same groups as the whole batch at once.
+    chunked = head_similarity(attn[:2]) + head_similarity(attn[2:5]) + head_similarity(attn[5:])
+    assert cluster_heads(chunked / 6, 2) == match_heads(attn, 2)
+
+
+def test_cluster_heads_merges_the_most_similar_pairs_first():
+    sim = torch.eye(4)
+    sim[0, 3] = sim[3, 0] = 0.9  # heads 0 and 3 are near-twins; 1 and 2 slightly alike
+    sim[1, 2] = sim[2, 1] = 0.5
+    assert cluster_heads(sim, 2) == [[0, 3], [1, 2]]
+    assert cluster_heads(sim, 3) == [[0, 3], [1], [2]]
+    with pytest.raises(ValueError, match="max_group_size=1"):
+        cluster_heads(sim, 2, max_group_size=1)

@@ -16,7 +16,6 @@ from shd_diffusion.train_config import ExperimentConfig
 from shd_diffusion.training import (
     NonFiniteLossError,
     Trainer,
-    batch_generator,
     build_model,
     make_accelerator,
     sample_generators,
@@ -63,8 +62,14 @@ def make_cfg(tmp_path: Path, mode: str, family: str = "dit", extra: list[str] = 
     if mode != "none" and cfg.teacher.checkpoint is None:
         ckpt = tmp_path / f"teacher_{family}.pt"
         if not ckpt.exists():
-            torch.manual_seed(123)
-            torch.save(build_model(cfg.teacher.model).state_dict(), ckpt)
+            # Random weights everywhere: a zero-initialised final layer (adaLN-Zero) would make the
+            # teacher's output, and so the KD term, identically zero.
+            gen = torch.Generator().manual_seed(123)
+            teacher = build_model(cfg.teacher.model)
+            with torch.no_grad():
+                for p in teacher.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            torch.save(teacher.state_dict(), ckpt)
         cfg.teacher.checkpoint = str(ckpt)
     return cfg
 
@@ -102,6 +107,7 @@ EXPECTED_TERMS = {
         ("kd_shd", "dit", ["distill.squeeze=constant"]),
         ("kd_shd", "dit", ["distill.squeeze=hard"]),
         ("kd_shd", "dit", ["distill.squeeze=matching"]),
+        ("kd_shd", "dit", ["distill.squeeze=progressive"]),
         ("kd_shd", "mdt", ["distill.temperature=2.0"]),
     ],
 )
@@ -110,24 +116,38 @@ def test_every_mode_lowers_its_loss_on_a_fixed_batch(tmp_path, mode, family, ext
     trainer = make_trainer(cfg, tmp_path)
     x0, y, gens = fixed_batch(trainer)
     if cfg.distill.squeeze == "matching":
-        trainer._maybe_match_heads(x0, y)
+        trainer._match_heads()
         assert all(sorted(i for g in layer for i in g) == list(range(4)) for layer in trainer.groups)
 
-    def loss() -> tuple[torch.Tensor, set[str]]:
-        st = trainer.compute_terms(x0, y, gens(), batch_generator(0, 0, 0, 0, trainer.device))
-        return st.total.mean(), set(st.terms)
+    def terms() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        st = trainer.compute_terms(x0, y, gens(), 0.5)
+        return st.total.mean(), {k: v.mean() for k, v in st.terms.items()}
 
     with torch.no_grad():
-        before, names = loss()
+        before, parts_before = terms()
     expected = EXPECTED_TERMS[mode] | ({"diffusion_masked"} if family == "mdt" else set())
-    assert names == expected
+    assert set(parts_before) == expected
+    side = trainer.acc.unwrap_model(trainer.side)
+    # Each distillation term on its own sends gradient into the student (and the projectors, for
+    # kd_feat), never into the teacher: a detached or mis-wired term fails here.
+    _, parts = terms()
+    for name in expected & {"kd", "shd", "feature"}:
+        assert float(parts[name].detach()) > 0, name
+        trainer.optimizer.zero_grad(set_to_none=True)
+        parts[name].backward(retain_graph=True)
+        assert sum(float(p.grad.abs().sum()) for p in side.student.parameters() if p.grad is not None) > 0, name
+        if name == "feature" and side.projectors is not None:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in side.projectors.parameters())
+        assert all(p.grad is None for p in trainer.teacher.parameters()), name
+    trainer.optimizer.zero_grad(set_to_none=True)
+    del parts
     for _ in range(25):
-        value, _ = loss()
+        value, _ = terms()
         trainer.acc.backward(value)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        after, _ = loss()
+        after, _ = terms()
     assert torch.isfinite(after)
     assert after < 0.9 * before, (float(before), float(after))
 
@@ -144,7 +164,7 @@ def test_shd_and_kd_vanish_when_student_is_the_teacher(tmp_path):
     student.eval()  # the teacher runs in eval mode; dropout-free models make this a no-op check
     x0, y, gens = fixed_batch(trainer)
     with torch.no_grad():
-        st = trainer.compute_terms(x0, y, gens(), batch_generator(0, 0, 0, 0, trainer.device))
+        st = trainer.compute_terms(x0, y, gens(), 0.5)
     assert float(st.terms["kd"].abs().max()) < 1e-10
     assert float(st.terms["shd"].abs().max()) < 1e-6
     assert all(torch.allclose(a, torch.ones_like(a)) for a in st.alphas)
@@ -191,8 +211,19 @@ def test_resume_refuses_a_changed_shape_field(tmp_path):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
+    saved_config = (run_dir / "config.yaml").read_text()
     with pytest.raises(ValueError, match="student.hidden_size"):
         train(changed, run_dir, progress=False, accelerator=make_accelerator(changed, run_dir, log=False))
+    assert (run_dir / "config.yaml").read_text() == saved_config  # a refused resume writes nothing
+
+    AcceleratorState._reset_state(True)
+    teacher_changed = make_cfg(tmp_path, "none", "dit", ["train.steps=2", "teacher.model.num_heads=2"])
+    with pytest.raises(ValueError, match="teacher.model.num_heads"):
+        train(teacher_changed, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
+
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="--resume none.*step_00000001.pt"):
+        train(cfg, run_dir, resume="none", progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
 
 
 def test_preemption_signal_saves_and_stops(tmp_path):
@@ -282,7 +313,7 @@ DDP_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_training import make_cfg, fixed_batch
-from shd_diffusion.training import Trainer, make_accelerator, sample_generators, batch_generator
+from shd_diffusion.training import Trainer, make_accelerator, sample_generators
 from pathlib import Path
 tmp = Path({tmp!r})
 cfg = make_cfg(tmp, "kd_shd", "dit", ["train.global_batch_size=8"])
@@ -290,14 +321,16 @@ acc = make_accelerator(cfg, tmp / "runs" / "t", log=False)
 trainer = Trainer(cfg, tmp / "runs" / "t", acc)
 x, y = next(trainer._batches())
 gens = sample_generators(0, trainer._positions(0, x.shape[0]), trainer.device)
-st = trainer.compute_terms(x, y, gens, batch_generator(0, 0, acc.process_index, 0, trainer.device))
+st = trainer.compute_terms(x, y, gens, 0.5)
 acc.backward(st.total.mean())
 grads = {{n: p.grad.clone() for n, p in acc.unwrap_model(trainer.side).named_parameters() if p.grad is not None}}
 assert acc.num_processes == {n}, acc.num_processes
 if acc.is_main_process:
     torch.save(grads, tmp / f"grads_{{acc.num_processes}}.pt")
-# Tear the gloo group down before exit: a process that exits with it alive aborts in C++
-# ("terminate called without an active exception"); train() and the CLIs do the same.
+# Tear the gloo group down together before exit: a process that exits with it alive, or destroys
+# it while its peer still works, can abort in C++ ("terminate called without an active
+# exception"); train() and the CLIs do the same.
+acc.wait_for_everyone()
 acc.end_training()
 """
 
@@ -335,3 +368,200 @@ def test_ema_sample_grid_and_tensorboard_logs(tmp_path):
 
     img = Image.open(path)
     assert img.size[0] > 32 and img.size[1] > 32  # a 2 x 2 grid of 32 x 32 samples with padding
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.acc.unwrap_model(trainer.side).student.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["dit", "mdt"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, family):
+    # Same global batch of 8: one micro-batch of 8, or two of 4. Every sample keeps its stream
+    # position (so its timestep, noise, label drop and MDT keep set) and the MDT mask ratio is
+    # per step, so the gradient the optimizer sees agrees up to summation order. (Compared before
+    # Adan: its g / sqrt(v) amplifies rounding in near-zero gradients, e.g. of the zero-gated
+    # attention at step 1.)
+    grads = {}
+    for accum in (1, 2):
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        cfg = make_cfg(tmp_path / f"a{accum}", "kd_shd", family, ["train.global_batch_size=8", f"train.grad_accum={accum}"])
+        trainer = make_trainer(cfg, tmp_path / f"a{accum}")
+        student = trainer.acc.unwrap_model(trainer.side).student
+        seen: list[dict[str, torch.Tensor]] = []
+        step = trainer.optimizer.step
+
+        def record_then_step() -> None:
+            seen.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+            step()
+
+        trainer.optimizer.step = record_then_step
+        batches = trainer._batches()
+        for _ in range(2):
+            trainer.train_step(batches)
+        grads[accum] = seen
+    assert len(grads[1]) == len(grads[2]) == 2
+    for one, two in zip(grads[1], grads[2]):
+        assert one.keys() == two.keys() and len(one) > 10
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_bf16_run_keeps_fp32_master_weights_and_a_frozen_teacher(tmp_path):
+    cfg = make_cfg(tmp_path, "kd_shd", "mdt", ["train.steps=2", "train.precision=bf16"])
+    run_dir = tmp_path / "runs" / "t"
+    teacher_before = torch.load(cfg.teacher.checkpoint, weights_only=True)
+    trainer = train(cfg, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
+    assert trainer.step == 2
+    student = trainer.acc.unwrap_model(trainer.side).student
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert all(v.dtype == torch.float32 for v in trainer.ema.state_dict().values() if v.is_floating_point())
+    # The teacher: eval mode, no grad, weights untouched by the run.
+    assert not trainer.teacher.training
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    for k, v in trainer.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    x0, y, gens = fixed_batch(trainer)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        st = trainer.compute_terms(x0, y, gens(), 0.5)
+    assert all(torch.isfinite(v).all() for v in st.terms.values())
+
+
+def test_non_finite_gradient_stops_before_the_update(tmp_path):
+    cfg = make_cfg(tmp_path, "none", "dit", ["train.steps=3", "train.checkpoint_every=1"])
+    trainer = make_trainer(cfg, tmp_path)
+    param = next(p for p in trainer.acc.unwrap_model(trainer.side).student.parameters() if p.requires_grad)
+    param.register_hook(lambda g: g * float("inf") if trainer.step == 1 else g)  # finite loss, inf gradient
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm at step 1.*step_00000001\.pt"):
+        trainer.fit(progress=False)
+    assert torch.isfinite(param).all()  # the bad update was never applied
+
+
+def test_head_matching_is_the_same_for_any_micro_batch_split(tmp_path):
+    groups = []
+    for accum in (1, 2):
+        cfg = make_cfg(tmp_path / f"m{accum}", "kd_shd", "dit",
+                       ["distill.squeeze=matching", "train.global_batch_size=8", f"train.grad_accum={accum}",
+                        "distill.calibration_batches=2"])
+        trainer = make_trainer(cfg, tmp_path / f"m{accum}")
+        trainer._match_heads()
+        groups.append(trainer.groups)
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert groups[0] == groups[1]
+    assert all(sorted(i for g in layer for i in g) == list(range(4)) for layer in groups[0])
+
+
+def test_data_that_does_not_fit_the_student_is_named(tmp_path):
+    cfg = make_cfg(tmp_path, "none", "dit", ["student.in_channels=3"])
+    trainer = make_trainer(cfg, tmp_path)
+    with pytest.raises(ValueError, match=r"1 channels but student.in_channels=3"):
+        trainer.dataset
+    cfg = make_cfg(tmp_path, "none", "dit", ["student.num_classes=5"])
+    with pytest.raises(ValueError, match=r"10 classes but student.num_classes=5"):
+        make_trainer(cfg, tmp_path).dataset
+
+
+def test_image_folder_is_encoded_on_the_fly_with_the_vae(tmp_path):
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=16).eval()
+    vae.save_pretrained(tmp_path / "vae")
+    gen = torch.Generator().manual_seed(0)
+    for j in range(6):
+        img = (torch.rand(20, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        (tmp_path / "imgs" / f"c{j % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "imgs" / f"c{j % 2}" / f"{j}.png")
+    cfg = make_cfg(tmp_path, "kd", "dit", [
+        "data.kind=image_folder", f"data.path={tmp_path / 'imgs'}", f"data.vae={tmp_path / 'vae'}",
+        "data.image_size=16", "student.in_channels=4", "student.input_size=8", "student.patch_size=2",
+        "teacher.model.in_channels=4", "teacher.model.input_size=8", "teacher.model.patch_size=2",
+        "student.num_classes=2", "teacher.model.num_classes=2", "train.steps=2", "train.sample_every=2",
+    ])
+    run_dir = tmp_path / "runs" / "t"
+    trainer = train(cfg, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
+    assert trainer.step == 2 and trainer.vae is not None
+    x, _ = next(trainer._batches())  # (B, 3, 16, 16) pixels in [-1, 1]
+    gens = sample_generators(0, [0, 1], trainer.device)
+    z = trainer._encode(x[:2], gens)
+    assert z.shape == (2, 4, 8, 8)
+    # The encoding is the posterior sample mean + std * noise(seeded per sample), times 0.18215.
+    with torch.no_grad():
+        dist = vae.encode(x[:2]).latent_dist
+    noise = torch.stack([torch.randn((4, 8, 8), generator=g) for g in sample_generators(0, [0, 1], trainer.device)])
+    torch.testing.assert_close(z, (dist.mean + dist.std * noise) * 0.18215, atol=1e-5, rtol=1e-5)
+    assert (run_dir / "samples" / "step_00000002.png").exists()  # decoded with the same VAE
+
+
+def test_tensorboard_has_every_term_alpha_stats_and_the_grid_leaves_weights_alone(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(tmp_path, "kd_shd", "dit", ["train.steps=2", "train.sample_every=2"])
+    run_dir = tmp_path / "runs" / "t"
+    acc = make_accelerator(cfg, run_dir, log=True)
+    trainer = train(cfg, run_dir, progress=False, accelerator=acc)
+    events = sorted(run_dir.rglob("events.out.tfevents*"))
+    assert events
+    tags = set()
+    for ev in events:
+        ea = EventAccumulator(str(ev))
+        ea.Reload()
+        tags |= set(ea.Tags()["scalars"])
+    for tag in ("loss", "loss/diffusion", "loss/kd", "loss/shd", "grad_norm", "lr", "throughput/img_per_s",
+                "alpha/layer00_min", "alpha/layer00_max", "alpha/layer00_std", "alpha/layer00_zero_frac"):
+        assert tag in tags, (tag, sorted(tags))
+    assert (run_dir / "samples" / "step_00000002.png").exists()
+    before = _params(trainer)
+    trainer.sample_grid(num=4, steps="3")  # swaps the EMA in and back out
+    after = _params(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_paper_pair_configs_plan_the_published_mapping():
+    from types import SimpleNamespace
+
+    for name, (l_s, l_t, h_t, sizes) in {
+        "mdtv2_s2_from_xl2": (12, 28, 16, [3, 3, 3, 3, 2, 2]),
+        "mdtv2_s2_from_b2": (12, 12, 12, [2] * 6),
+        "dit_s2_from_xl2": (12, 28, 16, [3, 3, 3, 3, 2, 2]),
+        "dit_s2_from_b2": (12, 12, 12, [2] * 6),
+    }.items():
+        cfg = load_config(ExperimentConfig, REPO / "configs" / f"{name}.yaml")
+        assert cfg.distill.mode == "kd_shd" and cfg.distill.shd_beta == 2.0
+        with torch.device("meta"):
+            student, teacher = build_model(cfg.student), build_model(cfg.teacher.model)
+        pairs, squeezers = Trainer._plan_distillation(SimpleNamespace(cfg=cfg, teacher=teacher), student)
+        # Student layer j (1-indexed) <- teacher layer round(j L_t / L_s), halves up.
+        assert pairs == [(j - 1, int(j * l_t / l_s + 0.5) - 1) for j in range(1, l_s + 1)], name
+        assert all(sq.teacher_heads == h_t and sq.student_heads == 6 for sq in squeezers)
+        assert [len(g) for g in squeezers[0].resolved] == sizes, name
+
+
+def test_script_requeue_resumes_in_the_same_folder_and_bad_data_is_one_line(tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text("{}\n")  # everything comes from the overrides
+    args = ["--config", str(cfg_path), *COMMON, *DIT_STUDENT, *_shared("student"), "distill.mode=none",
+            f"train.output_dir={tmp_path / 'runs'}", "train.steps=2", "--no-progress"]
+    first = run_script(*args, "--max-steps", "1")
+    assert first.returncode == 0, first.stderr
+    folders = list((tmp_path / "runs").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("tiny-")
+    assert sorted(p.name for p in (folders[0] / "checkpoints").glob("*.pt")) == ["step_00000001.pt"]
+    second = run_script(*args)  # the requeued job: same command
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "step_00000001.pt" in second.stdout
+    assert list((tmp_path / "runs").iterdir()) == folders
+    assert (folders[0] / "checkpoints" / "step_00000002.pt").exists()
+
+    bad = run_script("--config", str(cfg_path), "data.kind=latents", f"data.path={tmp_path / 'nowhere'}",
+                     f"train.output_dir={tmp_path / 'runs2'}", "distill.mode=none", "--no-progress")
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "nowhere" in bad.stderr, bad.stderr

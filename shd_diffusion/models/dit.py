@@ -155,7 +155,7 @@ class DiT(DiffusionTransformerBase):
                 comparable FID); None guides all eps channels.
 
         Returns:
-            (2B, C_out, H, W) guided output.
+            (2B, C_out, H, W) guided output, float32 (see :func:`guided_output`).
         """
         out = self.forward(cfg_pair_batch(x), t, y)  # (2B, C_out, H, W)
         return guided_output(out, float(cfg_scale), self.in_channels, guidance_channels)

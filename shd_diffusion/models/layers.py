@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -283,12 +284,14 @@ class AdaLNZeroBlock(nn.Module):
         """One block.
 
         Args:
-            x: (B, N, D) tokens. c: (B, D) condition (timestep + label embedding).
-            skip: (B, N, D) long-skip input; required iff the block has ``skip_linear``.
-            ids_keep: (B, N) indices of the kept tokens in a masked pass (selects bias entries).
+            x: (B, K, D) tokens (K = N, or the K kept tokens of a masked pass).
+            c: (B, D) condition (timestep + label embedding).
+            skip: (B, K, D) long-skip input; required iff the block has ``skip_linear``.
+            ids_keep: (B, K) original indices of the kept tokens in a masked pass (selects the
+                attention bias entries), or None when all N tokens are present.
 
         Returns:
-            (B, N, D) tokens.
+            (B, K, D) tokens.
         """
         if self.skip_linear is not None:
             if skip is None:
@@ -363,26 +366,35 @@ def guided_output(
     ``guidance_channels`` channels are guided; the rest (the variance channels, and upstream's
     unguided 4th latent channel) are passed through per sample.
 
+    The mix runs in float32 (also under autocast): a bf16 difference scaled by ~4 loses the
+    low bits of eps, and a bf16 scale would already be off (3.8 -> 3.797).
+
     Args:
-        model_out: (2B, C_out, H, W) model output.
+        model_out: (2B, C_out, H, W) model output, any float dtype.
         scale: guidance scale, a float or a (B,) tensor per conditional sample.
         eps_channels: how many leading channels are eps (the latent channels).
         guidance_channels: guide channels ``[:guidance_channels]``; None guides all eps channels.
 
     Returns:
-        (2B, C_out, H, W) guided output.
+        (2B, C_out, H, W) float32 guided output.
     """
     if model_out.shape[0] % 2:
         raise ValueError(f"CFG needs an even batch (conditional half + null half), got {model_out.shape[0]}")
     k = eps_channels if guidance_channels is None else int(guidance_channels)
     if not 0 < k <= eps_channels:
         raise ValueError(f"guidance_channels must be in [1, {eps_channels}] or None, got {guidance_channels}")
+    model_out = model_out.float()  # elementwise ops are not autocast ops, so this stays float32
     eps, rest = model_out[:, :k], model_out[:, k:]
     cond, uncond = eps.chunk(2, dim=0)  # each (B, k, H, W)
     if isinstance(scale, torch.Tensor):
-        scale = scale.to(device=eps.device, dtype=eps.dtype).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        scale = scale.to(device=eps.device, dtype=torch.float32).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
     half = uncond + scale * (cond - uncond)
     return torch.cat([torch.cat([half, half], dim=0), rest], dim=1)  # (2B, C_out, H, W)
+
+
+def _capturing(module: nn.Module) -> bool:
+    """Whether any attention module inside ``module`` currently records maps."""
+    return any(isinstance(getattr(m, "processor", None), CaptureProcessor) for m in module.modules())
 
 
 @contextlib.contextmanager
@@ -405,16 +417,34 @@ def _scratch_capture(module: nn.Module) -> Iterator[None]:
             m.set_processor(proc)
 
 
+def _recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint`: plain forward, scratch recompute.
+
+    A module-level function (bound with ``functools.partial``), not a lambda: dynamo only accepts
+    plain or partial functions as ``context_fn``.
+    """
+    return contextlib.nullcontext(), _scratch_capture(module)
+
+
 class DiffusionTransformerBase(ModelMixin, ConfigMixin):
     """What DiT and MDTv2 share: diffusers save/load, block checkpointing, output layout.
 
     Subclasses decorate ``__init__`` with ``@register_to_config``, so ``save_pretrained`` writes
     ``config.json`` + ``diffusion_pytorch_model.safetensors`` and ``from_pretrained`` rebuilds the
     model from them. ``gradient_checkpointing`` (a plain bool, also set by
-    ``enable_gradient_checkpointing()``) recomputes each block in the backward pass. The modules
-    work under ``torch.compile`` (``torch.compile(model)``): the unmasked forward has no
-    data-dependent Python control flow; the masked pass has data-dependent token counts (one
-    graph per kept-token count, or ``dynamic=True``).
+    ``enable_gradient_checkpointing()``) recomputes each block in the backward pass.
+
+    ``torch.compile(model)`` / ``model.compile()`` need no helper (tested against eager, forward
+    and backward, with and without checkpointing):
+      - the unmasked forward compiles to one graph (``fullgraph=True`` works), also while
+        :func:`~shd_diffusion.attention.capture_attention` is open: the store appends are
+        replayed after the graph;
+      - capture *plus* gradient checkpointing: a map append inside a checkpointed block is a side
+        effect dynamo refuses to trace, so it breaks the graph there and runs those blocks'
+        checkpoints eagerly (correct, slower). Leave dynamo's
+        ``skip_fwd_side_effects_in_bwd_under_checkpoint`` at its default (False);
+      - the masked pass reads its mask ratio on the host (a graph break) and has a data-dependent
+        token count (one graph per kept-token count, or ``dynamic=True``).
     """
 
     _supports_gradient_checkpointing = True
@@ -450,16 +480,16 @@ class DiffusionTransformerBase(ModelMixin, ConfigMixin):
 
     def _run_block(self, block: nn.Module, *args: Any) -> torch.Tensor:
         """Call ``block(*args)``, recomputing it in backward when gradient checkpointing is on."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            # Non-reentrant: works with inputs that need no grad and with None arguments, and
-            # lets gradients flow through captured maps that leave the block via the store.
-            return checkpoint(
-                block,
-                *args,
-                use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _scratch_capture(block)),
-            )
-        return block(*args)
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return block(*args)
+        # Non-reentrant: works with inputs that need no grad and with None arguments, and lets
+        # gradients flow through captured maps that leave the block via the store.
+        if _capturing(block):
+            # Recomputation re-runs the processors' Python, which must not append maps again.
+            # Decided here, not via torch.compiler.is_compiling(): under torch.compile the store
+            # append inside a checkpoint breaks the graph, and dynamo runs this very call eagerly.
+            return checkpoint(block, *args, use_reentrant=False, context_fn=partial(_recompute_contexts, block))
+        return checkpoint(block, *args, use_reentrant=False)
 
     def _condition(
         self,

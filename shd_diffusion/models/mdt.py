@@ -264,18 +264,30 @@ class MDTv2(DiffusionTransformerBase):
         return [blk.attn for blk in (*self.en_inblocks, *self.en_outblocks, *self.de_blocks)]
 
     def _draw_mask(
-        self, x: torch.Tensor, generator: torch.Generator | None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None,
+        mask_jitter: float | None = None,
+        mask_noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw this batch's mask ratio and per-sample keep sets, and drop the masked tokens."""
+        """Draw this batch's mask ratio and per-sample keep sets, and drop the masked tokens.
+
+        ``mask_jitter`` (U(0, 1), one per batch) and ``mask_noise`` ((B, N) U(0, 1)) replace the
+        generator's draws when given, so a caller can key them to the step and to each sample.
+        """
         assert self.mask_ratio is not None
         b, n, _ = x.shape
-        # One ratio per batch; drawn on the CPU (or the generator's device) to avoid a GPU sync.
-        where = generator.device if generator is not None else torch.device("cpu")
-        jitter = float(rand_uniform((1,), generator, where))
-        ratio = self.mask_ratio + MASK_RATIO_JITTER * jitter
+        if mask_jitter is None:
+            # One ratio per batch; drawn on the CPU (or the generator's device) to avoid a GPU sync.
+            where = generator.device if generator is not None else torch.device("cpu")
+            mask_jitter = float(rand_uniform((1,), generator, where))
+        ratio = self.mask_ratio + MASK_RATIO_JITTER * mask_jitter
         num_keep = int(n * (1 - ratio))
-        noise = rand_uniform((b, n), generator, x.device)  # (B, N)
-        return random_masking(x, num_keep, noise)
+        if mask_noise is None:
+            mask_noise = rand_uniform((b, n), generator, x.device)  # (B, N)
+        elif mask_noise.shape != (b, n):
+            raise ValueError(f"mask_noise must be (B, N) = ({b}, {n}), got {tuple(mask_noise.shape)}")
+        return random_masking(x, num_keep, mask_noise)
 
     def forward_side_interpolater(
         self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor
@@ -311,6 +323,8 @@ class MDTv2(DiffusionTransformerBase):
         enable_mask: bool = False,
         force_drop_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        mask_jitter: float | None = None,
+        mask_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict noise (and variance interpolation) for noisy latents.
 
@@ -321,6 +335,10 @@ class MDTv2(DiffusionTransformerBase):
                 ``generator``; needs ``mask_ratio``.
             force_drop_ids: (B,) 1 where the label must be replaced by the null class.
             generator: RNG for the label-dropout draw (train mode), then the mask draw.
+            mask_jitter: masked pass: U(0, 1) draw of the batch's extra mask ratio (ratio =
+                mask_ratio + 0.2 * jitter); None = from ``generator``.
+            mask_noise: masked pass: (B, N) U(0, 1) per-token noise, the lowest K kept; None =
+                from ``generator``.
 
         Returns:
             (B, C_out, H, W): eps in the first ``in_channels`` channels, then v if learn_sigma.
@@ -332,7 +350,7 @@ class MDTv2(DiffusionTransformerBase):
         if enable_mask:
             if self.mask_ratio is None:
                 raise ValueError("enable_mask=True needs a model built with mask_ratio (e.g. mask_ratio=0.3)")
-            h, mask, ids_restore, ids_keep = self._draw_mask(h, generator)  # h: (B, K, D)
+            h, mask, ids_restore, ids_keep = self._draw_mask(h, generator, mask_jitter, mask_noise)  # (B, K, D)
 
         skips = []
         for blk in self.en_inblocks:
@@ -355,7 +373,7 @@ class MDTv2(DiffusionTransformerBase):
         x: torch.Tensor,
         t: torch.Tensor,
         y: torch.Tensor,
-        cfg_scale: float,
+        cfg_scale: float | None = None,
         diffusion_steps: int = 1000,
         scale_pow: float = 4.0,
         guidance_channels: int | None = 3,
@@ -365,18 +383,23 @@ class MDTv2(DiffusionTransformerBase):
         The batch's first half is conditional, the second half must carry ``null_class`` labels;
         as upstream, the latents of the first half are used for both halves and the guided eps
         replaces both halves. The scale of pair i is ``power_cosine_cfg_scale(t[i], ...)``.
+        As upstream (sail-sg/MDT ``forward_with_cfg(x, t, y, cfg_scale=None, ...)``),
+        ``cfg_scale=None`` means no guidance: a plain forward of the batch as given.
 
         Args:
             x: (2B, C, H, W) latents. t: (2B,) timesteps on the original 1000-step scale.
             y: (2B,) labels.
-            cfg_scale: peak guidance scale s (the paper uses 3.8).
+            cfg_scale: peak guidance scale s (the paper uses 3.8), or None for no guidance.
             diffusion_steps: T of the schedule. scale_pow: schedule power.
             guidance_channels: guide only eps channels ``[:3]`` like upstream (default); None
                 guides all eps channels.
 
         Returns:
-            (2B, C_out, H, W) guided output.
+            (2B, C_out, H, W) guided output, float32 (see :func:`guided_output`); with
+            ``cfg_scale=None``, ``forward(x, t, y)`` unchanged.
         """
+        if cfg_scale is None:
+            return self.forward(x, t, y)
         out = self.forward(cfg_pair_batch(x), t, y)  # (2B, C_out, H, W)
         scale = power_cosine_cfg_scale(t[: len(x) // 2], cfg_scale, diffusion_steps, scale_pow)  # (B,)
         return guided_output(out, scale, self.in_channels, guidance_channels)

@@ -2,10 +2,12 @@
 
 Sizes are the published ones (DiT: S/B/L/XL x patch 2/4/8; MDTv2: patch 2 only).
 
-MDTv2 ``decode_layer`` defaults (it sets the encoder/decoder split, so it is part of a
-checkpoint's architecture; override with ``create_model(name, decode_layer=k)``):
-  - S/2 and B/2: 6, upstream's current S/2 training recipe (``run.sh``: ``--decode_layer 6``),
-    which the maintainers confirm for the small models;
+MDTv2 ``decode_layer`` is configuration, not a constant: it sets the encoder/decoder split, so it
+is part of a checkpoint's architecture. Override it with ``create_model(name, decode_layer=k)`` to
+match the checkpoint or recipe at hand. The defaults here are only starting points:
+  - S/2 and B/2: 6, the value in upstream's S/2 training script (``run.sh``: ``--decode_layer 6``).
+    The maintainers have said the MDT paper's values (not the README's) are the right ones for
+    the small models, so check the paper / checkpoint for the run you reproduce;
   - L/2 and XL/2: 4, the value the released MDTv2-XL/2 checkpoint is sampled with
     (``run_sample.sh``; also the upstream constructor default). No L/2 recipe is published.
 MDTv2 entries also set ``mask_ratio=0.3`` (upstream training), so the masked pass is available.
