@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -565,3 +566,52 @@ def test_script_requeue_resumes_in_the_same_folder_and_bad_data_is_one_line(tmp_
                      f"train.output_dir={tmp_path / 'runs2'}", "distill.mode=none", "--no-progress")
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "nowhere" in bad.stderr, bad.stderr
+
+
+def test_sigterm_to_a_two_process_launch_checkpoints_and_resumes(tmp_path):
+    # What a cluster does on preemption: SIGTERM to the launcher, which forwards it to its workers.
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text("{}\n")
+    args = ["--config", str(cfg_path), *COMMON, *DIT_STUDENT, *_shared("student"), "distill.mode=none",
+            f"train.output_dir={tmp_path / 'runs'}", "train.run_name=t", "train.steps=100000", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(REPO / "scripts" / "train_mdt_shd.py")]
+    proc = subprocess.Popen([*launch, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO)
+    run_dir = tmp_path / "runs" / "t"
+    deadline = time.time() + 120
+    while not (run_dir / "config.yaml").exists():  # written just before the loop starts
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    time.sleep(3)  # some steps into the loop
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert "preempted at step" in out, out[-3000:]
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    assert len(ckpts) == 1, ckpts  # checkpoint_every is 1000: this one is the preemption save
+    step = int(ckpts[0].stem.split("_")[1])
+    assert step >= 1
+    resumed = run_script(*[a for a in args if not a.startswith("train.steps=")], f"train.steps={step + 1}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {ckpts[0]} at step {step}" in resumed.stdout
+    assert (run_dir / "checkpoints" / f"step_{step + 1:08d}.pt").exists()
+
+
+def test_train_compile_compiles_the_student_in_place(tmp_path, monkeypatch):
+    calls = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kwargs):  # the inductor backend is too slow for a unit test
+        calls.append(kwargs)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    cfg = make_cfg(tmp_path, "kd_shd", "dit", ["train.steps=2", "train.compile=true"])
+    run_dir = tmp_path / "runs" / "t"
+    trainer = train(cfg, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
+    assert len(calls) == 1 and trainer.step == 2
+    # In place: the checkpoint keeps the plain parameter names (no "_orig_mod." prefix).
+    state = torch.load(run_dir / "checkpoints" / "step_00000002.pt", weights_only=True)
+    assert all(not k.startswith("_orig_mod") for k in state["model"])
