@@ -12,8 +12,9 @@ and the peak memory above the inputs (``torch.cuda.max_memory_allocated``; "n/a"
 Precision. ``--dtype`` is the storage dtype of the random teacher tensors (maps, values,
 out-projection weights): ``bf16`` = torch.bfloat16, ``fp32`` = torch.float32. Whatever it is,
 alpha is solved in float32 (bf16 inputs are upcast; the head-dim products and the Gram are float32
-matmuls, TF32 only if torch's ``allow_tf32`` flag is on, which this script leaves at its default and
-records), squeezed maps come back in the teacher dtype, the student maps are float32 with autograd,
+matmuls, TF32 unless ``--no-tf32``: training enables TF32 by default, ``train.tf32``; the products
+are of map differences, so TF32 rounding is relative to how much heads differ), squeezed maps come
+back in the teacher dtype, the student maps are float32 with autograd,
 and ``shd_loss`` computes in float32. The naive baseline forms its N x D products in float32. Note
 that ``capture_attention`` exports float32 maps and model-dtype values, so ``--dtype fp32`` is the
 closer match to training maps; ``bf16`` shows the cost when the teacher tensors are stored in bf16.
@@ -64,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--impl", nargs="+", choices=["head_space", "naive"], default=["head_space", "naive"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="full-precision float32 matmuls (training's train.tf32=false)")
     p.add_argument(
         "--step-ms", type=float, default=86.0,
         help="training step time to compare with (default: upstream DiT-S/2, bf16, batch 256, H100)",
@@ -85,12 +88,14 @@ def make_layers(args: argparse.Namespace, tokens: int, device: torch.device) -> 
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = DTYPES[args.dtype]
     b, ht, hs, d = args.batch, args.teacher_heads, args.student_heads, args.head_dim
-    out: dict[str, list[torch.Tensor]] = {"probs": [], "values": [], "weights": [], "student": []}
+    out: dict[str, list[torch.Tensor]] = {"probs": [], "values": [], "weights": [], "outputs": [], "student": []}
     for _ in range(args.layers):
         logits = torch.randn(b, ht, tokens, tokens, device=device, generator=gen) * 2  # (B, H_t, N, N)
         out["probs"].append(logits.softmax(-1).to(dtype))
         del logits
         out["values"].append(torch.randn(b, ht, tokens, d, device=device, generator=gen).to(dtype))  # (B, H_t, N, d)
+        # What the teacher's attention computed anyway and capture exports (spares a product).
+        out["outputs"].append((out["probs"][-1] @ out["values"][-1]).float())  # (B, H_t, N, d)
         out["weights"].append((torch.randn(ht * d, ht * d, device=device, generator=gen) / (ht * d) ** 0.5).to(dtype))
         s_logits = torch.randn(b, hs, tokens, tokens, device=device, generator=gen) * 2  # (B, H_s, N, N)
         out["student"].append(s_logits.softmax(-1).requires_grad_(True))
@@ -99,7 +104,10 @@ def make_layers(args: argparse.Namespace, tokens: int, device: torch.device) -> 
 
 def squeeze_head_space(layers: dict[str, list[torch.Tensor]], hs: int) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [squeeze_heads(p, v, w, hs)[0] for p, v, w in zip(layers["probs"], layers["values"], layers["weights"])]
+        return [
+            squeeze_heads(p, v, w, hs, head_outputs=o)[0]
+            for p, v, w, o in zip(layers["probs"], layers["values"], layers["weights"], layers["outputs"])
+        ]
 
 
 def squeeze_naive(layers: dict[str, list[torch.Tensor]], hs: int) -> list[torch.Tensor]:
@@ -170,6 +178,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     rows = []
     for tokens in args.tokens:
         for impl in args.impl:

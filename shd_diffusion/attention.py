@@ -220,6 +220,8 @@ class AttentionStore:
         values: (B, H, M, d) per-head values (teacher capture only). Upcast copies of the values
             the layer actually used: under autocast they carry the projection's bf16 rounding.
         out_weights: (D, H*d) out-projection weights in ``nn.Linear.weight`` layout (teacher only).
+        outputs: (B, H, N, d) per-head attention outputs ``A_i V_i`` before the out-projection,
+            as the layer computed them (teacher only; they spare squeezing a product).
         layer_indices: index of each entry's layer in :func:`attention_layers` order.
     """
 
@@ -227,11 +229,12 @@ class AttentionStore:
     probs: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     out_weights: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
     layer_indices: list[int] = field(default_factory=list)
 
     def clear(self) -> None:
         """Drop everything captured so far (e.g. between two forwards in one context)."""
-        for entries in (self.maps, self.probs, self.values, self.out_weights, self.layer_indices):
+        for entries in (self.maps, self.probs, self.values, self.out_weights, self.outputs, self.layer_indices):
             entries.clear()
 
 
@@ -290,6 +293,7 @@ class CaptureProcessor:
             store.probs.append(probs.detach())
             store.values.append(v.detach().float())
             store.out_weights.append(output_projection(attn).weight.detach().float())
+            store.outputs.append(out.detach().float())
         else:
             store.maps.append(soft)
             store.probs.append(probs)

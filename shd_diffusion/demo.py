@@ -597,6 +597,15 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 10) -> None:
     _save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
 
 
+def _sample_grid(samples: Path, grid: Path, count: int, reused: bool) -> Path:
+    """Write the class-column grid of a sample set, unless it exists and its samples were reused."""
+    if not (reused and grid.exists()):  # a grid is stale only when its samples changed
+        with np.load(samples) as z:
+            images, labels = z["arr_0"], z["arr_1"]
+        save_grid(images[_class_columns(labels, count)], grid)
+    return grid
+
+
 def _class_columns(labels: np.ndarray, count: int, num_classes: int = 10) -> np.ndarray:
     """Positions that lay images out with one class per column (row r, column c: r-th of class c)."""
     per = max(1, count // num_classes)
@@ -947,6 +956,12 @@ def _markdown(res: dict[str, Any]) -> str:
             f"| {mode} | {m['fid']['n']} | {_fmt(m['fid'], 2)} | {_fmt(m['precision'], 3)} | {_fmt(m['recall'], 3)} | "
             f"{_fmt(m['kid'], 2, 1e3)} | n/a¹ | {_fmt(tt, 0)} s |"
         )
+    t = res["teacher"]
+    lines.append(
+        f"| *teacher (reference)* | 1 | {t['scores']['fid']:.2f} | {t['scores']['precision']:.3f} | "
+        f"{t['scores']['recall']:.3f} | {1e3 * t['scores']['kid_mean']:.2f} | n/a¹ | "
+        + ("n/a" if t["train_time_s"] is None else f"{t['train_time_s']:.0f} s") + " |"
+    )
     lines += [
         "",
         f"¹ IS unavailable: {res['inception']['is_unavailable_reason']}",
@@ -990,6 +1005,9 @@ def _summary_table(res: dict[str, Any]) -> str:
     for mode, m in res["modes"].items():
         rows.append(f"{mode:<8} {_fmt(m['fid'], 2):>16} {_fmt(m['precision'], 3):>14} {_fmt(m['recall'], 3):>14} "
                     f"{_fmt(m['kid'], 2, 1e3):>14} {_fmt(m['train_time_s'], 0):>8}")
+    t = res["teacher"]["scores"]
+    rows.append(f"{'teacher':<8} {t['fid']:>16.2f} {t['precision']:>14.3f} {t['recall']:>14.3f} "
+                f"{1e3 * t['kid_mean']:>14.2f} {res['teacher']['train_time_s'] or 0:>8.0f}")
     return "\n".join(rows)
 
 
@@ -1059,11 +1077,7 @@ def run_demo(
             info["reused"] = samples_reused
         with stages(f"scores {mode} seed {seed}") as info:
             report, info["reused"] = ensure_scores(samples, ref_path, weights, s, out, progress)
-        grid = out / f"samples_{mode}_s{seed}.png"
-        if not (samples_reused and grid.exists()):  # a grid is stale only when its samples changed
-            with np.load(samples) as z:
-                images, labels = z["arr_0"], z["arr_1"]
-            save_grid(images[_class_columns(labels, s.grid_images)], grid)
+        grid = _sample_grid(samples, out / f"samples_{mode}_s{seed}.png", s.grid_images, samples_reused)
         files[f"samples {mode} seed {seed}"] = _rel(grid, out)
         runs.append({
             "mode": mode, "seed": seed, "run_dir": _rel(tr.run_dir, out), "checkpoint": _rel(tr.checkpoint, out),
@@ -1079,6 +1093,18 @@ def run_demo(
             ref_images, ref_labels = z["arr_0"], z["arr_1"]
         save_grid(ref_images[_class_columns(ref_labels, s.grid_images)], out / "reference_grid.png")
     files["reference images"] = "reference_grid.png"
+
+    # The teacher, sampled and scored the same way: the ceiling the students are distilled towards.
+    with stages("samples teacher") as info:
+        t_samples, t_reused = ensure_samples(teacher.checkpoint, teacher.run_dir.name, s, out, dev, progress)
+        info["reused"] = t_reused
+    with stages("scores teacher") as info:
+        t_report, info["reused"] = ensure_scores(t_samples, ref_path, weights, s, out, progress)
+    files["samples teacher"] = _rel(_sample_grid(t_samples, out / "samples_teacher.png", s.grid_images, t_reused), out)
+    teacher_scores = {
+        "samples": _rel(t_samples, out), "fid": t_report["fid"], "precision": t_report["precision"],
+        "recall": t_report["recall"], "kid_mean": t_report["kid_mean"], "kid_std": t_report["kid_std"],
+    }
 
     first = scfgs[s.modes[0], s.seeds[0]]
     with stages("teacher attention maps + alphas") as info:
@@ -1109,7 +1135,7 @@ def run_demo(
         "teacher": {
             "run_dir": _rel(teacher.run_dir, out), "checkpoint": _rel(teacher.checkpoint, out), "steps": teacher.step,
             "train_time_s": teacher.train_time_s, "reused": teacher.reused, "params": teacher.params,
-            "desc": _model_desc(tcfg.student, teacher.params), "config": to_dict(tcfg),
+            "desc": _model_desc(tcfg.student, teacher.params), "config": to_dict(tcfg), "scores": teacher_scores,
         },
         "student_config": to_dict(first),
         "reference": {

@@ -12,7 +12,11 @@ Head-dim space. With V_G = [V_j]_{j in G} (M x kd) and W_G = [W_j]_{j in G} (D x
 ``A_i S = (A_i V_G) W_G^T =: U_i W_G^T`` and ``T = Z W_G^T`` where Z takes block i of U_i
 (``A_i V_i``). Every Frobenius product is then ``<P W_G^T, Q W_G^T> = tr(P^T Q W_G^T W_G)``:
 a (kd x kd) Gram of the out-projection columns replaces the N x D products, and ``U_i`` is an
-ordinary attention product. Cost per group: k attention products (N x M x kd) plus O(N (kd)^2).
+ordinary attention product. Only differences of the U_i enter (below), so the products are taken
+of map differences, ``E_i = (A_i - A_0) V_G``: k - 1 attention-sized products (N x M x kd) per
+group plus O(N (kd)^2), with rounding relative to how much the heads differ (TF32 matmuls stay
+accurate). Z itself only sets the ridge's scale; the teacher's attention already computed it
+(``head_outputs``), otherwise it costs k products of width d.
 
 Solution. Write ``alpha = u + delta`` with ``u = 1/k`` (uniform) and ``sum(delta) = 0``. On that
 affine hull ``sum_i delta_i A_i S = sum_i delta_i (U_i - Ubar) W_G^T`` (Ubar = mean_i U_i), so
@@ -25,7 +29,8 @@ system) is ``delta = -(Mc + ridge I + 1 1^T)^{-1} h``: the rank-one term fixes t
 constraint removes and leaves delta in the sum-zero subspace. Centring on the uniform alpha means the
 ridge pulls towards equal weights, which is the natural answer when heads are indistinguishable
 (identical heads: Mc = 0, h = 0, alpha = 1/k exactly). The ridge is relative to the problem scale
-``mean_i ||A_i S||^2`` (1e-6 in float32, 1e-12 in float64), i.e. at the float32 noise floor. It
+``||T||^2``, the energy of the group's true output (1e-6 in float32, 1e-12 in float64), i.e. at the
+float32 noise floor. It
 must be at least the machine epsilon of the solve dtype: below that ``1 + ridge == 1`` and the
 system is singular for indistinguishable heads (which the error-free solve would turn into NaN).
 
@@ -98,7 +103,7 @@ _MAX_ENUM_K = 10
 # Groups up to this size enumerate the faces for every sample (at most 15 tiny solves each), so the
 # simplex step needs no data-dependent branch, i.e. no host sync.
 _ALWAYS_ENUM_K = 4
-# Ridge on the centred Gram, relative to mean_i ||A_i S||_F^2, per compute dtype.
+# Ridge on the centred Gram, relative to ||T||_F^2 (the group's true output), per compute dtype.
 _RIDGE = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
@@ -425,9 +430,15 @@ def _put_heads(x: Tensor, heads: Sequence[int], src: Tensor | float) -> None:
 
 
 def _group_terms(
-    maps: Tensor, vcat: Tensor, gram_w: Tensor, widths: Sequence[int]
+    maps: Tensor, vcat: Tensor, gram_w: Tensor, widths: Sequence[int], target: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced quadratic of eq. (6) around the uniform alpha, in head-dim space.
+
+    Everything is built from the map differences D_i = A_i - A_0: with E_i = D_i V_G (E_0 = 0),
+    C_i = U_i - Ubar = E_i - Ebar and R = Ubar - Z has block i equal to -(block i of C_i). So only
+    k - 1 attention-sized products are formed (one fewer than U_1..U_k), identical heads give
+    exactly C = R = 0, and rounding (e.g. TF32 matmuls) is relative to the heads' *differences*,
+    not to their outputs, which may be far larger.
 
     Leading dims ``...`` batch independent problems: (B,) for one group, (B, G) for G groups of
     the same size solved together.
@@ -439,35 +450,38 @@ def _group_terms(
             (G, c, c)).
         widths: k column counts: (pseudo-)head i owns the next widths[i] columns of ``vcat``
             (d for an original head, (number of heads) * d for a merged one).
+        target: (..., N, c) Z, block i = A_i V_i (the teacher's per-head attention outputs), only
+            for the problem scale; None = computed here (k products of width widths[i]).
 
     Returns:
-        Mc (..., k, k), h (..., k), scale (...) with f(u + delta) - f(u) = delta^T Mc delta + 2 h^T delta.
+        Mc (..., k, k), h (..., k), scale (...) = ||T||^2 = ||Z W_G^T||^2, with
+        f(u + delta) - f(u) = delta^T Mc delta + 2 h^T delta.
     """
     k, n = maps.shape[-3], maps.shape[-2]
-    # One matmul for the k heads: stack their rows, so V_G is read once rather than broadcast k times.
-    u_all = (maps.flatten(-3, -2) @ vcat).unflatten(-2, (k, n))  # (..., k, N, c): U_i = A_i V_G
-    # Centre through differences to head 0, so identical heads give exactly C = 0 and R = 0.
-    diff = u_all - u_all[..., :1, :, :]  # (..., k, N, c)
-    diff_mean = diff.mean(-3, keepdim=True)  # (..., 1, N, c)
-    u_bar = u_all[..., 0, :, :] + diff_mean[..., 0, :, :]  # (..., N, c)
     bounds = [0, *itertools.accumulate(widths)]
-    target = torch.cat(
-        [u_all[..., i, :, bounds[i] : bounds[i + 1]] for i in range(k)], dim=-1
-    )  # (..., N, c): Z, block i of U_i
-    resid = (u_bar - target).flatten(-2)  # (..., N*c): R, residual of the uniform squeeze
-    # C_i = U_i - Ubar sums to 0 over i, so only C_1..C_{k-1} are formed and go through the Gram
-    # (the costly product); the last row/column of Mc and entry of h follow, and Mc 1 = 0 and
+    diffs = maps[..., 1:, :, :] - maps[..., :1, :, :]  # (..., k-1, N, M): D_i, exactly 0 for identical heads
+    # One matmul for the k - 1 differences: stack their rows, so V_G is read once.
+    e = (diffs.flatten(-3, -2) @ vcat).unflatten(-2, (k - 1, n))  # (..., k-1, N, c): E_i = D_i V_G
+    e_bar = e.sum(-3, keepdim=True) / k  # (..., 1, N, c): mean over all k heads (E_0 = 0)
+    centred = e - e_bar  # (..., k-1, N, c): C_1..C_{k-1}; C_0 = -Ebar = -(sum of these)
+    own = [e_bar[..., 0, :, bounds[0] : bounds[1]]] + [
+        -centred[..., i - 1, :, bounds[i] : bounds[i + 1]] for i in range(1, k)
+    ]
+    resid = torch.cat(own, dim=-1).flatten(-2)  # (..., N*c): R, residual of the uniform squeeze
+    # Mc and h over heads 1..k-1; head 0's row/column follow from sum_i C_i = 0, so Mc 1 = 0 and
     # h . 1 = 0 hold exactly.
-    centred = diff[..., : k - 1, :, :] - diff_mean  # (..., k-1, N, c)
     c_w = (centred.flatten(-3, -2) @ gram_w).unflatten(-2, (k - 1, n)).flatten(-2)  # (..., k-1, N*c)
     m_red = c_w @ centred.flatten(-2).transpose(-2, -1)  # (..., k-1, k-1)
     h_red = (c_w @ resid.unsqueeze(-1)).squeeze(-1)  # (..., k-1)
-    col = -m_red.sum(-1, keepdim=True)  # (..., k-1, 1): Mc_{i,k} = -sum_j Mc_ij
+    row = -m_red.sum(-2, keepdim=True)  # (..., 1, k-1): Mc_{0,j} = -sum_i Mc_ij
     corner = m_red.sum((-2, -1))[..., None, None]  # (..., 1, 1)
-    mc = torch.cat([torch.cat([m_red, col], -1), torch.cat([col.transpose(-2, -1), corner], -1)], -2)  # (..., k, k)
-    h = torch.cat([h_red, -h_red.sum(-1, keepdim=True)], -1)  # (..., k)
-    pbar_sq = ((u_bar @ gram_w) * u_bar).sum((-2, -1))  # (...): ||Ubar W^T||^2
-    scale = pbar_sq + mc.diagonal(dim1=-2, dim2=-1).sum(-1) / k  # (...) = mean_i ||A_i S||^2
+    mc = torch.cat([torch.cat([corner, row], -1), torch.cat([row.transpose(-2, -1), m_red], -1)], -2)  # (..., k, k)
+    h = torch.cat([-h_red.sum(-1, keepdim=True), h_red], -1)  # (..., k)
+    if target is None:
+        target = torch.cat(
+            [maps[..., i, :, :] @ vcat[..., bounds[i] : bounds[i + 1]] for i in range(k)], dim=-1
+        )  # (..., N, c): Z
+    scale = ((target @ gram_w) * target).sum((-2, -1))  # (...): ||T||^2, the group's true output energy
     return mc, h, scale
 
 
@@ -588,13 +602,19 @@ def _pair_inputs(
 
 
 def _group_batch(
-    attn: Tensor, values: Tensor, w_heads: Tensor, groups: Sequence[Sequence[int]], dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
+    attn: Tensor,
+    values: Tensor,
+    w_heads: Tensor,
+    groups: Sequence[Sequence[int]],
+    dtype: torch.dtype,
+    head_outputs: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Stacked inputs of G groups of the same size k, for one batched solve.
 
     Returns:
-        maps (B, G, k, N, M), concatenated values (B, G, M, kd), out-projection Grams (G, kd, kd).
-        The maps are a view of ``attn`` when the groups' heads form one contiguous run (defaults).
+        maps (B, G, k, N, M), concatenated values (B, G, M, kd), out-projection Grams (G, kd, kd),
+        and the concatenated per-head outputs Z (B, G, N, kd) if ``head_outputs`` is given. The
+        maps are a view of ``attn`` when the groups' heads form one contiguous run (defaults).
     """
     b, _, n, m = attn.shape
     d = values.shape[-1]
@@ -604,7 +624,11 @@ def _group_batch(
     vals = _take_heads(values, heads).to(dtype).reshape(b, g, k, m, d)  # (B, G, k, M, d)
     vcat = vals.transpose(2, 3).reshape(b, g, m, k * d)  # (B, G, M, kd): block i = head i of the group
     w_g = _take_heads(w_heads, heads, dim=0).reshape(g, k * d, -1)  # (G, kd, D)
-    return maps, vcat, w_g @ w_g.transpose(1, 2)  # Gram (G, kd, kd)
+    target = None
+    if head_outputs is not None:
+        outs = _take_heads(head_outputs, heads).to(dtype).reshape(b, g, k, n, d)  # (B, G, k, N, d)
+        target = outs.transpose(2, 3).reshape(b, g, n, k * d)  # (B, G, N, kd): Z
+    return maps, vcat, w_g @ w_g.transpose(1, 2), target  # Gram (G, kd, kd)
 
 
 @torch.no_grad()
@@ -616,6 +640,7 @@ def _lstsq_alphas(
     ridge: float,
     project: bool,
     dtype: torch.dtype,
+    head_outputs: Tensor | None = None,
 ) -> Tensor:
     b, num_teacher_heads, _, _ = attn.shape
     alphas = torch.ones(b, num_teacher_heads, dtype=dtype, device=attn.device)
@@ -624,8 +649,8 @@ def _lstsq_alphas(
         if len(group) > 1:  # singletons keep alpha = 1
             by_size.setdefault(len(group), []).append(group)
     for k, same in by_size.items():  # one solve per distinct group size, batched over samples x groups
-        maps, vcat, gram_w = _group_batch(attn, values, w_heads, same, dtype)
-        mc, h, scale = _group_terms(maps, vcat, gram_w, [values.shape[-1]] * k)  # (B, G, k, k), (B, G, k), (B, G)
+        maps, vcat, gram_w, target = _group_batch(attn, values, w_heads, same, dtype, head_outputs)
+        mc, h, scale = _group_terms(maps, vcat, gram_w, [values.shape[-1]] * k, target)  # (B,G,k,k), (B,G,k), (B,G)
         heads = [i for group in same for i in group]
         _put_heads(alphas, heads, _solve_alphas(mc, h, scale, ridge, project).flatten(1))  # (B, G*k)
     return alphas
@@ -715,6 +740,7 @@ def squeeze_heads(
     mode: SqueezeMode = "lstsq",
     generator_seed: int = 0,
     *,
+    head_outputs: Tensor | None = None,
     project: bool = True,
     ridge: float | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -730,9 +756,12 @@ def squeeze_heads(
         mode: "lstsq" (exact eq. 6 per group, default), "constant" (alpha = 1/k), "hard" (one
             seeded random teacher head per student head), "progressive" (pairwise merging).
         generator_seed: seed of the "hard" selection.
+        head_outputs: (B, H_t, N, d) the teacher's per-head attention outputs A_i V_i, as
+            ``capture_attention(..., export_values=True)`` exports them. Optional: they only set
+            the ridge's scale ||T||^2 and save one attention-sized product per group ("lstsq").
         project: keep alpha on the simplex (exact constrained minimiser). False returns the
             unconstrained eq. (6) solution, whose maps may have negative entries (analysis only).
-        ridge: ridge on the centred Gram relative to mean_i ||A_i S||^2; default 1e-6 (float32
+        ridge: ridge on the centred Gram relative to ||T||^2 (the group's true output); default 1e-6 (float32
             solves) / 1e-12 (float64). Must be finite and >= the solve dtype's machine epsilon
             (float32 1.2e-7, float64 2.2e-16); ridge = 0 leaves indistinguishable heads singular.
 
@@ -743,7 +772,12 @@ def squeeze_heads(
         the default grouping, ``attn`` itself is returned with alphas all 1.
     """
     _check_squeeze_inputs(attn, values, out_proj_weight)
-    b, num_teacher_heads, _, _ = attn.shape
+    b, num_teacher_heads, n, _ = attn.shape
+    if head_outputs is not None and head_outputs.shape != (b, num_teacher_heads, n, values.shape[-1]):
+        raise ValueError(
+            f"head_outputs {tuple(head_outputs.shape)} must be (B, H_t, N, d) = "
+            f"{(b, num_teacher_heads, n, values.shape[-1])}: the per-head attention outputs A_i V_i"
+        )
     dtype = _compute_dtype(attn, values, out_proj_weight)
     ridge = _check_ridge(ridge, dtype)
     resolved = resolve_groups(num_teacher_heads, num_heads, mode, groups, generator_seed)
@@ -762,7 +796,7 @@ def squeeze_heads(
         with torch.autocast(attn.device.type, enabled=False):
             w_heads = _head_weights(out_proj_weight, num_teacher_heads, values.shape[-1], dtype)  # (H, d, D)
             if mode == "lstsq":
-                alphas = _lstsq_alphas(attn, values, w_heads, resolved, ridge, project, dtype)
+                alphas = _lstsq_alphas(attn, values, w_heads, resolved, ridge, project, dtype, head_outputs)
             else:
                 alphas = _progressive_alphas(attn, values, w_heads, num_heads, ridge, project, dtype)
     return apply_alphas(attn, alphas, resolved), alphas
@@ -928,14 +962,22 @@ class HeadSqueezer:
         return cls(attn_calib.shape[1], student_heads, "lstsq", groups)
 
     def __call__(
-        self, probs: Tensor, values: Tensor, out_proj_weight: Tensor, maps: Tensor | None = None
+        self,
+        probs: Tensor,
+        values: Tensor,
+        out_proj_weight: Tensor,
+        maps: Tensor | None = None,
+        head_outputs: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """alpha from the T = 1 ``probs``; returns (squeezed ``maps`` (or probs), alphas)."""
+        """alpha from the T = 1 ``probs``; returns (squeezed ``maps`` (or probs), alphas).
+
+        ``head_outputs`` (B, H_t, N, d), optional: see :func:`squeeze_heads`.
+        """
         if probs.shape[1] != self.teacher_heads:
             raise ValueError(f"teacher maps have {probs.shape[1]} heads, this squeezer expects {self.teacher_heads}")
         squeezed, alphas = squeeze_heads(
             probs, values, out_proj_weight, self.student_heads,
-            groups=self.groups, mode=self.mode, generator_seed=self.seed,
+            groups=self.groups, mode=self.mode, generator_seed=self.seed, head_outputs=head_outputs,
         )
         if maps is not None and maps is not probs:
             squeezed = apply_alphas(maps, alphas, self.resolved)
@@ -948,6 +990,7 @@ def squeeze_layers(
     values: Sequence[Tensor],
     out_weights: Sequence[Tensor],
     maps: Sequence[Tensor] | None = None,
+    head_outputs: Sequence[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Squeeze a list of teacher layers (as exported by ``capture_attention(export_values=True)``).
 
@@ -956,6 +999,8 @@ def squeeze_layers(
         probs: per layer (B, H_t, N, N) T = 1 probabilities (drive alpha).
         values: per layer (B, H_t, N, d). out_weights: per layer (D, H_t*d).
         maps: per layer softened maps to squeeze with those alphas; None = squeeze ``probs``.
+        head_outputs: per layer (B, H_t, N, d) per-head attention outputs (optional, see
+            :func:`squeeze_heads`).
 
     Returns:
         (squeezed maps per layer (B, H_s, N, N), alphas per layer (B, H_t)).
@@ -963,14 +1008,19 @@ def squeeze_layers(
     n = len(probs)
     if isinstance(squeezers, HeadSqueezer):
         squeezers = [squeezers] * n
-    lengths = {len(squeezers), len(values), len(out_weights), n} | ({len(maps)} if maps is not None else set())
+    lengths = {len(squeezers), len(values), len(out_weights), n}
+    lengths |= {len(x) for x in (maps, head_outputs) if x is not None}
     if len(lengths) != 1:
         raise ValueError(
-            f"squeeze_layers needs one squeezer/values/weights(/maps) entry per layer, got lengths {sorted(lengths)}"
+            "squeeze_layers needs one squeezer/values/weights(/maps/head_outputs) entry per layer, got "
+            f"lengths {sorted(lengths)}"
         )
     out_maps, out_alphas = [], []
     for l in range(n):
-        m, a = squeezers[l](probs[l], values[l], out_weights[l], None if maps is None else maps[l])
+        m, a = squeezers[l](
+            probs[l], values[l], out_weights[l], None if maps is None else maps[l],
+            None if head_outputs is None else head_outputs[l],
+        )
         out_maps.append(m)
         out_alphas.append(a)
     return out_maps, out_alphas

@@ -152,6 +152,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between EMA sample grids (0 = never)
     grad_checkpointing: bool = False  # recompute activations in backward (saves memory)
     compile: bool = False  # torch.compile the student
+    tf32: bool = True  # TF32 tensor cores for float32 matmuls on CUDA (SHD's squeeze runs in float32)
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):

@@ -515,6 +515,7 @@ class Trainer:
                     [store.values[k] for k in slots],
                     [store.out_weights[k] for k in slots],
                     None if dc.temperature == 1.0 else [store.maps[k] for k in slots],
+                    [store.outputs[k] for k in slots],
                 )
                 terms["shd"] = shd_math.shd_loss(s_maps, targets, beta=1.0, kind=dc.loss, reduction=dc.reduction)
                 total = total + dc.shd_beta * terms["shd"]
@@ -813,6 +814,8 @@ def train(
     accelerator: Any = None,
 ) -> Trainer:
     """Build a :class:`Trainer`, resume if asked, and train. Returns the trainer (for tests)."""
+    # TF32 for the float32 matmuls (SHD's squeeze; bf16 autocast covers the rest), as upstream.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     acc = accelerator or make_accelerator(cfg, run_dir)
     try:
         trainer = Trainer(cfg, run_dir, acc)

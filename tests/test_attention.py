@@ -143,6 +143,9 @@ def test_student_maps_keep_graph_teacher_export_detached():
     blk = model.blocks[0]
     out = (teacher.probs[0] @ teacher.values[0]).transpose(1, 2).reshape(2, 10, 32)
     torch.testing.assert_close(out @ teacher.out_weights[0].T + blk.proj.bias, blk(x), atol=OUT_ATOL, rtol=0)
+    # The exported per-head outputs are exactly those A_i V_i.
+    assert teacher.outputs[0].shape == (2, 4, 10, 8) and teacher.outputs[0].dtype == torch.float32
+    torch.testing.assert_close(teacher.outputs[0], teacher.probs[0] @ teacher.values[0], atol=1e-6, rtol=0)
 
 
 def test_teacher_capture_requires_no_grad():

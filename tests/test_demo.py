@@ -60,11 +60,13 @@ def _mtimes(out: Path) -> dict[str, int]:
 def test_every_output_exists_and_results_cover_every_mode(run):
     out, weights, _ = run
     for name in ["results.md", "results.json", "reference_grid.png", "figures/attention_teacher.png",
-                 "figures/alpha_histograms.png", *(f"samples_{m}_s0.png" for m in MODES)]:
+                 "figures/alpha_histograms.png", "samples_teacher.png", *(f"samples_{m}_s0.png" for m in MODES)]:
         assert (out / name).is_file(), name
     assert not list(out.rglob(".tmp-*")), "a temporary file was left behind"
     res = json.loads((out / "results.json").read_text())
     assert res["format"] == demo.FORMAT and res["settings"]["size"] == "tiny"
+    t = res["teacher"]["scores"]  # the teacher is sampled and scored like the students
+    assert math.isfinite(t["fid"]) and 0 <= t["precision"] <= 1 and "*teacher (reference)*" in (out / "results.md").read_text()
     assert list(res["modes"]) == list(MODES)
     for mode, m in res["modes"].items():
         assert {"fid", "precision", "recall", "kid", "is", "is_unavailable_reason", "train_time_s", "seeds"} <= set(m)
@@ -163,7 +165,8 @@ def test_changed_sampling_resamples_but_keeps_training(run):
     assert _cli().main([*argv, "--modes", "kd_shd", "--sampling-steps", "2"]) == 0
     assert {k: v for k, v in _mtimes(out).items() if k.startswith("runs/")} == ckpts
     new = set((out / "samples").iterdir()) - folders
-    assert len(new) == 1 and next(iter(new)).name.startswith("kd_shd-s0-")
+    # The changed sampler resamples the student and the teacher reference, nothing else.
+    assert sorted(p.name.split("-")[0] for p in new) == ["kd_shd", "teacher"]
     res = json.loads((out / "results.json").read_text())
     assert list(res["modes"]) == ["kd_shd"] and res["settings"]["sampling_steps"] == 2
     assert not res["stage_times_s"]["samples kd_shd seed 0"]["reused"]

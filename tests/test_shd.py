@@ -654,3 +654,38 @@ def test_cluster_heads_merges_the_most_similar_pairs_first():
     assert cluster_heads(sim, 3) == [[0, 3], [1], [2]]
     with pytest.raises(ValueError, match="max_group_size=1"):
         cluster_heads(sim, 2, max_group_size=1)
+
+
+def test_exported_head_outputs_give_the_same_alphas():
+    # Z = (A_i V_i) only sets the ridge's scale; the teacher's own outputs spare its product.
+    gen = torch.Generator().manual_seed(11)
+    b, h, n, d = 3, 6, 12, 4
+    attn = (torch.randn(b, h, n, n, generator=gen) * 2).softmax(-1)
+    values = torch.randn(b, h, n, d, generator=gen)
+    weight = torch.randn(16, h * d, generator=gen)
+    outputs = attn @ values  # (B, H, N, d)
+    for groups in (None, [[0, 3, 5], [1, 2], [4]]):
+        maps, alphas = squeeze_heads(attn, values, weight, 3, groups=groups)
+        maps_o, alphas_o = squeeze_heads(attn, values, weight, 3, groups=groups, head_outputs=outputs)
+        torch.testing.assert_close(alphas_o, alphas, atol=1e-6, rtol=0)
+        torch.testing.assert_close(maps_o, maps, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="head_outputs"):
+        squeeze_heads(attn, values, weight, 3, head_outputs=outputs[:, :4])
+
+
+def test_alpha_is_insensitive_to_a_large_shared_output():
+    # Two heads that differ a little on top of a large common attention pattern (e.g. a shared
+    # sink token): products are formed of map differences, so float32 rounding of the common
+    # part must not swamp the solve. Oracle: the float64 solve.
+    gen = torch.Generator().manual_seed(12)
+    b, n, d = 4, 16, 8
+    common = torch.zeros(b, 1, n, n)
+    common[..., 0] = 3.0  # every query gives token 0 about half its attention
+    logits = common + 0.5 * torch.randn(b, 2, n, n, generator=gen)
+    attn = logits.softmax(-1)
+    values = torch.randn(b, 2, n, d, generator=gen)
+    values[:, :, 0] += 1e3  # token 0 carries a huge value vector
+    weight = torch.randn(8, 2 * d, generator=gen)
+    a32 = squeeze_heads(attn, values, weight, 1)[1]
+    a64 = squeeze_heads(attn.double(), values.double(), weight.double(), 1)[1]
+    assert float((a32.double() - a64).abs().max()) < 1e-3
