@@ -972,8 +972,10 @@ def _markdown(res: dict[str, Any]) -> str:
     ]
     if len(s["seeds"]) == 1 or s["num_samples"] < 5000:
         lines += [
-            f"Caution: {len(s['seeds'])} seed(s) and {s['num_samples']} samples per run. Differences between modes at "
-            "this size are within run-to-run noise; the study at a meaningful scale is `--size gpu` "
+            f"Caution: {len(s['seeds'])} seed(s) and {s['num_samples']} samples per run"
+            + (": the seed-to-seed spread is not measured, so differences between modes are indicative only"
+               if len(s["seeds"]) == 1 else ", a small study")
+            + "; the study at a meaningful scale is `--size gpu` "
             "(3 seeds per mode, 5,000 samples, FID against all 10,000 training images).",
             "",
         ]

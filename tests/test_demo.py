@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import reset_accelerate_state
 from shd_diffusion import demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,13 +33,9 @@ def _cli():
 
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="module")

@@ -73,19 +73,6 @@ def pixel_model() -> nn.Module:
     return tiny()
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """`main()` builds an Accelerator; reset accelerate's process-wide state around the test so
-    later tests can create one with other settings."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def make_sampler(model: nn.Module, steps: int = 5, cfg_scale: float = 3.8, seed: int = 0, labels: str = "balanced") -> Sampler:
     channels = resolve_guidance_channels(3, model.in_channels)
     denoiser = GuidedDenoiser(model, cfg_scale, resolve_guidance_schedule("auto", model), 4.0, channels)

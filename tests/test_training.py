@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import reset_accelerate_state
 from shd_diffusion.config import load_config
 from shd_diffusion.train_config import ExperimentConfig
 from shd_diffusion.training import (
@@ -42,15 +43,7 @@ def _shared(prefix: str) -> list[str]:
     return [f"{prefix}.in_channels=1", f"{prefix}.num_classes=10"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def make_cfg(tmp_path: Path, mode: str, family: str = "dit", extra: list[str] = ()) -> ExperimentConfig:
@@ -209,20 +202,18 @@ def test_resume_refuses_a_changed_shape_field(tmp_path):
     run_dir = tmp_path / "runs" / "t"
     train(cfg, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
     changed = make_cfg(tmp_path, "none", "dit", ["train.steps=2", "student.hidden_size=64"])
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
     saved_config = (run_dir / "config.yaml").read_text()
     with pytest.raises(ValueError, match="student.hidden_size"):
         train(changed, run_dir, progress=False, accelerator=make_accelerator(changed, run_dir, log=False))
     assert (run_dir / "config.yaml").read_text() == saved_config  # a refused resume writes nothing
 
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
     teacher_changed = make_cfg(tmp_path, "none", "dit", ["train.steps=2", "teacher.model.num_heads=2"])
     with pytest.raises(ValueError, match="teacher.model.num_heads"):
         train(teacher_changed, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
 
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
     with pytest.raises(ValueError, match="--resume none.*step_00000001.pt"):
         train(cfg, run_dir, resume="none", progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
 
@@ -384,10 +375,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, family):
     # attention at step 1.)
     grads = {}
     for accum in (1, 2):
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         cfg = make_cfg(tmp_path / f"a{accum}", "kd_shd", family, ["train.global_batch_size=8", f"train.grad_accum={accum}"])
         trainer = make_trainer(cfg, tmp_path / f"a{accum}")
         student = trainer.acc.unwrap_model(trainer.side).student
@@ -449,10 +437,7 @@ def test_head_matching_is_the_same_for_any_micro_batch_split(tmp_path):
         trainer = make_trainer(cfg, tmp_path / f"m{accum}")
         trainer._match_heads()
         groups.append(trainer.groups)
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     assert groups[0] == groups[1]
     assert all(sorted(i for g in layer for i in g) == list(range(4)) for layer in groups[0])
 
