@@ -319,9 +319,11 @@ grads = {{n: p.grad.clone() for n, p in acc.unwrap_model(trainer.side).named_par
 assert acc.num_processes == {n}, acc.num_processes
 if acc.is_main_process:
     torch.save(grads, tmp / f"grads_{{acc.num_processes}}.pt")
-# Tear the gloo group down together before exit: a process that exits with it alive, or destroys
-# it while its peer still works, can abort in C++ ("terminate called without an active
-# exception"); train() and the CLIs do the same.
+# Tear down as train() does: drop the DDP reducer, then destroy the gloo group together. A group
+# left alive, destroyed while the peer still works, or outlived by the reducer can abort the
+# process at exit in C++ ("terminate called without an active exception").
+del st
+trainer.release()
 acc.wait_for_everyone()
 acc.end_training()
 """
