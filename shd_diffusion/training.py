@@ -411,6 +411,19 @@ class Trainer:
         noise = _per_sample(gens, lambda g: torch.randn(dist.mean.shape[1:], generator=g, device=x.device))
         return (dist.mean + dist.std * noise.to(dist.mean.dtype)) * 0.18215
 
+    def _noised(
+        self, x0: torch.Tensor, gens: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each sample's timestep and noise (first draws of its generator), and x_t = q(x_t | x_0).
+
+        Returns:
+            t (B,), noise (B, C, H, W) and x_t (B, C, H, W), in ``x0``'s dtype.
+        """
+        dev, steps = self.device, self.diffusion.num_timesteps
+        t = _per_sample(gens, lambda g: torch.randint(0, steps, (), generator=g, device=dev))
+        noise = _per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=dev)).to(x0.dtype)
+        return t, noise, self.diffusion.q_sample(x0, t, noise)
+
     @torch.no_grad()
     def _match_heads(self) -> None:
         """Head matching (paper Tab. 5): group similar teacher heads once, before the first step.
@@ -432,11 +445,7 @@ class Trainer:
             x, y = x[: total - done].to(self.device), y[: total - done].to(self.device)
             # Negative positions: generators disjoint from the training stream's.
             gens = sample_generators(tc.seed, [-1 - (done + k) for k in range(len(x))], self.device)
-            x0 = self._encode(x, gens)
-            t = _per_sample(gens, lambda g: torch.randint(0, self.diffusion.num_timesteps, (), generator=g,
-                                                          device=self.device))
-            noise = _per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=self.device))
-            x_t = self.diffusion.q_sample(x0, t, noise.to(x0.dtype))
+            t, _, x_t = self._noised(self._encode(x, gens), gens)
             with self.acc.autocast(), capture_attention(self.teacher, 1.0, t_layers) as store:
                 self.teacher(x_t, t, y)
             for i, probs in zip(store.layer_indices, store.probs):
@@ -465,9 +474,7 @@ class Trainer:
         """
         dc, diff = self.cfg.distill, self.diffusion
         dev = self.device
-        t = _per_sample(gens, lambda g: torch.randint(0, diff.num_timesteps, (), generator=g, device=dev))
-        noise = _per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=dev)).to(x0.dtype)
-        x_t = diff.q_sample(x0, t, noise)
+        t, noise, x_t = self._noised(x0, gens)
         # Drop labels once, here, so student and teacher see the same (dropped) labels.
         drop = (_per_sample(gens, lambda g: torch.rand((), generator=g, device=dev)) < self.drop_prob).long()
         weight = diff.min_snr_weight(t) if self.min_snr else None
