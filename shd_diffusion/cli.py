@@ -1,0 +1,89 @@
+"""One way for every entry point to end: exit codes, one-line refusals, ``--debug`` tracebacks.
+
+Every command (training, sampling, scoring, the scripts) runs its body through :func:`run_main`.
+Expected failures (bad input, unreadable files, disk full) become one ``error: ...`` line on
+stderr that names the cause and the fix, with exit code 2; a diverged run exits with 3. Anything
+else is a real bug and keeps its traceback. ``--debug`` re-raises every error with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from typing import Callable
+
+OK = 0
+BAD_INPUT = 2  # the user can fix it: a config value, a path, a file
+DIVERGED = 3  # training stopped on a non-finite loss or gradient
+
+
+class BadInput(Exception):
+    """Base of every expected, user-fixable failure; the message names the cause and the fix."""
+
+
+class Diverged(RuntimeError):
+    """Training stopped before an update because a loss or gradient was not finite."""
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug``: show the full traceback instead of the one-line refusal."""
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors (for bug reports)")
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (multi-line messages are joined with ' | ')."""
+    text = str(err).strip() or type(err).__name__
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def describe_os_error(err: OSError) -> str:
+    """An OSError as the user needs it: what happened to which path."""
+    path = err.filename if err.filename is not None else "?"
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path}: free space or write elsewhere"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied for {path}: choose a writable location"
+    if err.errno == errno.ENOENT:
+        return f"no such file or folder: {path}"
+    if err.errno == errno.EISDIR:
+        return f"{path} is a folder, a file was expected"
+    if err.errno == errno.ENOTDIR:
+        return f"{path} (or a folder above it) is a file, a folder was expected"
+    return f"{err.strerror or one_line(err)}: {path}"
+
+
+def run_main(
+    body: Callable[[], int | None],
+    *,
+    debug: bool = False,
+    expected: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Run an entry point's body and turn expected failures into one line and an exit code.
+
+    Args:
+        body: the command's work; returns its exit code (None means 0).
+        debug: re-raise instead of printing one line.
+        expected: exception types (besides :class:`BadInput`, :class:`Diverged` and ``OSError``)
+            that mean bad input for this command.
+    Returns:
+        0, ``BAD_INPUT`` (2) or ``DIVERGED`` (3).
+    """
+    try:
+        code = body()
+        return OK if code is None else int(code)
+    except Diverged as err:
+        if debug:
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return DIVERGED
+    except (BadInput, *expected) as err:
+        if debug:
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return BAD_INPUT
+    except OSError as err:
+        if debug:
+            raise
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return BAD_INPUT
