@@ -35,18 +35,17 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from shd_diffusion.shd import (
-    apply_alphas,
-    default_groups,
-    naive_squeeze_alphas,
-    shd_loss,
-    squeeze_heads,
-)
+from shd_diffusion.shd import apply_alphas, default_groups, shd_loss, squeeze_heads
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from shd_oracles import naive_squeeze_alphas  # noqa: E402  (the N x D oracle lives with the tests)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

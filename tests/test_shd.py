@@ -10,6 +10,9 @@ import torch
 from shd_diffusion import shd
 from shd_diffusion.attention import capture_attention
 from shd_diffusion.models import create_model
+from shd_diffusion.shd import solve as shd_solve
+from shd_diffusion.shd.groups import _MODES
+from shd_oracles import naive_squeeze_alphas, naive_squeeze_objective
 from shd_diffusion.shd import (
     HeadSqueezer,
     SqueezeMode,
@@ -20,8 +23,6 @@ from shd_diffusion.shd import (
     head_similarity,
     layer_mapping,
     match_heads,
-    naive_squeeze_alphas,
-    naive_squeeze_objective,
     progressive_groups,
     project_simplex,
     shd_loss,
@@ -176,7 +177,7 @@ def test_large_group_fallback_matches_enumeration(monkeypatch):
     free = naive_squeeze_alphas(attn, values, weight, [[0, 1, 2]])
     assert (free.min(1).values < -0.01).sum() >= 3  # some samples need the simplex
     _, exact = squeeze_heads(attn, values, weight, 1)
-    monkeypatch.setattr(shd, "_MAX_ENUM_K", 1)  # force projected gradient
+    monkeypatch.setattr(shd_solve, "_MAX_ENUM_K", 1)  # force projected gradient
     _, pgd = squeeze_heads(attn, values, weight, 1)
     torch.testing.assert_close(pgd, exact, atol=1e-6, rtol=0)
 
@@ -277,7 +278,7 @@ def test_face_feasibility_is_relative_to_alpha_scale(dtype):
     for scale in (1.0, 1e3):
         inside = torch.tensor([scale, -0.5 * slack * scale, 0.0], dtype=dtype)
         outside = torch.tensor([scale, -2.0 * slack * scale, 0.0], dtype=dtype)
-        assert shd._face_feasible(inside) and not shd._face_feasible(outside), scale
+        assert shd_solve._face_feasible(inside) and not shd_solve._face_feasible(outside), scale
 
 
 def test_float32_simplex_solutions_match_float64():
@@ -457,9 +458,9 @@ def test_progressive_groups_and_unreachable():
 
 
 def test_public_signatures_use_literals():
-    assert get_args_of(squeeze_heads, "mode") == typing.get_args(SqueezeMode) == shd._MODES
-    assert get_args_of(shd.resolve_groups, "mode") == shd._MODES
-    assert get_args_of(HeadSqueezer, "mode") == shd._MODES
+    assert get_args_of(squeeze_heads, "mode") == typing.get_args(SqueezeMode) == _MODES
+    assert get_args_of(shd.resolve_groups, "mode") == _MODES
+    assert get_args_of(HeadSqueezer, "mode") == _MODES
     assert get_args_of(shd_loss, "kind") == ("kl", "mse")
     assert get_args_of(shd_loss, "reduction") == ("sum", "mean")
 
