@@ -11,6 +11,7 @@ Where alpha is computed: :mod:`.solve` (the derivation and the simplex rule). Th
   blocks of query rows, with memory linear in N (what training uses).
 """
 
+from .chunked import DEFAULT_BLOCK_BYTES, auto_chunk_size, shd_term
 from .groups import (
     SqueezeMode,
     cluster_heads,
@@ -49,4 +50,7 @@ __all__ = [
     "layer_mapping",
     "validate_pair",
     "shd_loss",
+    "shd_term",
+    "auto_chunk_size",
+    "DEFAULT_BLOCK_BYTES",
 ]

@@ -9,7 +9,7 @@ accumulation over blocks of query rows without ever holding the maps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,64 +81,92 @@ def _pair_inputs(
     return vcat, w_g @ w_g.T  # (kd, kd)
 
 
-def _group_batch(
-    attn: Tensor,
-    values: Tensor,
-    w_heads: Tensor,
-    groups: Sequence[Sequence[int]],
-    dtype: torch.dtype,
-    head_outputs: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Stacked inputs of G groups of the same size k, for one batched solve.
+# A block source: a callable that, each time it is called, yields the teacher's T = 1 maps for
+# consecutive blocks of query rows, ``(probs (B, H_t, c, M), head outputs (B, H_t, c, d) or None)``.
+# Every term of eq. (6) is a sum over query rows, so alpha accumulates over blocks; the whole-map
+# path is one block of all N rows. Progressive squeezing calls the source once per level.
+Blocks = Callable[[], Iterator[tuple[Tensor, Tensor | None]]]
 
-    Returns:
-        maps (B, G, k, N, M), concatenated values (B, G, M, kd), out-projection Grams (G, kd, kd),
-        and the concatenated per-head outputs Z (B, G, N, kd) if ``head_outputs`` is given. The
-        maps are a view of ``attn`` when the groups' heads form one contiguous run (defaults).
-    """
-    b, _, n, m = attn.shape
-    d = values.shape[-1]
+
+def whole_map_blocks(attn: Tensor, head_outputs: Tensor | None = None) -> Blocks:
+    """The block source of whole (B, H_t, N, M) maps: one block holding every query row."""
+    return lambda: iter([(attn, head_outputs)])
+
+
+def _group_values(
+    values: Tensor, w_heads: Tensor, groups: Sequence[Sequence[int]], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Concatenated values (B, G, M, kd) and out-projection Grams (G, kd, kd) of G same-size groups."""
+    b, _, m, d = values.shape
     g, k = len(groups), len(groups[0])
     heads = [i for group in groups for i in group]
-    maps = _take_heads(attn, heads).to(dtype).reshape(b, g, k, n, m)  # (B, G, k, N, M)
     vals = _take_heads(values, heads).to(dtype).reshape(b, g, k, m, d)  # (B, G, k, M, d)
     vcat = vals.transpose(2, 3).reshape(b, g, m, k * d)  # (B, G, M, kd): block i = head i of the group
     w_g = _take_heads(w_heads, heads, dim=0).reshape(g, k * d, -1)  # (G, kd, D)
-    target = None
-    if head_outputs is not None:
-        outs = _take_heads(head_outputs, heads).to(dtype).reshape(b, g, k, n, d)  # (B, G, k, N, d)
-        target = outs.transpose(2, 3).reshape(b, g, n, k * d)  # (B, G, N, kd): Z
-    return maps, vcat, w_g @ w_g.transpose(1, 2), target  # Gram (G, kd, kd)
+    return vcat, w_g @ w_g.transpose(1, 2)  # Gram (G, kd, kd)
+
+
+def _group_maps(
+    probs: Tensor, groups: Sequence[Sequence[int]], dtype: torch.dtype, head_outputs: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Maps (B, G, k, c, M) of G same-size groups, and their outputs Z (B, G, c, kd) if given.
+
+    The maps are a view of ``probs`` when the groups' heads form one contiguous run (defaults).
+    """
+    b, _, n, m = probs.shape
+    g, k = len(groups), len(groups[0])
+    heads = [i for group in groups for i in group]
+    maps = _take_heads(probs, heads).to(dtype).reshape(b, g, k, n, m)  # (B, G, k, c, M)
+    if head_outputs is None:
+        return maps, None
+    d = head_outputs.shape[-1]
+    outs = _take_heads(head_outputs, heads).to(dtype).reshape(b, g, k, n, d)  # (B, G, k, c, d)
+    return maps, outs.transpose(2, 3).reshape(b, g, n, k * d)  # Z (B, G, c, kd)
+
+
+def _add_terms(acc: tuple[Tensor, ...] | None, terms: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return terms if acc is None else tuple(a + t for a, t in zip(acc, terms))
 
 
 @torch.no_grad()
 def _lstsq_alphas(
-    attn: Tensor,
+    blocks: Blocks,
     values: Tensor,
     w_heads: Tensor,
     groups: list[list[int]],
     ridge: float,
     project: bool,
     dtype: torch.dtype,
-    head_outputs: Tensor | None = None,
 ) -> Tensor:
-    b, num_teacher_heads, _, _ = attn.shape
-    alphas = torch.ones(b, num_teacher_heads, dtype=dtype, device=attn.device)
+    """Direct eq. (6) alpha per group: Gram terms summed over the row blocks, then one solve per size."""
+    b, num_teacher_heads, _, d = values.shape
+    alphas = torch.ones(b, num_teacher_heads, dtype=dtype, device=values.device)
     by_size: dict[int, list[list[int]]] = {}
     for group in groups:
         if len(group) > 1:  # singletons keep alpha = 1
             by_size.setdefault(len(group), []).append(group)
-    for k, same in by_size.items():  # one solve per distinct group size, batched over samples x groups
-        maps, vcat, gram_w, target = _group_batch(attn, values, w_heads, same, dtype, head_outputs)
-        mc, h, scale = _group_terms(maps, vcat, gram_w, [values.shape[-1]] * k, target)  # (B,G,k,k), (B,G,k), (B,G)
+    inputs = {k: _group_values(values, w_heads, same, dtype) for k, same in by_size.items()}
+    acc: dict[int, tuple[Tensor, ...] | None] = dict.fromkeys(by_size)
+    for probs, outs in blocks():
+        for k, same in by_size.items():  # batched over samples x groups of one size
+            maps, target = _group_maps(probs, same, dtype, outs)
+            vcat, gram_w = inputs[k]
+            acc[k] = _add_terms(acc[k], _group_terms(maps, vcat, gram_w, [d] * k, target))  # (B,G,k,k), (B,G,k), (B,G)
+    for k, same in by_size.items():
         heads = [i for group in same for i in group]
-        _put_heads(alphas, heads, _solve_alphas(mc, h, scale, ridge, project).flatten(1))  # (B, G*k)
+        _put_heads(alphas, heads, _solve_alphas(*acc[k], ridge, project).flatten(1))  # (B, G*k)
     return alphas
+
+
+def _node_map(probs: Tensor, alphas: Tensor, heads: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """A merged pseudo-head's map sum_{i in heads} alpha_i A_i for a row block: (B, c, M)."""
+    a = _take_heads(alphas, heads)[:, :, None, None]  # (B, k, 1, 1)
+    return (a * _take_heads(probs, heads).to(dtype)).sum(1)  # (B, c, M)
 
 
 @torch.no_grad()
 def _progressive_alphas(
-    attn: Tensor,
+    blocks: Blocks,
     values: Tensor,
     w_heads: Tensor,
     num_student_heads: int,
@@ -148,36 +176,63 @@ def _progressive_alphas(
 ) -> Tensor:
     """Algorithm 1: merge adjacent pairs with the pairwise-optimal alpha until H_s heads remain.
 
-    A merged pseudo-head keeps its squeezed map A~ and stands for S = sum of its heads' X_i, so the
-    next level solves eq. (6) for the pair with targets A~_p S_p + A~_q S_q. Original heads' final
-    weights are the products of the alphas along their merge path.
+    A merged pseudo-head stands for its squeezed map A~ = sum alpha_i A_i (alpha so far) and for
+    S = sum of its heads' X_i, so the next level solves eq. (6) for the pair with targets
+    A~_p S_p + A~_q S_q. Original heads' final weights are the products of the alphas along their
+    merge path. One pass over the row blocks per level.
     """
-    b, num_teacher_heads, _, _ = attn.shape
-    alphas = torch.ones(b, num_teacher_heads, dtype=dtype, device=attn.device)
-    nodes: list[tuple[Tensor | None, list[int]]] = [(None, [i]) for i in range(num_teacher_heads)]
-
-    def node_map(node: tuple[Tensor | None, list[int]]) -> Tensor:
-        return attn[:, node[1][0]].to(dtype) if node[0] is None else node[0]  # (B, N, M)
-
+    b, num_teacher_heads, _, d = values.shape
+    alphas = torch.ones(b, num_teacher_heads, dtype=dtype, device=values.device)
+    nodes = [[i] for i in range(num_teacher_heads)]
     while len(nodes) > num_student_heads:
-        merged = []
-        for i in range(0, len(nodes), 2):
-            if i + 1 == len(nodes):  # odd last head: carried to the next level unchanged
-                merged.append(nodes[i])
-                continue
-            (p, q) = nodes[i], nodes[i + 1]
-            maps = torch.stack([node_map(p), node_map(q)], dim=1)  # (B, 2, N, M)
-            heads = p[1] + q[1]
-            vcat, gram_w = _pair_inputs(values, w_heads, heads, dtype)
-            d = values.shape[-1]
-            mc, h, scale = _group_terms(maps, vcat, gram_w, [len(p[1]) * d, len(q[1]) * d])
-            a = _solve_alphas(mc, h, scale, ridge, project)  # (B, 2)
-            _put_heads(alphas, p[1], _take_heads(alphas, p[1]) * a[:, :1])
-            _put_heads(alphas, q[1], _take_heads(alphas, q[1]) * a[:, 1:])
-            new_map = a[:, 0, None, None] * maps[:, 0] + a[:, 1, None, None] * maps[:, 1]  # (B, N, M)
-            merged.append((new_map, heads))
-        nodes = merged
+        pairs = [(nodes[i], nodes[i + 1]) for i in range(0, len(nodes) - 1, 2)]
+        inputs = [_pair_inputs(values, w_heads, p + q, dtype) for p, q in pairs]
+        acc: list[tuple[Tensor, ...] | None] = [None] * len(pairs)
+        for probs, _ in blocks():
+            for j, ((p, q), (vcat, gram_w)) in enumerate(zip(pairs, inputs)):
+                maps = torch.stack([_node_map(probs, alphas, p, dtype), _node_map(probs, alphas, q, dtype)], 1)  # (B, 2, c, M)
+                acc[j] = _add_terms(acc[j], _group_terms(maps, vcat, gram_w, [len(p) * d, len(q) * d]))
+        for (p, q), terms in zip(pairs, acc):
+            a = _solve_alphas(*terms, ridge, project)  # (B, 2)
+            _put_heads(alphas, p, _take_heads(alphas, p) * a[:, :1])
+            _put_heads(alphas, q, _take_heads(alphas, q) * a[:, 1:])
+        # The odd last head is carried to the next level unchanged.
+        nodes = [p + q for p, q in pairs] + ([nodes[-1]] if len(nodes) % 2 else [])
     return alphas
+
+
+@torch.no_grad()
+def mode_alphas(
+    blocks: Blocks,
+    values: Tensor,
+    out_proj_weight: Tensor,
+    groups: list[list[int]],
+    mode: SqueezeMode,
+    ridge: float,
+    project: bool,
+    dtype: torch.dtype,
+) -> Tensor:
+    """(B, H_t) alphas of a squeeze mode from a block source (see :data:`Blocks`).
+
+    ``groups`` are the mode's resolved groups (:func:`~.groups.resolve_groups`); the solve runs in
+    ``dtype`` with autocast off (a bf16 Gram would be singular).
+    """
+    b, num_teacher_heads, _, d = values.shape
+    if mode in ("constant", "hard"):
+        alphas = torch.zeros(b, num_teacher_heads, dtype=dtype, device=values.device)
+        for g in groups:
+            _put_heads(alphas, g[:1] if mode == "hard" else g, 1.0 if mode == "hard" else 1.0 / len(g))
+        return alphas
+    with torch.autocast(values.device.type, enabled=False):
+        w_heads = _head_weights(out_proj_weight, num_teacher_heads, d, dtype)  # (H, d, D)
+        if mode == "lstsq":
+            return _lstsq_alphas(blocks, values, w_heads, groups, ridge, project, dtype)
+        return _progressive_alphas(blocks, values, w_heads, len(groups), ridge, project, dtype)
+
+
+def is_identity(groups: Sequence[Sequence[int]], num_teacher_heads: int) -> bool:
+    """Whether squeezing is the identity: H_t == H_s and group j is teacher head j."""
+    return len(groups) == num_teacher_heads and all(list(g) == [j] for j, g in enumerate(groups))
 
 
 def _check_squeeze_inputs(attn: Tensor, values: Tensor, out_proj_weight: Tensor) -> None:
@@ -249,24 +304,10 @@ def squeeze_heads(
     dtype = _compute_dtype(attn, values, out_proj_weight)
     ridge = _check_ridge(ridge, dtype)
     resolved = resolve_groups(num_teacher_heads, num_heads, mode, groups, generator_seed)
-    if all(g == [j] for j, g in enumerate(resolved)) and num_teacher_heads == num_heads:
+    if is_identity(resolved, num_teacher_heads):
         return attn, torch.ones(b, num_teacher_heads, dtype=dtype, device=attn.device)
-
-    if mode == "constant":
-        alphas = torch.zeros(b, num_teacher_heads, dtype=dtype, device=attn.device)
-        for g in resolved:
-            _put_heads(alphas, g, 1.0 / len(g))
-    elif mode == "hard":
-        alphas = torch.zeros(b, num_teacher_heads, dtype=dtype, device=attn.device)
-        _put_heads(alphas, [g[0] for g in resolved], 1.0)
-    else:
-        # The training step runs under autocast; a bf16 Gram would be singular, so the solve opts out.
-        with torch.autocast(attn.device.type, enabled=False):
-            w_heads = _head_weights(out_proj_weight, num_teacher_heads, values.shape[-1], dtype)  # (H, d, D)
-            if mode == "lstsq":
-                alphas = _lstsq_alphas(attn, values, w_heads, resolved, ridge, project, dtype, head_outputs)
-            else:
-                alphas = _progressive_alphas(attn, values, w_heads, num_heads, ridge, project, dtype)
+    blocks = whole_map_blocks(attn, head_outputs)
+    alphas = mode_alphas(blocks, values, out_proj_weight, resolved, mode, ridge, project, dtype)
     return apply_alphas(attn, alphas, resolved), alphas
 
 

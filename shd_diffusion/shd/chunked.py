@@ -1,0 +1,324 @@
+"""One layer pair's SHD term from q, k, v, over blocks of query rows: memory linear in N.
+
+:func:`shd_term` never holds a (B, H, N, N) tensor. With c = ``chunk_size`` rows per block:
+
+1. **alpha.** Every product eq. (6) needs is a sum over query rows, so a first pass over the
+   blocks recomputes the teacher's T = 1 maps softmax(q k^T / sqrt(d) + bias) for c rows at a
+   time, (B, H_t, c, N), and accumulates the Gram terms of :func:`~.solve._group_terms`; the
+   solve and the simplex rule then run once, exactly as for whole maps
+   (:func:`~.squeeze.mode_alphas` is the one implementation; whole maps are one block).
+2. **The loss.** A second pass recomputes the teacher's block at T_a, squeezes it with alpha,
+   computes the student's block log-softmax((q_s k_s^T / sqrt(d_s) + bias_s) / T_a) and adds up
+   row-wise KL(squeezed teacher || student) (or the MSE) per sample.
+3. **The backward** is a custom :class:`torch.autograd.Function` that saves only q, k, biases and
+   alpha and, block by block, recomputes both maps and applies the softmax Jacobian by hand
+   (:func:`_block_grad_logits`). Chosen over ``torch.utils.checkpoint`` around each block by
+   measurement (README, "Measured results"; ``benchmarks/bench_squeeze.py --backward``): both
+   recompute the same blocks, but checkpointing also keeps autograd's saved intermediates of the
+   block being differentiated (logits, log-probabilities, squeezed target) and runs its backward
+   op by op, so its peak was higher and its time longer at N = 1024 and 4096.
+
+Cost against whole maps: the teacher's block logits are computed three times (alpha, loss,
+backward) and the student's twice, i.e. about 2 extra teacher attention-logit products per
+layer; memory per layer is O(B H c N) for the blocks plus the (B, H, N, d) inputs and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .groups import SqueezeMode, resolve_groups
+from .loss import LossKind
+from .solve import _check_ridge
+from .squeeze import Blocks, _compute_dtype, apply_alphas, is_identity, mode_alphas
+
+__all__ = ["shd_term", "auto_chunk_size", "DEFAULT_BLOCK_BYTES"]
+
+# Memory budget of one block's float32 temporaries when chunk_size is None (see auto_chunk_size).
+DEFAULT_BLOCK_BYTES = 256 * 2**20
+# (B, H_t, c, N)-sized and (B, H_s, c, N)-sized float32 temporaries alive at once in a block:
+# teacher logits + probabilities (+ squeezed-group maps and differences), student logits,
+# log-probabilities, probabilities, the gradient weights and the logit gradient.
+_TEACHER_COPIES, _STUDENT_COPIES = 3, 6
+
+
+def auto_chunk_size(batch: int, teacher_heads: int, student_heads: int, tokens: int,
+                    budget_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Query rows per block so that one block's float32 temporaries fit ``budget_bytes``.
+
+    A row costs (3 H_t + 6 H_s) B N float32 values (see ``_TEACHER_COPIES``/``_STUDENT_COPIES``);
+    the result is rounded down to a multiple of 16 (at least 16 rows, at most N). With
+    16 -> 6 heads, N = 1024 and the default 256 MiB: 16 rows at B = 32, 48 rows at B = 16.
+    """
+    per_row = (_TEACHER_COPIES * teacher_heads + _STUDENT_COPIES * student_heads) * batch * tokens * 4
+    rows = max(1, budget_bytes // max(per_row, 1))
+    return int(min(tokens, max(16, rows // 16 * 16)))
+
+
+class _Spec(NamedTuple):
+    """The non-tensor settings of one term (shared by the forward and the backward)."""
+
+    groups: list[list[int]]
+    temperature: float
+    chunk: int
+    kind: str
+    eps: float
+    student_scale: float
+    teacher_scale: float
+    dtype: torch.dtype
+
+
+def _row_blocks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    return ((r, min(r + chunk, n)) for r in range(0, n, chunk))
+
+
+def _bias_rows(bias: Tensor | None, r0: int, r1: int) -> Tensor | None:
+    """Rows r0:r1 of a 4-D bias (a row-broadcast bias, shape[-2] == 1, is used whole)."""
+    if bias is None or bias.shape[-2] == 1:
+        return bias
+    return bias[..., r0:r1, :]
+
+
+def _logits(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """(q k^T) * scale + bias in ``dtype`` (float32 or float64) with autocast off: (B, H, c, N)."""
+    logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale  # (B, H, c, N)
+    return logits if bias is None else logits + bias.to(dtype)
+
+
+def _teacher_blocks(t_q: Tensor, t_k: Tensor, t_bias: Tensor | None, spec: _Spec) -> Blocks:
+    """Block source of the teacher's T = 1 maps (see :data:`~.squeeze.Blocks`), c rows at a time."""
+
+    def blocks() -> Iterator[tuple[Tensor, None]]:
+        for r0, r1 in _row_blocks(t_q.shape[-2], spec.chunk):
+            logits = _logits(t_q[:, :, r0:r1], t_k, spec.teacher_scale, _bias_rows(t_bias, r0, r1), spec.dtype)
+            yield logits.softmax(-1), None  # (B, H_t, c, N)
+
+    return blocks
+
+
+def _target_block(t_q: Tensor, t_k: Tensor, t_bias: Tensor | None, alphas: Tensor, spec: _Spec,
+                  r0: int, r1: int) -> Tensor:
+    """Squeezed teacher maps at T_a for rows r0:r1: (B, H_s, c, N)."""
+    logits = _logits(t_q[:, :, r0:r1], t_k, spec.teacher_scale, _bias_rows(t_bias, r0, r1), spec.dtype)
+    soft = (logits / spec.temperature).softmax(-1)  # (B, H_t, c, N)
+    if is_identity(spec.groups, soft.shape[1]):
+        return soft
+    return apply_alphas(soft, alphas, spec.groups)  # (B, H_s, c, N)
+
+
+def _student_logp(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, spec: _Spec, r0: int, r1: int) -> Tensor:
+    """Student log-probabilities at T_a for rows r0:r1: (B, H_s, c, N)."""
+    logits = _logits(s_q[:, :, r0:r1], s_k, spec.student_scale, _bias_rows(s_bias, r0, r1), spec.dtype)
+    return (logits / spec.temperature).log_softmax(-1)
+
+
+def _block_loss(logp: Tensor, target: Tensor, spec: _Spec) -> Tensor:
+    """(B,) sum over the block's rows and heads of the per-row loss (normalised by the caller).
+
+    KL: sum_k t log t - t log max(p_s, eps), i.e. :func:`~.loss.shd_loss`'s clamp of the student
+    probabilities at eps, written on log p_s. MSE: sum_k (p_s - t)^2.
+    """
+    if spec.kind == "kl":
+        log_clamped = logp.clamp_min(math.log(spec.eps))
+        return (torch.xlogy(target, target) - target * log_clamped).sum((1, 2, 3))
+    return (logp.exp() - target).pow(2).sum((1, 2, 3))
+
+
+def _block_grad_logits(logp: Tensor, target: Tensor, spec: _Spec, norm: float) -> Tensor:
+    """d(block loss / norm) / d(student logits) for one block: (B, H_s, c, N).
+
+    With p = softmax(z / T) and w = dL/d(log p), dL/dz = (w - p sum_k w_k) / T. KL: w = -t where
+    log p > log eps (the clamp passes no gradient below it). MSE: w = p * 2 (p - t).
+    """
+    p = logp.exp()
+    if spec.kind == "kl":
+        w = -target * (logp > math.log(spec.eps)).to(target.dtype)
+    else:
+        w = p * (2 * (p - target))
+    return (w - p * w.sum(-1, keepdim=True)) / (spec.temperature * norm)
+
+
+def _sum_to(x: Tensor, shape: Sequence[int]) -> Tensor:
+    """Sum a broadcast (B, H, c, N) gradient down to a 4-D bias block's ``shape``."""
+    dims = [i for i, (have, want) in enumerate(zip(x.shape, shape)) if want == 1 and have != 1]
+    return x.sum(dims, keepdim=True) if dims else x
+
+
+class _BlockwiseMapLoss(torch.autograd.Function):
+    """Per-sample map loss over row blocks; backward recomputes each block (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, s_q, s_k, s_bias, t_q, t_k, t_bias, alphas, spec):  # type: ignore[override]
+        n, m = s_q.shape[-2], s_k.shape[-2]
+        norm = n if spec.kind == "kl" else n * m  # KL: mean over rows; MSE: mean over entries
+        total = s_q.new_zeros(s_q.shape[0], dtype=spec.dtype)  # (B,)
+        with torch.no_grad(), torch.autocast(s_q.device.type, enabled=False):
+            for r0, r1 in _row_blocks(n, spec.chunk):
+                target = _target_block(t_q, t_k, t_bias, alphas, spec, r0, r1)
+                total += _block_loss(_student_logp(s_q, s_k, s_bias, spec, r0, r1), target, spec)
+        ctx.save_for_backward(s_q, s_k, s_bias, t_q, t_k, t_bias, alphas)
+        ctx.spec, ctx.norm = spec, norm
+        return total / norm
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        s_q, s_k, s_bias, t_q, t_k, t_bias, alphas = ctx.saved_tensors
+        spec = ctx.spec
+        scale = spec.student_scale
+        need_bias = s_bias is not None and ctx.needs_input_grad[2]
+        dq = torch.zeros(s_q.shape, dtype=spec.dtype, device=s_q.device)  # (B, H_s, N, d)
+        dk = torch.zeros(s_k.shape, dtype=spec.dtype, device=s_k.device)  # (B, H_s, N, d)
+        dbias = torch.zeros(s_bias.shape, dtype=spec.dtype, device=s_bias.device) if need_bias else None
+        g = grad.to(spec.dtype)[:, None, None, None]  # (B, 1, 1, 1): per-sample upstream gradient
+        q32, k32 = s_q.to(spec.dtype), s_k.to(spec.dtype)
+        with torch.no_grad(), torch.autocast(s_q.device.type, enabled=False):
+            for r0, r1 in _row_blocks(s_q.shape[-2], spec.chunk):
+                target = _target_block(t_q, t_k, t_bias, alphas, spec, r0, r1)
+                logp = _student_logp(s_q, s_k, s_bias, spec, r0, r1)
+                dz = _block_grad_logits(logp, target, spec, ctx.norm) * g  # (B, H_s, c, N)
+                dq[:, :, r0:r1] = (dz @ k32) * scale  # (B, H_s, c, d)
+                dk += (dz.transpose(-2, -1) @ q32[:, :, r0:r1]) * scale  # (B, H_s, N, d)
+                if need_bias:
+                    if s_bias.shape[-2] == 1:
+                        dbias += _sum_to(dz, s_bias.shape)
+                    else:
+                        dbias[..., r0:r1, :] += _sum_to(dz, dbias[..., r0:r1, :].shape)
+        return (dq.to(s_q.dtype), dk.to(s_k.dtype), None if dbias is None else dbias.to(s_bias.dtype),
+                None, None, None, None, None)
+
+
+def _checkpointed_map_loss(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, t_q: Tensor, t_k: Tensor,
+                           t_bias: Tensor | None, alphas: Tensor, spec: _Spec) -> Tensor:
+    """The measured alternative to :class:`_BlockwiseMapLoss`: autograd through each block, with
+    ``torch.utils.checkpoint`` recomputing the block in the backward (``bench_squeeze.py --backward``)."""
+    n, m = s_q.shape[-2], s_k.shape[-2]
+
+    def block(q_rows: Tensor, k: Tensor, bias: Tensor | None, r0: int, r1: int) -> Tensor:
+        with torch.autocast(q_rows.device.type, enabled=False):
+            with torch.no_grad():
+                target = _target_block(t_q, t_k, t_bias, alphas, spec, r0, r1)
+            logits = _logits(q_rows, k, spec.student_scale, _bias_rows(bias, r0, r1), spec.dtype)
+            return _block_loss((logits / spec.temperature).log_softmax(-1), target, spec)
+
+    total = sum(checkpoint(block, s_q[:, :, r0:r1], s_k, s_bias, r0, r1, use_reentrant=False)
+                for r0, r1 in _row_blocks(n, spec.chunk))
+    return total / (n if spec.kind == "kl" else n * m)
+
+
+def _as_4d_bias(bias: Tensor | None, name: str, b: int, h: int, n: int) -> Tensor | None:
+    """``bias`` viewed as 4-D, after checking it broadcasts to (B, H, N, N)."""
+    if bias is None:
+        return None
+    shape = tuple(bias.shape)
+    if bias.dtype == torch.bool or not bias.is_floating_point():
+        raise TypeError(f"{name} must be an additive float logit bias, got dtype {bias.dtype}")
+    padded = (1,) * (4 - len(shape)) + shape if len(shape) <= 4 else None
+    if padded is None or any(have not in (1, want) for have, want in zip(padded, (b, h, n, n))):
+        raise ValueError(f"{name} of shape {shape} does not broadcast to (B, H, N, N) = {(b, h, n, n)}")
+    return bias.reshape(padded)
+
+
+def _check_term_inputs(s_q: Tensor, s_k: Tensor, t_q: Tensor, t_k: Tensor, t_v: Tensor, w: Tensor) -> None:
+    """One clear error for q/k/v/weight shapes that do not form one SHD layer pair."""
+    for name, x in (("student_q", s_q), ("student_k", s_k), ("teacher_q", t_q), ("teacher_k", t_k), ("teacher_v", t_v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(x.shape)}")
+    if s_k.shape != s_q.shape:
+        raise ValueError(f"student_k {tuple(s_k.shape)} must match student_q {tuple(s_q.shape)}: (B, H_s, N, d_s)")
+    if t_k.shape != t_q.shape or t_v.shape != t_q.shape:
+        raise ValueError(
+            f"teacher_q {tuple(t_q.shape)}, teacher_k {tuple(t_k.shape)} and teacher_v {tuple(t_v.shape)} "
+            "must all be (B, H_t, N, d_t)"
+        )
+    (b, h_s, n, _), (b_t, h_t, n_t, d_t) = s_q.shape, t_q.shape
+    if (b_t, n_t) != (b, n):
+        raise ValueError(
+            f"teacher (B, N) = {(b_t, n_t)} != student {(b, n)}: SHD needs the same batch and token grid "
+            "(same input_size/patch_size)"
+        )
+    if h_s > h_t:
+        raise ValueError(f"student has {h_s} heads > teacher {h_t}: SHD squeezes teacher heads, it cannot create new ones")
+    if w.ndim != 2 or w.shape[1] != h_t * d_t:
+        raise ValueError(f"out_weight {tuple(w.shape)} must be (D, H_t * d_t) = (D, {h_t * d_t}) in nn.Linear layout")
+
+
+def _check_chunk(chunk_size: int | None, n: int, default: int) -> int:
+    if chunk_size is None:
+        return default
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size (distill.chunk_size) must be an integer >= 1 or None (automatic), got {chunk_size!r}")
+    return min(chunk_size, n)
+
+
+def shd_term(
+    student_q: Tensor,
+    student_k: Tensor,
+    teacher_q: Tensor,
+    teacher_k: Tensor,
+    teacher_v: Tensor,
+    out_weight: Tensor,
+    *,
+    groups: Sequence[Sequence[int]] | None = None,
+    temperature: float = 1.0,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    loss: LossKind = "kl",
+    mode: SqueezeMode = "lstsq",
+    generator_seed: int = 0,
+    eps: float = 1e-10,
+) -> tuple[Tensor, Tensor]:
+    """One layer pair's SHD term, computed over blocks of ``chunk_size`` query rows.
+
+    The value per sample is the sum over student heads j of the row-mean
+    KL(A~_j^t || A_j^s) at ``temperature`` (or the entry-mean squared error, ``loss="mse"``),
+    where A~^t is the teacher's maps squeezed with alpha from its T = 1 maps (paper eq. 6, simplex
+    rule included), exactly as :func:`~.squeeze.squeeze_heads` + :func:`~.loss.shd_loss` with
+    ``beta=1`` on whole maps; ``chunk_size=N`` is that computation in one block.
+
+    Args:
+        student_q, student_k: (B, H_s, N, d_s), any float dtype (with their graph).
+        teacher_q, teacher_k, teacher_v: (B, H_t, N, d_t) (no graph needed).
+        out_weight: (D, H_t * d_t) the teacher's out-projection weight (``nn.Linear`` layout).
+        groups: teacher heads per student head ("lstsq"/"constant"); None = contiguous near-equal.
+        temperature: T_a >= 1 of the distilled maps; alpha always comes from T = 1.
+        student_bias, teacher_bias: additive logit biases broadcastable to (B, H, N, N) (MDT's
+            relative-position bias, (1, H, N, N), shared by the batch).
+        chunk_size: query rows per block (>= 1); None = :func:`auto_chunk_size`.
+        loss: "kl" or "mse". mode: squeeze rule ("lstsq", "constant", "hard", "progressive").
+        generator_seed: seed of the "hard" selection. eps: clamp of the student probabilities.
+
+    Returns:
+        per-sample loss (B,) (float32; float64 for float64 students) and alphas (B, H_t).
+        Gradients flow to the student's q, k and a student bias that requires grad (MDT's learned
+        relative-position bias), never to the teacher's tensors or alpha.
+    """
+    _check_term_inputs(student_q, student_k, teacher_q, teacher_k, teacher_v, out_weight)
+    if loss not in ("kl", "mse"):
+        raise ValueError(f"unknown SHD loss kind {loss!r}; choose 'kl' or 'mse'")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b, h_s, n, d_s = student_q.shape
+    h_t, d_t = teacher_q.shape[1], teacher_q.shape[-1]
+    s_bias = _as_4d_bias(student_bias, "student_bias", b, h_s, n)
+    t_bias = _as_4d_bias(teacher_bias, "teacher_bias", b, h_t, n)
+    chunk = _check_chunk(chunk_size, n, auto_chunk_size(b, h_t, h_s, n))
+    resolved = resolve_groups(h_t, h_s, mode, groups, generator_seed)
+    dtype = _compute_dtype(student_q, teacher_q)
+    spec = _Spec(resolved, float(temperature), chunk, loss, eps, d_s**-0.5, d_t**-0.5, dtype)
+    if is_identity(resolved, h_t):
+        alphas = torch.ones(b, h_t, dtype=dtype, device=teacher_q.device)
+    else:
+        blocks = _teacher_blocks(teacher_q.detach(), teacher_k.detach(), None if t_bias is None else t_bias.detach(), spec)
+        alphas = mode_alphas(blocks, teacher_v.detach(), out_weight.detach(), resolved, mode,
+                             _check_ridge(None, dtype), True, dtype)
+    per_sample = _BlockwiseMapLoss.apply(
+        student_q, student_k, s_bias, teacher_q.detach(), teacher_k.detach(),
+        None if t_bias is None else t_bias.detach(), alphas, spec,
+    )
+    return per_sample, alphas
