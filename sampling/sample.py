@@ -506,12 +506,6 @@ def run_shards(
 # --------------------------------------------------------------------------------------------
 
 
-def _model_classes() -> dict[str, type[nn.Module]]:
-    from shd_diffusion.models.dit import DiT
-
-    return {"DiT": DiT, "MDTv2": MDTv2}
-
-
 def load_model(
     checkpoint: str | Path,
     model_name: str | None = None,
@@ -519,82 +513,15 @@ def load_model(
     overrides: dict[str, Any] | None = None,
     verbose: bool = False,
 ) -> nn.Module:
-    """Build the model described by ``checkpoint`` and load its weights (``weights_only``).
+    """The model to sample from: :func:`shd_diffusion.models.sources.load_model` (one loader).
 
-    Accepted checkpoints:
-        * a folder written by ``save_pretrained`` (config.json + safetensors): the architecture
-          comes from its config; ``model_name`` is not needed;
-        * an official file: DiT's EMA state dict, or MDT's dict with ``ema`` / ``model``: needs
-          ``model_name`` (and ``overrides`` for non-default shapes);
-        * a training checkpoint of this package (dict with ``ema``, ``model`` and ``config``): the
-          student architecture comes from ``config.student`` unless ``model_name`` is given.
-
-    Args:
-        checkpoint: path of the folder or file.
-        model_name: registry name, e.g. ``"MDTv2-S/2"``.
-        use_ema: take the ``ema`` weights of a dict that has them (else ``model``). A
-            ``save_pretrained`` folder or a bare state dict holds one set of weights, which is
-            used either way (``verbose`` says so).
-        overrides: constructor keywords for ``create_model`` (e.g. ``{"input_size": 8}``).
-        verbose: log which weights were loaded (pass ``is_main``).
-
-    Returns:
-        The model in eval mode with gradients off, on the CPU.
+    ``checkpoint`` is an official ``.pt``, a training checkpoint of this package, a
+    ``save_pretrained`` folder, a diffusers ``DiTTransformer2DModel`` or pipeline folder, or a
+    Hub id ``org/repo[@revision][:path]``.
     """
-    from shd_diffusion.models import loading
-    from shd_diffusion.models.registry import create_model
+    from shd_diffusion.models.sources import load_model as load_from_source
 
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        config = json.loads((path / "config.json").read_text())
-        cls_name = config.get("_class_name")
-        classes = _model_classes()
-        if cls_name not in classes:
-            raise ValueError(f"{path}/config.json has _class_name {cls_name!r}; expected one of {sorted(classes)}")
-        if model_name is not None and not model_name.startswith(cls_name + "-"):
-            raise ValueError(f"--model {model_name} does not match {path}, which holds a {cls_name}; drop --model")
-        model = classes[cls_name].from_pretrained(path)
-        ignored = "" if use_ema else " (--no-use-ema ignored: the folder holds one set of weights)"
-        _log(f"loaded {cls_name} weights from save_pretrained folder {path}{ignored}", verbose)
-        return model.eval().requires_grad_(False)
-
-    raw = loading.load_checkpoint_file(path)
-    kwargs = dict(overrides or {})
-    name = model_name
-    if name is None:
-        # Only this package's training checkpoints describe their architecture.
-        student = (raw.get("config") or {}).get("student") if isinstance(raw.get("config"), dict) else None
-        if not student:
-            arch = loading.describe_architecture(loading.infer_architecture(loading.extract_state_dict(raw)))
-            raise ValueError(f"{path} does not name its architecture: pass --model ({arch})")
-        from shd_diffusion.config import from_dict
-        from shd_diffusion.train_config import ModelConfig
-
-        mc = from_dict(ModelConfig, student)
-        name, kwargs = mc.name, {**mc.overrides(), **kwargs}
-    model = create_model(name, **kwargs)
-    # extract_state_dict prefers `ema`; --no-use-ema picks the raw training weights instead.
-    state = raw["model"] if not use_ema and isinstance(raw.get("model"), dict) else raw
-    loading.load_official_state_dict(model, state)
-    _log(f"loaded {name} from {path}: {_which_weights(raw, use_ema)}", verbose)
-    return model.eval().requires_grad_(False)
-
-
-def _which_weights(raw: dict[str, Any], use_ema: bool) -> str:
-    """Which entry of a checkpoint dict :func:`load_model` loaded, in words (for the log)."""
-    has_ema, has_model = isinstance(raw.get("ema"), dict), isinstance(raw.get("model"), dict)
-    if use_ema and has_ema:
-        return "its 'ema' weights"
-    if not use_ema and has_model:
-        return "its 'model' (raw training) weights, as --no-use-ema asks"
-    if has_model:
-        return "its 'model' weights: it has no 'ema' entry"
-    if has_ema:
-        return "its 'ema' weights: --no-use-ema ignored, it has no 'model' entry"
-    ignored = "" if use_ema else "; --no-use-ema ignored"
-    return f"a bare state dict (DiT's release files hold EMA weights){ignored}"
+    return load_from_source(checkpoint, model_name, use_ema, overrides, verbose)
 
 
 def load_vae(spec: str, in_channels: int) -> nn.Module | None:
@@ -663,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", help="save_pretrained folder, official .pt (DiT EMA / MDT dict), or a training checkpoint of this package")
+    g.add_argument("--checkpoint", help="official .pt (DiT EMA / MDT dict), a training checkpoint of this package, a save_pretrained or "
+                   "diffusers DiT (pipeline) folder, or a Hub id org/repo[@revision][:path]")
     g.add_argument("--model", choices=MODEL_NAMES, metavar="NAME", help=f"registry name, needed for official files ({', '.join(MODEL_NAMES)})")
     g.add_argument("--model-arg", action="append", default=[], type=_parse_model_arg, metavar="KEY=VALUE",
                    help="constructor override for --model (repeatable), e.g. input_size=8")

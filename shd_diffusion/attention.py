@@ -7,9 +7,17 @@ this package's :class:`Attention` (timm layout: ``qkv``, ``proj``) and on diffus
 (``to_q``/``to_k``/``to_v``/``to_out``), e.g. inside ``DiTTransformer2DModel``.
 
 ``attention_mask`` is an *additive* bias on the attention logits (MDT's relative-position bias),
-a 4-D float tensor broadcastable to (B, H, N, M). Maps are never produced by monkey-patching: use
-:func:`capture_attention`, which swaps in :class:`CaptureProcessor` and restores the original
-processors on exit, also when the body raises.
+a 4-D float tensor broadcastable to (B, H, N, M). Nothing is captured by monkey-patching: the
+capture contexts swap processors in and restore the originals on exit, also when the body raises.
+
+Two captures:
+- :func:`capture_qk` (training): records what the maps are made from -- q, k (and for a teacher
+  v and the out-projection weight) at the model's own precision, and the additive bias once per
+  layer -- while the forward stays on fused SDPA (:class:`QKCaptureProcessor`). The output and
+  its gradients are those of :class:`SDPAProcessor`. SHD then recomputes the maps block by block
+  (:func:`shd_diffusion.shd.shd_term`), so nothing of size (B, H, N, N) is ever stored.
+- :func:`capture_attention` (figures, analysis): exports the (B, H, N, M) maps themselves
+  (:class:`CaptureProcessor`, explicit softmax).
 
 Precision: exported maps are always float32. Their logits and softmax run with autocast disabled,
 because under ``torch.autocast`` even ``q.float() @ k.float()`` is cast back down to bf16/fp16.
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +41,11 @@ __all__ = [
     "Attention",
     "SDPAProcessor",
     "CaptureProcessor",
+    "QKCaptureProcessor",
     "AttentionStore",
     "attention_layers",
     "capture_attention",
+    "capture_qk",
     "attention_probs",
 ]
 
@@ -222,7 +232,15 @@ class AttentionStore:
         out_weights: (D, H*d) out-projection weights in ``nn.Linear.weight`` layout (teacher only).
         outputs: (B, H, N, d) per-head attention outputs ``A_i V_i`` before the out-projection,
             as the layer computed them (teacher only; they spare squeezing a product).
+        queries, keys: (B, H, N, d) per-head queries and keys, :func:`capture_qk` only, at the
+            model's precision (bf16 under bf16 autocast), scaled so that the logits are
+            ``q k^T / sqrt(d)``; a student's keep their graph, a teacher's are detached.
+        biases: the additive logit bias each layer used, or None: MDT's relative-position bias as
+            (1, H, N, N), once per layer and shared by the batch (:func:`capture_qk` only).
         layer_indices: index of each entry's layer in :func:`attention_layers` order.
+
+    :func:`capture_qk` fills ``values`` (at the model's precision, not upcast) and
+    ``out_weights`` for a teacher, and never ``maps``, ``probs`` or ``outputs``.
     """
 
     maps: list[torch.Tensor] = field(default_factory=list)
@@ -230,11 +248,15 @@ class AttentionStore:
     values: list[torch.Tensor] = field(default_factory=list)
     out_weights: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
+    queries: list[torch.Tensor] = field(default_factory=list)
+    keys: list[torch.Tensor] = field(default_factory=list)
+    biases: list[torch.Tensor | None] = field(default_factory=list)
     layer_indices: list[int] = field(default_factory=list)
 
     def clear(self) -> None:
         """Drop everything captured so far (e.g. between two forwards in one context)."""
-        for entries in (self.maps, self.probs, self.values, self.out_weights, self.outputs, self.layer_indices):
+        for entries in (self.maps, self.probs, self.values, self.out_weights, self.outputs, self.queries,
+                        self.keys, self.biases, self.layer_indices):
             entries.clear()
 
 
@@ -273,11 +295,7 @@ class CaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
-        if self.export_values and torch.is_grad_enabled():
-            raise RuntimeError(
-                "teacher capture (capture_attention(..., export_values=True)) must run without autograd: "
-                "wrap the teacher forward in `with torch.no_grad():`"
-            )
+        _require_no_grad(self.export_values, "capture_attention")
         q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
         bias = _logits_bias(attention_mask, torch.float32)
         scale = _scale(attn, q.shape[-1])
@@ -299,6 +317,74 @@ class CaptureProcessor:
             store.probs.append(probs)
         store.layer_indices.append(self.layer_index)
         return _finish(attn, out, hidden_states)
+
+    def scratch(self) -> "CaptureProcessor":
+        """The same processor writing into a throwaway store (gradient-checkpoint recomputation)."""
+        return CaptureProcessor(AttentionStore(), self.layer_index, self.temperature, self.export_values)
+
+
+def _require_no_grad(export_values: bool, context: str) -> None:
+    if export_values and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"teacher capture ({context}(..., export_values=True)) must run without autograd: "
+            "wrap the teacher forward in `with torch.no_grad():`"
+        )
+
+
+class QKCaptureProcessor:
+    """Fused SDPA attention that also records q, k (and for a teacher v, W_out) and the bias.
+
+    The module output is computed exactly as :class:`SDPAProcessor` computes it, from the same
+    q, k, v, so outputs and gradients are unchanged; the recorded q, k are those very tensors
+    (a student's carry their graph, so a loss on them reaches the parameters). Only when a
+    module's ``scale`` is not 1/sqrt(d) is the recorded q rescaled so that q k^T / sqrt(d) are the
+    layer's logits.
+
+    Args:
+        store: where entries are appended (``queries``, ``keys``, ``biases``, ``layer_indices``;
+            teacher: also ``values`` and ``out_weights``).
+        layer_index: this layer's position in :func:`attention_layers` order.
+        export_values: teacher mode: record detached tensors, v and W_out too; must run without
+            autograd (a teacher graph would cost a second training step's memory).
+    """
+
+    def __init__(self, store: AttentionStore, layer_index: int, export_values: bool = False) -> None:
+        self.store = store
+        self.layer_index = layer_index
+        self.export_values = export_values
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        _require_no_grad(self.export_values, "capture_qk")
+        q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
+        scale = _scale(attn, q.shape[-1])
+        bias = _logits_bias(attention_mask, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # (B, H, N, d)
+        rescale = scale * q.shape[-1] ** 0.5
+        q_rec = q if rescale == 1.0 else q * rescale  # logits = q_rec k^T / sqrt(d)
+        store = self.store
+        if self.export_values:
+            store.queries.append(q_rec.detach())
+            store.keys.append(k.detach())
+            store.values.append(v.detach())
+            store.out_weights.append(output_projection(attn).weight.detach())
+            store.biases.append(None if attention_mask is None else attention_mask.detach())
+        else:
+            store.queries.append(q_rec)
+            store.keys.append(k)
+            store.biases.append(attention_mask)
+        store.layer_indices.append(self.layer_index)
+        return _finish(attn, out, hidden_states)
+
+    def scratch(self) -> "QKCaptureProcessor":
+        """The same processor writing into a throwaway store (gradient-checkpoint recomputation)."""
+        return QKCaptureProcessor(AttentionStore(), self.layer_index, self.export_values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +477,37 @@ def capture_attention(
     Yields:
         The :class:`AttentionStore` being filled.
     """
+    store = AttentionStore()
+    with _swapped(model, layers, lambda i: CaptureProcessor(store, i, temperature, export_values)):
+        yield store
+
+
+@contextlib.contextmanager
+def capture_qk(
+    model: nn.Module, layers: Sequence[int] | None = None, export_values: bool = False
+) -> Iterator[AttentionStore]:
+    """Record q, k (teacher: also v, W_out) and the bias of the selected layers; forward stays fused.
+
+    ``with capture_qk(student, layers) as s: student(x_t, t, y)`` leaves ``s.queries[i]``,
+    ``s.keys[i]`` (B, H, N, d) and ``s.biases[i]`` for the i-th captured call, in execution order;
+    the model's output and gradients are those of the fused path (:class:`QKCaptureProcessor`).
+
+    Args:
+        model: a model of this package or a diffusers model built from ``Attention`` modules.
+        layers: indices into :func:`attention_layers` order (None = all; negative from the end).
+        export_values: teacher mode; the forward must run under ``torch.no_grad()``.
+
+    Yields:
+        The :class:`AttentionStore` being filled.
+    """
+    store = AttentionStore()
+    with _swapped(model, layers, lambda i: QKCaptureProcessor(store, i, export_values)):
+        yield store
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, layers: Sequence[int] | None, make: Callable[[int], object]) -> Iterator[None]:
+    """Give the selected attention layers ``make(index)`` as processor; restore all on exit."""
     modules = attention_layers(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules that accept processors")
@@ -403,12 +520,11 @@ def capture_attention(
             if not -n <= int(i) < n:
                 raise IndexError(f"attention layer {i} out of range: the model has {n} attention layers")
             selected.append(int(i) % n)
-    store = AttentionStore()
     originals = [(m, m.processor) for m in modules]
     try:
         for i in sorted(set(selected)):
-            modules[i].set_processor(CaptureProcessor(store, i, temperature, export_values))
-        yield store
+            modules[i].set_processor(make(i))
+        yield
     finally:
         for m, p in originals:
             m.set_processor(p)

@@ -39,7 +39,7 @@ from .data import build_dataset, make_loader
 from .diffusion import GaussianDiffusion, create_diffusion
 from .distill import FeatureProjectors, capture_block_outputs, feature_loss, kd_loss, self_correlation_loss
 from .models import create_model
-from .models.loading import extract_state_dict, load_checkpoint_file, load_official_state_dict
+from .models.sources import load_weights, parse_hub_id
 from .optim import EMA, build_optimizer, build_scheduler
 from .train_config import SHAPE_FIELDS, ExperimentConfig, ModelConfig
 
@@ -195,7 +195,7 @@ class Trainer:
         # Validate layer pairs and head groups before any weight I/O (errors come first).
         self.layer_pairs, self.squeezers = self._plan_distillation(student)
         if self.teacher is not None:
-            load_model_weights(self.teacher, cfg.teacher.checkpoint, use_ema=cfg.teacher.use_ema)
+            self.teacher = load_model_weights(self.teacher, cfg.teacher.checkpoint, use_ema=cfg.teacher.use_ema)
             self.teacher.eval().requires_grad_(False)
         if tc.compile:
             student.compile()  # in place: parameter names (checkpoints, EMA) stay unprefixed
@@ -239,12 +239,12 @@ class Trainer:
         if tcfg.checkpoint is None:
             raise ValueError(
                 f"distill.mode={self.cfg.distill.mode} needs a teacher: set teacher.checkpoint to an official "
-                ".pt file, a checkpoint of this package, or a save_pretrained folder"
+                ".pt file, a checkpoint of this package, a save_pretrained / diffusers folder or a Hub id"
             )
-        if not Path(tcfg.checkpoint).exists():
+        if not Path(tcfg.checkpoint).exists() and parse_hub_id(tcfg.checkpoint) is None:
             raise FileNotFoundError(
                 f"teacher.checkpoint {tcfg.checkpoint} does not exist: point it at the teacher's .pt / "
-                ".safetensors file, run folder or save_pretrained folder"
+                ".safetensors file, run folder, save_pretrained / diffusers folder, or a Hub id org/repo[@rev][:path]"
             )
         return build_model(tcfg.model)
 
@@ -759,31 +759,18 @@ class Trainer:
 
 
 def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = True) -> nn.Module:
-    """Load teacher weights from a file or folder, strictly (names the mismatch on failure).
+    """Teacher weights from a run folder (its latest checkpoint) or any source of the one loader.
 
-    ``path`` may be an official ``.pt``/``.safetensors`` file, a checkpoint of this package, a run
-    folder (its latest checkpoint), or a ``save_pretrained`` folder.
+    See :func:`shd_diffusion.models.sources.load_weights` for files, folders and Hub ids; returns
+    the model to use (a converted DiT for a diffusers source).
     """
     p = Path(path)
-    if p.is_dir():
-        if (p / "checkpoints").is_dir():
-            latest = latest_checkpoint(p)
-            if latest is None:
-                raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet")
-            p = latest
-        else:
-            found = sorted(p.glob("*.safetensors"))
-            if not found:
-                raise FileNotFoundError(f"{p} is neither a run folder nor a save_pretrained folder (no *.safetensors)")
-            p = found[0]
-    ckpt = load_checkpoint_file(p)
-    if not use_ema and isinstance(ckpt.get("model"), dict):
-        ckpt = ckpt["model"]
-    try:
-        load_official_state_dict(model, extract_state_dict(ckpt))
-    except ValueError as err:
-        raise ValueError(f"{p}: {err}") from None
-    return model
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet")
+        p = latest
+    return load_weights(model, p if p.exists() else str(path), use_ema=use_ema)
 
 
 def _squeeze_mode(name: str) -> str:

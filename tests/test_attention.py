@@ -11,8 +11,10 @@ from shd_diffusion.attention import (
     attention_layers,
     attention_probs,
     capture_attention,
+    capture_qk,
     project_qkv,
 )
+from shd_diffusion.models import create_model
 
 # Float32 SDPA vs explicit softmax(QK^T)V: different summation order only.
 OUT_ATOL = 1e-5
@@ -271,3 +273,86 @@ def test_diffusers_unsupported_features_raise():
         for mask in (torch.zeros(2, 1, 16), torch.zeros(4, 16, 16)):
             with pytest.raises(NotImplementedError, match="4-D additive logit bias"):
                 processor(plain, hidden, attention_mask=mask)
+
+
+# ------------------------------------------------------------------ q/k capture (training path)
+
+
+def _param_grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_qk_capture_keeps_the_fused_output_and_gradients_bitwise(biased):
+    # Same q, k, v into the same SDPA call: output and every parameter gradient are identical.
+    torch.manual_seed(6)
+    model = Stack(biased=biased)
+    x = torch.randn(2, 10, 32)
+    model(x).square().sum().backward()
+    ref_grads = _param_grads(model)
+    ref_out = model(x)
+    model.zero_grad()
+    with capture_qk(model, layers=[0, 2]) as store:
+        out = model(x)
+    out.square().sum().backward()
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(a, b) for a, b in zip(_param_grads(model), ref_grads))
+    assert store.layer_indices == [0, 2] and not store.maps and not store.probs
+    assert all(isinstance(m.processor, SDPAProcessor) for m in model.blocks)
+
+
+def test_qk_capture_reconstructs_the_maps_and_carries_the_graph():
+    torch.manual_seed(7)
+    model = Stack(biased=True)
+    x = torch.randn(2, 10, 32)
+    with capture_attention(model, temperature=2.0) as maps:
+        model(x)
+    with capture_qk(model) as qk:
+        model(x)
+    torch.testing.assert_close(maps.maps[0], explicit_maps(model.blocks[0], x, 2.0), atol=1e-6, rtol=0)
+    for blk, q, k, bias, want in zip(model.blocks, qk.queries, qk.keys, qk.biases, maps.maps):
+        assert q.requires_grad and bias is blk.bias  # the layer's own bias, once (1, H, N, N), not per sample
+        logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias  # (B, H, N, N)
+        torch.testing.assert_close((logits / 2.0).softmax(-1), want, atol=1e-6, rtol=0)
+    # A loss on the captured q reaches the projection weights.
+    qk.queries[0].sum().backward()
+    assert model.blocks[0].qkv.weight.grad.abs().sum() > 0
+
+
+def test_qk_teacher_capture_is_detached_needs_no_grad_and_keeps_model_precision():
+    torch.manual_seed(8)
+    model = Stack(biased=True, depth=2)
+    x = torch.randn(2, 10, 32)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        with capture_qk(model, export_values=True):
+            model(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with capture_qk(model, export_values=True) as t:
+            model(x)
+    assert [q.dtype for q in t.queries] == [torch.bfloat16] * 2  # the projections' own precision
+    assert [v.shape for v in t.values] == [(2, 4, 10, 8)] * 2
+    assert all(w is blk.proj.weight or torch.equal(w, blk.proj.weight) for w, blk in zip(t.out_weights, model.blocks))
+    assert all(not e.requires_grad for e in (*t.queries, *t.keys, *t.values, *t.biases))
+    assert [tuple(b.shape) for b in t.biases] == [(1, 4, 10, 10)] * 2
+
+
+def test_qk_capture_under_gradient_checkpointing_gives_the_same_gradients():
+    # The captured q/k of a checkpointed block carry the graph through the recomputation, which
+    # records into a scratch store (the context's store keeps one entry per layer).
+    def grads(checkpointing):
+        torch.manual_seed(9)
+        model = create_model("MDTv2-S/2", input_size=8, hidden_size=32, depth=4, num_heads=2, decode_layer=2,
+                             num_classes=10, in_channels=1)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 500]), torch.tensor([1, 2])
+        with capture_qk(model, layers=[1, 3]) as store:
+            out = model(x, t, y)
+        (out.square().mean() + sum(q.square().mean() + k.abs().mean() for q, k in zip(store.queries, store.keys))).backward()
+        assert len(store.queries) == 2
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain, ckpt = grads(False), grads(True)
+    assert len(plain) == len(ckpt)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

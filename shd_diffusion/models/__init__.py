@@ -1,13 +1,16 @@
 """DiT and MDTv2 with official parameter names, a registry of named configs, checkpoint loading.
 
 ``create_model("MDTv2-S/2")`` builds a model; ``load_official_state_dict(model, ckpt)`` loads
-upstream weights strictly. Every model exposes ``attention_layers()`` (execution order of the
+upstream weights strictly; ``load_model(source)`` / ``load_weights(model, source)`` take any file,
+folder or Hub id (:mod:`.sources`); ``from_diffusers`` / ``to_diffusers`` convert DiT exactly. Every model exposes ``attention_layers()`` (execution order of the
 unmasked forward) for :func:`shd_diffusion.attention.capture_attention`, ``null_class`` for CFG,
 and diffusers' ``save_pretrained`` / ``from_pretrained``.
 """
 
+from shd_diffusion.models.diffusers_dit import from_diffusers, to_diffusers
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
+    CheckpointError,
     describe_architecture,
     extract_state_dict,
     infer_architecture,
@@ -17,6 +20,7 @@ from shd_diffusion.models.loading import (
 )
 from shd_diffusion.models.mdt import MDTv2, RelPosAttention, RelativePositionBias, power_cosine_cfg_scale
 from shd_diffusion.models.registry import MODEL_CONFIGS, MODEL_NAMES, create_model, model_family
+from shd_diffusion.models.sources import load_model, load_weights, parse_hub_id, resolve_source
 
 __all__ = [
     "DiT",
@@ -34,4 +38,11 @@ __all__ = [
     "matching_model_names",
     "describe_architecture",
     "load_official_state_dict",
+    "CheckpointError",
+    "from_diffusers",
+    "to_diffusers",
+    "load_model",
+    "load_weights",
+    "parse_hub_id",
+    "resolve_source",
 ]

@@ -8,6 +8,8 @@ be captured with :func:`shd_diffusion.attention.capture_attention`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers.configuration_utils import register_to_config
 from torch import nn
@@ -26,7 +28,33 @@ from shd_diffusion.models.layers import (
     unpatchify,
 )
 
-__all__ = ["DiT"]
+__all__ = ["DiT", "ShiftedTimestepEmbedder"]
+
+
+class ShiftedTimestepEmbedder(TimestepEmbedder):
+    """Timestep embedder with diffusers' frequency denominator ``half - freq_shift``.
+
+    Same features as :class:`TimestepEmbedder` (``[cos, sin]``, float32, same operation order)
+    except that the exponent is divided by ``half - freq_shift`` instead of ``half``; with
+    ``freq_shift=1`` this is what diffusers' ``DiTTransformer2DModel`` computes, bit for bit.
+    """
+
+    def __init__(self, hidden_size: int, freq_shift: int, frequency_embedding_size: int = 256) -> None:
+        super().__init__(hidden_size, frequency_embedding_size)
+        if not 0 <= freq_shift < frequency_embedding_size // 2:
+            raise ValueError(f"freq_shift must be in [0, {frequency_embedding_size // 2}), got {freq_shift}")
+        self.freq_shift = int(freq_shift)
+
+    def timestep_embedding(self, t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:  # type: ignore[override]
+        """(B,) timesteps -> (B, dim) float32 features ``[cos(t f), sin(t f)]``."""
+        half = dim // 2
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)  # (half,)
+        freqs = torch.exp(exponent / (half - self.freq_shift))  # (half,)
+        args = t.reshape(-1, 1).float() * freqs.reshape(1, -1)  # (B, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
+        return emb
 
 
 class DiT(DiffusionTransformerBase):
@@ -43,6 +71,11 @@ class DiT(DiffusionTransformerBase):
         class_dropout_prob: label dropout in training (enables the null class for CFG).
         num_classes: number of classes (the label table has one more row, the null class).
         learn_sigma: also predict the variance interpolation v (2x in_channels outputs).
+        freq_shift: timestep features use frequencies ``10000^(-i / (128 - freq_shift))``: 0 is
+            the original DiT, 1 is diffusers' ``DiTTransformer2DModel`` (its ``Timesteps`` module
+            hard-codes ``downscale_freq_shift=1``), so converted diffusers models stay exact.
+        mlp_norm_eps: eps of the LayerNorm before each MLP (1e-6 upstream; diffusers' port uses
+            its ``norm_eps``, 1e-5 by default).
     """
 
     @register_to_config
@@ -58,6 +91,8 @@ class DiT(DiffusionTransformerBase):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        freq_shift: int = 0,
+        mlp_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -66,12 +101,14 @@ class DiT(DiffusionTransformerBase):
         self.num_heads = num_heads
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size) if freq_shift == 0 else ShiftedTimestepEmbedder(hidden_size, freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos table, kept as a frozen Parameter (not a buffer) because that is how the
         # official checkpoints store it.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(AdaLNZeroBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        for block in self.blocks:
+            block.norm2.eps = float(mlp_norm_eps)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 

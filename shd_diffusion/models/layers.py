@@ -19,7 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from shd_diffusion.attention import Attention, AttentionStore, CaptureProcessor
+from shd_diffusion.attention import Attention, CaptureProcessor, QKCaptureProcessor
 
 __all__ = [
     "modulate",
@@ -392,9 +392,13 @@ def guided_output(
     return torch.cat([torch.cat([half, half], dim=0), rest], dim=1)  # (2B, C_out, H, W)
 
 
+# Processors that record into a store (each has ``scratch()``: the same processor, throwaway store).
+_RECORDING = (CaptureProcessor, QKCaptureProcessor)
+
+
 def _capturing(module: nn.Module) -> bool:
-    """Whether any attention module inside ``module`` currently records maps."""
-    return any(isinstance(getattr(m, "processor", None), CaptureProcessor) for m in module.modules())
+    """Whether any attention module inside ``module`` currently records maps or q/k."""
+    return any(isinstance(getattr(m, "processor", None), _RECORDING) for m in module.modules())
 
 
 @contextlib.contextmanager
@@ -407,9 +411,9 @@ def _scratch_capture(module: nn.Module) -> Iterator[None]:
     swapped = []
     for m in module.modules():
         proc = getattr(m, "processor", None)
-        if isinstance(proc, CaptureProcessor) and hasattr(m, "set_processor"):
+        if isinstance(proc, _RECORDING) and hasattr(m, "set_processor"):
             swapped.append((m, proc))
-            m.set_processor(CaptureProcessor(AttentionStore(), proc.layer_index, proc.temperature, proc.export_values))
+            m.set_processor(proc.scratch())
     try:
         yield
     finally:

@@ -14,17 +14,21 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
+from shd_diffusion.cli import BadInput
 from shd_diffusion.models.registry import MODEL_CONFIGS
 
 __all__ = [
+    "CheckpointError",
     "load_checkpoint_file",
     "extract_state_dict",
     "infer_architecture",
@@ -42,6 +46,14 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")
 MAX_LISTED_KEYS = 5
 
 
+class CheckpointError(BadInput, ValueError):
+    """A checkpoint (file, folder or Hub id) that cannot be used; the message names cause and fix.
+
+    A ``ValueError`` for library callers and a :class:`~shd_diffusion.cli.BadInput` for the entry
+    points (exit code 2).
+    """
+
+
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint file safely (no code execution).
 
@@ -56,27 +68,52 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a weights-only checkpoint holding a tensor dict.
+        CheckpointError: empty, not a checkpoint, pickles other objects, or holds no tensor dict.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is empty (0 bytes): an interrupted copy or download? Fetch the file again")
     if p.suffix == ".safetensors":
-        return dict(load_safetensors(str(p), device="cpu"))
+        try:
+            return dict(load_safetensors(str(p), device="cpu"))
+        except SafetensorError as err:
+            raise CheckpointError(f"{p} is not a valid safetensors file ({err}): fetch or export it again") from None
+    obj = _torch_load_weights_only(p)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
+    try:
+        extract_state_dict(obj)  # fail here, with the file name at hand, if there are no weights
+    except ValueError as err:
+        raise CheckpointError(f"{p}: {err}") from None
+    return obj
+
+
+def _torch_load_weights_only(p: Path) -> Any:
+    """``torch.load(weights_only=True)``, its failures turned into what the user must do."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{p} is not a weights-only checkpoint (it pickles other objects): {err}. "
-            "Re-save just the state dict, e.g. torch.save(ckpt['ema'], path), from a trusted environment."
-        ) from err
-    except RuntimeError as err:
-        raise ValueError(f"{p} is not a readable torch checkpoint: {err}") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{p} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
-    extract_state_dict(obj)  # fail here, with the file name at hand, if there are no weights
-    return obj
+        # torch's own text suggests weights_only=False, which must never be done for a file of
+        # unknown origin; report only the refused global.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if zipfile.is_zipfile(p) and found:
+            raise CheckpointError(
+                f"{p} is not a weights-only checkpoint: it pickles other objects ({found.group(1)}), and "
+                "unpickling those can run code. Re-save just the state dict from a trusted environment, "
+                "e.g. torch.save(ckpt['ema'], path), or convert it to safetensors"
+            ) from None
+        raise CheckpointError(
+            f"{p} is not a torch checkpoint (neither torch.save's zip format nor a tensor-only legacy "
+            "file): check the path, or re-save the weights with torch.save(state_dict, path)"
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(
+            f"{p} is not a readable torch checkpoint (truncated or corrupt: {str(err).splitlines()[0][:200]}): "
+            "fetch or write it again"
+        ) from None
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,7 +138,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]
         ``{name: tensor}`` with DDP / compile prefixes removed.
 
     Raises:
-        ValueError: no tensor dict found; the message lists the top-level entries.
+        CheckpointError: no tensor dict found; the message lists the top-level entries.
     """
     state: Any = checkpoint
     for key in WRAPPER_KEYS:
@@ -111,7 +148,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]
     non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not state or non_tensors:
         entries = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(checkpoint.items())[:10])
-        raise ValueError(
+        raise CheckpointError(
             "checkpoint is not a tensor dict: expected a state dict or a dict with an 'ema' or 'model' "
             f"state dict; top-level entries: {entries or 'none'}"
         )
@@ -230,7 +267,7 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) ->
         ``model``, with the weights loaded.
 
     Raises:
-        ValueError: missing, unexpected or mis-shaped keys; the message names them (first few and
+        CheckpointError: missing, unexpected or mis-shaped keys; the message names them (first few and
             a count), says what architecture the checkpoint has and which registry config fits.
     """
     state = extract_state_dict(state_dict)
@@ -259,7 +296,7 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) ->
                 f"the checkpoint has decode_layer={arch['decode_layer']} but the model was built with "
                 f"decode_layer={model_decode}: rebuild the model with decode_layer={arch['decode_layer']}",
             )
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint does not fit {type(model).__name__}: " + ". ".join(hints) + ". Details: " + "; ".join(problems)
         )
     model.load_state_dict(state, strict=True)
