@@ -21,21 +21,32 @@ Converted-weights format (``shd_diffusion.inception_weights/v1``):
 
 Logits count as unavailable when the sidecar says so **or** ``fc.weight`` is all zeros, so the
 rule still holds if the sidecar is lost; scoring then reports IS as null with the reason.
+
+Spatial features for sFID (ADM's ``mixed_6/conv:0[..., :7]``): torch-fidelity's own TF-graph
+converter maps the TF scope ``mixed_6/conv`` onto ``Mixed_6d.branch1x1``, and in the TF graph the
+tensor named after a conv scope is its ReLU output, which is what ``BasicConv2d`` returns.
+:func:`capture_spatial` hooks that module and keeps channels 0..6 flattened in TF's NHWC order
+(17 x 17 x 7 = 2023 values per image). torch-fidelity does not list it among its feature names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
+
+from shd_diffusion.cli import BadInput
+from shd_diffusion.fileio import atomic_path, atomic_write_text
 
 WEIGHTS_FORMAT = "shd_diffusion.inception_weights/v1"
 SIDECAR_SUFFIX = ".json"
@@ -116,11 +127,14 @@ _MIXED = [
     ("mixed_9", "Mixed_7b", "E"),
     ("mixed_10", "Mixed_7c", "E"),
 ]
+SPATIAL_MODULE = "Mixed_6d.branch1x1"  # TF mixed_6/conv (torch-fidelity's TF -> torch name map)
+SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv:0[..., :7]
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 _SRC_PREFIX = "net.layers."
 _SRC_PARAMS = ("weight", "beta", "mean", "var")
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(BadInput, RuntimeError):
     """Inception weights are missing, unreadable or do not fit torch-fidelity's network."""
 
 
@@ -256,14 +270,9 @@ def convert_fid_helper_inception(src: str | os.PathLike | None, dst: str | os.Pa
         warnings.simplefilter("ignore", FutureWarning)  # "jit.load is deprecated": still its only reader
         state = torch.jit.load(str(src_path), map_location="cpu").state_dict()
     converted = convert_state_dict(state)
-    tmp = dst_path.with_name(dst_path.name + ".tmp")
-    torch.save(converted, tmp)
-    try:
+    with atomic_path(dst_path) as tmp:  # renamed into place only after the strict load passed
+        torch.save(converted, tmp)
         _check_fits_torch_fidelity(tmp)
-    except Exception:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dst_path)
     import torch_fidelity
 
     meta = {
@@ -277,7 +286,7 @@ def convert_fid_helper_inception(src: str | os.PathLike | None, dst: str | os.Pa
         "logits_unavailable_reason": LOGITS_UNAVAILABLE_REASON,
         "fc": "zero-filled placeholder (source model ends at pool3)",
     }
-    dst_path.with_name(dst_path.name + SIDECAR_SUFFIX).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(dst_path.with_name(dst_path.name + SIDECAR_SUFFIX), json.dumps(meta, indent=2) + "\n")
     return dst_path
 
 
@@ -321,21 +330,38 @@ def inspect_weights(path: str | os.PathLike) -> WeightsInfo:
 @functools.lru_cache(maxsize=8)
 def _inspect_weights(path: Path, stamp: object, sidecar_stamp: object) -> WeightsInfo:
     """Uncached body of inspect_weights; the stamps only key the memo."""
+    fix = f"re-create it with `python scripts/convert_inception.py --out {path}`"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # random bytes also fail in the unpickler
+            raise InceptionWeightsError(
+                f"Inception weights {path} are not a readable torch.save file: truncated or not a weights "
+                f"file; {fix}"
+            ) from e
+        raise InceptionWeightsError(  # a real pickle naming classes: never load it unrestricted
+            f"Inception weights {path} hold Python objects besides tensors, which are refused "
+            f"(loading them could run code): {fix}"
+        ) from e
+    except Exception as e:  # empty, truncated, not a torch.save file
         raise InceptionWeightsError(
-            f"{path} is not a plain tensor state dict ({e}); re-create it with scripts/convert_inception.py"
+            f"Inception weights {path} are not a readable torch.save file ({type(e).__name__}): "
+            f"truncated or not a weights file; {fix}"
         ) from e
     fc = state.get("fc.weight") if isinstance(state, Mapping) else None
-    if fc is None:
-        raise InceptionWeightsError(f"{path} has no fc.weight: not a torch-fidelity Inception state dict")
+    if not isinstance(fc, torch.Tensor):
+        raise InceptionWeightsError(
+            f"Inception weights {path} have no fc.weight tensor: not a torch-fidelity Inception state dict; {fix}"
+        )
     digest = sha256_file(path)
     reason = None
     if sidecar_stamp is not None:
-        meta = json.loads(path.with_name(path.name + SIDECAR_SUFFIX).read_text())
+        try:
+            meta = json.loads(path.with_name(path.name + SIDECAR_SUFFIX).read_text())
+        except (OSError, ValueError):
+            meta = {}  # an unreadable sidecar says nothing; the zero-fc rule below still applies
         # A sidecar left behind by an older file describes that file, not this one.
-        if meta.get("sha256") == digest and not meta.get("logits_available", True):
+        if isinstance(meta, dict) and meta.get("sha256") == digest and not meta.get("logits_available", True):
             reason = meta.get("logits_unavailable_reason") or LOGITS_UNAVAILABLE_REASON
     if reason is None and not bool(fc.abs().sum() > 0):
         reason = LOGITS_UNAVAILABLE_REASON
@@ -390,3 +416,27 @@ def load_feature_extractor(
             f"or copy the official file to {default_weights_path()}"
         ) from e
     return net.to(device)
+
+
+@contextlib.contextmanager
+def capture_spatial(net: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect ADM's sFID features from every forward of torch-fidelity's extractor while inside.
+
+    Hooks ``Mixed_6d.branch1x1`` (TF ``mixed_6/conv``, after BN and ReLU) and appends, per forward,
+    its first ``SPATIAL_CHANNELS`` channels flattened in TF's (H, W, C) order: float32 (B, 2023).
+    The hook is removed on exit, also after an exception.
+
+    Args:
+        net: a ``FeatureExtractorInceptionV3`` (any requested feature list runs through Mixed_6d).
+    """
+    out: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: object, y: torch.Tensor) -> None:
+        y = y[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)  # (B, 17, 17, 7): NHWC, as TF lays it out
+        out.append(y.reshape(y.shape[0], -1).float())  # (B, 2023)
+
+    handle = net.get_submodule(SPATIAL_MODULE).register_forward_hook(hook)
+    try:
+        yield out
+    finally:
+        handle.remove()

@@ -31,12 +31,14 @@ for a folder every image's relative path, size and mtime —, weights sha256). T
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -48,16 +50,15 @@ from tqdm import tqdm
 from sampling import metrics
 from sampling.inception import (
     FEATURE_EXTRACTOR_NAME,
-    InceptionWeightsError,
+    SPATIAL_DIM,
     WeightsInfo,
+    capture_spatial,
     default_weights_path,
     inspect_weights,
     load_feature_extractor,
 )
-from sampling.shards import (  # the atomic-write helpers of the sample shards
-    _commit,
-    _temp_name,
-)
+from shd_diffusion.cli import BadInput, add_debug_flag, check_writable_dir, check_writable_file, run_main
+from shd_diffusion.fileio import atomic_path, atomic_write_text
 
 STATS_FORMAT = "shd_diffusion.ref_stats/v1"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -65,13 +66,19 @@ DEFAULT_CACHE_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shd_diffusion" / "ref_stats"
 )
 POOL, LOGITS = "2048", "logits_unbiased"  # torch-fidelity feature names
+SPATIAL = "spatial"  # ADM's sFID features (mixed_6/conv[..., :7]), captured by a hook
+POOL_DIM = 2048
 _PR_K = 3
 _READ_CHUNK = 1 << 20  # bytes per read when streaming arr_0
 _IS_SPLITS = 10
 
 
-class ScoreError(ValueError):
+class ScoreError(BadInput, ValueError):
     """Bad inputs to scoring; the message names the problem and the fix."""
+
+
+# Corrupt archives surface as any of these, from the zip layer, inflate or numpy's header parser.
+_ARCHIVE_ERRORS = (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
 
 
 def _log(msg: str) -> None:
@@ -151,8 +158,18 @@ class NpzImages:
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Yield uint8 (B, H, W, 3) batches in order (grayscale replicated to 3 channels)."""
-        per_image = self.shape[1:]
         name = f"{self.path}:{self.member[:-4]}"
+        try:
+            yield from self._batches(batch_size, name)
+        except ScoreError:
+            raise
+        except _ARCHIVE_ERRORS as e:  # bad CRC, corrupt deflate stream, I/O error mid-read
+            raise ScoreError(
+                f"{name}: the archive is corrupt ({type(e).__name__}: {e}); re-create or re-copy the file"
+            ) from e
+
+    def _batches(self, batch_size: int, name: str) -> Iterator[np.ndarray]:
+        per_image = self.shape[1:]
         with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
             f.read(self.data_offset)  # skip the header (zip members cannot seek cheaply when deflated)
             for start in range(0, self.num_images, batch_size):
@@ -195,6 +212,8 @@ def open_npz_images(path: str | os.PathLike, key: str = "arr_0", what: str = "sa
         ScoreError: not a readable ``.npz``, no ``key``, or not uint8 (N, H, W, 3|1) / (N, H, W).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ScoreError(f"{what} {path} is a folder; pass the .npz file (arr_0 uint8 (N, H, W, 3))")
     if not path.is_file():
         raise ScoreError(f"{what} {path} not found")
     member, name = f"{key}.npy", f"{path}:{key}"
@@ -205,11 +224,11 @@ def open_npz_images(path: str | os.PathLike, key: str = "arr_0", what: str = "sa
             if member in members:
                 with zf.open(member) as f:
                     header = _read_npy_header(f)
-    except (OSError, ValueError, zipfile.BadZipFile, NotImplementedError, EOFError) as e:
+    except _ARCHIVE_ERRORS as e:
         # Not a zip, a corrupt header, or a zip compression method Python cannot read.
         raise ScoreError(
-            f"{path}: not a readable .npz ({type(e).__name__}: {e}); expected np.savez or np.savez_compressed "
-            f"output with {key} uint8 (N, H, W, 3)"
+            f"{path}: not a readable .npz ({type(e).__name__}: {e}); the file is truncated or corrupt, or not "
+            f"np.savez / np.savez_compressed output with {key} uint8 (N, H, W, 3): re-create or re-copy it"
         ) from e
     if member not in members:
         keys = [m.removesuffix(".npy") for m in members]
@@ -223,8 +242,13 @@ def open_npz_images(path: str | os.PathLike, key: str = "arr_0", what: str = "sa
         if not fortran:
             return NpzImages(path, member, shape, offset)
     _log(f"{name}: not a C-order .npy v1/v2 member, so it cannot be streamed: loading it whole")
-    with np.load(path, allow_pickle=False) as z:
-        return as_rgb_nhwc(z[key], name)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return as_rgb_nhwc(z[key], name)
+    except ScoreError:
+        raise
+    except _ARCHIVE_ERRORS as e:
+        raise ScoreError(f"{name}: the archive is corrupt ({type(e).__name__}: {e}); re-create or re-copy the file") from e
 
 
 def load_samples(path: str | os.PathLike) -> np.ndarray:
@@ -246,10 +270,17 @@ def _folder_images(path: Path) -> list[Path]:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) of one reference image; a corrupt or truncated file is named."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)  # L -> RGB replicates; RGBA drops alpha
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)  # L -> RGB replicates; RGBA drops alpha
+    except (OSError, SyntaxError, ValueError, zlib.error, EOFError) as e:  # PIL raises all of these
+        raise ScoreError(
+            f"reference image {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+            "replace or remove it from the folder"
+        ) from e
 
 
 def _iter_folder(files: list[Path], batch_size: int, hw: tuple[int, int]) -> Iterator[np.ndarray]:
@@ -295,6 +326,7 @@ def extract_features(
     names: Sequence[str],
     desc: str = "features",
     progress: bool = True,
+    spatial: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run the extractor over uint8 (B, H, W, 3) batches.
 
@@ -304,17 +336,21 @@ def extract_features(
         extractor: torch-fidelity extractor built with ``features == names``.
         device: where to send the batches.
         names: the extractor's feature names, in its order.
+        spatial: also return ADM's sFID features under ``SPATIAL`` (see ``capture_spatial``).
 
     Returns:
-        {name: float32 (N, dim)} for every name.
+        {name: float32 (N, dim)} for every name (and ``SPATIAL``: (N, 2023) if asked).
     """
-    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+    out: dict[str, list[np.ndarray]] = {n: [] for n in [*names, *[SPATIAL] * spatial]}
+    hook = capture_spatial(extractor) if spatial else contextlib.nullcontext([])
+    with hook as captured, tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         for batch in batches:
             x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
             x = x.to(device)
             for n, f in zip(names, extractor(x)):
                 out[n].append(f.float().cpu().numpy())  # (B, dim)
+            if spatial:
+                out[SPATIAL].append(captured.pop().cpu().numpy())  # (B, 2023)
             bar.update(len(batch))
     return {n: np.concatenate(v) for n, v in out.items()}
 
@@ -334,38 +370,99 @@ class RefStats:
     source: str
 
     def save(self, path: Path) -> None:
-        """Atomic write: a unique temporary name (concurrent scorers never share one), fsync, rename.
-
-        An interrupted run never leaves a half cache file under ``path``.
-        """
+        """Write atomically (``fileio.atomic_path``): an interrupted run never leaves half a file."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_name(path)
-        try:
-            with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
-                np.savez(
-                    f,
-                    format=np.array(STATS_FORMAT),
-                    mu=self.mu,
-                    sigma=self.sigma,
-                    features=self.features,
-                    image_hw=np.array(self.image_hw, dtype=np.int64),
-                    weights_sha256=np.array(self.weights_sha256),
-                    feature_extractor=np.array(FEATURE_EXTRACTOR_NAME),
-                    source=np.array(self.source),
-                )
-            _commit(tmp, path)  # fsync + os.replace
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz"
+            np.savez(
+                f,
+                format=np.array(STATS_FORMAT),
+                mu=self.mu,
+                sigma=self.sigma,
+                features=self.features,
+                image_hw=np.array(self.image_hw, dtype=np.int64),
+                weights_sha256=np.array(self.weights_sha256),
+                feature_extractor=np.array(FEATURE_EXTRACTOR_NAME),
+                source=np.array(self.source),
+            )
 
     @staticmethod
     def load(path: Path) -> RefStats:
+        """Read a statistics file written by :meth:`save` (no pickle); ScoreError if it is not one."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "format" not in z.files or str(z["format"]) != STATS_FORMAT:
+                    raise ScoreError(f"{path}: not a {STATS_FORMAT} statistics file")
+                hw = (int(z["image_hw"][0]), int(z["image_hw"][1]))
+                sha, source = str(z["weights_sha256"]), str(z["source"])
+                return RefStats(z["mu"], z["sigma"], z["features"], hw, sha, source)
+        except ScoreError:
+            raise
+        except (*_ARCHIVE_ERRORS, IndexError) as e:  # KeyError: a member is missing
+            raise ScoreError(
+                f"{path}: unreadable {STATS_FORMAT} statistics file ({type(e).__name__}: {e}); "
+                "delete it (it is re-created from the reference images)"
+            ) from e
+
+
+@dataclass(frozen=True)
+class StoredStats:
+    """The TF-Inception statistics an ADM reference batch stores beside its ``arr_0`` images.
+
+    ``mu``/``sigma`` are pool3 (2048-d) over the whole ImageNet training set; ``mu_s``/``sigma_s``
+    (2023-d spatial, for sFID) are None when absent, with the reason in ``spatial_missing``.
+    """
+
+    mu: np.ndarray  # (2048,)
+    sigma: np.ndarray  # (2048, 2048)
+    mu_s: np.ndarray | None  # (2023,)
+    sigma_s: np.ndarray | None  # (2023, 2023)
+    spatial_missing: str | None
+
+
+def _stored_pair(z: np.lib.npyio.NpzFile, mu_key: str, sigma_key: str, dim: int, what: str) -> tuple:
+    """(mu, sigma) as float64 after checking shapes and finiteness; ScoreError names the fix."""
+    mu, sigma = z[mu_key], z[sigma_key]
+    fix = "pass ADM's reference batch unchanged, or --recompute-ref-stats to use its arr_0 images instead"
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ScoreError(
+            f"{what}: stored {mu_key} {mu.shape} / {sigma_key} {sigma.shape}, expected ({dim},) / "
+            f"({dim}, {dim}) for {FEATURE_EXTRACTOR_NAME}; {fix}"
+        )
+    if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
+        raise ScoreError(f"{what}: stored {mu_key}/{sigma_key} are {mu.dtype}/{sigma.dtype}, not numbers; {fix}")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ScoreError(f"{what}: stored {mu_key}/{sigma_key} contain NaN or inf; {fix}")
+    return mu, sigma
+
+
+def read_stored_stats(path: Path, keys: Sequence[str]) -> StoredStats | None:
+    """The stored statistics of an ADM reference batch, or None if it stores no ``mu``/``sigma``.
+
+    Raises:
+        ScoreError: only one of a pair is present, or a shape, dtype or value is wrong.
+    """
+    what = f"--ref {path}"
+    for a, b in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (a in keys) != (b in keys):
+            have, lack = (a, b) if a in keys else (b, a)
+            raise ScoreError(
+                f"{what}: stores '{have}' but not '{lack}'; pass ADM's reference batch unchanged, "
+                "or --recompute-ref-stats to use its arr_0 images instead"
+            )
+    if "mu" not in keys:
+        return None
+    try:
         with np.load(path, allow_pickle=False) as z:
-            if "format" not in z.files or str(z["format"]) != STATS_FORMAT:
-                raise ScoreError(f"{path}: not a {STATS_FORMAT} statistics file")
-            hw = (int(z["image_hw"][0]), int(z["image_hw"][1]))
-            sha, source = str(z["weights_sha256"]), str(z["source"])
-            return RefStats(z["mu"], z["sigma"], z["features"], hw, sha, source)
+            mu, sigma = _stored_pair(z, "mu", "sigma", POOL_DIM, what)
+            if "mu_s" not in keys:
+                return StoredStats(mu, sigma, None, None, f"{path.name} stores no mu_s/sigma_s")
+            mu_s, sigma_s = _stored_pair(z, "mu_s", "sigma_s", SPATIAL_DIM, what)
+    except ScoreError:
+        raise
+    except _ARCHIVE_ERRORS as e:
+        raise ScoreError(f"{what}: the archive is corrupt ({type(e).__name__}: {e}); re-download it") from e
+    return StoredStats(mu, sigma, mu_s, sigma_s, None)
 
 
 def reference_cache_key(ref: str | os.PathLike, weights_sha256: str) -> str:
@@ -381,11 +478,15 @@ def reference_cache_key(ref: str | os.PathLike, weights_sha256: str) -> str:
 
 
 def _npz_files(path: Path) -> list[str]:
+    """Member names of an ``.npz`` (no array is read); ScoreError if it is not a readable one."""
     try:
         with np.load(path, allow_pickle=False) as z:
             return list(z.files)
-    except (ValueError, OSError) as e:
-        raise ScoreError(f"--ref {path}: not a readable .npz ({e})") from e
+    except _ARCHIVE_ERRORS as e:
+        raise ScoreError(
+            f"--ref {path}: not a readable .npz ({type(e).__name__}: {e}); the file is truncated or not "
+            "an np.savez archive: re-download or re-create it"
+        ) from e
 
 
 def _check_count(n: int, what: str, min_images: dict[str, tuple[int, str]]) -> None:
@@ -421,6 +522,27 @@ def _check_hw(sample_hw: tuple[int, int], ref_hw: tuple[int, int], allow_mismatc
         )
 
 
+def _classify_ref(ref: Path) -> tuple[str, list[str]]:
+    """(kind, npz keys) of a --ref: 'stats', 'adm_npz' or 'folder'; ScoreError for anything else."""
+    if not ref.exists():
+        raise ScoreError(f"--ref {ref} not found")
+    if ref.is_dir():
+        return "folder", []
+    if not ref.is_file():
+        raise ScoreError(f"--ref {ref}: expected an .npz file or an image folder")
+    keys = _npz_files(ref)
+    if "format" in keys:
+        return "stats", keys
+    if "arr_0" not in keys:
+        tf_only = {"mu", "sigma"} <= set(keys)
+        extra = (" It stores mu/sigma only; precision/recall and KID need the reference images." * tf_only)
+        raise ScoreError(
+            f"--ref {ref}: no 'arr_0' images (keys: {keys}).{extra} Pass the ADM reference batch with "
+            "its arr_0 images, an image folder, or a statistics file written by this tool"
+        )
+    return "adm_npz", keys
+
+
 def reference_stats(
     ref: str | os.PathLike,
     extractor: torch.nn.Module,
@@ -434,9 +556,11 @@ def reference_stats(
     allow_size_mismatch: bool = False,
     progress: bool = True,
 ) -> tuple[RefStats, dict]:
-    """Reference statistics from a stats file, the cache, or the images (then cached).
+    """Statistics and pool3 features of the reference images: a stats file, the cache, or computed.
 
-    Sizes and counts are checked before any Inception forward.
+    These are this package's own features of the images (``arr_0`` of an ADM batch); a batch's
+    stored TF statistics are read separately (:func:`read_stored_stats`). Sizes, counts and the
+    cache folder are checked before any Inception forward.
 
     Args:
         ref: ADM reference batch .npz, image folder, or stats .npz.
@@ -450,51 +574,35 @@ def reference_stats(
         (stats, info) where info = {path, kind, cache_path, cache_hit}.
     """
     ref = Path(ref)
-    if not ref.exists():
-        raise ScoreError(f"--ref {ref} not found")
-    info = {"path": str(ref.resolve()), "kind": None, "cache_path": None, "cache_hit": False}
-    if ref.is_file():
-        keys = _npz_files(ref)
-        if "format" in keys:
-            stats = RefStats.load(ref)
-            if stats.weights_sha256 != weights.sha256:
-                raise ScoreError(
-                    f"--ref {ref} was computed with Inception weights sha256 {stats.weights_sha256[:12]}..., "
-                    f"scoring uses {weights.sha256[:12]}... ({weights.path}); pass the reference images "
-                    "instead or the matching --inception-weights"
-                )
-            info["kind"] = "stats"
-        elif "arr_0" not in keys:
-            tf_only = {"mu", "sigma"} <= set(keys)
-            extra = " It holds TF-Inception mu/sigma, which cannot be mixed with torch features." * tf_only
+    kind, _ = _classify_ref(ref)
+    info = {"path": str(ref.resolve()), "kind": kind, "cache_path": None, "cache_hit": False}
+    stats = None
+    if kind == "stats":
+        stats = RefStats.load(ref)
+        if stats.weights_sha256 != weights.sha256:
             raise ScoreError(
-                f"--ref {ref}: no 'arr_0' images (keys: {keys}).{extra} Pass the ADM reference batch with "
-                "its arr_0 images, an image folder, or a statistics file written by this tool"
+                f"--ref {ref} was computed with Inception weights sha256 {stats.weights_sha256[:12]}..., "
+                f"scoring uses {weights.sha256[:12]}... ({weights.path}); pass the reference images "
+                "instead or the matching --inception-weights"
             )
-        else:
-            info["kind"] = "adm_npz"
-            if {"mu", "sigma"} & set(keys):
-                _log(f"{ref.name}: ignoring its precomputed mu/sigma (TF Inception); recomputing from arr_0")
-    elif ref.is_dir():
-        info["kind"] = "folder"
     else:
-        raise ScoreError(f"--ref {ref}: expected an .npz file or an image folder")
-
-    if info["kind"] != "stats":
         key = reference_cache_key(ref, weights.sha256)
         cache_path = Path(cache_dir) / f"{ref.stem or ref.name}-{key[:16]}.npz"
         info["cache_path"] = str(cache_path)
         if cache_path.is_file():
-            stats = RefStats.load(cache_path)
-            info["cache_hit"] = stats.weights_sha256 == weights.sha256  # the key already implies it
-    if info["kind"] == "stats" or info["cache_hit"]:
+            try:
+                stats = RefStats.load(cache_path)
+                info["cache_hit"] = stats.weights_sha256 == weights.sha256  # the key already implies it
+            except ScoreError as e:  # a damaged cache entry is recomputed, not fatal
+                _log(f"ignoring the cache entry: {e}")
+    if kind == "stats" or info["cache_hit"]:
         if info["cache_hit"]:
             _log(f"reference statistics from cache {cache_path}")
         _check_hw(sample_hw, stats.image_hw, allow_size_mismatch)
         _check_count(len(stats.features), f"reference {ref}", min_images)
         return stats, info
 
-    if info["kind"] == "adm_npz":
+    if kind == "adm_npz":
         images = open_npz_images(ref, what="--ref")  # streamed: ADM's 10k reference is 2 GB of pixels
         n, hw = _count_hw(images)
         batches = _image_batches(images, batch_size)
@@ -505,6 +613,7 @@ def reference_stats(
     hw = (int(hw[0]), int(hw[1]))
     _check_hw(sample_hw, hw, allow_size_mismatch)
     _check_count(n, f"reference {ref}", min_images)
+    check_writable_dir(cache_path.parent, "--cache-dir")  # before the work whose result it keeps
     feats = extract_features(batches, n, extractor, device, names, desc="reference", progress=progress)[POOL]
     mu, sigma = metrics.feature_stats(feats)
     stats = RefStats(mu, sigma, feats, hw, weights.sha256, str(ref.resolve()))
@@ -514,6 +623,77 @@ def reference_stats(
 
 
 # ------------------------------------------------------------------------------------------ score
+
+# How each FID protocol is described in the report; only the first is ADM's (papers' numbers).
+FID_PROTOCOLS = {
+    "adm-stored-stats": "FID against the reference batch's stored mu/sigma (ADM evaluator protocol)",
+    "recomputed-from-arr_0": "FID against statistics recomputed from the reference batch's arr_0 images "
+    "(--recompute-ref-stats; not ADM's protocol)",
+    "reference-images": "FID against statistics of the reference images, which store no mu/sigma "
+    "(not ADM's protocol)",
+    "stats-file": "FID against a statistics file written by this tool (statistics of its source images; "
+    "not ADM's protocol)",
+}
+_PR_PROTOCOL = "improved precision/recall (Kynkaanniemi et al.), k={k} nearest-neighbour manifolds, float32 distances"
+
+
+def check_settings(batch_size: int, kid_subsets: int, kid_subset_size: int, pr_k: int,
+                   pr_batch_size: int, is_splits: int, seed: int) -> None:
+    """Refuse settings that would crash late or report a meaningless number (e.g. k=0: precision 1.0)."""
+    least = {"--batch-size": (batch_size, 1), "--kid-subsets": (kid_subsets, 1),
+             "--kid-subset-size": (kid_subset_size, 2), "--pr-k": (pr_k, 1),
+             "--pr-batch-size": (pr_batch_size, 1), "--is-splits": (is_splits, 1), "--seed": (seed, 0)}
+    why = {"--kid-subset-size": " (KID's unbiased estimate needs at least 2)",
+           "--pr-k": " (k = 0 makes every radius 0; ADM uses k = 3)"}
+    for flag, (value, low) in least.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ScoreError(f"{flag} {value}: must be an integer >= {low}{why.get(flag, '')}")
+    if seed >= 2**32:
+        raise ScoreError(f"--seed {seed}: must be < 2**32 (np.random.RandomState seeds the KID subsets)")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda if available else cpu; ScoreError for a device torch does not know or lacks."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ScoreError(f"--device {device!r}: not a torch device ({e}); use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ScoreError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ScoreError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0")
+    return device
+
+
+def _fid_against(pool: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray) -> float:
+    """FID of (N, D) sample features against (mu_r, sigma_r)."""
+    mu, sigma = metrics.feature_stats(pool)
+    # Fewer samples than feature dims: the centred features are an exact, cheap factor of sigma.
+    factor = metrics.covariance_factor(pool) if len(pool) <= pool.shape[1] else None
+    return metrics.frechet_distance(mu, sigma, mu_r, sigma_r, factor1=factor)
+
+
+def _fid_reference(kind: str, stored: StoredStats | None, recompute: bool, ref_stats: RefStats,
+                   ref_desc: str) -> tuple[str, np.ndarray, np.ndarray, str]:
+    """(protocol, mu, sigma, reference description) of the statistics FID is measured against."""
+    if stored is not None and not recompute:
+        return "adm-stored-stats", stored.mu, stored.sigma, f"stored mu/sigma of {ref_desc}"
+    if kind == "stats":
+        return "stats-file", ref_stats.mu, ref_stats.sigma, f"statistics file {ref_desc} (of {ref_stats.source})"
+    protocol = "recomputed-from-arr_0" if stored is not None else "reference-images"
+    return protocol, ref_stats.mu, ref_stats.sigma, f"{len(ref_stats.features)} images of {ref_desc}"
+
+
+def _sfid_unavailable(kind: str, stored: StoredStats | None, recompute: bool) -> str | None:
+    """Why sFID is not computed, or None when the reference's stored mu_s/sigma_s are used."""
+    if recompute and stored is not None:
+        return "--recompute-ref-stats: sFID is computed only against a reference batch's stored mu_s/sigma_s"
+    if stored is None:
+        return (f"the reference ({kind}) stores no mu_s/sigma_s: sFID is computed only against an ADM "
+                "reference batch's stored spatial statistics")
+    return stored.spatial_missing
 
 
 def score(
@@ -531,26 +711,33 @@ def score(
     allow_size_mismatch: bool = False,
     seed: int = 0,
     progress: bool = True,
+    recompute_ref_stats: bool = False,
 ) -> dict:
-    """Compute FID, IS, precision/recall and KID of ``samples`` against ``ref``.
+    """Compute FID, sFID, IS, precision/recall and KID of ``samples`` against ``ref``.
+
+    With an ADM reference batch, FID (and sFID) are measured against its stored statistics unless
+    ``recompute_ref_stats``; precision/recall and KID always use its ``arr_0`` images' features.
 
     Args:
         samples, ref, ...: as ``python -m sampling.score --help`` (same names, same defaults);
         ``progress=False`` is ``--no-progress``.
 
     Returns:
-        The JSON-able report: fid, is_mean, is_std, is_unavailable_reason, precision, recall,
-        kid_mean, kid_std, num_samples, num_ref, image_hw, samples, ref {path, kind, cache_path,
-        cache_hit}, weights {path, sha256, logits_available}, feature_extractor, settings.
+        The JSON-able report: fid, fid_protocol, sfid, sfid_unavailable_reason, is_mean, is_std,
+        is_unavailable_reason, precision, recall, kid_mean, kid_std, num_samples, num_ref, image_hw,
+        samples, ref {path, kind, cache_path, cache_hit, stored_stats}, weights {path, sha256,
+        logits_available}, feature_extractor, provenance {figure: {protocol, reference,
+        feature_extractor, features, weights_sha256}}, settings.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if kid_subset_size < 2:
-        raise ScoreError(f"--kid-subset-size {kid_subset_size}: KID's unbiased estimate needs at least 2")
+    check_settings(batch_size, kid_subsets, kid_subset_size, pr_k, pr_batch_size, is_splits, seed)
+    device = resolve_device(device)
     needs = required_images(pr_k, kid_subset_size)
     images = open_npz_images(samples)  # header only: pixels are streamed batch by batch
     num_samples, sample_hw = _count_hw(images)
     _check_count(num_samples, f"samples {samples}", needs)
+    kind, keys = _classify_ref(Path(ref))  # refusals about the reference come before any weights load
+    stored = read_stored_stats(Path(ref), keys) if kind == "adm_npz" else None
+    sfid_reason = _sfid_unavailable(kind, stored, recompute_ref_stats)
 
     weights = inspect_weights(inception_weights) if inception_weights is not None else None
     names = [POOL, LOGITS] if weights is None or weights.logits_available else [POOL]
@@ -563,14 +750,14 @@ def score(
         allow_size_mismatch, progress,
     )
     num_ref = len(ref_stats.features)
-
     batches = _image_batches(images, batch_size)
-    feats = extract_features(batches, num_samples, extractor, device, names, "samples", progress)
+    feats = extract_features(batches, num_samples, extractor, device, names, "samples", progress,
+                             spatial=sfid_reason is None)
     pool = feats[POOL]  # (N, 2048)
-    mu, sigma = metrics.feature_stats(pool)
-    # Fewer samples than feature dims: the centred features are an exact, cheap factor of sigma.
-    factor = metrics.covariance_factor(pool) if len(pool) <= pool.shape[1] else None
-    fid = metrics.frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma, factor1=factor)
+    protocol, mu_r, sigma_r, fid_ref = _fid_reference(kind, stored, recompute_ref_stats, ref_stats, str(ref))
+    _log(f"FID protocol: {protocol}: {FID_PROTOCOLS[protocol]}")
+    fid = _fid_against(pool, mu_r, sigma_r)
+    sfid = None if sfid_reason is not None else _fid_against(feats[SPATIAL], stored.mu_s, stored.sigma_s)
 
     is_mean = is_std = None
     is_reason = weights.logits_unavailable_reason
@@ -582,52 +769,81 @@ def score(
     precision, recall = metrics.precision_recall(
         ref_stats.features, pool, k=pr_k, batch_size=pr_batch_size, device=device
     )
-
     kid_mean, kid_std = metrics.kernel_inception_distance(  # both set sizes were checked above
         pool, ref_stats.features, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
     )
+    ref_info["stored_stats"] = sorted(k for k in keys if k in ("mu", "sigma", "mu_s", "sigma_s"))
+    ref_images = f"pool3 features of the {num_ref} reference images of {ref}" + (
+        " (arr_0)" if kind == "adm_npz" else f" (from {ref_stats.source})" if kind == "stats" else "")
+    figures = {
+        "fid": (FID_PROTOCOLS[protocol], fid_ref, "pool3 (2048-d)"),
+        "sfid": ("sFID: Frechet distance of spatial features against the reference batch's stored "
+                 "mu_s/sigma_s (ADM evaluator protocol)" if sfid_reason is None else f"not computed: {sfid_reason}",
+                 f"stored mu_s/sigma_s of {ref}" if sfid_reason is None else None,
+                 "Mixed_6d.branch1x1 = TF mixed_6/conv[..., :7], flattened (17, 17, 7) = 2023-d"),
+        "is": (f"Inception Score over {is_splits} contiguous splits of the samples' softmax (ADM: chunks "
+               "of 5000, the same split for 50,000 samples)" if is_reason is None else f"not computed: {is_reason}",
+               None, "logits_unbiased (pool3 @ W, no bias, as ADM)"),
+        "precision_recall": (_PR_PROTOCOL.format(k=pr_k), ref_images, "pool3 (2048-d)"),
+        "kid": (f"KID, unbiased MMD^2 with the cubic kernel, {kid_subsets} subsets of {kid_subset_size} "
+                f"(seed {seed}); not part of ADM's evaluator", ref_images, "pool3 (2048-d)"),
+    }
+    return _report(locals(), figures)
 
+
+def _report(v: dict, figures: dict[str, tuple[str, str | None, str]]) -> dict:
+    """The JSON report from :func:`score`'s values; every figure's provenance is spelled out."""
     import torch_fidelity
 
+    weights: WeightsInfo = v["weights"]
+    extractor_name = f"torch-fidelity {torch_fidelity.__version__} {FEATURE_EXTRACTOR_NAME}"
+    provenance = {
+        name: {"protocol": protocol, "reference": reference, "feature_extractor": extractor_name,
+               "features": features, "weights_sha256": weights.sha256}
+        for name, (protocol, reference, features) in figures.items()
+    }
     return {
-        "fid": fid,
-        "is_mean": is_mean,
-        "is_std": is_std,
-        "is_unavailable_reason": is_reason,
-        "precision": precision,
-        "recall": recall,
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "num_samples": int(num_samples),
-        "num_ref": int(num_ref),
-        "image_hw": [int(sample_hw[0]), int(sample_hw[1])],
-        "samples": str(Path(samples).resolve()),
-        "ref": ref_info,
-        "weights": {
-            "path": weights.path,
-            "sha256": weights.sha256,
-            "logits_available": weights.logits_available,
-        },
+        "fid": v["fid"],
+        "fid_protocol": v["protocol"],
+        "sfid": v["sfid"],
+        "sfid_unavailable_reason": v["sfid_reason"],
+        "is_mean": v["is_mean"],
+        "is_std": v["is_std"],
+        "is_unavailable_reason": v["is_reason"],
+        "precision": v["precision"],
+        "recall": v["recall"],
+        "kid_mean": v["kid_mean"],
+        "kid_std": v["kid_std"],
+        "num_samples": int(v["num_samples"]),
+        "num_ref": int(v["num_ref"]),
+        "image_hw": [int(v["sample_hw"][0]), int(v["sample_hw"][1])],
+        "samples": str(Path(v["samples"]).resolve()),
+        "ref": v["ref_info"],
+        "weights": {"path": weights.path, "sha256": weights.sha256, "logits_available": weights.logits_available},
         "feature_extractor": (
-            f"torch-fidelity {torch_fidelity.__version__} {FEATURE_EXTRACTOR_NAME}: "
-            f"'{POOL}' (pool3) for FID/KID/PR, '{LOGITS}' for IS"
+            f"{extractor_name}: '{POOL}' (pool3) for FID/KID/PR, '{LOGITS}' for IS, "
+            "Mixed_6d.branch1x1[:7] (TF mixed_6/conv) for sFID"
         ),
+        "provenance": provenance,
         "settings": {
-            "pr_k": pr_k,
-            "is_splits": is_splits,
-            "kid_subsets": kid_subsets,
-            "kid_subset_size": kid_subset_size,
-            "seed": seed,
+            "pr_k": v["pr_k"],
+            "is_splits": v["is_splits"],
+            "kid_subsets": v["kid_subsets"],
+            "kid_subset_size": v["kid_subset_size"],
+            "seed": v["seed"],
+            "recompute_ref_stats": v["recompute_ref_stats"],
         },
     }
 
 
 def summary_line(result: dict) -> str:
-    """One human-readable line of the headline numbers."""
+    """One human-readable line of the headline numbers, with the FID protocol."""
     r = result
     is_part = f"IS {r['is_mean']:.2f} +- {r['is_std']:.2f}" if r["is_mean"] is not None else "IS n/a"
+    sfid_part = f"sFID {r['sfid']:.3f}" if r["sfid"] is not None else "sFID n/a"
     return (
-        f"FID {r['fid']:.3f} | {is_part} | precision {r['precision']:.4f} recall {r['recall']:.4f} | "
+        f"FID {r['fid']:.3f} ({r['fid_protocol']}) | {sfid_part} | {is_part} | "
+        f"precision {r['precision']:.4f} recall {r['recall']:.4f} | "
         f"KID {r['kid_mean']:.5f} +- {r['kid_std']:.5f} | "
         f"{r['num_samples']} samples vs {r['num_ref']} reference"
     )
@@ -637,15 +853,24 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m sampling.score`` argument parser (``--help`` shows every default)."""
     parser = argparse.ArgumentParser(
         prog="python -m sampling.score",
-        description="FID / IS / precision / recall / KID of an ADM-format sample .npz.",
+        description="FID / sFID / IS / precision / recall / KID of an ADM-format sample .npz. With an ADM "
+        "reference batch (VIRTUAL_imagenet256_labeled.npz) FID and sFID use its stored statistics, as ADM's "
+        "evaluator does; precision/recall and KID use its arr_0 images.",
         epilog="Offline: python scripts/convert_inception.py --out PATH, then --inception-weights PATH "
-        "(IS is then reported as null).",
+        "(IS is then reported as null). Exit codes: 0 scored, 2 bad input (one 'error:' line; --debug "
+        "shows the traceback).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("samples", type=Path, help="samples .npz: arr_0 uint8 (N, H, W, 3)")
     parser.add_argument(
         "--ref", type=Path, required=True,
-        help="ADM reference batch .npz (arr_0 images), image folder, or a stats .npz written by this tool",
+        help="ADM reference batch .npz (arr_0 images, optional stored mu/sigma/mu_s/sigma_s), image folder, "
+        "or a stats .npz written by this tool",
+    )
+    parser.add_argument(
+        "--recompute-ref-stats", action="store_true", default=False,
+        help="FID against statistics recomputed from the reference batch's arr_0 images instead of its stored "
+        "mu/sigma (not ADM's protocol; sFID is then not computed)",
     )
     parser.add_argument(
         "--inception-weights", type=Path, default=None,
@@ -671,33 +896,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the KID subset draws (np.random.RandomState, as torch-fidelity)"
     )
     parser.add_argument("--no-progress", action="store_true", default=False, help="hide progress bars")
+    add_debug_flag(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI entry point; returns the report (also written to --json).
+def _check_json_target(json_path: str | None, args: argparse.Namespace) -> None:
+    """Refuse a --json that could not be written, before any score is computed (none is lost)."""
+    if json_path in (None, "-"):
+        return
+    target = Path(json_path)
+    check_writable_file(target, "--json")
+    for name, other in (("samples", args.samples), ("--ref", args.ref)):
+        if target.exists() and Path(other).exists() and target.resolve() == Path(other).resolve():
+            raise ScoreError(f"--json {target} is the {name} file: writing the report would overwrite it; "
+                             "choose another path")
 
-    The summary line goes to stdout, or to stderr with ``--json -`` so stdout is pure JSON.
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv``, score, write ``--json``, print the summary; return the report.
+
+    The programmatic form of the CLI: bad input raises (``ScoreError``, ``InceptionWeightsError``, both
+    ``BadInput``); :func:`main` turns that into one line and exit code 2. The summary line goes to
+    stdout, or to stderr with ``--json -`` so stdout is pure JSON.
     """
-    args = build_parser().parse_args(argv)
-    try:
-        result = score(
-            args.samples, args.ref, args.inception_weights, batch_size=args.batch_size, device=args.device,
-            cache_dir=args.cache_dir, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-            pr_k=args.pr_k, pr_batch_size=args.pr_batch_size, is_splits=args.is_splits,
-            allow_size_mismatch=args.allow_size_mismatch, seed=args.seed, progress=not args.no_progress,
-        )
-    except (ScoreError, InceptionWeightsError) as e:
-        raise SystemExit(f"error: {e}") from e
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """:func:`run` after argument parsing."""
+    _check_json_target(args.json, args)
+    result = score(
+        args.samples, args.ref, args.inception_weights, batch_size=args.batch_size, device=args.device,
+        cache_dir=args.cache_dir, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+        pr_k=args.pr_k, pr_batch_size=args.pr_batch_size, is_splits=args.is_splits,
+        allow_size_mismatch=args.allow_size_mismatch, seed=args.seed, progress=not args.no_progress,
+        recompute_ref_stats=args.recompute_ref_stats,
+    )
     text = json.dumps(result, indent=2)
     if args.json == "-":
         print(text, flush=True)
     elif args.json is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        atomic_write_text(args.json, text + "\n")
     print(summary_line(result), file=sys.stderr if args.json == "-" else sys.stdout)
     return result
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: 0 when scored, 2 for bad input (one ``error:`` line; ``--debug``: traceback)."""
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: _run(args) and None, debug=args.debug)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 OK = 0
@@ -87,3 +89,45 @@ def run_main(
             raise
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return BAD_INPUT
+
+
+def _writable_ancestor(path: Path, what: str) -> None:
+    """BadInput unless the nearest existing folder above ``path`` is a writable folder."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"{what} {path}: {parent} is a file, not a folder; choose a path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{what} {path}: permission denied for {parent}; choose a writable location")
+
+
+def check_writable_file(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse, before any work, an output file that could not be written afterwards.
+
+    Args:
+        path: the file to be written (it may exist: it will be replaced).
+        what: how the user named it, e.g. ``--json``.
+    Raises:
+        BadInput: ``path`` is a folder, lies under a file, or its folder is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{what} {path} is a folder; give a file path, e.g. {path / 'out.json'}")
+    _writable_ancestor(path, what)  # an atomic replace needs the folder writable, not the file
+
+
+def check_writable_dir(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse, before any work, an output folder that could not be created or written.
+
+    Raises:
+        BadInput: ``path`` is a file, lies under a file, or is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{what} {path} is a file, a folder was expected; choose another path")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise BadInput(f"{what} {path}: permission denied; choose a writable location")
+        return
+    _writable_ancestor(path, what)

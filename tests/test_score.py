@@ -23,7 +23,9 @@ import torch
 
 from sampling import metrics
 from sampling.inception import (
+    SPATIAL_DIM,
     InceptionWeightsError,
+    capture_spatial,
     conversion_table,
     convert_state_dict,
     inspect_weights,
@@ -36,9 +38,9 @@ from sampling.score import (
     as_rgb_nhwc,
     build_parser,
     load_samples,
-    main,
     open_npz_images,
     reference_cache_key,
+    run,
     score,
 )
 
@@ -66,30 +68,40 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _adm_stored_stats(seed: int) -> dict[str, np.ndarray]:
+    """Stored statistics for a synthetic ADM reference batch: diagonal covariances (closed-form
+    oracle below), nothing like the statistics of its few arr_0 images."""
+    rng = np.random.default_rng(seed)
+    return {"mu": rng.uniform(0.1, 0.6, 2048), "sigma": np.diag(rng.uniform(0.01, 0.3, 2048)),
+            "mu_s": rng.uniform(0.0, 0.5, SPATIAL_DIM), "sigma_s": np.diag(rng.uniform(0.01, 0.3, SPATIAL_DIM))}
+
+
 @pytest.fixture(scope="module")
 def runs(converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two runs of the CLI entry point on one reference: itself (cache miss), brightened (cache hit,
-    with ``--json -``: stdout and stderr captured)."""
+    """Three CLI runs against one synthetic ADM reference batch (arr_0 = the sample images, plus
+    stored mu/sigma/mu_s/sigma_s): itself with --recompute-ref-stats (cache miss); brightened on the
+    default stored-stats protocol (cache hit, ``--json -``: stdout and stderr captured); brightened
+    with --recompute-ref-stats."""
     d = tmp_path_factory.mktemp("score")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (N_IMAGES, 32, 32, 3), dtype=np.uint8)  # (N, H, W, 3)
     brighter = np.clip(images.astype(np.int16) + 64, 0, 255).astype(np.uint8)
     np.savez(d / "samples.npz", images)
     np.savez(d / "bright.npz", brighter)
-    # ADM reference batches carry TF-Inception mu/sigma; garbage ones here, so FID(self) ~ 0 shows
-    # they are ignored.
-    np.savez(d / "ref.npz", images, mu=np.ones(7), sigma=np.eye(7))
+    stored = _adm_stored_stats(1)
+    np.savez(d / "ref.npz", images, **stored)  # ADM layout: arr_0, mu, sigma, mu_s, sigma_s
     common = ["--ref", str(d / "ref.npz"), "--inception-weights", str(converted)]
     common += ["--cache-dir", str(d / "cache"), "--no-progress", "--batch-size", "4", "--device", "cpu"]
     common += ["--kid-subset-size", str(N_IMAGES)]
-    first = main([str(d / "samples.npz"), *common, "--json", str(d / "self.json")])
+    first = run([str(d / "samples.npz"), *common, "--json", str(d / "self.json"), "--recompute-ref-stats"])
     cache = Path(first["ref"]["cache_path"])
     mtime = cache.stat().st_mtime_ns
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        second = main([str(d / "bright.npz"), *common, "--json", "-"])
-    return {"dir": d, "first": first, "second": second, "cache": cache, "mtime": mtime,
-            "stdout": out.getvalue(), "stderr": err.getvalue()}
+        second = run([str(d / "bright.npz"), *common, "--json", "-"])
+    third = run([str(d / "bright.npz"), *common, "--recompute-ref-stats"])
+    return {"dir": d, "first": first, "second": second, "third": third, "cache": cache, "mtime": mtime,
+            "stdout": out.getvalue(), "stderr": err.getvalue(), "stored": stored, "bright": brighter}
 
 
 # ------------------------------------------------------------------------------------- converter
@@ -108,16 +120,31 @@ def test_converted_weights_match_torchscript_pool3(converted: Path) -> None:
         ts = torch.jit.load(str(fid_helper_model_path()), map_location="cpu").eval()
     net = load_feature_extractor(converted, device="cpu", features=("2048",))
     x = torch.randint(0, 256, (2, 3, 24, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), capture_spatial(net) as spatial:
         (ours,) = net(x)  # torch-fidelity: uint8 -> TF-1.x bilinear to 299 -> (x - 128) / 128
         # The TorchScript model takes the resized float image in [-1, 1) (fid-helper maps
         # [0, 255] -> [-1, 0.9921875], i.e. x / 128 - 1): feed it the very same resized image.
         resized = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
         ref = ts((resized - 128) / 128)  # (2, 2048)
+        # sFID's layer: the TorchScript port names its modules after the TF scopes, so running its
+        # layers up to mixed_6.conv (conv + BN + ReLU) gives TF's mixed_6/conv:0, NCHW here.
+        h = (resized - 128) / 128
+        layers = ts.net.layers
+        for name in ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1",
+                     "mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5"):
+            h = getattr(layers, name)(h)
+        ts_spatial = layers.mixed_6.conv(h)  # (2, 192, 17, 17)
     assert ours.shape == ref.shape == (2, 2048)
     rel = ((ours - ref).norm() / ref.norm()).item()
-    assert rel < 1e-5, rel
+    assert rel < 1e-5, rel  # float32 kernels of two ports of one network: ~1e-7 measured
     assert ref.abs().sum() > 0
+    (got,) = spatial
+    assert got.shape == (2, SPATIAL_DIM) and ts_spatial.shape == (2, 192, 17, 17)
+    want = ts_spatial[:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # ADM: NHWC [..., :7], flattened
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    # The layout itself: values 0..6 are pixel (0, 0)'s 7 channels, 7..13 pixel (0, 1)'s (TF's NHWC order).
+    torch.testing.assert_close(got[:, 7:14], ts_spatial[:, :7, 0, 1], rtol=1e-4, atol=1e-5)
+    assert (want > 0).any() and (want == 0).any()  # after the ReLU: some units off, some on
 
 
 @pytest.mark.skipif(not HAS_FID_HELPER, reason=NO_FID_HELPER)
@@ -286,14 +313,68 @@ def test_kid_unbiased_and_exact() -> None:
 
 
 def test_score_fid_self_zero_and_brighter_positive(runs: dict) -> None:
-    first, second = runs["first"], runs["second"]
-    assert abs(first["fid"]) < 1e-6
+    first, third = runs["first"], runs["third"]
+    assert abs(first["fid"]) < 1e-6  # --recompute-ref-stats against its own images
     assert (first["precision"], first["recall"]) == (1.0, 1.0)
-    assert second["fid"] > 1.0
+    assert third["fid"] > 1.0
     assert first["num_samples"] == first["num_ref"] == N_IMAGES
     assert first["ref"]["kind"] == "adm_npz"
     assert json.loads((runs["dir"] / "self.json").read_text())["fid"] == first["fid"]
     assert first["settings"]["kid_subset_size"] == N_IMAGES  # as requested, and recorded
+
+
+def _fid_to_diagonal(feats: np.ndarray, mu: np.ndarray, var: np.ndarray) -> float:
+    """Closed form against N(mu, diag(var)): with S = X^T X (X the centred features / sqrt(N-1)),
+    tr sqrtm(S D) = tr sqrtm(D^1/2 X^T X D^1/2) = the sum of the singular values of X D^1/2."""
+    f = feats.astype(np.float64)
+    x = (f - f.mean(0)) / np.sqrt(len(f) - 1)  # (N, D)
+    nuclear = np.linalg.svd(x * np.sqrt(var), compute_uv=False).sum()
+    return float(((f.mean(0) - mu) ** 2).sum() + (x**2).sum() + var.sum() - 2 * nuclear)
+
+
+def _fid_low_rank(a: np.ndarray, b: np.ndarray) -> float:
+    """Closed form between two small sets: tr sqrtm(Sa Sb) = the nuclear norm of Xa Xb^T."""
+    xa, xb = ((f - f.mean(0)) / np.sqrt(len(f) - 1) for f in (a.astype(np.float64), b.astype(np.float64)))
+    nuclear = np.linalg.svd(xa @ xb.T, compute_uv=False).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (xa**2).sum() + (xb**2).sum() - 2 * nuclear)
+
+
+def test_adm_reference_uses_stored_stats_unless_recompute(runs: dict, converted: Path) -> None:
+    """Default: FID / sFID against the stored mu/sigma, mu_s/sigma_s; --recompute-ref-stats: against
+    the arr_0 images. The oracle features come from a separate forward with this test's own hook."""
+    net = load_feature_extractor(converted, device="cpu", features=("2048",))
+    x = torch.from_numpy(runs["bright"]).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+    taken: list[torch.Tensor] = []
+    hook = net.Mixed_6d.branch1x1.register_forward_hook(lambda m, a, y: taken.append(y))
+    with torch.no_grad():
+        pool = net(x)[0].double().numpy()  # (N, 2048)
+    hook.remove()
+    spatial = taken[0][:, :7].permute(0, 2, 3, 1).reshape(len(x), -1).double().numpy()  # (N, 2023)
+    ref_feats = RefStats.load(runs["cache"]).features  # the arr_0 images' features
+    st, default, recomputed = runs["stored"], runs["second"], runs["third"]
+    want_stored = _fid_to_diagonal(pool, st["mu"], np.diag(st["sigma"]))
+    want_arr0 = _fid_low_rank(pool, ref_feats)
+    # Tolerance: the same float32 features from another batch split (~1e-7 relative each) move an
+    # FID of this size by far less than 1e-4 relative; the two protocols differ by >10x that.
+    assert default["fid"] == pytest.approx(want_stored, rel=1e-4)
+    assert recomputed["fid"] == pytest.approx(want_arr0, rel=1e-4)
+    assert abs(want_stored - want_arr0) > 0.1 * want_arr0
+    assert default["sfid"] == pytest.approx(_fid_to_diagonal(spatial, st["mu_s"], np.diag(st["sigma_s"])), rel=1e-4)
+    assert (default["fid_protocol"], recomputed["fid_protocol"]) == ("adm-stored-stats", "recomputed-from-arr_0")
+    assert default["sfid_unavailable_reason"] is None and recomputed["sfid"] is None
+    assert "--recompute-ref-stats" in recomputed["sfid_unavailable_reason"]
+    # Precision/recall and KID use the arr_0 features under both protocols.
+    for key in ("precision", "recall", "kid_mean"):
+        assert default[key] == recomputed[key]
+    assert default["ref"]["stored_stats"] == ["mu", "mu_s", "sigma", "sigma_s"]
+    sha = inspect_weights(converted).sha256
+    for name in ("fid", "sfid", "is", "precision_recall", "kid"):  # every figure names its provenance
+        prov = default["provenance"][name]
+        assert prov["weights_sha256"] == sha and "inception-v3-compat" in prov["feature_extractor"]
+        assert prov["protocol"] and prov["features"]
+    assert "stored mu/sigma" in default["provenance"]["fid"]["reference"]
+    assert "arr_0" in default["provenance"]["precision_recall"]["reference"]
+    assert "(adm-stored-stats)" in runs["stderr"].strip().splitlines()[-1]  # the summary names it
 
 
 def test_json_to_stdout_is_pure_json(runs: dict) -> None:
@@ -346,11 +427,11 @@ def test_kid_subset_larger_than_a_set_is_an_error(runs: dict, converted: Path, t
     np.savez(tmp_path / "more.npz", np.zeros((7, 32, 32, 3), np.uint8))
     with pytest.raises(ScoreError, match=r"reference .*ref\.npz: 5 images, but KID with subset size 6 .*N <= 5"):
         score(tmp_path / "more.npz", ref, converted, cache_dir=cache, progress=False, kid_subset_size=6)
-    with pytest.raises(ScoreError, match="--kid-subset-size 1: KID's unbiased estimate needs at least 2"):
+    with pytest.raises(ScoreError, match=r"--kid-subset-size 1: must be an integer >= 2 \(KID's unbiased estimate needs at least 2\)"):
         score(tmp_path / "more.npz", ref, converted, cache_dir=cache, kid_subset_size=1)
-    with pytest.raises(SystemExit, match=r"error: .*--kid-subset-size N with 2 <= N <= 5"):
-        main([str(runs["dir"] / "samples.npz"), "--ref", str(ref), "--inception-weights", str(converted),
-              "--cache-dir", str(cache), "--no-progress"])
+    with pytest.raises(ScoreError, match=r"--kid-subset-size N with 2 <= N <= 5"):
+        run([str(runs["dir"] / "samples.npz"), "--ref", str(ref), "--inception-weights", str(converted),
+             "--cache-dir", str(cache), "--no-progress"])
 
 
 def test_reference_errors(converted: Path, tmp_path: Path) -> None:
@@ -366,7 +447,7 @@ def test_reference_errors(converted: Path, tmp_path: Path) -> None:
     with pytest.raises(ScoreError, match=r"b\.png: size 9x8 \(WxH\) differs from 8x8.*resize"):
         score(tmp_path / "samples.npz", folder, converted, **kwargs)
     np.savez(tmp_path / "tf_stats.npz", mu=np.zeros(3), sigma=np.eye(3))
-    with pytest.raises(ScoreError, match="no 'arr_0' images.*TF-Inception mu/sigma, which cannot be mixed"):
+    with pytest.raises(ScoreError, match="no 'arr_0' images.*stores mu/sigma only; precision/recall and KID need"):
         score(tmp_path / "samples.npz", tmp_path / "tf_stats.npz", converted, **kwargs)
     np.savez(tmp_path / "few.npz", np.zeros((3, 8, 8, 3), dtype=np.uint8))
     with pytest.raises(ScoreError, match=r"3 images, but precision/recall \(k=3 neighbours\) needs at least 4"):
@@ -561,26 +642,21 @@ def test_unstreamable_layouts_fall_back_or_fail_clearly(tmp_path: Path) -> None:
 # ------------------------------------------------------------------- cache writes, bad weights
 
 
-def test_ref_stats_cache_write_is_unique_fsynced_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sampling import shards
-
+def test_ref_stats_cache_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache goes through fileio.atomic_path: a failed write leaves no temporary file and the
+    previous cache entry intact."""
     stats = RefStats(np.zeros(3), np.eye(3), np.ones((4, 3), np.float32), (8, 8), "a" * 64, "src")
-    synced: list[int] = []
-    real_fsync = shards.os.fsync
-    monkeypatch.setattr(shards.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     path = tmp_path / "cache" / "ref-0123.npz"
     stats.save(path)
-    assert len(synced) == 1 and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
     assert RefStats.load(path).weights_sha256 == "a" * 64
-    names = {shards._temp_name(path).name for _ in range(3)}
-    assert len(names) == 3 and all(n.startswith("ref-0123.npz.tmp-") for n in names)  # unique per writer
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(np, "savez", broken)
     with pytest.raises(OSError, match="disk full"):
-        stats.save(path)
+        RefStats(np.ones(3), np.eye(3), np.ones((4, 3), np.float32), (8, 8), "b" * 64, "new").save(path)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp left, old file intact
     assert RefStats.load(path).source == "src"
 
@@ -593,6 +669,6 @@ def test_wrong_inception_weights_file_names_the_fix(tmp_path: Path) -> None:
                                                     r"FeatureExtractorInceptionV3 \(.*Missing key.*convert_inception\.py --out"):
         load_feature_extractor(tmp_path / "wrong.pth")
     np.savez(tmp_path / "s.npz", np.zeros((N_IMAGES, 8, 8, 3), np.uint8))
-    with pytest.raises(SystemExit, match=r"error: Inception weights .*wrong\.pth do not fit"):
-        main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--inception-weights",
-              str(tmp_path / "wrong.pth"), "--kid-subset-size", "5", "--cache-dir", str(tmp_path / "c")])
+    with pytest.raises(InceptionWeightsError, match=r"Inception weights .*wrong\.pth do not fit"):
+        run([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--inception-weights",
+             str(tmp_path / "wrong.pth"), "--kid-subset-size", "5", "--cache-dir", str(tmp_path / "c")])

@@ -1,0 +1,230 @@
+"""Bad input to ``python -m sampling.score``: one ``error:`` line naming the cause and the fix,
+exit code 2, no traceback, nothing written.
+
+The Inception network is replaced by one that fails the test if it ever runs, so every refusal in
+the table is shown to come before any feature is computed (no work is lost to a late refusal). The
+weights cases at the end use the real loading code.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import urllib.error
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from cli_cases import assert_refused, call, snapshot
+
+from sampling import score as score_mod
+from sampling.inception import WeightsInfo
+from sampling.score import RefStats, ScoreError, main
+
+N = 5  # images per set: enough for FID and k=3 precision/recall
+SHA = "f" * 64  # the fake weights' sha256
+
+
+class _NoForward(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> None:
+        raise AssertionError("an Inception forward ran before the refusal")
+
+
+def _png_folder(d: Path, corrupt: str | None = None) -> Path:
+    from PIL import Image
+
+    d.mkdir()
+    for i in range(N):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(d / f"im{i}.png")
+    if corrupt:
+        good = (d / "im0.png").read_bytes()
+        (d / corrupt).write_bytes(good[: len(good) // 2])  # a PNG cut short: header fine, data missing
+    return d
+
+
+def _truncated_member(path: Path, images: np.ndarray) -> None:
+    np.savez(path, images)
+    with zipfile.ZipFile(path) as zf:
+        raw = zf.read("arr_0.npy")
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("arr_0.npy", raw[:-7])
+
+
+def _bad_crc(path: Path, images: np.ndarray) -> None:
+    np.savez(path, images)
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF  # a pixel byte of the stored member: the zip's CRC-32 no longer matches
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Valid inputs, fake weights whose extractor must never run, and the folders to watch."""
+    images = np.random.default_rng(0).integers(0, 256, (N, 8, 8, 3), dtype=np.uint8)  # (N, H, W, 3)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    np.savez(inp / "samples.npz", images)
+    feats = np.random.default_rng(1).normal(size=(N, 4)).astype(np.float32)  # no FID is ever computed here
+    mu, sigma = feats.mean(0).astype(np.float64), np.cov(feats, rowvar=False)
+    RefStats(mu, sigma, feats, (8, 8), SHA, "synthetic").save(inp / "stats.npz")
+    (inp / "w.pth").write_bytes(b"fake weights: never read")
+    real_inspect = score_mod.inspect_weights
+    fake = WeightsInfo(str(inp / "w.pth"), SHA, False, "fake weights have no logits")
+    monkeypatch.setattr(score_mod, "inspect_weights",
+                        lambda p: fake if Path(p) == inp / "w.pth" else real_inspect(p))
+    monkeypatch.setattr(score_mod, "load_feature_extractor", lambda *a, **k: _NoForward())
+    return {"in": inp, "out": tmp_path / "out", "images": images, "stats": (mu, sigma)}
+
+
+def _argv(w: dict, samples: str = "samples.npz", ref: str = "stats.npz", *extra: str) -> list[str]:
+    inp = w["in"]
+    return [str(inp / samples), "--ref", str(inp / ref), "--inception-weights", str(inp / "w.pth"),
+            "--cache-dir", str(w["out"] / "cache"), "--json", str(w["out"] / "scores.json"),
+            "--kid-subset-size", str(N), "--no-progress", "--device", "cpu", *extra]
+
+
+def _adm(w: dict, name: str, **stored: np.ndarray) -> str:
+    np.savez(w["in"] / name, w["images"], **stored)
+    return name
+
+
+Case = Callable[[dict], list[str]]
+CASES: list[tuple[str, Case, tuple[str, ...]]] = [
+    # --- samples
+    ("samples-random-bytes", lambda w: ((w["in"] / "j.npz").write_bytes(b"\x00junk" * 50),
+                                        _argv(w, "j.npz"))[1], ("j.npz", "not a readable .npz", "np.savez")),
+    ("samples-truncated-file", lambda w: ((w["in"] / "t.npz").write_bytes((w["in"] / "samples.npz").read_bytes()[:150]),
+                                          _argv(w, "t.npz"))[1], ("t.npz", "not a readable .npz")),
+    ("samples-truncated-member", lambda w: (_truncated_member(w["in"] / "t.npz", w["images"]), _argv(w, "t.npz"))[1],
+     ("t.npz", "truncated")),
+    ("samples-bad-crc", lambda w: (_bad_crc(w["in"] / "c.npz", w["images"]), _argv(w, "c.npz"))[1],
+     ("c.npz", "corrupt", "re-create")),
+    ("samples-missing-arr_0", lambda w: (np.savez(w["in"] / "k.npz", images=w["images"]), _argv(w, "k.npz"))[1],
+     ("no 'arr_0'", "np.savez")),
+    ("samples-float", lambda w: (np.savez(w["in"] / "f.npz", w["images"] / 255.0), _argv(w, "f.npz"))[1],
+     ("dtype float64", "uint8")),
+    ("samples-is-a-folder", lambda w: _argv(w, "."), ("is a folder", ".npz")),
+    ("samples-missing", lambda w: _argv(w, "nope.npz"), ("nope.npz", "not found")),
+    ("samples-empty", lambda w: (np.savez(w["in"] / "e.npz", w["images"][:0]), _argv(w, "e.npz"))[1],
+     ("no images",)),
+    # --- reference
+    ("ref-missing", lambda w: _argv(w, ref="nope.npz"), ("--ref", "not found")),
+    ("ref-truncated-npz", lambda w: ((w["in"] / "r.npz").write_bytes((w["in"] / "stats.npz").read_bytes()[:300]),
+                                     _argv(w, ref="r.npz"))[1], ("--ref", "r.npz", "not a readable .npz", "re-")),
+    ("ref-stats-only", lambda w: (np.savez(w["in"] / "r.npz", mu=np.zeros(3), sigma=np.eye(3)),
+                                  _argv(w, ref="r.npz"))[1], ("no 'arr_0'", "precision/recall")),
+    ("ref-mu-without-sigma", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.zeros(2048))),
+     ("stores 'mu' but not 'sigma'", "--recompute-ref-stats")),
+    ("ref-stored-wrong-shape", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.ones(7), sigma=np.eye(7))),
+     ("(7,)", "expected (2048,)", "--recompute-ref-stats")),
+    ("ref-stored-nan", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.full(2048, np.nan),
+                                                                 sigma=np.eye(2048, dtype=np.float16))),
+     ("NaN", "--recompute-ref-stats")),
+    ("ref-spatial-half", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.zeros(1), sigma=np.zeros(1), mu_s=np.zeros(1))),
+     ("'mu_s' but not 'sigma_s'",)),
+    ("ref-corrupt-png", lambda w: (_png_folder(w["in"] / "pngs", corrupt="broken.png"), _argv(w, ref="pngs"))[1],
+     ("broken.png", "corrupt or truncated", "replace or remove")),
+    ("ref-not-a-png", lambda w: (_png_folder(w["in"] / "pngs"), (w["in"] / "pngs" / "z.png").write_text("text"),
+                                 _argv(w, ref="pngs"))[2], ("z.png", "corrupt or truncated")),
+    ("ref-other-weights", lambda w: (RefStats(*w["stats"], np.zeros((N, 4), np.float32), (8, 8), "0" * 64, "x")
+                                     .save(w["in"] / "o.npz"), _argv(w, ref="o.npz"))[1],
+     ("computed with Inception weights", "--inception-weights")),
+    ("ref-size-mismatch", lambda w: (np.savez(w["in"] / "s16.npz", np.zeros((N, 16, 16, 3), np.uint8)),
+                                     _argv(w, "s16.npz"))[1], ("16x16", "--allow-size-mismatch")),
+    ("cache-dir-is-a-file", lambda w: (w["out"].mkdir(), (w["out"] / "c").write_text("x"),
+                                       _argv(w, ref=_adm(w, "a.npz")) + ["--cache-dir", str(w["out"] / "c")])[2],
+     ("--cache-dir", "is a file")),
+    # --- settings
+    ("batch-size-0", lambda w: _argv(w) + ["--batch-size", "0"], ("--batch-size 0", ">= 1")),
+    ("batch-size-not-int", lambda w: _argv(w) + ["--batch-size", "two"], ("--batch-size", "invalid int")),
+    ("pr-k-0", lambda w: _argv(w) + ["--pr-k", "0"], ("--pr-k 0", ">= 1", "k = 3")),
+    ("pr-batch-size-0", lambda w: _argv(w) + ["--pr-batch-size", "0"], ("--pr-batch-size 0",)),
+    ("is-splits-0", lambda w: _argv(w) + ["--is-splits", "0"], ("--is-splits 0",)),
+    ("kid-subsets-0", lambda w: _argv(w) + ["--kid-subsets", "0"], ("--kid-subsets 0",)),
+    ("kid-subset-size-1", lambda w: _argv(w) + ["--kid-subset-size", "1"], ("--kid-subset-size 1", "at least 2")),
+    ("kid-subset-too-big", lambda w: _argv(w) + ["--kid-subset-size", "6"], ("KID with subset size 6", "N <= 5")),
+    ("pr-k-too-big", lambda w: _argv(w) + ["--pr-k", "5"], ("k=5 neighbours", "at least 6")),
+    ("seed-negative", lambda w: _argv(w) + ["--seed", "-1"], ("--seed -1", ">= 0")),
+    ("seed-too-big", lambda w: _argv(w) + ["--seed", str(2**32)], ("--seed", "2**32")),
+    ("device-unknown", lambda w: _argv(w) + ["--device", "gpu0"], ("--device 'gpu0'", "cpu")),
+    # --- outputs: refused before any score is computed, so none is lost
+    ("json-is-a-folder", lambda w: (w["out"].mkdir(), _argv(w) + ["--json", str(w["out"])])[1],
+     ("--json", "is a folder", "file path")),
+    ("json-under-a-file", lambda w: _argv(w) + ["--json", str(w["in"] / "samples.npz" / "s.json")],
+     ("--json", "is a file")),
+    ("json-overwrites-samples", lambda w: _argv(w) + ["--json", str(w["in"] / "samples.npz")],
+     ("--json", "samples", "overwrite")),
+]
+
+
+@pytest.mark.parametrize(("build", "needles"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_refused_cleanly_before_any_work(world: dict, build: Case, needles: tuple[str, ...]) -> None:
+    argv = build(world)
+    before = snapshot(world["in"], world["out"])
+    outcome = call(main, argv)
+    assert_refused(outcome, *needles)
+    assert snapshot(world["in"], world["out"]) == before  # nothing written, nothing lost
+    assert len([ln for ln in outcome.stderr.splitlines() if ln.startswith("error:")]) <= 1
+
+
+def test_cuda_device_without_cuda(world: dict) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    assert_refused(call(main, _argv(world) + ["--device", "cuda"]), "CUDA is not available", "--device cpu")
+
+
+def test_debug_shows_the_traceback(world: dict) -> None:
+    with pytest.raises(ScoreError, match="--pr-k 0"):
+        main(_argv(world) + ["--pr-k", "0", "--debug"])
+
+
+# ---------------------------------------------------------------------------- weights (real loading)
+
+
+def _weights_argv(tmp_path: Path, weights: list[str]) -> list[str]:
+    np.savez(tmp_path / "s.npz", np.zeros((N, 8, 8, 3), np.uint8))
+    return [str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), *weights, "--kid-subset-size", str(N),
+            "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "j.json"), "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (None, ("nope.pth", "not found", "convert_inception.py --out")),
+        (b"", ("not a readable torch.save file", "convert_inception.py")),
+        (b"\x80\x02garbage" * 20, ("not a readable torch.save file", "convert_inception.py")),
+        ("pickle", ("Python objects besides tensors", "could run code", "convert_inception.py")),
+        ("no-fc", ("no fc.weight", "convert_inception.py")),
+    ],
+    ids=["missing", "empty", "random-bytes", "pickled-object", "no-fc"],
+)
+def test_bad_weights_files(tmp_path: Path, content: object, needles: tuple[str, ...]) -> None:
+    path = tmp_path / ("nope.pth" if content is None else "w.pth")
+    if content == "pickle":
+        torch.save({"fc.weight": pathlib.PurePosixPath("x")}, path)  # refused by the weights-only unpickler
+    elif content == "no-fc":
+        torch.save({"conv.weight": torch.ones(2)}, path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    argv = _weights_argv(tmp_path, ["--inception-weights", str(path)])
+    before = snapshot(tmp_path)
+    outcome = call(main, argv)
+    assert_refused(outcome, *needles)
+    assert "weights_only=False" not in outcome.stderr  # never advise unsafe loading of a foreign file
+    assert snapshot(tmp_path) == before
+
+
+def test_missing_weights_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", offline)  # never download in tests
+    argv = _weights_argv(tmp_path, [])
+    before = snapshot(tmp_path)
+    outcome = call(main, argv)
+    assert_refused(outcome, "cannot download", "convert_inception.py", "--inception-weights")
+    assert snapshot(tmp_path) == before
