@@ -1,4 +1,4 @@
-"""Score an ADM-format sample set: FID, IS, precision/recall (k=3), KID.
+"""Score an ADM-format sample set on ADM's evaluator protocol: FID, sFID, IS, precision/recall (k=3), KID.
 
     python -m sampling.score samples.npz --ref VIRTUAL_imagenet256_labeled.npz --json scores.json
     python -m sampling.score samples.npz --ref data/val_images/ \
@@ -10,15 +10,26 @@ Inputs:
              ``arr_0`` is streamed in batches straight from the archive (stored or deflated), so
              50,000 x 256 x 256 images need memory for one batch plus the features, not 9.8 GB.
     --ref    one of
-             * an ADM reference batch ``.npz``: features are recomputed from its ``arr_0`` images;
-               its ``mu`` / ``sigma`` come from TF Inception and are never mixed with torch features;
+             * an ADM reference batch ``.npz`` (``arr_0`` images; ``mu``/``sigma`` and
+               ``mu_s``/``sigma_s`` over the ImageNet training set): FID and sFID are measured against
+               the stored statistics, as ADM's evaluator does (protocol ``adm-stored-stats``);
+               precision/recall and KID against the features of its ``arr_0`` images.
+               ``--recompute-ref-stats`` measures FID against the ``arr_0`` statistics instead
+               (``recomputed-from-arr_0``; sFID is then not computed);
              * a folder of .png / .jpg / .jpeg images (searched recursively; converted to RGB:
-               grayscale replicated to 3 channels, alpha dropped);
-             * a statistics file written by this tool (see below).
+               grayscale replicated to 3 channels, alpha dropped), or an ``.npz`` with ``arr_0`` and
+               no stored statistics (``reference-images``);
+             * a statistics file written by this tool (``stats-file``; see below).
 
 Features come from torch-fidelity's FID Inception (uint8 NCHW in, TF-exact resize to 299 inside):
-pool3 ('2048') for FID, KID and precision/recall, 'logits_unbiased' for IS. With converted
-no-logits weights (scripts/convert_inception.py) IS is reported as null with the reason.
+pool3 ('2048') for FID, KID and precision/recall, 'logits_unbiased' for IS, and for sFID the hooked
+``Mixed_6d.branch1x1`` output (TF ``mixed_6/conv``), channels 0..6 in TF's (H, W, C) order. With
+converted no-logits weights (scripts/convert_inception.py) IS is reported as null with the reason.
+The report records, for every figure, its protocol, reference, feature extractor and weights sha256.
+
+Bad input ends in one ``error:`` line naming the cause and the fix, exit code 2, before anything is
+written (``--debug`` shows the traceback); ``--json`` and the cache folder are checked before any
+feature is computed.
 
 Reference statistics are computed once and cached in ``--cache-dir`` as
 ``<ref name>-<key16>.npz`` where key = sha256 of (format, resolved ref path, its size + mtime —
@@ -265,7 +276,10 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
 def _folder_images(path: Path) -> list[Path]:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
-        raise ScoreError(f"reference folder {path} has no {'/'.join(IMAGE_EXTS)} images")
+        raise ScoreError(
+            f"reference folder {path} has no {'/'.join(IMAGE_EXTS)} images (searched recursively); "
+            "pass a folder of reference images, an ADM reference batch .npz or a statistics file"
+        )
     return files
 
 
@@ -397,10 +411,10 @@ class RefStats:
                 return RefStats(z["mu"], z["sigma"], z["features"], hw, sha, source)
         except ScoreError:
             raise
-        except (*_ARCHIVE_ERRORS, IndexError) as e:  # KeyError: a member is missing
+        except (*_ARCHIVE_ERRORS, KeyError, IndexError) as e:  # KeyError: a member is missing
             raise ScoreError(
                 f"{path}: unreadable {STATS_FORMAT} statistics file ({type(e).__name__}: {e}); "
-                "delete it (it is re-created from the reference images)"
+                "pass the reference images as --ref instead (their statistics are then recomputed)"
             ) from e
 
 
@@ -460,6 +474,13 @@ def read_stored_stats(path: Path, keys: Sequence[str]) -> StoredStats | None:
             mu_s, sigma_s = _stored_pair(z, "mu_s", "sigma_s", SPATIAL_DIM, what)
     except ScoreError:
         raise
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise ScoreError(f"{what}: the archive is corrupt ({type(e).__name__}: {e}); re-download it") from e
+        raise ScoreError(  # an object array: a pickle, refused unread
+            f"{what}: its stored statistics are pickled Python objects, which are refused (loading them "
+            "could run code); use ADM's reference batch as published, or --recompute-ref-stats"
+        ) from e
     except _ARCHIVE_ERRORS as e:
         raise ScoreError(f"{what}: the archive is corrupt ({type(e).__name__}: {e}); re-download it") from e
     return StoredStats(mu, sigma, mu_s, sigma_s, None)
@@ -759,13 +780,7 @@ def score(
     fid = _fid_against(pool, mu_r, sigma_r)
     sfid = None if sfid_reason is not None else _fid_against(feats[SPATIAL], stored.mu_s, stored.sigma_s)
 
-    is_mean = is_std = None
-    is_reason = weights.logits_unavailable_reason
-    if is_reason is None and num_samples < is_splits:
-        is_reason = f"{num_samples} samples < is_splits={is_splits}"
-    elif is_reason is None:
-        is_mean, is_std = metrics.inception_score(feats[LOGITS], splits=is_splits)
-
+    is_mean, is_std, is_reason = _inception_score(feats, weights, is_splits)
     precision, recall = metrics.precision_recall(
         ref_stats.features, pool, k=pr_k, batch_size=pr_batch_size, device=device
     )
@@ -773,65 +788,63 @@ def score(
         pool, ref_stats.features, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
     )
     ref_info["stored_stats"] = sorted(k for k in keys if k in ("mu", "sigma", "mu_s", "sigma_s"))
+    settings = {"pr_k": pr_k, "is_splits": is_splits, "kid_subsets": kid_subsets,
+                "kid_subset_size": kid_subset_size, "seed": seed, "recompute_ref_stats": recompute_ref_stats}
     ref_images = f"pool3 features of the {num_ref} reference images of {ref}" + (
         " (arr_0)" if kind == "adm_npz" else f" (from {ref_stats.source})" if kind == "stats" else "")
-    figures = {
-        "fid": (FID_PROTOCOLS[protocol], fid_ref, "pool3 (2048-d)"),
-        "sfid": ("sFID: Frechet distance of spatial features against the reference batch's stored "
-                 "mu_s/sigma_s (ADM evaluator protocol)" if sfid_reason is None else f"not computed: {sfid_reason}",
-                 f"stored mu_s/sigma_s of {ref}" if sfid_reason is None else None,
-                 "Mixed_6d.branch1x1 = TF mixed_6/conv[..., :7], flattened (17, 17, 7) = 2023-d"),
-        "is": (f"Inception Score over {is_splits} contiguous splits of the samples' softmax (ADM: chunks "
-               "of 5000, the same split for 50,000 samples)" if is_reason is None else f"not computed: {is_reason}",
-               None, "logits_unbiased (pool3 @ W, no bias, as ADM)"),
-        "precision_recall": (_PR_PROTOCOL.format(k=pr_k), ref_images, "pool3 (2048-d)"),
-        "kid": (f"KID, unbiased MMD^2 with the cubic kernel, {kid_subsets} subsets of {kid_subset_size} "
-                f"(seed {seed}); not part of ADM's evaluator", ref_images, "pool3 (2048-d)"),
+    return {
+        "fid": fid, "fid_protocol": protocol, "sfid": sfid, "sfid_unavailable_reason": sfid_reason,
+        "is_mean": is_mean, "is_std": is_std, "is_unavailable_reason": is_reason,
+        "precision": precision, "recall": recall, "kid_mean": kid_mean, "kid_std": kid_std,
+        "num_samples": int(num_samples), "num_ref": int(num_ref),
+        "image_hw": [int(sample_hw[0]), int(sample_hw[1])],
+        "samples": str(Path(samples).resolve()), "ref": ref_info,
+        **_provenance(weights, protocol, fid_ref, sfid_reason, f"stored mu_s/sigma_s of {ref}", is_reason,
+                      ref_images, settings),
+        "settings": settings,
     }
-    return _report(locals(), figures)
 
 
-def _report(v: dict, figures: dict[str, tuple[str, str | None, str]]) -> dict:
-    """The JSON report from :func:`score`'s values; every figure's provenance is spelled out."""
+def _inception_score(feats: dict[str, np.ndarray], weights: WeightsInfo, splits: int) -> tuple:
+    """(mean, std, None), or (None, None, why) when the weights have no logits or samples are too few."""
+    if weights.logits_unavailable_reason is not None:
+        return None, None, weights.logits_unavailable_reason
+    if len(feats[POOL]) < splits:
+        return None, None, f"{len(feats[POOL])} samples < is_splits={splits}"
+    return (*metrics.inception_score(feats[LOGITS], splits=splits), None)
+
+
+def _provenance(weights: WeightsInfo, protocol: str, fid_ref: str, sfid_reason: str | None, sfid_ref: str,
+                is_reason: str | None, ref_images: str, settings: dict) -> dict:
+    """The report's weights, feature_extractor and provenance: for every figure its protocol,
+    reference, feature extractor, features and weights sha256."""
     import torch_fidelity
 
-    weights: WeightsInfo = v["weights"]
-    extractor_name = f"torch-fidelity {torch_fidelity.__version__} {FEATURE_EXTRACTOR_NAME}"
-    provenance = {
-        name: {"protocol": protocol, "reference": reference, "feature_extractor": extractor_name,
-               "features": features, "weights_sha256": weights.sha256}
-        for name, (protocol, reference, features) in figures.items()
+    extractor = f"torch-fidelity {torch_fidelity.__version__} {FEATURE_EXTRACTOR_NAME}"
+    sfid_protocol = ("Frechet distance of spatial features against the reference batch's stored mu_s/sigma_s "
+                     "(ADM evaluator protocol)")
+    is_protocol = (f"Inception Score over {settings['is_splits']} contiguous splits of the samples' softmax "
+                   "(ADM: chunks of 5000, the same split for 50,000 samples)")
+    kid_protocol = (f"KID: unbiased MMD^2, cubic kernel, {settings['kid_subsets']} subsets of "
+                    f"{settings['kid_subset_size']} (seed {settings['seed']}); not part of ADM's evaluator")
+    figures = {  # name: (protocol, reference, features)
+        "fid": (FID_PROTOCOLS[protocol], fid_ref, "pool3 (2048-d)"),
+        "sfid": (sfid_protocol if sfid_reason is None else f"not computed: {sfid_reason}",
+                 sfid_ref if sfid_reason is None else None,
+                 "Mixed_6d.branch1x1 = TF mixed_6/conv[..., :7], flattened (17, 17, 7) = 2023-d"),
+        "is": (is_protocol if is_reason is None else f"not computed: {is_reason}", None,
+               "logits_unbiased (pool3 @ W, no bias, as ADM)"),
+        "precision_recall": (_PR_PROTOCOL.format(k=settings["pr_k"]), ref_images, "pool3 (2048-d)"),
+        "kid": (kid_protocol, ref_images, "pool3 (2048-d)"),
     }
     return {
-        "fid": v["fid"],
-        "fid_protocol": v["protocol"],
-        "sfid": v["sfid"],
-        "sfid_unavailable_reason": v["sfid_reason"],
-        "is_mean": v["is_mean"],
-        "is_std": v["is_std"],
-        "is_unavailable_reason": v["is_reason"],
-        "precision": v["precision"],
-        "recall": v["recall"],
-        "kid_mean": v["kid_mean"],
-        "kid_std": v["kid_std"],
-        "num_samples": int(v["num_samples"]),
-        "num_ref": int(v["num_ref"]),
-        "image_hw": [int(v["sample_hw"][0]), int(v["sample_hw"][1])],
-        "samples": str(Path(v["samples"]).resolve()),
-        "ref": v["ref_info"],
         "weights": {"path": weights.path, "sha256": weights.sha256, "logits_available": weights.logits_available},
-        "feature_extractor": (
-            f"{extractor_name}: '{POOL}' (pool3) for FID/KID/PR, '{LOGITS}' for IS, "
-            "Mixed_6d.branch1x1[:7] (TF mixed_6/conv) for sFID"
-        ),
-        "provenance": provenance,
-        "settings": {
-            "pr_k": v["pr_k"],
-            "is_splits": v["is_splits"],
-            "kid_subsets": v["kid_subsets"],
-            "kid_subset_size": v["kid_subset_size"],
-            "seed": v["seed"],
-            "recompute_ref_stats": v["recompute_ref_stats"],
+        "feature_extractor": (f"{extractor}: '{POOL}' (pool3) for FID/KID/PR, '{LOGITS}' for IS, "
+                              "Mixed_6d.branch1x1[:7] (TF mixed_6/conv) for sFID"),
+        "provenance": {
+            name: {"protocol": prot, "reference": ref, "feature_extractor": extractor, "features": feats,
+                   "weights_sha256": weights.sha256}
+            for name, (prot, ref, feats) in figures.items()
         },
     }
 

@@ -128,6 +128,12 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
      ("broken.png", "corrupt or truncated", "replace or remove")),
     ("ref-not-a-png", lambda w: (_png_folder(w["in"] / "pngs"), (w["in"] / "pngs" / "z.png").write_text("text"),
                                  _argv(w, ref="pngs"))[2], ("z.png", "corrupt or truncated")),
+    ("ref-empty-folder", lambda w: ((w["in"] / "none").mkdir(), _argv(w, ref="none"))[1],
+     ("none", "has no .png/.jpg/.jpeg images")),
+    ("ref-stored-pickle", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.array([{"a": 1}], dtype=object),
+                                                      sigma=np.zeros(1))), ("pickled Python objects", "refused")),
+    ("ref-stats-file-incomplete", lambda w: (np.savez(w["in"] / "r.npz", format=np.array(score_mod.STATS_FORMAT)),
+                                             _argv(w, ref="r.npz"))[1], ("r.npz", "unreadable", "pass the reference images")),
     ("ref-other-weights", lambda w: (RefStats(*w["stats"], np.zeros((N, 4), np.float32), (8, 8), "0" * 64, "x")
                                      .save(w["in"] / "o.npz"), _argv(w, ref="o.npz"))[1],
      ("computed with Inception weights", "--inception-weights")),
