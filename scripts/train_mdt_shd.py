@@ -16,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from shd_diffusion.config import ConfigError, dump_yaml, load_config
+from shd_diffusion.cli import BadInput, add_debug_flag, run_main
+from shd_diffusion.config import dump_yaml, load_config
 from shd_diffusion.train_config import ExperimentConfig
 
 
@@ -27,22 +28,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, default=None, help="YAML experiment config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=1000")
-    parser.add_argument("--resume", default="auto", help="'auto' (latest in the run folder), 'none', or a checkpoint path")
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (latest in the run folder), 'none', 'step=N' (that step of the run folder) "
+                             "or a checkpoint path")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, then exit")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    add_debug_flag(parser)
     # Intermixed: overrides may come before or after the options (``--resume auto train.steps=10``).
     return parser.parse_intermixed_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run (or resume) one training job; returns the exit code (2 = bad input, 3 = non-finite loss)."""
-    args = parse_args(argv)
-    try:
-        cfg = load_config(ExperimentConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config and train (or print it); raises BadInput / Diverged / OSError on failure."""
+    if args.max_steps is not None and args.max_steps < 1:
+        raise BadInput(f"--max-steps must be >= 1, got {args.max_steps} (leave it out to train to train.steps)")
+    cfg = load_config(ExperimentConfig, args.config, args.overrides)
 
     from shd_diffusion.training import run_dir_for
 
@@ -52,19 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# run folder: {run_dir}")
         return 0
 
-    from shd_diffusion.checkpoint import CheckpointError
-    from shd_diffusion.data import DatasetError
-    from shd_diffusion.training import NonFiniteLossError, train
+    from shd_diffusion.training import train
 
-    try:
-        train(cfg, run_dir, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
-    except (ConfigError, ValueError, FileNotFoundError, DatasetError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)  # bad input: one line, nothing was trained
-        return 2
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+    train(cfg, run_dir, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) one training job; returns the exit code (2 = bad input, 3 = diverged run)."""
+    args = parse_args(argv)
+    return run_main(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Checkpoints that survive preemption: atomic writes, safe loads, RNG state, resume checks.
 
 Layout: ``run_dir/checkpoints/step_{step:08d}.pt``, each a ``torch.save`` of a plain dict that
-loads with ``torch.load(weights_only=True)`` (no pickled code: run dirs can be shared). A write
-goes to a temp file in the same directory, is fsynced, then ``os.replace``d into place, so a job
-killed mid-write leaves the previous checkpoint as the newest complete one.
+loads with ``torch.load(weights_only=True)`` (no pickled code: run dirs can be shared). Writes go
+through :func:`shd_diffusion.fileio.atomic_path`, so a job killed mid-write leaves the previous
+checkpoint as the newest complete one. Checkpoints set aside by a resume from an earlier step
+live in ``checkpoints/after_step_*/``: kept, never pruned, never picked by ``--resume auto``.
 
 The training loop's side (for its owner): save from the main process only; poll
 :class:`PreemptionHandler` once per step and, under DDP, all-reduce the flag so every rank stops
@@ -15,28 +16,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
-import secrets
+import shutil
 import signal
+import statistics
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
 
+from .cli import BadInput
+from .fileio import atomic_path, fsync_path
+
 __all__ = [
     "CheckpointError",
     "CHECKPOINT_DIR",
     "check_weights_only_safe",
     "save_checkpoint",
+    "list_checkpoints",
     "latest_checkpoint",
+    "resolve_resume",
+    "set_aside_later",
+    "checkpoint_health",
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
@@ -47,7 +58,12 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME_RE = re.compile(r"^step_(\d{8,})\.pt$")
-_TMP_PREFIX = ".tmp-step_"
+# Temp files of interrupted writes: fileio's ".step_*.pt.*.tmp" and the older ".tmp-step_*.tmp".
+_TMP_GLOBS = (".step_*.pt.*.tmp", ".tmp-step_*.tmp")
+# Health (see checkpoint_health): the median is taken over this many steps up to the checkpoint,
+# and this many steps up to it, plus the first step on its weights, must stay within the factor.
+HEALTH_WINDOW = 100
+HEALTH_RECENT = 10
 
 # Exactly these types load under weights_only=True (subclasses such as NamedTuple, IntEnum,
 # defaultdict or tensor subclasses do not), so the check is on exact type.
@@ -56,7 +72,7 @@ _EXTRA_ATOMS = (torch.dtype, torch.device, torch.Size)
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput, RuntimeError):
     """A checkpoint file cannot be read; the message names the file and what to do."""
 
 
@@ -113,21 +129,10 @@ def _checkpoint_files(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(state: dict[str, Any], run_dir: Path | str, step: int, keep_last: int | None = 3) -> Path:
+def save_checkpoint(
+    state: dict[str, Any], run_dir: Path | str, step: int, keep_last: int | None = 3,
+    protect: Iterable[Path] = (),
+) -> Path:
     """Write ``run_dir/checkpoints/step_{step:08d}.pt`` atomically, then prune old ones.
 
     Args:
@@ -136,12 +141,15 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path | str, step: int, keep_
         step: Global optimizer step the state corresponds to.
         keep_last: How many checkpoints to keep, newest by step; the one just written is always
             kept. None keeps all.
+        protect: checkpoints never pruned (the trainer passes its newest healthy one).
 
     Returns:
         Path of the written checkpoint.
 
     Raises:
         TypeError: ``state`` holds a value ``weights_only`` loading would refuse (key named).
+        OSError: the write failed (a full disk is ENOSPC naming the checkpoint); the previous
+            checkpoints are untouched and no temp file is left.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -154,20 +162,8 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path | str, step: int, keep_
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:08d}.pt"
-    # Same directory as the target: os.replace is then a rename within one filesystem (atomic).
-    # A unique name opened with "xb" (not mkstemp, which forces mode 0600) keeps the umask's
-    # permissions, so others sharing the run dir can read the checkpoint.
-    tmp = ckpt_dir / f"{_TMP_PREFIX}{step:08d}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(ckpt_dir)
+    with atomic_path(final) as tmp:
+        _write_torch(state, tmp, final)
 
     newer = [s for s, _ in _checkpoint_files(ckpt_dir) if s > step]
     if newer:
@@ -176,21 +172,125 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path | str, step: int, keep_
             "latest_checkpoint will still pick the higher step",
             stacklevel=2,
         )
-    _prune(ckpt_dir, keep_last, keep=final)
+    _prune(ckpt_dir, keep_last, keep={final, *map(Path, protect)})
     return final
 
 
-def _prune(ckpt_dir: Path, keep_last: int | None, keep: Path) -> None:
-    """Delete checkpoints beyond the newest ``keep_last`` (never ``keep``) and stale temp files."""
+def _write_torch(state: dict[str, Any], tmp: Path, final: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk is an OSError naming ``final``.
+
+    Given a path, torch's C++ writer reports a full disk as ``enforce fail at
+    inline_container.cc``; through a Python file object the OSError (ENOSPC) comes through.
+    """
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(final)) from err
+    except RuntimeError as err:  # a writer error torch wrapped: name it when the disk is full
+        if shutil.disk_usage(tmp.parent).free < (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from err
+        raise
+
+
+def _prune(ckpt_dir: Path, keep_last: int | None, keep: set[Path]) -> None:
+    """Delete checkpoints beyond the newest ``keep_last`` (never those in ``keep``) and stale temp files."""
     # Temp files left by a job killed mid-write (only the main process writes, so none is live).
-    for path in ckpt_dir.glob(f"{_TMP_PREFIX}*.tmp"):
-        path.unlink(missing_ok=True)
+    for pattern in _TMP_GLOBS:
+        for path in ckpt_dir.glob(pattern):
+            path.unlink(missing_ok=True)
     if keep_last is None:
         return
     files = [p for _, p in _checkpoint_files(ckpt_dir)]
     for path in files[: max(0, len(files) - keep_last)]:
-        if path != keep:
+        if path not in keep:
             path.unlink(missing_ok=True)
+
+
+def list_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``run_dir/checkpoints``, oldest first."""
+    return _checkpoint_files(Path(run_dir) / CHECKPOINT_DIR)
+
+
+def resolve_resume(run_dir: Path | str, spec: str) -> Path | None:
+    """The checkpoint that ``--resume spec`` names: ``auto``, ``none``, ``step=N`` or a path.
+
+    Returns:
+        The file to load, or None (``none``, or ``auto`` in a folder without checkpoints).
+
+    Raises:
+        CheckpointError: ``step=N`` that the run folder does not hold (the held steps are
+            listed), or a path that is not a file.
+    """
+    if spec in ("none", "auto"):
+        return None if spec == "none" else latest_checkpoint(run_dir)
+    if spec.startswith("step="):
+        try:
+            step = int(spec[len("step="):])
+        except ValueError:
+            raise CheckpointError(f"--resume {spec}: N in step=N must be an integer step") from None
+        path = Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+        if not path.is_file():
+            held = ", ".join(str(s) for s, _ in list_checkpoints(run_dir)) or "none"
+            raise CheckpointError(f"--resume {spec}: {path} does not exist; steps held in {run_dir}: {held}")
+        return path
+    path = Path(spec)
+    if not path.is_file():
+        raise CheckpointError(
+            f"--resume {spec}: no such checkpoint file; give 'auto', 'none', 'step=N' or the path of a step_*.pt"
+        )
+    return path
+
+
+def set_aside_later(run_dir: Path | str, step: int) -> Path | None:
+    """Move the checkpoints after ``step`` into ``checkpoints/after_step_{step}/`` (kept, not deleted).
+
+    Called when a run resumes from an earlier checkpoint (e.g. the last healthy one): the later
+    ones belong to the abandoned continuation; left in place they would be picked by
+    ``--resume auto`` and would push the new ones out of keep-last-K pruning.
+
+    Returns:
+        The folder they went to, or None when there were none.
+    """
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    later = [p for s, p in _checkpoint_files(ckpt_dir) if s > step]
+    if not later:
+        return None
+    dest, k = ckpt_dir / f"after_step_{step:08d}", 1
+    while dest.exists():  # a second resume from the same step: a new folder, nothing overwritten
+        k += 1
+        dest = ckpt_dir / f"after_step_{step:08d}-{k}"
+    dest.mkdir()
+    for path in later:
+        os.replace(path, dest / path.name)
+    fsync_path(dest)
+    fsync_path(ckpt_dir)
+    return dest
+
+
+def checkpoint_health(history: Iterable[Sequence[float]], step: int, factor: float) -> bool | None:
+    """Whether the weights of checkpoint ``step`` are worth resuming, judged from the losses.
+
+    ``history`` holds ``(s, loss, grad_norm)`` per optimizer step: the global mean loss and the
+    gradient norm of the step that produced the weights of step ``s`` (computed on those of
+    ``s - 1``). Checkpoint ``step`` is healthy when steps ``step - HEALTH_RECENT + 1`` to
+    ``step + 1`` (the last is the first evaluation of its own weights) have finite values within
+    ``factor`` times their median over the last ``HEALTH_WINDOW`` steps up to ``step``.
+
+    Returns:
+        True / False, or None while step ``step + 1`` or every step up to ``step`` is unknown.
+    """
+    by_step = {int(s): (float(loss), float(grad)) for s, loss, grad in history}
+    before = [v for s, v in by_step.items() if step - HEALTH_WINDOW < s <= step]
+    finite = [(loss, grad) for loss, grad in before if math.isfinite(loss) and math.isfinite(grad)]
+    if step + 1 not in by_step or not finite:
+        return None
+    recent = [by_step[s] for s in range(step - HEALTH_RECENT + 1, step + 2) if s in by_step]
+    if not all(math.isfinite(loss) and math.isfinite(grad) for loss, grad in recent):
+        return False
+    ref_loss = statistics.median(abs(loss) for loss, _ in finite)
+    ref_grad = statistics.median(grad for _, grad in finite)
+    return all(abs(loss) <= factor * ref_loss and grad <= factor * ref_grad for loss, grad in recent)
 
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:

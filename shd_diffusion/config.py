@@ -9,6 +9,7 @@ before any work starts. YAML is parsed with ``yaml.safe_load``: a config file ca
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,12 +17,14 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from .cli import BadInput
+
 __all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_config", "dump_yaml"]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A config value or key is invalid; the message names the dotted key and the fix."""
 
 
@@ -85,11 +88,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads `3e-4` (no dot) as a string; accept numeric text for float fields.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML .inf / .nan: float settings are finite quantities
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -135,7 +140,16 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     except (TypeError, ValueError) as err:  # __post_init__ validation
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+        raise ConfigError(_with_prefix(str(err), prefix or cls.__name__, fields)) from None
+
+
+def _with_prefix(msg: str, prefix: str, fields: Any) -> str:
+    """Name the dotted key: 'num_heads must ...' -> 'student.num_heads must ...' (once)."""
+    if msg.startswith(prefix + "."):
+        return msg
+    if msg.split(" ", 1)[0].split("[", 1)[0] in fields:
+        return f"{prefix}.{msg}"
+    return f"{prefix}: {msg}"
 
 
 def to_dict(cfg: Any) -> Any:

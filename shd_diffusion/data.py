@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .cli import BadInput
+
 __all__ = [
     "DatasetError",
     "AnimalMNIST",
@@ -75,7 +77,7 @@ LATENT_INDEX = "index.json"
 _SEED_MASK = (1 << 63) - 1  # seeds are non-negative int64: they fit torch.manual_seed and tensors
 
 
-class DatasetError(RuntimeError):
+class DatasetError(BadInput, RuntimeError):
     """A dataset cannot be built or an item cannot be read; the message names the file and fix."""
 
 
@@ -173,6 +175,13 @@ def _numpy_reconstruct() -> Callable[..., np.ndarray]:
     return _reconstruct
 
 
+def _reason(err: BaseException) -> str:
+    """An OSError without its errno prefix ('No such file or directory'), other errors as they are."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
 class _NumpyArrayUnpickler(pickle.Unpickler):
     """Unpickler that builds plain numpy arrays and refuses every other global.
 
@@ -188,12 +197,12 @@ class _NumpyArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
 
 
-def _load_gzip_array(path: Path) -> np.ndarray:
+def _load_gzip_array(path: Path, fix: str) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             array = _NumpyArrayUnpickler(f).load()
     except (OSError, EOFError, pickle.UnpicklingError) as err:
-        raise DatasetError(f"cannot read {path}: {err}; reinstall with `{_ANIMAL_MNIST_INSTALL}`") from err
+        raise DatasetError(f"cannot read {path}: {_reason(err)}; {fix}") from err
     if not isinstance(array, np.ndarray):
         raise DatasetError(f"{path} holds a {type(array).__name__}, expected a numpy array")
     return array
@@ -231,8 +240,10 @@ class AnimalMNIST(Dataset):
                 f"AnimalMNIST image_size {image_size} < 28: the images are 28x28 and are padded, not shrunk"
             )
         folder = Path(root) if root is not None else animal_mnist_dir()
-        images = _load_gzip_array(folder / _ANIMAL_MNIST_DATA)  # (N, 28, 28) uint8
-        labels = _load_gzip_array(folder / _ANIMAL_MNIST_LABELS)  # (N,) int64
+        fix = (f"reinstall with `{_ANIMAL_MNIST_INSTALL}`" if root is None else
+               f"data.path={root} must hold the Animal-MNIST files (or be null for the installed package)")
+        images = _load_gzip_array(folder / _ANIMAL_MNIST_DATA, fix)  # (N, 28, 28) uint8
+        labels = _load_gzip_array(folder / _ANIMAL_MNIST_LABELS, fix)  # (N,) int64
         if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
             raise DatasetError(
                 f"{folder / _ANIMAL_MNIST_DATA}: expected (N, 28, 28) uint8, "

@@ -51,6 +51,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .figures import class_columns as _class_columns
+from .figures import draw_alpha_histograms, draw_attention_figure, save_grid
+from .figures import outside_unit_interval as _outside
+from .figures import save_png as _save_png
+
 __all__ = [
     "DemoError",
     "DemoSettings",
@@ -580,21 +585,7 @@ def ensure_scores(
 
 
 # ------------------------------------------------------------------------------------- figures
-
-
-def _save_png(image: Any, path: Path) -> None:
-    with _atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-def save_grid(images: np.ndarray, path: Path, nrow: int = 10) -> None:
-    """Save uint8 (n, H, W, 3) images as one PNG grid (torchvision's layout, 2 px gaps)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
-    grid = make_grid(x, nrow=nrow, padding=2, pad_value=128)  # (3, H', W')
-    _save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
+# The drawing code lives in shd_diffusion.figures (training logs the same pictures).
 
 
 def _sample_grid(samples: Path, grid: Path, count: int, reused: bool) -> Path:
@@ -604,141 +595,6 @@ def _sample_grid(samples: Path, grid: Path, count: int, reused: bool) -> Path:
             images, labels = z["arr_0"], z["arr_1"]
         save_grid(images[_class_columns(labels, count)], grid)
     return grid
-
-
-def _class_columns(labels: np.ndarray, count: int, num_classes: int = 10) -> np.ndarray:
-    """Positions that lay images out with one class per column (row r, column c: r-th of class c)."""
-    per = max(1, count // num_classes)
-    rows = [np.flatnonzero(labels == c)[:per] for c in range(num_classes)]
-    per = min(len(r) for r in rows)
-    return np.stack([r[:per] for r in rows], axis=1).reshape(-1)  # (per * C,) row-major
-
-
-# A perceptual dark-to-bright ramp (black, purple, red, orange, pale yellow) for attention maps.
-_RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
-
-
-def _colormap(v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> uint8 RGB (..., 3) along :data:`_RAMP`."""
-    pos = np.clip(v, 0, 1) * (len(_RAMP) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_RAMP) - 2)
-    frac = (pos - lo)[..., None]
-    return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).round().astype(np.uint8)
-
-
-def _panel(values: np.ndarray, side: int) -> Any:
-    """A (G*G,) distribution as a G x G heat map of ``side`` pixels (normalised to its max)."""
-    from PIL import Image
-
-    g = int(round(math.sqrt(values.size)))
-    grid = values.reshape(g, g) / max(float(values.max()), 1e-12)  # (G, G)
-    return Image.fromarray(_colormap(grid)).resize((side, side), Image.Resampling.NEAREST)
-
-
-def draw_attention_figure(
-    image: np.ndarray, teacher_maps: list[np.ndarray], squeezed_maps: list[np.ndarray], query: int,
-    title: str, shd_layers: Sequence[int], side: int = 48,
-) -> Any:
-    """Paper Fig. 1 style grid: per teacher layer, the noisy input, every head, the squeezed heads.
-
-    Args:
-        image: uint8 (H, W, 3) input shown in the first column (the query token boxed in red).
-        teacher_maps: per layer, (H_t, N) attention of the query token over the N keys.
-        squeezed_maps: per layer, (H_s, N) the same row of the SHD-squeezed maps.
-        query: index of the query token (row-major on the G x G token grid).
-        title: text of the top line.
-        shd_layers: teacher layers (0-indexed) that supervise a student layer (marked with *).
-    """
-    from PIL import Image, ImageDraw
-
-    h_t, n = teacher_maps[0].shape
-    h_s = squeezed_maps[0].shape[0]
-    g = int(round(math.sqrt(n)))
-    pad, gap, left, top = 4, 16, 56, 40
-    cols = 1 + h_t + h_s
-    width = left + cols * (side + pad) + gap + pad
-    height = top + len(teacher_maps) * (side + pad) + pad
-    fig = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(fig)
-    draw.text((pad, 2), title, fill="black")
-    x0_heads = left + side + pad
-    x0_sq = x0_heads + h_t * (side + pad) + gap
-    draw.text((left, top - 14), "x_t", fill="black")
-    for j in range(h_t):
-        draw.text((x0_heads + j * (side + pad), top - 14), f"h{j + 1}", fill="black")
-    for j in range(h_s):
-        draw.text((x0_sq + j * (side + pad), top - 14), f"sq{j + 1}", fill="black")
-    draw.text((x0_heads, top - 26), f"teacher heads ({h_t})", fill="black")
-    draw.text((x0_sq, top - 26), f"squeezed to {h_s} (SHD targets)", fill="black")
-    cell = side / g
-    r, c = divmod(query, g)
-    for layer, (tm, sm) in enumerate(zip(teacher_maps, squeezed_maps)):
-        y = top + layer * (side + pad)
-        mark = "*" if layer in shd_layers else ""
-        draw.text((pad, y + side // 2 - 5), f"layer {layer + 1}{mark}", fill="black")
-        img = Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST)
-        fig.paste(img, (left, y))
-        draw.rectangle([left + c * cell, y + r * cell, left + (c + 1) * cell - 1, y + (r + 1) * cell - 1], outline="red")
-        for j in range(h_t):
-            fig.paste(_panel(tm[j], side), (x0_heads + j * (side + pad), y))
-        for j in range(h_s):
-            fig.paste(_panel(sm[j], side), (x0_sq + j * (side + pad), y))
-    return fig
-
-
-def _outside(a: np.ndarray, tol: float = 1e-6) -> float:
-    """Share of alphas outside [0, 1], beyond float round-off (where the simplex projection acts)."""
-    return float(np.mean((a < -tol) | (a > 1 + tol))) if a.size else 0.0
-
-
-def draw_alpha_histograms(
-    alphas: list[np.ndarray], titles: list[str], lo: float = -0.5, hi: float = 1.5, bins: int = 40,
-    heading: str = "",
-) -> Any:
-    """Paper Fig. 2 style: one histogram per layer of the (unconstrained) alphas, [0, 1] shaded.
-
-    Values outside [lo, hi] are counted in the end bins (the panel text gives the share outside
-    [0, 1]).
-
-    Args:
-        alphas: per layer, a flat array of alpha values.
-        titles: per layer panel title.
-    """
-    from PIL import Image, ImageDraw
-
-    pw, ph, pad, ncol = 280, 170, 10, 3
-    nrow = math.ceil(len(alphas) / ncol)
-    head = 24 if heading else 0
-    fig = Image.new("RGB", (ncol * (pw + pad) + pad, head + nrow * (ph + pad) + pad), "white")
-    draw = ImageDraw.Draw(fig)
-    if heading:
-        draw.text((pad, 6), heading, fill="black")
-    for k, (a, title) in enumerate(zip(alphas, titles)):
-        ox = pad + (k % ncol) * (pw + pad)
-        oy = head + pad + (k // ncol) * (ph + pad)
-        ax_l, ax_r, ax_t, ax_b = ox + 30, ox + pw - 10, oy + 34, oy + ph - 22
-        counts, edges = np.histogram(np.clip(a, lo, hi), bins=bins, range=(lo, hi))
-        frac = counts / max(1, counts.sum())
-
-        def xpix(v: float) -> float:
-            return ax_l + (v - lo) / (hi - lo) * (ax_r - ax_l)
-
-        draw.rectangle([xpix(0.0), ax_t, xpix(1.0), ax_b], fill=(232, 240, 250))  # the simplex range
-        top = max(float(frac.max()), 1e-12)
-        for i, f in enumerate(frac):
-            if f > 0:
-                draw.rectangle([xpix(edges[i]) + 1, ax_b - f / top * (ax_b - ax_t), xpix(edges[i + 1]) - 1, ax_b],
-                               fill=(60, 90, 160))
-        draw.line([ax_l, ax_b, ax_r, ax_b], fill="black")
-        draw.line([ax_l, ax_t, ax_l, ax_b], fill="black")
-        for tick in (lo, 0.0, 0.5, 1.0, hi):
-            draw.line([xpix(tick), ax_b, xpix(tick), ax_b + 3], fill="black")
-            draw.text((xpix(tick) - 8, ax_b + 5), f"{tick:g}", fill="black")
-        outside = _outside(a)
-        draw.text((ox + 4, oy + 2), title, fill="black")
-        draw.text((ox + 4, oy + 16), f"n={a.size}  outside [0,1]: {100 * outside:.1f}%  peak bin {100 * top:.0f}%",
-                  fill="black")
-    return fig
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ scaling up to the epsilon in the clip factor (torch 1e-6, official Adan 1e-8).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 __all__ = [
+    "check_hyperparameters",
     "OptimizerName",
     "OFFICIAL_ADAN_BETAS",
     "build_optimizer",
@@ -52,15 +54,34 @@ OFFICIAL_ADAN_BETAS: tuple[float, float, float] = (0.98, 0.92, 0.99)
 _ADAMW_BETAS: tuple[float, float] = (0.9, 0.999)
 
 
+def check_hyperparameters(
+    name: OptimizerName, lr: float, betas: tuple[float, ...] | None, weight_decay: float, eps: float
+) -> None:
+    """Raise ValueError naming the ``optim.*`` setting that is out of range (used by the config too).
+
+    Args:
+        name, lr, betas, weight_decay, eps: as for :func:`build_optimizer` (betas None = default).
+    """
+    if name not in ("adan", "adan_pytorch", "adamw"):
+        raise ValueError(f"unknown optimizer {name!r} (optim.name); choose one of 'adan', 'adan_pytorch', 'adamw'")
+    values = {"lr": lr, "weight_decay": weight_decay, "eps": eps}
+    for key, value in values.items():
+        if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+            bound = "> 0" if key == "lr" else ">= 0"
+            raise ValueError(f"optim.{key} must be a finite number {bound}, got {value}")
+    if betas is not None:
+        _check_betas(tuple(float(b) for b in betas), name)
+
+
 def _check_betas(betas: tuple[float, ...], name: OptimizerName) -> None:
     """Raise ValueError for betas outside (0, 1), of the wrong count, or in the 1 - beta convention."""
     expected = 2 if name == "adamw" else 3
     if len(betas) != expected:
         example = _ADAMW_BETAS if name == "adamw" else OFFICIAL_ADAN_BETAS
-        raise ValueError(f"optimizer {name!r} takes {expected} betas, got {tuple(betas)}; e.g. {example}")
+        raise ValueError(f"optim.name={name!r} takes {expected} betas (optim.betas), got {tuple(betas)}; e.g. {example}")
     for i, b in enumerate(betas):
         if not 0.0 < b < 1.0:
-            raise ValueError(f"betas[{i}] = {b} is outside (0, 1)")
+            raise ValueError(f"optim.betas[{i}] = {b} is outside (0, 1)")
     if name != "adamw" and all(b < 0.5 for b in betas):
         # (0.02, 0.08, 0.01) is adan-pytorch's spelling of the official betas; taken as official
         # betas it would make the averages forget almost everything each step.
@@ -109,9 +130,7 @@ def build_optimizer(
     if betas is None:
         betas = _ADAMW_BETAS if name == "adamw" else OFFICIAL_ADAN_BETAS
     betas = tuple(float(b) for b in betas)
-    _check_betas(betas, name)
-    if lr < 0 or eps < 0 or weight_decay < 0:
-        raise ValueError(f"lr ({lr}), eps ({eps}) and weight_decay ({weight_decay}) must be >= 0")
+    check_hyperparameters(name, lr, betas, weight_decay, eps)
 
     if name == "adan":
         from timm.optim import Adan as TimmAdan

@@ -49,6 +49,21 @@ class ModelConfig:
     class_dropout_prob: float | None = None  # label dropout for CFG; None = 0.1
     learn_sigma: bool = True  # predict the variance interpolation too (hybrid loss)  [shape]
 
+    def __post_init__(self) -> None:
+        for name in ("input_size", "patch_size", "in_channels", "num_classes", "hidden_size", "depth", "num_heads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or null (the registry default), got {value}")
+        if self.decode_layer is not None and self.decode_layer < 0:
+            raise ValueError(f"decode_layer must be >= 0 or null, got {self.decode_layer}")
+        if self.hidden_size is not None and self.num_heads is not None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: "
+                             "each head gets hidden_size / num_heads channels")
+        for name in ("mask_ratio", "class_dropout_prob"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1) or null, got {value}")
+
     def overrides(self) -> dict[str, object]:
         """Keyword overrides for ``create_model`` (the fields that were set)."""
         keys = ("input_size", "patch_size", "in_channels", "num_classes", "hidden_size", "depth", "num_heads",
@@ -81,6 +96,7 @@ class DistillConfig:
     seed: int = 0  # seed of the hard-selection ablation's head subset
     calibration_batches: int = 1  # global batches (start of the data stream) used once for head matching
     max_group_size: int | None = None  # head matching: cap on teacher heads per student head; None = no cap
+    chunk_size: int | None = None  # SHD query rows per block (memory ~ B H chunk N); None = automatic (256 MiB per block)
 
     def __post_init__(self) -> None:
         if self.temperature < 1.0:
@@ -89,6 +105,9 @@ class DistillConfig:
             raise ValueError(f"distill.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.max_group_size is not None and self.max_group_size < 1:
             raise ValueError(f"distill.max_group_size must be >= 1 or null, got {self.max_group_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"distill.chunk_size must be >= 1 (query rows per SHD block) or null (automatic), "
+                             f"got {self.chunk_size}")
         if self.groups is not None and self.squeeze not in ("lstsq", "constant"):
             raise ValueError(
                 f"distill.groups is set, but distill.squeeze={self.squeeze} chooses its own groups: "
@@ -123,6 +142,14 @@ class DataConfig:
     vae: str = "stabilityai/sd-vae-ft-ema"  # AutoencoderKL hub id or local path (image_folder only)
     num_workers: int = 4  # DataLoader workers per process
 
+    def __post_init__(self) -> None:
+        if self.path is not None and not self.path.strip():
+            hint = "null for the installed animal_mnist package" if self.kind == "animal_mnist" else "the data folder"
+            raise ValueError(f"data.path is empty: set it to {hint}")
+        if self.image_size < 1 or self.num_workers < 0:
+            raise ValueError(f"data.image_size must be >= 1 and data.num_workers >= 0, "
+                             f"got {self.image_size} and {self.num_workers}")
+
 
 @dataclass
 class OptimConfig:
@@ -133,6 +160,15 @@ class OptimConfig:
     eps: float = 1e-8  # Adan epsilon
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     warmup_steps: int = 0  # linear lr warmup
+
+    def __post_init__(self) -> None:
+        from .optim import check_hyperparameters  # the optimizer's own rule, checked before any work
+
+        check_hyperparameters(self.name, self.lr, self.betas, self.weight_decay, self.eps)
+        if self.max_grad_norm < 0:
+            raise ValueError(f"optim.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -150,6 +186,9 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept
     log_every: int = 100  # steps between scalar logs
     sample_every: int = 0  # steps between EMA sample grids (0 = never)
+    figure_every: int = 0  # steps between alpha histograms + attention panels in the tracker (0 = never)
+    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # tracker (accelerate's) for scalars/figures
+    healthy_factor: float = 10.0  # a checkpoint is healthy when nearby losses/grad norms are <= this x their median
     grad_checkpointing: bool = False  # recompute activations in backward (saves memory)
     compile: bool = False  # torch.compile the student
     tf32: bool = True  # TF32 tensor cores for float32 matmuls on CUDA (SHD's squeeze runs in float32)
@@ -160,6 +199,13 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("sample_every", "figure_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if self.healthy_factor <= 1.0:
+            raise ValueError(f"train.healthy_factor must be > 1, got {self.healthy_factor}")
+        if not self.output_dir.strip() or (self.run_name is not None and not self.run_name.strip()):
+            raise ValueError("train.output_dir and train.run_name must not be empty")
 
 
 @dataclass

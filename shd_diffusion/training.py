@@ -13,28 +13,40 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import importlib.util
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import shd as shd_math
 from .attention import attention_layers, capture_attention
 from .checkpoint import (
+    HEALTH_RECENT,
+    HEALTH_WINDOW,
+    CheckpointError,
     PreemptionHandler,
     capture_rng_state,
     check_resume_compatible,
+    checkpoint_health,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    resolve_resume,
     restore_rng_state,
     save_checkpoint,
+    set_aside_later,
 )
-from .config import dump_yaml, to_dict
+from .cli import BadInput, Diverged, check_writable_dir
+from .config import ConfigError, dump_yaml, to_dict
+from .fileio import atomic_path, atomic_write_text
 from .data import build_dataset, make_loader
 from .diffusion import GaussianDiffusion, create_diffusion
 from .distill import FeatureProjectors, capture_block_outputs, feature_loss, kd_loss, self_correlation_loss
@@ -46,8 +58,8 @@ from .train_config import SHAPE_FIELDS, ExperimentConfig, ModelConfig
 __all__ = ["Trainer", "run_dir_for", "NonFiniteLossError", "StepTerms"]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+class NonFiniteLossError(Diverged):
+    """The loss became NaN/inf; the message names the step and the last healthy checkpoint."""
 
 
 def run_dir_for(cfg: ExperimentConfig, config_path: str | Path | None, overrides: list[str]) -> Path:
@@ -231,6 +243,11 @@ class Trainer:
         if cfg.data.kind == "image_folder":
             self.vae = _load_vae(cfg.data.vae, self.device)
         self.step = 0
+        # Checkpoint health (see checkpoint_health): global (step, loss, grad norm) per step.
+        self._history: list[tuple[int, float, float]] = []
+        self._pending: list[torch.Tensor] = []  # (2,) per step since the last host sync
+        self._verdicts: dict[int, bool] = {}  # checkpoint step -> healthy
+        self._unjudged: list[int] = []  # checkpoint steps whose first step on their weights is unknown
 
     # ---------------------------------------------------------------- setup helpers
     def _build_teacher(self) -> nn.Module:
@@ -305,9 +322,18 @@ class Trainer:
             "groups": self.groups,
             "config": to_dict(self.cfg),
             "rng": capture_rng_state(),
+            "health": {"history": [list(r) for r in self._history], "verdicts": dict(self._verdicts),
+                       "unjudged": list(self._unjudged), "factor": self.cfg.train.healthy_factor},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [k for k in ("step", "model", "ema", "optimizer", "scheduler", "groups", "config", "rng")
+                   if k not in state]
+        if missing:
+            raise CheckpointError(
+                f"not a training checkpoint of this package (no {', '.join(missing)}): --resume takes a "
+                "run folder's checkpoints/step_*.pt; plain weights belong in teacher.checkpoint"
+            )
         check_resume_compatible(state["config"], to_dict(self.cfg), SHAPE_FIELDS)
         side = self.acc.unwrap_model(self.side)
         side.student.load_state_dict(state["model"])
@@ -319,15 +345,50 @@ class Trainer:
         self._set_groups(state["groups"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
+        health = state.get("health") or {}  # absent in checkpoints of older versions
+        self._history = [(int(s), float(loss), float(g)) for s, loss, g in health.get("history", [])]
+        self._verdicts = {int(k): bool(v) for k, v in health.get("verdicts", {}).items()}
+        self._unjudged = [int(k) for k in health.get("unjudged", [])]
 
     def save(self) -> Path | None:
-        """Write a checkpoint from the main process (atomic; keeps the last K)."""
+        """Write a checkpoint from the main process (atomic; keeps the last K and the newest healthy one)."""
+        self._sync_health()  # collective: every rank saves at the same steps
+        self._unjudged.append(self.step)
         self.acc.wait_for_everyone()
         path = None
         if self.acc.is_main_process:
-            path = save_checkpoint(self.state_dict(), self.run_dir, self.step, self.cfg.train.keep_last)
+            healthy = self._last_healthy()
+            path = save_checkpoint(self.state_dict(), self.run_dir, self.step, self.cfg.train.keep_last,
+                                   protect=[healthy[1]] if healthy else [])
         self.acc.wait_for_everyone()
         return path
+
+    def _sync_health(self, diverged: bool = False) -> None:
+        """Move the pending per-step records to the host (one all-reduce) and judge checkpoints.
+
+        ``diverged``: this step was non-finite; it is recorded as NaN (no update was applied).
+        """
+        if self._pending:
+            records = self.acc.reduce(torch.stack(self._pending), reduction="mean").tolist()  # (n, 2)
+            first = self.step - len(records) + 1
+            self._history.extend((first + k, loss, grad) for k, (loss, grad) in enumerate(records))
+            self._pending = []
+        if diverged:
+            self._history.append((self.step + 1, math.nan, math.nan))
+        del self._history[: max(0, len(self._history) - 2 * HEALTH_WINDOW)]
+        factor = self.cfg.train.healthy_factor
+        for step in list(self._unjudged):
+            verdict = checkpoint_health(self._history, step, factor)
+            if verdict is not None or step < self.step - HEALTH_WINDOW:
+                self._verdicts[step] = bool(verdict)
+                self._unjudged.remove(step)
+
+    def _last_healthy(self) -> tuple[int, Path] | None:
+        """(step, path) of the newest checkpoint in the run folder known to be healthy."""
+        for step, path in reversed(list_checkpoints(self.run_dir)):
+            if self._verdicts.get(step):
+                return step, path
+        return None
 
     def release(self) -> None:
         """Drop the DDP wrapper and accelerate's references to it, before the process group goes.
@@ -341,7 +402,11 @@ class Trainer:
         gc.collect()
 
     def resume(self, resume: str) -> bool:
-        """``resume``: "auto" (latest in the run folder, if any), "none", or a checkpoint path."""
+        """``resume``: "auto" (latest in the run folder, if any), "none", "step=N", or a checkpoint path.
+
+        Only reads: checkpoints after the resumed step are set aside by :func:`train` once every
+        check has passed (:func:`~shd_diffusion.checkpoint.set_aside_later`).
+        """
         if resume == "none":
             existing = latest_checkpoint(self.run_dir)
             if existing is not None:
@@ -350,7 +415,7 @@ class Trainer:
                     "run there would mix with them. Use --resume auto to continue, or a new train.run_name"
                 )
             return False
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        path = resolve_resume(self.run_dir, resume)
         if path is None:
             return False
         self.load_state_dict(load_checkpoint(path))
@@ -583,14 +648,17 @@ class Trainer:
                 for k, v in out.terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 alpha_stats.extend(out.alphas)
+                # The step's mean loss and grad norm, for checkpoint health (synced with the logs).
+                self._pending.append(torch.stack([out.terms["loss"] / tc.grad_accum, out.grad_norm.float()]))
                 seen += out.images
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == end:
                     elapsed = time.perf_counter() - tick
                     n_micro = tc.grad_accum * (self.step - logged_at)
-                    means = {k: float(v) / n_micro for k, v in sums.items()}
+                    means = self._global_means(sums, n_micro)  # collective: mean over the ranks
                     rate = seen * self.acc.num_processes / max(elapsed, 1e-9)
-                    last = self._log(means, alpha_stats, out.grad_norm, rate)
+                    last = self._log(means, self._gather_alphas(alpha_stats), out.grad_norm, rate)
+                    self._sync_health()
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     tick, seen, sums, alpha_stats, logged_at = time.perf_counter(), 0, {}, [], self.step
                 saved = self.step % tc.checkpoint_every == 0 or self.step == end
@@ -598,6 +666,8 @@ class Trainer:
                     path = self.save()  # collective: every rank takes the same branches here
                 if tc.sample_every and self.step % tc.sample_every == 0:
                     self.sample_grid()
+                if tc.figure_every and self.step % tc.figure_every == 0 and self.acc.log_with:
+                    self.log_figures(self._gather_alphas(out.alphas))  # collective gather, then main only
                 if out.preempted:
                     if not saved:
                         path = self.save()
@@ -667,18 +737,47 @@ class Trainer:
         return [(local + i) * world + rank for i in range(size)]
 
     def _raise_non_finite(self, what: str) -> None:
-        last = latest_checkpoint(self.run_dir)
+        """Stop the run, naming the newest healthy checkpoint and how to resume from it."""
+        self._sync_health(diverged=True)  # collective: every rank stops at this step
+        healthy = self._last_healthy()
+        start = -1 if healthy is None else healthy[0]
+        unhealthy = [p.name for s, p in list_checkpoints(self.run_dir) if s > start]
+        head = f"non-finite {what} at step {self.step}; no update was applied"
+        rule = (f"healthy = losses and grad norms finite and within {self.cfg.train.healthy_factor:g}x their "
+                f"running median over the {HEALTH_RECENT} steps up to it and the first step on its weights")
+        if healthy is not None:
+            later = f"; not healthy: {', '.join(unhealthy)}" if unhealthy else ""
+            raise NonFiniteLossError(
+                f"{head}. Last healthy checkpoint: {healthy[1]} ({rule}){later}. Lower optim.lr or check the data, "
+                f"then resume it with --resume step={start} (later checkpoints are moved to "
+                f"checkpoints/after_step_{start:08d}/, not deleted)"
+            )
+        held = f" (not healthy: {', '.join(unhealthy)})" if unhealthy else ""
         raise NonFiniteLossError(
-            f"non-finite {what} at step {self.step}; no update was applied. Last good checkpoint: "
-            f"{last if last else 'none yet'}. Lower optim.lr or check the data, then resume."
+            f"{head}. No checkpoint is healthy{held} ({rule}): lower optim.lr or check the data and start "
+            "again in a new run folder (train.run_name)"
         )
+
+    def _global_means(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Each summed term divided by ``count`` and averaged over the ranks (one all-reduce)."""
+        keys = sorted(sums)
+        totals = self.acc.reduce(torch.stack([sums[k].float() for k in keys]), reduction="mean").tolist()
+        return {k: v / count for k, v in zip(keys, totals)}
+
+    def _gather_alphas(self, alphas: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per SHD layer pair, the alphas of every rank and micro-batch, (B_all, H_t) (collective)."""
+        n = len(self.layer_pairs)
+        if not alphas or not n:
+            return []
+        return [self.acc.gather(torch.cat(alphas[k::n]).float().contiguous()) for k in range(n)]
 
     def _log(
         self, means: dict[str, float], alphas: list[torch.Tensor], grad_norm: torch.Tensor, img_per_s: float
     ) -> dict[str, float]:
         """Log the interval's mean loss terms, lr, grad norm, throughput, memory and alpha statistics.
 
-        ``alphas`` holds one (B, H_t) tensor per SHD layer pair per micro-batch, in pair order;
+        ``means`` are already averaged over the ranks. ``alphas`` holds one (B_all, H_t) tensor per
+        SHD layer pair (:meth:`_gather_alphas`), logged as scalars and as a histogram per layer;
         ``zero_frac`` is the share of teacher heads whose alpha sits on the simplex boundary (0),
         i.e. how often the simplex constraint was active (exactly 0 for constant merge).
         """
@@ -689,14 +788,18 @@ class Trainer:
         scalars["grad_norm"] = float(grad_norm)
         if torch.cuda.is_available():
             scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        n_pairs = len(self.layer_pairs)
-        for k, (j, _) in enumerate(self.layer_pairs if alphas else []):
-            a = torch.cat(alphas[k::n_pairs]).float()  # (micro-batches * B, H_t)
+        hists = {}
+        for (j, _), a in zip(self.layer_pairs, alphas):  # a: (ranks * micro-batches * B, H_t)
             scalars[f"alpha/layer{j:02d}_min"] = float(a.min())
             scalars[f"alpha/layer{j:02d}_max"] = float(a.max())
             scalars[f"alpha/layer{j:02d}_std"] = float(a.std())
             scalars[f"alpha/layer{j:02d}_zero_frac"] = float((a == 0).float().mean())
+            hists[f"alpha/layer{j:02d}"] = a.cpu().numpy().reshape(-1)
         self.acc.log(scalars, step=self.step)
+        if hists and self.acc.is_main_process:
+            from .figures import log_histograms
+
+            log_histograms(self.acc.trackers, hists, self.step)
         return scalars
 
     def _decoder(self) -> nn.Module | None | bool:
@@ -729,8 +832,6 @@ class Trainer:
             return None
         from torchvision.utils import save_image
 
-        from sampling.sample import resolve_guidance_channels
-
         student = self.acc.unwrap_model(self.side).student
         diffusion = create_diffusion(steps, learn_sigma=self.cfg.student.learn_sigma)
         num_classes = self.null_class
@@ -739,7 +840,8 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
         shape = (num, student.config.in_channels, student.config.input_size, student.config.input_size)
         z = torch.randn(shape, generator=gen, device=self.device)
-        guide = resolve_guidance_channels(3, student.config.in_channels)
+        # Upstream guides eps[:3] of the 4 latent channels; pixel-space models guide all of theirs.
+        guide = 3 if student.config.in_channels > 3 else None
         with self.ema.swapped_in(student):
             was_training = student.training
             student.eval()
@@ -754,8 +856,70 @@ class Trainer:
             x = decoder.decode(x / 0.18215).sample
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=int(math.sqrt(num)))
+        with atomic_path(path) as tmp:
+            save_image((x.clamp(-1, 1) + 1) / 2, tmp, format="png", nrow=int(math.sqrt(num)))
         return path
+
+    @torch.no_grad()
+    def log_figures(self, alphas: list[torch.Tensor]) -> dict[str, Any]:
+        """Alpha histograms per layer and a teacher / squeezed / student attention panel, to the trackers.
+
+        ``alphas``: per SHD layer pair, the step's alphas of every rank (:meth:`_gather_alphas`).
+        The panel shows one fixed image (the dataset's first item) noised to t = 500 with noise
+        seeded by ``train.seed``, so successive panels differ only by the student's progress.
+        Main process only (returns {} elsewhere and when nothing is distilled).
+
+        Returns:
+            The logged images, name -> uint8 (H, W, 3).
+        """
+        from . import figures
+
+        if not self.acc.is_main_process or self.teacher is None or not self.layer_pairs:
+            return {}
+        labels = [f"student {j + 1} <- teacher {i + 1}" for j, i in self.layer_pairs]
+        images = {}
+        if alphas:
+            heading = f"alpha per SHD layer pair at step {self.step} (batch of {alphas[0].shape[0]}, all ranks)"
+            fig = figures.draw_alpha_histograms([a.cpu().numpy().reshape(-1) for a in alphas], labels,
+                                                lo=0.0, hi=1.0, heading=heading)
+            images["figures/alpha_histograms"] = np.asarray(fig)
+        images["figures/attention"] = np.asarray(self._attention_panel(labels, figures))
+        figures.log_images(self.acc.trackers, images, self.step)
+        return images
+
+    def _attention_panel(self, labels: list[str], figures: Any) -> Any:
+        """One query token's attention per SHD pair: teacher heads, their squeeze, the student heads."""
+        student = self.acc.unwrap_model(self.side).student
+        x, y = self.dataset[0]
+        x, y = x[None].to(self.device), torch.as_tensor(y).reshape(1).to(self.device)
+        gens = sample_generators(self.cfg.train.seed, [-(1 << 40)], self.device)  # outside the stream
+        x0 = self._encode(x, gens)
+        t = torch.full((1,), 500, device=self.device)
+        x_t = self.diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gens[0], device=self.device))
+        keep = torch.zeros(1, dtype=torch.long, device=self.device)  # no label drop, no global RNG
+        t_layers = sorted({i for _, i in self.layer_pairs})
+        with capture_attention(self.teacher, 1.0, t_layers, export_values=True) as tstore:
+            self.teacher(x_t, t, y, force_drop_ids=keep)
+        was_training = student.training
+        student.eval()
+        with capture_attention(student, 1.0, [j for j, _ in self.layer_pairs]) as sstore:
+            student(x_t, t, y, force_drop_ids=keep)
+        student.train(was_training)
+        n = tstore.probs[0].shape[-1]
+        g = int(round(math.sqrt(n)))
+        query = (g // 2) * g + g // 2  # the token at the grid centre
+        t_rows, sq_rows, s_rows = [], [], []
+        for k, ((_, i), squeezer) in enumerate(zip(self.layer_pairs, self.squeezers)):
+            slot = tstore.layer_indices.index(i)
+            probs = tstore.probs[slot].float()  # (1, H_t, N, N)
+            squeezed, _ = squeezer(probs, tstore.values[slot].float(), tstore.out_weights[slot].float())
+            t_rows.append(probs[0, :, query].cpu().numpy())  # (H_t, N)
+            sq_rows.append(squeezed[0, :, query].float().cpu().numpy())  # (H_s, N)
+            s_rows.append(sstore.maps[k][0, :, query].float().cpu().numpy())  # (H_s, N)
+        image = figures.to_rgb_uint8(x_t[0].float().cpu())
+        title = f"step {self.step}: attention of the centre token (boxed), t=500, T=1"
+        return figures.draw_attention_figure(image, t_rows, sq_rows, query, title, [], student_maps=s_rows,
+                                             row_labels=labels)
 
 
 def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = True) -> nn.Module:
@@ -790,25 +954,66 @@ def _load_vae(name_or_path: str, device: torch.device) -> nn.Module:
 
 
 def write_run_files(run_dir: Path, cfg: ExperimentConfig) -> None:
-    """Save the resolved config next to the checkpoints (for humans and for sampling)."""
+    """Save the resolved config next to the checkpoints (for humans and for sampling), atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+
+
+# accelerate's mixed-precision names for train.precision (fp16 is not supported: no loss scaling).
+_LAUNCH_PRECISION = {"fp32": "no", "bf16": "bf16"}
+
+
+def check_launch(cfg: ExperimentConfig) -> None:
+    """Refuse launcher settings this trainer would otherwise override or not support (before any work).
+
+    ``accelerate launch`` (and ``accelerate config``) pass their choices through the environment.
+    FSDP and DeepSpeed are refused: checkpoints and the EMA assume every rank holds full
+    parameters. A mixed precision other than ``no`` must agree with ``train.precision``; ``no`` is
+    also what the launcher passes when nothing was chosen, so then ``train.precision`` decides.
+
+    Raises:
+        ConfigError: naming the launcher setting, the config field and the fix.
+    """
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"{name} was chosen in `accelerate config` or on the launch line, and this trainer does not "
+                "support it yet (checkpoints and the EMA assume full parameters on every rank): choose multi-GPU "
+                "DDP instead (`accelerate config`, or `accelerate launch --multi_gpu`)"
+            )
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    wanted = _LAUNCH_PRECISION[cfg.train.precision]
+    if launched != "no" and launched != wanted:
+        fix = "set train.precision=bf16" if launched == "bf16" else "train.precision supports fp32 and bf16 only"
+        raise ConfigError(
+            f"accelerate launch --mixed_precision {launched} (or `accelerate config`) conflicts with "
+            f"train.precision={cfg.train.precision}: {fix}, or launch with --mixed_precision {wanted}"
+        )
+    if cfg.train.log_with == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.log_with=wandb needs the wandb package: pip install wandb, "
+                          "or set train.log_with=tensorboard / none")
 
 
 def make_accelerator(cfg: ExperimentConfig, run_dir: Path, log: bool = True) -> Any:
-    """An ``accelerate.Accelerator`` for this config (TensorBoard logging into the run folder)."""
+    """An ``accelerate.Accelerator`` for this config, logging to ``train.log_with`` (unless ``log`` is False)."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
-    return Accelerator(
+    tracker = cfg.train.log_with if log and cfg.train.log_with != "none" else None
+    acc = Accelerator(
         # Without a GPU, cpu=True makes a multi-process launch run DDP over gloo instead of
         # silently falling back to independent single processes.
         cpu=not torch.cuda.is_available(),
-        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+        mixed_precision=_LAUNCH_PRECISION[cfg.train.precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with="tensorboard" if log else None,
+        log_with=tracker,
         project_dir=str(run_dir),
     )
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"accelerate chose {acc.distributed_type.value}, which this trainer does not support "
+                          "yet: choose multi-GPU DDP in `accelerate config`")
+    return acc
 
 
 def train(
@@ -819,18 +1024,34 @@ def train(
     progress: bool = True,
     accelerator: Any = None,
 ) -> Trainer:
-    """Build a :class:`Trainer`, resume if asked, and train. Returns the trainer (for tests)."""
+    """Build a :class:`Trainer`, resume if asked, and train. Returns the trainer (for tests).
+
+    Everything that can be refused is checked before the first file is written: the launcher,
+    the run folder, the models and the teacher, the resumed checkpoint and the data. Only then
+    are later checkpoints set aside (a resume from an earlier step), the config written and the
+    trackers started.
+    """
     # TF32 for the float32 matmuls (SHD's squeeze; bf16 autocast covers the rest), as upstream.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    check_launch(cfg)
+    check_writable_dir(run_dir, "run folder (train.output_dir / train.run_name)")
+    _check_teacher_file(cfg)
     acc = accelerator or make_accelerator(cfg, run_dir)
     trainer = None
     try:
-        trainer = Trainer(cfg, run_dir, acc)
-        trainer.resume(resume)  # refuses an incompatible run folder before anything is written
+        with _setup_errors():
+            trainer = Trainer(cfg, run_dir, acc)
+            trainer.resume(resume)  # refuses an incompatible run folder before anything is written
+            trainer.dataset  # built and checked against the student here, not at the first step
         if acc.is_main_process:
+            moved = set_aside_later(run_dir, trainer.step)
+            if moved is not None:
+                trainer.print(f"checkpoints after step {trainer.step} moved to {moved} (kept, not resumed)")
             write_run_files(run_dir, cfg)
+        acc.wait_for_everyone()
         if acc.log_with:
-            acc.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
+            acc.init_trackers("tensorboard" if cfg.train.log_with == "tensorboard" else run_dir.name,
+                              config=_flat(to_dict(cfg)))
         trainer.fit(max_steps=max_steps, progress=progress)
         # Tear down together: a rank that destroys its gloo group while a peer is still working
         # can abort in C++ ("terminate called without an active exception").
@@ -840,6 +1061,25 @@ def train(
             trainer.release()
         acc.end_training()  # also destroys the process group (one left alive aborts at exit)
     return trainer
+
+
+@contextlib.contextmanager
+def _setup_errors() -> Iterator[None]:
+    """During setup a ValueError is a refused setting or file (bad input), not a bug in the loop."""
+    try:
+        yield
+    except ValueError as err:
+        if isinstance(err, BadInput):
+            raise
+        raise ConfigError(str(err)) from err
+
+
+def _check_teacher_file(cfg: ExperimentConfig) -> None:
+    """An empty teacher file is named here (torch's own error for it is a bare EOFError)."""
+    path = cfg.teacher.checkpoint
+    if cfg.distill.uses_teacher and path and Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise ConfigError(f"teacher.checkpoint {path} is empty (0 bytes): point it at the teacher's .pt / "
+                          ".safetensors file (an interrupted download or copy leaves such files)")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -246,9 +246,11 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(tmp_path):
         return st
 
     trainer.compute_terms = poisoned
-    with pytest.raises(NonFiniteLossError, match=r"step 2.*step_00000002\.pt"):
+    # step_2's weights give the non-finite loss, so the last healthy checkpoint is step_1.
+    with pytest.raises(NonFiniteLossError, match=r"step 2.*healthy checkpoint: \S*step_00000001\.pt.*"
+                                                 r"not healthy: step_00000002\.pt.*--resume step=1"):
         trainer.fit(progress=False)
-    assert (trainer.run_dir / "checkpoints" / "step_00000002.pt").exists()
+    assert (trainer.run_dir / "checkpoints" / "step_00000002.pt").exists()  # kept, not deleted
 
 
 def test_clear_errors_for_bad_teacher_setups(tmp_path):
@@ -425,7 +427,8 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
     trainer = make_trainer(cfg, tmp_path)
     param = next(p for p in trainer.acc.unwrap_model(trainer.side).student.parameters() if p.requires_grad)
     param.register_hook(lambda g: g * float("inf") if trainer.step == 1 else g)  # finite loss, inf gradient
-    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm at step 1.*step_00000001\.pt"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm at step 1.*No checkpoint is healthy "
+                                                 r"\(not healthy: step_00000001\.pt\)"):
         trainer.fit(progress=False)
     assert torch.isfinite(param).all()  # the bad update was never applied
 

@@ -1,0 +1,221 @@
+"""Pictures of a distillation: attention panels, alpha histograms, sample grids, and their logging.
+
+Used by the embedded demo (PNG files) and by training (``train.figure_every``, through
+accelerate's trackers). The drawing functions take numpy arrays and return PIL images, so they
+need no model; :func:`log_images` and :func:`log_histograms` send them to TensorBoard or W&B.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .fileio import atomic_path
+
+__all__ = [
+    "save_png",
+    "save_grid",
+    "class_columns",
+    "to_rgb_uint8",
+    "draw_attention_figure",
+    "draw_alpha_histograms",
+    "outside_unit_interval",
+    "log_images",
+    "log_histograms",
+]
+
+
+def save_png(image: Any, path: Path) -> None:
+    """Write a PIL image as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int = 10) -> None:
+    """Save uint8 (n, H, W, 3) images as one PNG grid (torchvision's layout, 2 px gaps)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
+    grid = make_grid(x, nrow=nrow, padding=2, pad_value=128)  # (3, H', W')
+    save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
+
+
+def class_columns(labels: np.ndarray, count: int, num_classes: int = 10) -> np.ndarray:
+    """Positions that lay images out with one class per column (row r, column c: r-th of class c)."""
+    per = max(1, count // num_classes)
+    rows = [np.flatnonzero(labels == c)[:per] for c in range(num_classes)]
+    per = min(len(r) for r in rows)
+    return np.stack([r[:per] for r in rows], axis=1).reshape(-1)  # (per * C,) row-major
+
+
+def to_rgb_uint8(x: torch.Tensor) -> np.ndarray:
+    """One (C, H, W) image or latent as uint8 (H, W, 3) for a figure.
+
+    1 or 3 channels are read as pixels in [-1, 1] (DiT's rounding); other channel counts
+    (latents) show their first three channels, each stretched to its own range.
+    """
+    x = x.detach().float().cpu()
+    if x.shape[0] in (1, 3):
+        pixels = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)  # +128, truncated = round half up
+    else:
+        c = x[:3]
+        lo, hi = c.amin(dim=(1, 2), keepdim=True), c.amax(dim=(1, 2), keepdim=True)
+        pixels = ((c - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8)  # (3, H, W)
+    return pixels.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy()  # (H, W, 3)
+
+
+# A perceptual dark-to-bright ramp (black, purple, red, orange, pale yellow) for attention maps.
+_RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
+
+
+def _colormap(v: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB (..., 3) along :data:`_RAMP`."""
+    pos = np.clip(v, 0, 1) * (len(_RAMP) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(_RAMP) - 2)
+    frac = (pos - lo)[..., None]
+    return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).round().astype(np.uint8)
+
+
+def _panel(values: np.ndarray, side: int) -> Any:
+    """A (G*G,) distribution as a G x G heat map of ``side`` pixels (normalised to its max)."""
+    from PIL import Image
+
+    g = int(round(math.sqrt(values.size)))
+    grid = values.reshape(g, g) / max(float(values.max()), 1e-12)  # (G, G)
+    return Image.fromarray(_colormap(grid)).resize((side, side), Image.Resampling.NEAREST)
+
+
+def draw_attention_figure(
+    image: np.ndarray, teacher_maps: list[np.ndarray], squeezed_maps: list[np.ndarray], query: int,
+    title: str, shd_layers: Sequence[int], side: int = 48, student_maps: list[np.ndarray] | None = None,
+    row_labels: Sequence[str] | None = None,
+) -> Any:
+    """Paper Fig. 1 style grid: per row, the noisy input, every teacher head, the squeezed heads.
+
+    Args:
+        image: uint8 (H, W, 3) input shown in the first column (the query token boxed in red).
+        teacher_maps: per row, (H_t, N) attention of the query token over the N keys.
+        squeezed_maps: per row, (H_s, N) the same row of the SHD-squeezed maps.
+        query: index of the query token (row-major on the G x G token grid).
+        title: text of the top line.
+        shd_layers: rows (0-indexed) marked with * (teacher layers that supervise a student layer).
+        student_maps: per row, (H_s, N) the student's own maps, drawn right of the squeezed ones.
+        row_labels: per row, its label; default ``layer k``.
+    """
+    from PIL import Image, ImageDraw
+
+    h_t, n = teacher_maps[0].shape
+    h_s = squeezed_maps[0].shape[0]
+    g = int(round(math.sqrt(n)))
+    pad, gap, top = 4, 16, 40
+    left = 56 if row_labels is None else 8 + 6 * max(len(s) for s in row_labels)
+    groups = [("teacher heads", "h", h_t), (f"squeezed to {h_s} (SHD targets)", "sq", h_s)]
+    if student_maps is not None:
+        groups.append(("student heads", "s", h_s))
+    starts, x = [], left + side + pad
+    for _, _, count in groups:
+        starts.append(x)
+        x += count * (side + pad) + gap
+    fig = Image.new("RGB", (x - gap + pad, top + len(teacher_maps) * (side + pad) + pad), "white")
+    draw = ImageDraw.Draw(fig)
+    draw.text((pad, 2), title, fill="black")
+    draw.text((left, top - 14), "x_t", fill="black")
+    for (name, short, count), x0 in zip(groups, starts):
+        draw.text((x0, top - 26), f"{name} ({count})" if short == "h" else name, fill="black")
+        for j in range(count):
+            draw.text((x0 + j * (side + pad), top - 14), f"{short}{j + 1}", fill="black")
+    cell = side / g
+    r, c = divmod(query, g)
+    rows = [teacher_maps, squeezed_maps] + ([student_maps] if student_maps is not None else [])
+    for k in range(len(teacher_maps)):
+        y = top + k * (side + pad)
+        label = row_labels[k] if row_labels is not None else f"layer {k + 1}{'*' if k in shd_layers else ''}"
+        draw.text((pad, y + side // 2 - 5), label, fill="black")
+        fig.paste(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST), (left, y))
+        draw.rectangle([left + c * cell, y + r * cell, left + (c + 1) * cell - 1, y + (r + 1) * cell - 1], outline="red")
+        for maps, x0 in zip(rows, starts):
+            for j in range(maps[k].shape[0]):
+                fig.paste(_panel(maps[k][j], side), (x0 + j * (side + pad), y))
+    return fig
+
+
+def outside_unit_interval(a: np.ndarray, tol: float = 1e-6) -> float:
+    """Share of alphas outside [0, 1], beyond float round-off (where the simplex projection acts)."""
+    return float(np.mean((a < -tol) | (a > 1 + tol))) if a.size else 0.0
+
+
+def draw_alpha_histograms(
+    alphas: list[np.ndarray], titles: list[str], lo: float = -0.5, hi: float = 1.5, bins: int = 40,
+    heading: str = "",
+) -> Any:
+    """Paper Fig. 2 style: one histogram per layer of the alphas, [0, 1] shaded.
+
+    Values outside [lo, hi] are counted in the end bins (the panel text gives the share outside
+    [0, 1]).
+
+    Args:
+        alphas: per layer, a flat array of alpha values.
+        titles: per layer panel title.
+    """
+    from PIL import Image, ImageDraw
+
+    pw, ph, pad, ncol = 280, 170, 10, 3
+    nrow = math.ceil(len(alphas) / ncol)
+    head = 24 if heading else 0
+    fig = Image.new("RGB", (ncol * (pw + pad) + pad, head + nrow * (ph + pad) + pad), "white")
+    draw = ImageDraw.Draw(fig)
+    if heading:
+        draw.text((pad, 6), heading, fill="black")
+    for k, (a, title) in enumerate(zip(alphas, titles)):
+        ox = pad + (k % ncol) * (pw + pad)
+        oy = head + pad + (k // ncol) * (ph + pad)
+        ax_l, ax_r, ax_t, ax_b = ox + 30, ox + pw - 10, oy + 34, oy + ph - 22
+        counts, edges = np.histogram(np.clip(a, lo, hi), bins=bins, range=(lo, hi))
+        frac = counts / max(1, counts.sum())
+
+        def xpix(v: float) -> float:
+            return ax_l + (v - lo) / (hi - lo) * (ax_r - ax_l)
+
+        draw.rectangle([xpix(0.0), ax_t, xpix(1.0), ax_b], fill=(232, 240, 250))  # the simplex range
+        top = max(float(frac.max()), 1e-12)
+        for i, f in enumerate(frac):
+            if f > 0:
+                draw.rectangle([xpix(edges[i]) + 1, ax_b - f / top * (ax_b - ax_t), xpix(edges[i + 1]) - 1, ax_b],
+                               fill=(60, 90, 160))
+        draw.line([ax_l, ax_b, ax_r, ax_b], fill="black")
+        draw.line([ax_l, ax_t, ax_l, ax_b], fill="black")
+        for tick in sorted({lo, 0.0, 0.5, 1.0, hi}):
+            draw.line([xpix(tick), ax_b, xpix(tick), ax_b + 3], fill="black")
+            draw.text((xpix(tick) - 8, ax_b + 5), f"{tick:g}", fill="black")
+        outside = outside_unit_interval(a)
+        draw.text((ox + 4, oy + 2), title, fill="black")
+        draw.text((ox + 4, oy + 16), f"n={a.size}  outside [0,1]: {100 * outside:.1f}%  peak bin {100 * top:.0f}%",
+                  fill="black")
+    return fig
+
+
+def log_images(trackers: Iterable[Any], images: dict[str, np.ndarray], step: int) -> None:
+    """Send uint8 (H, W, 3) images to accelerate trackers (TensorBoard and W&B; others are skipped)."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            for tag, image in images.items():
+                tracker.writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({tag: [image] for tag, image in images.items()}, step=step)
+
+
+def log_histograms(trackers: Iterable[Any], values: dict[str, np.ndarray], step: int) -> None:
+    """Send flat value arrays to accelerate trackers as histograms (TensorBoard and W&B)."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            for tag, v in values.items():
+                tracker.writer.add_histogram(tag, v, global_step=step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: wandb.Histogram(v) for tag, v in values.items()}, step=step)

@@ -1,0 +1,152 @@
+"""Every bad input of ``scripts/train_mdt_shd.py`` ends in one line, exit 2, nothing written or lost.
+
+Each row calls the script's ``main`` in-process with a tiny config (the models of
+tests/test_training.py) and checks, through tests/cli_cases.py: the exit code, that the message
+names the cause, that no traceback is printed, and that the watched folder is byte-for-byte as
+before. Divergence (exit 3), a full disk and ``--debug`` have their own tests below.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_cases import assert_refused, call, snapshot
+from test_training import COMMON, DIT_STUDENT, DIT_TEACHER, REPO, _shared, make_cfg
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
+_spec = importlib.util.spec_from_file_location("train_mdt_shd", REPO / "scripts" / "train_mdt_shd.py")
+train_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_script)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A teacher checkpoint, broken files and folders that the rows point at."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    make_cfg(root, "kd", "dit")  # writes root/teacher_dit.pt (random weights, plain state dict)
+    (root / "empty.pt").write_bytes(b"")
+    (root / "random.pt").write_bytes(bytes(range(256)) * 8)
+    (root / "a_file").write_text("not a folder\n")
+    (root / "empty_dir").mkdir()
+    held = root / "runs" / "held" / "checkpoints"
+    held.mkdir(parents=True)
+    torch.save({"step": 1}, held / "step_00000001.pt")  # a folder that already holds a checkpoint
+    return {"root": root, "teacher": root / "teacher_dit.pt"}
+
+
+def _argv(files: dict[str, Path], *extra: str) -> list[str]:
+    root = files["root"]
+    return [*COMMON, *DIT_STUDENT, *_shared("student"), *DIT_TEACHER, *_shared("teacher.model"),
+            "distill.mode=kd", f"teacher.checkpoint={files['teacher']}", "train.steps=2",
+            f"train.output_dir={root / 'runs'}", "train.run_name=r", "--no-progress", *extra]
+
+
+# (id, extra argv with {root} / {teacher} placeholders, environment, needles the message must name)
+CASES = [
+    ("heads_zero", ["student.num_heads=0"], {}, ["student.num_heads", ">= 1"]),
+    ("heads_not_dividing", ["student.hidden_size=30", "student.num_heads=4"], {}, ["student.hidden_size", "divisible"]),
+    ("unknown_key", ["train.stepz=3"], {}, ["unknown config key train.stepz"]),
+    ("temperature_inf", ["distill.temperature=.inf"], {}, ["distill.temperature", "finite"]),
+    ("temperature_nan", ["distill.temperature=.nan"], {}, ["distill.temperature", "finite"]),
+    ("temperature_below_one", ["distill.temperature=0.5"], {}, ["distill.temperature", ">= 1"]),
+    ("shd_beta_inf", ["distill.shd_beta=.inf"], {}, ["distill.shd_beta", "finite"]),
+    ("kd_weight_nan", ["distill.kd_weight=.nan"], {}, ["distill.kd_weight", "finite"]),
+    ("kd_weight_negative", ["distill.kd_weight=-1"], {}, ["distill.kd_weight", ">= 0"]),
+    ("max_grad_norm_negative", ["optim.max_grad_norm=-1"], {}, ["optim.max_grad_norm", "0 disables"]),
+    ("lr_negative", ["optim.lr=-1"], {}, ["optim.lr", "> 0"]),
+    ("lr_zero", ["optim.lr=0"], {}, ["optim.lr"]),
+    ("lr_text", ["optim.lr=fast"], {}, ["optim.lr", "expected a number"]),
+    ("eps_negative", ["optim.eps=-1e-8"], {}, ["optim.eps"]),
+    ("betas_count", ["optim.betas=[0.9,0.99]"], {}, ["optim.betas", "takes 3 betas"]),
+    ("warmup_negative", ["optim.warmup_steps=-5"], {}, ["optim.warmup_steps"]),
+    ("ema_decay_one", ["train.ema_decay=1.0"], {}, ["train.ema_decay"]),
+    ("healthy_factor", ["train.healthy_factor=1"], {}, ["train.healthy_factor"]),
+    ("figure_every_negative", ["train.figure_every=-1"], {}, ["train.figure_every"]),
+    ("log_with_unknown", ["train.log_with=mlflow"], {}, ["train.log_with", "tensorboard"]),
+    ("max_steps_zero", ["--max-steps", "0"], {}, ["--max-steps"]),
+    ("batch_not_divisible", ["train.global_batch_size=3", "train.grad_accum=2"], {}, ["global_batch_size", "divisible"]),
+    ("teacher_missing", ["teacher.checkpoint={root}/missing.pt"], {}, ["missing.pt", "does not exist"]),
+    ("teacher_not_set", ["teacher.checkpoint=null"], {}, ["teacher.checkpoint"]),
+    ("teacher_empty", ["teacher.checkpoint={root}/empty.pt"], {}, ["empty.pt", "empty"]),
+    ("teacher_random_bytes", ["teacher.checkpoint={root}/random.pt"], {}, ["random.pt"]),
+    ("teacher_wrong_width", ["teacher.model.hidden_size=64"], {}, ["hidden"]),
+    ("student_layers_range", ["distill.mode=kd_shd", "distill.student_layers=[7]"], {}, ["student_layers", "out of range"]),
+    ("resume_plain_state_dict", ["--resume", "{teacher}"], {}, ["not a training checkpoint", "teacher.checkpoint"]),
+    ("resume_missing_path", ["--resume", "{root}/nope.pt"], {}, ["nope.pt", "no such checkpoint"]),
+    ("resume_step_not_held", ["--resume", "step=7"], {}, ["step=7", "does not exist"]),
+    ("resume_step_not_int", ["--resume", "step=last"], {}, ["step=last", "integer"]),
+    ("resume_none_into_held", ["train.run_name=held", "--resume", "none"], {}, ["--resume none", "already holds"]),
+    ("output_dir_is_file", ["train.output_dir={root}/a_file"], {}, ["a_file", "is a file"]),
+    ("data_path_empty", ["data.path="], {}, ["data.path is empty"]),
+    ("data_path_no_files", ["data.path={root}/empty_dir"], {}, ["data.path", "empty_dir"]),
+    ("latents_not_extracted", ["data.kind=latents", "data.path={root}/empty_dir", "data.image_size=256"], {},
+     ["index.json", "extract_latents"]),
+    ("data_channels", ["student.in_channels=3", "distill.mode=none"], {}, ["channels", "student.in_channels"]),
+    ("fsdp", [], {"ACCELERATE_USE_FSDP": "true"}, ["FSDP", "DDP"]),
+    ("deepspeed", [], {"ACCELERATE_USE_DEEPSPEED": "true"}, ["DeepSpeed"]),
+    ("launch_fp16", [], {"ACCELERATE_MIXED_PRECISION": "fp16"}, ["--mixed_precision fp16", "train.precision"]),
+    ("launch_bf16_vs_fp32", [], {"ACCELERATE_MIXED_PRECISION": "bf16"}, ["conflicts", "train.precision=bf16"]),
+]
+if importlib.util.find_spec("wandb") is None:
+    CASES.append(("wandb_missing", ["train.log_with=wandb"], {}, ["pip install wandb"]))
+
+
+@pytest.mark.parametrize("extra, env, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(files, monkeypatch, extra, env, needles):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    extra = [e.format(root=files["root"], teacher=files["teacher"]) for e in extra]
+    before = snapshot(files["root"])
+    outcome = call(train_script.main, _argv(files, *extra))
+    assert_refused(outcome, *needles, code=2)
+    assert "reinstall" not in outcome.stderr  # only true when the installed package is broken
+    assert snapshot(files["root"]) == before
+
+
+def test_launcher_precision_that_agrees_is_accepted(monkeypatch):
+    # "no" is also what `accelerate launch` passes when nothing was chosen: train.precision decides.
+    from shd_diffusion.config import load_config
+    from shd_diffusion.train_config import ExperimentConfig
+    from shd_diffusion.training import check_launch
+
+    for precision, launched in (("bf16", "no"), ("bf16", "bf16"), ("fp32", "no")):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+        check_launch(load_config(ExperimentConfig, None, [f"train.precision={precision}"]))
+
+
+def test_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_previous_one(files, monkeypatch):
+    run_dir = files["root"] / "runs" / "disk"
+    argv = _argv(files, "distill.mode=none", "train.checkpoint_every=1", "train.run_name=disk")
+    real_save = torch.save
+
+    def save_until_full(obj, f, *args, **kwargs):
+        if "step_00000002" in str(getattr(f, "name", "")):
+            f.write(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    outcome = call(train_script.main, argv)
+    assert_refused(outcome, "no space left", "step_00000002.pt", code=2)
+    assert "inline_container" not in outcome.stderr
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step_00000001.pt"], names  # the previous checkpoint is kept, no temp file left
+    assert torch.load(run_dir / "checkpoints" / "step_00000001.pt", weights_only=True)["step"] == 1
+
+
+def test_debug_shows_the_traceback_and_the_plain_run_does_not(files):
+    args = [sys.executable, str(REPO / "scripts" / "train_mdt_shd.py"), "--dry-run", "student.num_heads=0"]
+    plain = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
+    debug = subprocess.run([*args, "--debug"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert plain.returncode == 2 and plain.stderr.strip().splitlines() == [plain.stderr.strip()]
+    assert "student.num_heads" in plain.stderr and "Traceback" not in plain.stderr
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
