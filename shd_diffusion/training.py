@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import shd as shd_math
-from .attention import attention_layers, capture_attention
+from .attention import attention_layers, capture_attention, capture_qk
 from .checkpoint import (
     HEALTH_RECENT,
     HEALTH_WINDOW,
@@ -49,9 +49,11 @@ from .config import ConfigError, dump_yaml, to_dict
 from .fileio import atomic_path, atomic_write_text
 from .data import build_dataset, make_loader
 from .diffusion import GaussianDiffusion, create_diffusion
-from .distill import FeatureProjectors, capture_block_outputs, feature_loss, kd_loss, self_correlation_loss
+from .distill import FeatureProjectors
 from .models import create_model
 from .models.sources import load_weights, parse_hub_id
+from .objective import DistillationObjective, StepTerms, StudentSide, noised
+from .objective import per_sample as _per_sample
 from .optim import EMA, build_optimizer, build_scheduler
 from .train_config import SHAPE_FIELDS, ExperimentConfig, ModelConfig
 
@@ -104,10 +106,6 @@ def step_mask_jitter(seed: int, step: int) -> float:
     return float(torch.rand((), generator=gen))
 
 
-def _per_sample(gens: list[torch.Generator], draw: Any) -> torch.Tensor:
-    return torch.stack([draw(g) for g in gens])
-
-
 def _is_mdt(model: nn.Module) -> bool:
     return type(model).__name__.startswith("MDT")
 
@@ -115,15 +113,6 @@ def _is_mdt(model: nn.Module) -> bool:
 def build_model(mc: ModelConfig) -> nn.Module:
     """Instantiate a registry model with the config's overrides."""
     return create_model(mc.name, **mc.overrides())
-
-
-@dataclass
-class StepTerms:
-    """Per-sample loss terms of one micro-batch, and the diagnostics logged with them."""
-
-    terms: dict[str, torch.Tensor]  # name -> (B,) unweighted per-sample values
-    total: torch.Tensor  # (B,) weighted sum that is back-propagated (after the mean)
-    alphas: list[torch.Tensor] = field(default_factory=list)  # per SHD layer (B, H_t)
 
 
 @dataclass
@@ -135,39 +124,6 @@ class StepOutcome:
     grad_norm: torch.Tensor  # total gradient norm before clipping
     images: int  # images this rank processed
     preempted: bool  # some rank received SIGTERM/SIGUSR1
-
-
-class StudentSide(nn.Module):
-    """Everything that trains (student + optional feature projectors); DDP wraps this module.
-
-    Its forward runs one student pass and returns the output plus whatever the distillation
-    terms need (captured maps, block features), so DDP sees one forward per pass.
-    """
-
-    def __init__(self, student: nn.Module, projectors: FeatureProjectors | None = None) -> None:
-        super().__init__()
-        self.student = student
-        self.projectors = projectors
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        shd_layers: list[int] | None = None,
-        temperature: float = 1.0,
-        feature_layers: list[int] | None = None,
-        **model_kwargs: Any,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        maps: list[torch.Tensor] = []
-        feats: list[torch.Tensor] = []
-        with contextlib.ExitStack() as stack:
-            if shd_layers:
-                maps = stack.enter_context(capture_attention(self.student, temperature, shd_layers)).maps
-            if feature_layers:
-                feats = stack.enter_context(capture_block_outputs(self.student, feature_layers))
-            out = self.student(x, t, y, **model_kwargs)
-        return out, list(maps), list(feats)
 
 
 class Trainer:
@@ -236,6 +192,9 @@ class Trainer:
         self.diffusion: GaussianDiffusion = create_diffusion(learn_sigma=cfg.student.learn_sigma)
         weighting = tc.loss_weighting
         self.min_snr = weighting == "min_snr5" or (weighting == "auto" and self.is_mdt)
+        self.objective = DistillationObjective(dc, self.diffusion, self.teacher, self.layer_pairs, is_mdt=self.is_mdt,
+                                               min_snr=self.min_snr, drop_prob=self.drop_prob,
+                                               num_tokens=_num_tokens(student))
 
         self._dataset = None  # built on first use (benchmarks drive compute_terms directly)
         self._grid_vae: nn.Module | None | bool = None  # latent runs: decoder of the sample grids
@@ -484,10 +443,7 @@ class Trainer:
         Returns:
             t (B,), noise (B, C, H, W) and x_t (B, C, H, W), in ``x0``'s dtype.
         """
-        dev, steps = self.device, self.diffusion.num_timesteps
-        t = _per_sample(gens, lambda g: torch.randint(0, steps, (), generator=g, device=dev))
-        noise = _per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=dev)).to(x0.dtype)
-        return t, noise, self.diffusion.q_sample(x0, t, noise)
+        return noised(self.diffusion, x0, gens)
 
     @torch.no_grad()
     def _match_heads(self) -> None:
@@ -511,10 +467,11 @@ class Trainer:
             # Negative positions: generators disjoint from the training stream's.
             gens = sample_generators(tc.seed, [-1 - (done + k) for k in range(len(x))], self.device)
             t, _, x_t = self._noised(self._encode(x, gens), gens)
-            with self.acc.autocast(), capture_attention(self.teacher, 1.0, t_layers) as store:
+            with self.acc.autocast(), capture_qk(self.teacher, t_layers, export_values=True) as store:
                 self.teacher(x_t, t, y)
-            for i, probs in zip(store.layer_indices, store.probs):
-                sim = shd_math.head_similarity(probs)  # (H_t, H_t), summed over the chunk
+            for i, q, k, bias in zip(store.layer_indices, store.queries, store.keys, store.biases):
+                # (H_t, H_t), summed over the chunk; maps recomputed by row blocks, never whole
+                sim = shd_math.head_similarity_qk(q, k, bias, self.cfg.distill.chunk_size)
                 sims[i] = sim if i not in sims else sims[i] + sim
             done += len(x)
         self._set_groups([
@@ -526,10 +483,11 @@ class Trainer:
     def compute_terms(
         self, x0: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator], mask_jitter: float = 0.5
     ) -> StepTerms:
-        """Per-sample loss terms for one micro-batch.
+        """Per-sample loss terms for one micro-batch (:class:`~shd_diffusion.objective.DistillationObjective`).
 
         Objective: student diffusion loss (MDTv2: unmasked + masked pass) + kd_weight * KD +
-        shd_beta * L_SHD (unmasked pass only) + feature_weight * feature term, per the mode.
+        shd_beta * L_SHD (unmasked pass only, from captured q/k in query-row blocks) +
+        feature_weight * feature term, per the mode.
 
         Args:
             x0: (B, C, H, W) clean latents/pixels. y: (B,) labels.
@@ -537,82 +495,7 @@ class Trainer:
             mask_jitter: MDT's masked pass: this step's mask-ratio draw (:func:`step_mask_jitter`);
                 the keep sets come from ``gens``.
         """
-        dc, diff = self.cfg.distill, self.diffusion
-        dev = self.device
-        t, noise, x_t = self._noised(x0, gens)
-        # Drop labels once, here, so student and teacher see the same (dropped) labels.
-        drop = (_per_sample(gens, lambda g: torch.rand((), generator=g, device=dev)) < self.drop_prob).long()
-        weight = diff.min_snr_weight(t) if self.min_snr else None
-
-        shd_on = dc.uses_shd and bool(self.layer_pairs)
-        feat_on = dc.feature_kind is not None and bool(self.layer_pairs)
-        s_layers = [j for j, _ in self.layer_pairs]
-        out, s_maps, s_feats = self.side(
-            x_t,
-            t,
-            y,
-            shd_layers=s_layers if shd_on else None,
-            temperature=dc.temperature,
-            feature_layers=s_layers if feat_on else None,
-            force_drop_ids=drop,
-        )
-        terms: dict[str, torch.Tensor] = {}
-        losses = diff.training_losses(out.float(), x0, x_t, t, noise, mse_weight=weight)
-        terms["diffusion"] = losses["loss"]
-        total = losses["loss"]
-
-        if self.is_mdt:
-            # Masked pass: same t, independent noise (as upstream), random keep set per sample.
-            noise_m = _per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=dev)).to(x0.dtype)
-            x_tm = diff.q_sample(x0, t, noise_m)
-            n_tokens = _num_tokens(self.acc.unwrap_model(self.side).student)
-            mask_noise = _per_sample(gens, lambda g: torch.rand(n_tokens, generator=g, device=dev))  # (B, N)
-            out_m, _, _ = self.side(x_tm, t, y, enable_mask=True, force_drop_ids=drop, mask_jitter=mask_jitter,
-                                    mask_noise=mask_noise)
-            masked = diff.training_losses(out_m.float(), x0, x_tm, t, noise_m, mse_weight=weight)["loss"]
-            terms["diffusion_masked"] = masked
-            total = total + masked
-
-        alphas: list[torch.Tensor] = []
-        if self.teacher is not None:
-            t_layers = sorted({i for _, i in self.layer_pairs}) if (shd_on or feat_on) else None
-            with torch.no_grad():
-                with contextlib.ExitStack() as stack:
-                    store = None
-                    t_feats: list[torch.Tensor] = []
-                    if shd_on:
-                        store = stack.enter_context(
-                            capture_attention(self.teacher, dc.temperature, t_layers, export_values=True)
-                        )
-                    if feat_on:
-                        t_feats = stack.enter_context(capture_block_outputs(self.teacher, t_layers))
-                    t_out = self.teacher(x_t, t, y, force_drop_ids=drop)
-            if dc.uses_kd:
-                terms["kd"] = kd_loss(out, t_out)
-                total = total + dc.kd_weight * terms["kd"]
-            if shd_on:
-                slots = [store.layer_indices.index(i) for _, i in self.layer_pairs]
-                # alpha comes from the T=1 maps; the KL target is the softened maps mixed by it.
-                targets, alphas = shd_math.squeeze_layers(
-                    self.squeezers,
-                    [store.probs[k] for k in slots],
-                    [store.values[k] for k in slots],
-                    [store.out_weights[k] for k in slots],
-                    None if dc.temperature == 1.0 else [store.maps[k] for k in slots],
-                    [store.outputs[k] for k in slots],
-                )
-                terms["shd"] = shd_math.shd_loss(s_maps, targets, beta=1.0, kind=dc.loss, reduction=dc.reduction)
-                total = total + dc.shd_beta * terms["shd"]
-            if feat_on:
-                by_layer = dict(zip(t_layers, t_feats))
-                t_sel = [by_layer[i] for _, i in self.layer_pairs]
-                if dc.feature_kind == "projector":
-                    projectors = self.acc.unwrap_model(self.side).projectors
-                    terms["feature"] = feature_loss(s_feats, t_sel, projectors)
-                else:
-                    terms["feature"] = self_correlation_loss(s_feats, t_sel)
-                total = total + dc.feature_weight * terms["feature"]
-        return StepTerms(terms=terms, total=total, alphas=alphas)
+        return self.objective(self.side, x0, y, gens, mask_jitter, self.squeezers)
 
     # ---------------------------------------------------------------- the loop
     def print(self, msg: str) -> None:

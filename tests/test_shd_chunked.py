@@ -220,3 +220,12 @@ def test_recompute_backward_matches_checkpointed_blocks():
                                             p["teacher_k"], p["teacher_bias"], alphas, spec)
     assert rel(ck, loss) < 1e-12
     assert all(rel(a, b) < 1e-12 for a, b in zip(grads(ck, p), grads(loss, p)))
+
+
+def test_head_similarity_from_q_k_equals_the_whole_map_similarity():
+    p = make_pair(F64, n=11)
+    maps = probs(p["teacher_q"], p["teacher_k"], p["teacher_bias"])
+    want = shd.head_similarity(maps)
+    for chunk in (3, 11):
+        got = shd.head_similarity_qk(p["teacher_q"], p["teacher_k"], p["teacher_bias"], chunk_size=chunk)
+        assert rel(got, want.double()) < 1e-6  # head_similarity computes in float32 (normalised maps)

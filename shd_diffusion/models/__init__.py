@@ -7,6 +7,8 @@ unmasked forward) for :func:`shd_diffusion.attention.capture_attention`, ``null_
 and diffusers' ``save_pretrained`` / ``from_pretrained``.
 """
 
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see below)
+
 from shd_diffusion.models.diffusers_dit import from_diffusers, to_diffusers
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
@@ -46,3 +48,7 @@ __all__ = [
     "parse_hub_id",
     "resolve_source",
 ]
+
+# diffusers' pipeline loader finds a component's load method by looking up ``ModelMixin`` in the
+# component's library module: with it here, a model_index.json entry ["shd_diffusion.models",
+# "MDTv2"] loads with DiffusionPipeline.from_pretrained (see shd_diffusion.export).

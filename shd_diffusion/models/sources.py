@@ -34,7 +34,7 @@ from shd_diffusion.models.loading import (
     load_official_state_dict,
 )
 
-__all__ = ["HubRef", "parse_hub_id", "check_source", "resolve_source", "load_diffusers_dit", "load_model", "load_weights"]
+__all__ = ["SourceNotFound", "HubRef", "parse_hub_id", "check_source", "resolve_source", "load_diffusers_dit", "load_model", "load_model_with_info", "load_weights"]
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^:@\s]+))?(?::(?P<path>[^\s]+))?$")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -64,10 +64,14 @@ def parse_hub_id(text: str | os.PathLike[str]) -> HubRef | None:
     return HubRef(m.group("repo"), m.group("rev"), path.strip("/") if path else None)
 
 
+class SourceNotFound(CheckpointError, FileNotFoundError):
+    """Neither an existing path nor a Hub id (a ``FileNotFoundError`` for library callers)."""
+
+
 def check_source(source: str | os.PathLike[str]) -> None:
     """Fail early (no download) for a source that is neither an existing path nor a Hub id."""
     if not Path(source).exists() and parse_hub_id(source) is None:
-        raise FileNotFoundError(
+        raise SourceNotFound(
             f"{source} does not exist and is not a Hub id: give a checkpoint file, a model folder, or "
             "org/repo[@revision][:path] (e.g. facebook/DiT-XL-2-256:transformer)"
         )
@@ -200,9 +204,23 @@ def load_model(
     Returns:
         The model in eval mode with gradients off, on the CPU.
     """
+    model, info = load_model_with_info(source, model_name, use_ema, overrides)
+    _log(info["message"], verbose)
+    return model
+
+
+def load_model_with_info(
+    source: str | os.PathLike[str],
+    model_name: str | None = None,
+    use_ema: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_model`, plus what was loaded: ``message``, ``weights`` (in words), and for
+    checkpoint files their ``config`` and ``step`` entries (None when absent)."""
     from shd_diffusion.models.diffusers_dit import from_diffusers
 
     path = resolve_source(source)
+    info: dict[str, Any] = {"source": str(source), "config": None, "step": None}
     if path.is_dir():
         kind, cls_name = _folder_kind(path), _folder_class(path)
         family = "DiT" if kind == "diffusers_dit" else cls_name
@@ -211,11 +229,12 @@ def load_model(
         ignored = "" if use_ema else " (--no-use-ema ignored: the folder holds one set of weights)"
         if kind == "diffusers_dit":
             model = from_diffusers(load_diffusers_dit(path))
-            _log(f"converted diffusers {cls_name} from {source} to DiT{ignored}", verbose)
+            info["message"] = f"converted diffusers {cls_name} from {source} to DiT{ignored}"
         else:
             model = _package_classes()[cls_name].from_pretrained(path)
-            _log(f"loaded {cls_name} weights from save_pretrained folder {source}{ignored}", verbose)
-        return model.eval().requires_grad_(False)
+            info["message"] = f"loaded {cls_name} weights from save_pretrained folder {source}{ignored}"
+        info["weights"] = "the folder's weights"
+        return model.eval().requires_grad_(False), info
 
     raw = load_checkpoint_file(path)
     name, kwargs = _architecture(raw, model_name, overrides, source)
@@ -223,8 +242,9 @@ def load_model(
     # extract_state_dict prefers `ema`; use_ema=False picks the raw training weights instead.
     state = raw["model"] if not use_ema and isinstance(raw.get("model"), dict) else raw
     load_official_state_dict(model, state)
-    _log(f"loaded {name} from {source}: {_which_weights(raw, use_ema)}", verbose)
-    return model.eval().requires_grad_(False)
+    info.update(weights=_which_weights(raw, use_ema), config=raw.get("config"), step=raw.get("step"))
+    info["message"] = f"loaded {name} from {source}: {info['weights']}"
+    return model.eval().requires_grad_(False), info
 
 
 def _architecture(

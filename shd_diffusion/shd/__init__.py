@@ -11,7 +11,7 @@ Where alpha is computed: :mod:`.solve` (the derivation and the simplex rule). Th
   blocks of query rows, with memory linear in N (what training uses).
 """
 
-from .chunked import DEFAULT_BLOCK_BYTES, auto_chunk_size, shd_term
+from .chunked import DEFAULT_BLOCK_BYTES, auto_chunk_size, head_similarity_qk, shd_term
 from .groups import (
     SqueezeMode,
     cluster_heads,
@@ -51,6 +51,7 @@ __all__ = [
     "validate_pair",
     "shd_loss",
     "shd_term",
+    "head_similarity_qk",
     "auto_chunk_size",
     "DEFAULT_BLOCK_BYTES",
 ]

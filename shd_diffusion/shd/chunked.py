@@ -37,7 +37,7 @@ from .loss import LossKind
 from .solve import _check_ridge
 from .squeeze import Blocks, _compute_dtype, apply_alphas, is_identity, mode_alphas
 
-__all__ = ["shd_term", "auto_chunk_size", "DEFAULT_BLOCK_BYTES"]
+__all__ = ["shd_term", "head_similarity_qk", "auto_chunk_size", "DEFAULT_BLOCK_BYTES"]
 
 # Memory budget of one block's float32 temporaries when chunk_size is None (see auto_chunk_size).
 DEFAULT_BLOCK_BYTES = 256 * 2**20
@@ -322,3 +322,33 @@ def shd_term(
         None if t_bias is None else t_bias.detach(), alphas, spec,
     )
     return per_sample, alphas
+
+
+@torch.no_grad()
+def head_similarity_qk(q: Tensor, k: Tensor, bias: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """:func:`~.groups.head_similarity` of the maps softmax(q k^T / sqrt(d) + bias), over row blocks.
+
+    The cosine similarity of two flattened maps needs only their Frobenius inner products, sums
+    over query rows, so head matching's calibration also runs without whole maps.
+
+    Args:
+        q, k: (B, H, N, d) queries and keys. bias: additive logit bias broadcastable to (B, H, N, N).
+        chunk_size: query rows per block; None = :func:`auto_chunk_size`.
+
+    Returns:
+        (H, H) float32 (float64 for float64 inputs): the sum over samples of the cosine similarities.
+    """
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be (B, H, N, d)")
+    b, h, n, d = q.shape
+    t_bias = _as_4d_bias(bias, "bias", b, h, n)
+    chunk = _check_chunk(chunk_size, n, auto_chunk_size(b, h, h, n))
+    dtype = _compute_dtype(q)
+    gram = torch.zeros(b, h, h, dtype=dtype, device=q.device)  # (B, H, H): <A_a, A_b> per sample
+    with torch.autocast(q.device.type, enabled=False):
+        for r0, r1 in _row_blocks(n, chunk):
+            p = _logits(q[:, :, r0:r1], k, d**-0.5, _bias_rows(t_bias, r0, r1), dtype).softmax(-1)  # (B, H, c, N)
+            flat = p.flatten(2)  # (B, H, c*N)
+            gram += flat @ flat.transpose(1, 2)
+    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(dtype).tiny).sqrt()  # (B, H)
+    return (gram / (norms[:, :, None] * norms[:, None, :])).sum(0)  # (H, H)

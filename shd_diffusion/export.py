@@ -1,0 +1,255 @@
+"""Export a trained student to the formats people deploy: diffusers folders and the Hub.
+
+``python scripts/export.py CHECKPOINT --out DIR [--weights ema|raw] [--push-to-hub REPO]``
+
+- **DiT** -> ``DIR`` is a ``DiTPipeline`` folder (``model_index.json``, ``transformer/``,
+  ``scheduler/``, ``vae/``); ``DIR/transformer`` is a ``DiTTransformer2DModel`` folder with the
+  same function as the student (:func:`shd_diffusion.models.to_diffusers`). A student with the
+  original DiT timestep features (``freq_shift=0``, the default) is stored as
+  ``DiTTransformer2DModelFreqShift`` with its source file beside the weights, so it loads with
+  ``trust_remote_code=True`` and without this package. ``DiTPipeline`` itself discards the
+  learned variance (its scheduler here is DDPM with ADM's fixed-large variance), guides all 4
+  latent channels with a constant scale and assumes 1000 classes; the folder also loads as
+  :class:`~shd_diffusion.pipelines.ClassConditionalPipeline`, which samples like this package.
+- **MDTv2** -> ``DIR`` is a :class:`~shd_diffusion.pipelines.ClassConditionalPipeline` folder
+  (power-cosine guidance, learned-range DDPM); ``DIR/transformer`` is the model's own
+  ``save_pretrained`` folder. Loading needs this package installed.
+
+Both get a model card (``README.md``) and ``export.json``. The folder is written under a
+temporary name and renamed at the end; a non-empty target is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from torch import nn
+
+from shd_diffusion.cli import BadInput, add_debug_flag, run_main
+from shd_diffusion.fileio import atomic_write_text
+from shd_diffusion.models import DiT, MDTv2, parse_hub_id, to_diffusers
+from shd_diffusion.models import dit_transformer_freq_shift as freq_shift_module
+from shd_diffusion.models.sources import load_model_with_info
+from shd_diffusion.pipelines import ddpm_scheduler
+
+__all__ = ["DEFAULT_VAE", "export", "build_parser", "main"]
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+DIT_PIPELINE_VARIANCE = "fixed_large"  # DiTPipeline drops the variance channels; DiT's own non-learned choice
+
+
+def _check_target(out: Path) -> None:
+    """Refuse a target that is a file or a non-empty folder (before any work)."""
+    if out.is_file():
+        raise BadInput(f"--out {out} is a file: give a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        raise BadInput(f"--out {out} is not empty: choose a new folder (export never overwrites)")
+    if not out.parent.exists():
+        raise BadInput(f"the folder above --out, {out.parent}, does not exist: create it first")
+
+
+def _load_vae(spec: str | None, in_channels: int) -> Any:
+    """The decoder to ship (None for pixel-space models)."""
+    if in_channels in (1, 3) and spec in (None, "none"):
+        return None
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(spec or DEFAULT_VAE)
+    except OSError as err:
+        raise BadInput(f"could not load the VAE {spec or DEFAULT_VAE!r} ({str(err).splitlines()[0]}): pass --vae with a local "
+                       "folder or a Hub id that is cached or reachable") from None
+    if vae.config.latent_channels != in_channels:
+        raise BadInput(f"VAE {spec!r} has {vae.config.latent_channels} latent channels, the model {in_channels}: pass a matching --vae")
+    return vae
+
+
+def _model_index(pipeline: str, transformer: list[str], vae: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A diffusers ``model_index.json`` naming each component's library and class."""
+    import diffusers
+
+    index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
+                             "transformer": transformer, "scheduler": ["diffusers", "DDPMScheduler"],
+                             "vae": ["diffusers", "AutoencoderKL"] if vae else [None, None]}
+    index.update(extra or {})
+    return index
+
+
+def _write_dit(model: DiT, vae: Any, folder: Path) -> dict[str, Any]:
+    """DiTPipeline folder for a DiT student; returns notes for the card."""
+    transformer = to_diffusers(model)
+    transformer.save_pretrained(folder / "transformer")
+    cls = type(transformer).__name__
+    if cls == "DiTTransformer2DModel":
+        entry = ["diffusers", cls]
+    else:  # custom component: the class's own (self-contained) source file travels with it
+        module = Path(freq_shift_module.__file__)
+        shutil.copy(module, folder / "transformer" / module.name)
+        entry = [module.stem, cls]
+    ddpm_scheduler(DIT_PIPELINE_VARIANCE).save_pretrained(folder / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(folder / "vae")
+    atomic_write_text(folder / "model_index.json", json.dumps(_model_index("DiTPipeline", entry, vae is not None), indent=2) + "\n")
+    return {"transformer_class": cls, "custom_code": cls != "DiTTransformer2DModel", "pipeline": "DiTPipeline"}
+
+
+def _write_mdt(model: MDTv2, vae: Any, folder: Path) -> dict[str, Any]:
+    """ClassConditionalPipeline folder for an MDTv2 student; returns notes for the card."""
+    model.save_pretrained(folder / "transformer")
+    ddpm_scheduler("learned_range").save_pretrained(folder / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(folder / "vae")
+    extra = {"guidance_schedule": "power-cosine", "scale_pow": 4.0, "guidance_channels": 3, "null_class": int(model.null_class)}
+    index = _model_index("ClassConditionalPipeline", ["shd_diffusion.models", "MDTv2"], vae is not None, extra)
+    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
+    return {"transformer_class": "MDTv2", "custom_code": False, "pipeline": "ClassConditionalPipeline"}
+
+
+def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics: dict[str, Any] | None, vae: str | None) -> str:
+    """The model card: what the model is, how it was trained, how to load it, its scores."""
+    config = info.get("config") if isinstance(info.get("config"), dict) else None
+    teacher = (config or {}).get("teacher") or {}
+    family = type(model).__name__
+    lines = [
+        "---", "library_name: diffusers", "tags: [class-conditional, image-generation, distillation, shd]", "---", "",
+        f"# {family} student distilled with Squeezing-Heads Distillation (SHD)", "",
+        f"- exported from `{info['source']}` ({info['weights']})",
+        f"- training steps: {info.get('step') if info.get('step') is not None else 'unknown (not stored in the checkpoint)'}",
+        f"- teacher: {teacher.get('model', {}).get('name', 'unknown')} from `{teacher.get('checkpoint', 'unknown')}`"
+        if teacher else "- teacher: unknown (the checkpoint stores no training config)",
+        f"- VAE: `{vae}`" if vae else "- pixel-space model (no VAE)",
+        f"- architecture: `{json.dumps({k: v for k, v in model.config.items() if not k.startswith('_')})}`", "",
+        "## Load", "", "```python",
+    ]
+    if notes["pipeline"] == "DiTPipeline":
+        remote = ", trust_remote_code=True" if notes["custom_code"] else ""
+        lines += ["from diffusers import DiTPipeline", f'pipe = DiTPipeline.from_pretrained("DIR"{remote})',
+                  "images = pipe(class_labels=[207], guidance_scale=4.0, num_inference_steps=250).images", "# like this package's sampler (learned variance, guidance on 3 channels):",
+                  "from shd_diffusion.pipelines import ClassConditionalPipeline",
+                  f'pipe = ClassConditionalPipeline.from_pretrained("DIR", guidance_schedule="constant", null_class={model.null_class}{remote})']
+    else:
+        lines += ["from shd_diffusion.pipelines import ClassConditionalPipeline  # pip install shd_diffusion",
+                  'pipe = ClassConditionalPipeline.from_pretrained("DIR")',
+                  "images = pipe(class_labels=[207], guidance_scale=3.8, num_inference_steps=250).images"]
+    lines += ["```", ""]
+    if notes["pipeline"] == "DiTPipeline":
+        lines += ["`DiTPipeline` guides all latent channels with a constant scale, uses class 1000 as the null class, and "
+                  "drops the learned variance (its scheduler here uses the fixed-large variance); this package's sampler "
+                  "(and `ClassConditionalPipeline`) uses the learned-range variance and guides the first 3 channels, as the "
+                  "DiT and MDT papers do. Scores below come from this package's sampler.", ""]
+        if notes["custom_code"]:
+            lines += ["The student uses the original DiT timestep features, which `DiTTransformer2DModel` cannot express; "
+                      "`transformer/dit_transformer_freq_shift.py` (a 30-line subclass) adds them, hence `trust_remote_code`.", ""]
+    else:
+        lines += ["Guidance follows MDTv2: scale_t = (s - 1) (1 - cos(pi (1 - t/1000)^4)) / 2 + 1 on the first 3 eps channels.", ""]
+    if metrics:
+        lines += ["## Scores", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None]
+        lines += [""]
+    if config:
+        lines += ["## Training config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _read_metrics(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise BadInput(f"--metrics {path} is not a readable JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"--metrics {path} holds a {type(data).__name__}, expected a JSON object (sampling.score --json)")
+    return data
+
+
+def export(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    weights: str = "ema",
+    vae: str | None = None,
+    metrics: str | None = None,
+    push_to_hub: str | None = None,
+) -> Path:
+    """Export a DiT / MDTv2 checkpoint to a diffusers folder (see the module docstring).
+
+    Args:
+        checkpoint: any source of :func:`shd_diffusion.models.sources.load_model`.
+        out: the folder to create (absent or empty).
+        weights: ``"ema"`` or ``"raw"`` (a training checkpoint's ``model`` entry).
+        vae: VAE folder or Hub id shipped in ``vae/`` (latent models; default sd-vae-ft-ema).
+        metrics: a ``sampling.score --json`` file whose scores go into the card.
+        push_to_hub: upload the finished folder to this Hub repo (created if missing).
+
+    Returns:
+        The exported folder.
+    """
+    out = Path(out)
+    if weights not in ("ema", "raw"):
+        raise BadInput(f"--weights must be ema or raw, got {weights!r}")
+    if push_to_hub is not None and (parse_hub_id(push_to_hub) is None or ":" in push_to_hub or "@" in push_to_hub):
+        raise BadInput(f"--push-to-hub {push_to_hub!r} is not a Hub repo id: use org/name")
+    _check_target(out)
+    scores = _read_metrics(metrics)
+    model, info = load_model_with_info(checkpoint, use_ema=weights == "ema")
+    if not isinstance(model, (DiT, MDTv2)):
+        raise BadInput(f"{checkpoint} holds a {type(model).__name__}; export handles DiT and MDTv2")
+    in_channels = int(model.config.in_channels)
+    vae_model = _load_vae(vae, in_channels)
+    vae_name = None if vae_model is None else (vae or DEFAULT_VAE)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        notes = (_write_dit if isinstance(model, DiT) else _write_mdt)(model, vae_model, tmp)
+        atomic_write_text(tmp / "README.md", _card(model, info, notes, scores, vae_name))
+        meta = {"source": info["source"], "weights": info["weights"], "step": info.get("step"), "vae": vae_name, **notes}
+        atomic_write_text(tmp / "export.json", json.dumps(meta, indent=2, default=str) + "\n")
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); a rename cannot replace a folder
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if push_to_hub is not None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(push_to_hub, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message=f"Export {Path(str(checkpoint)).name}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``scripts/export.py`` / ``shd-export``."""
+    p = argparse.ArgumentParser(prog="scripts/export.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="training checkpoint, official .pt, save_pretrained folder or Hub id")
+    p.add_argument("--out", required=True, help="folder to create (must be absent or empty)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA or raw training weights")
+    p.add_argument("--vae", default=None, help=f"VAE folder or Hub id to ship in vae/ (latent models; default {DEFAULT_VAE})")
+    p.add_argument("--metrics", help="sampling.score --json output to put in the model card")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this Hub repo (org/name)")
+    add_debug_flag(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: one ``error:`` line and exit code 2 for bad input."""
+    args = build_parser().parse_args(argv)
+
+    def body() -> None:
+        path = export(args.checkpoint, args.out, args.weights, args.vae, args.metrics, args.push_to_hub)
+        print(f"exported {args.checkpoint} to {path}")
+
+    return run_main(body, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

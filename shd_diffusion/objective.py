@@ -1,0 +1,209 @@
+"""The distillation objective: the per-sample loss terms of one micro-batch (EDM ``loss.py`` style).
+
+:class:`DistillationObjective` takes the trained modules (:class:`StudentSide`), the frozen teacher
+and a batch, and returns named per-sample terms -- student diffusion loss (MDTv2: unmasked and
+masked pass), output KD, SHD, feature distillation -- plus their weighted sum. The weights
+(``distill.kd_weight`` = lambda_kd, ``distill.shd_beta`` = beta, ``distill.feature_weight``) are
+applied in one place, :func:`weighted_total`; the training loop only averages over the batch,
+back-propagates and logs. Adding a term touches this file only.
+
+SHD runs on captured q, k (:func:`~shd_diffusion.attention.capture_qk`): both forwards stay on
+fused attention, and each layer pair's term is :func:`~shd_diffusion.shd.shd_term` over blocks of
+query rows (``distill.chunk_size``), so no (B, H, N, N) map is ever stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+from torch import nn
+
+from . import shd as shd_math
+from .attention import AttentionStore, capture_qk
+from .diffusion import GaussianDiffusion
+from .distill import FeatureProjectors, capture_block_outputs, feature_loss, kd_loss, self_correlation_loss
+from .train_config import DistillConfig
+
+__all__ = ["StepTerms", "StudentSide", "DistillationObjective", "weighted_total", "per_sample", "noised"]
+
+# A capture: model -> context manager yielding the store its forward fills.
+Capture = Callable[[nn.Module], ContextManager[AttentionStore]]
+
+
+@dataclass
+class StepTerms:
+    """Per-sample loss terms of one micro-batch, and the diagnostics logged with them."""
+
+    terms: dict[str, torch.Tensor]  # name -> (B,) unweighted per-sample values
+    total: torch.Tensor  # (B,) weighted sum that is back-propagated (after the mean)
+    alphas: list[torch.Tensor] = field(default_factory=list)  # per SHD layer (B, H_t)
+
+
+def weighted_total(terms: dict[str, torch.Tensor], dc: DistillConfig) -> torch.Tensor:
+    """The one place where the terms are weighted: sum of weight x term, per sample (B,)."""
+    weights = {"diffusion": 1.0, "diffusion_masked": 1.0, "kd": dc.kd_weight, "shd": dc.shd_beta,
+               "feature": dc.feature_weight}
+    total: torch.Tensor | None = None
+    for name, value in terms.items():
+        part = value if weights[name] == 1.0 else weights[name] * value
+        total = part if total is None else total + part
+    assert total is not None, "the diffusion term is always present"
+    return total
+
+
+def per_sample(gens: list[torch.Generator], draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+    """Stack one draw per sample, each from its own generator: (B, ...)."""
+    return torch.stack([draw(g) for g in gens])
+
+
+def noised(diffusion: GaussianDiffusion, x0: torch.Tensor, gens: list[torch.Generator]
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample's timestep and noise (first draws of its generator), and x_t = q(x_t | x_0).
+
+    Returns:
+        t (B,), noise (B, C, H, W) and x_t (B, C, H, W), in ``x0``'s dtype.
+    """
+    dev, steps = x0.device, diffusion.num_timesteps
+    t = per_sample(gens, lambda g: torch.randint(0, steps, (), generator=g, device=dev))
+    noise = per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=dev)).to(x0.dtype)
+    return t, noise, diffusion.q_sample(x0, t, noise)
+
+
+class StudentSide(nn.Module):
+    """Everything that trains (student + optional feature projectors); DDP wraps this module.
+
+    Its forward runs one student pass and returns the output plus what the distillation terms
+    need (the SHD capture's store, block features), so DDP sees one forward per pass.
+    """
+
+    def __init__(self, student: nn.Module, projectors: FeatureProjectors | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.projectors = projectors
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        capture: Capture | None = None,
+        feature_layers: list[int] | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.Tensor, AttentionStore | None, list[torch.Tensor]]:
+        store = None
+        feats: list[torch.Tensor] = []
+        with contextlib.ExitStack() as stack:
+            if capture is not None:
+                store = stack.enter_context(capture(self.student))
+            if feature_layers:
+                feats = stack.enter_context(capture_block_outputs(self.student, feature_layers))
+            out = self.student(x, t, y, **model_kwargs)
+        return out, store, list(feats)
+
+
+class DistillationObjective:
+    """Per-sample terms of the distillation objective for one micro-batch.
+
+    Args:
+        cfg: the ``distill`` section. diffusion: the training diffusion.
+        teacher: the frozen teacher (eval mode, no grad), or None for ``distill.mode=none``.
+        layer_pairs: (student layer, teacher layer) per distilled pair, in student-layer order.
+        is_mdt: run MDTv2's masked pass too. min_snr: Min-SNR-5 weights on the eps MSE.
+        drop_prob: label-dropout probability (CFG). num_tokens: N (MDT keep-set draws).
+    """
+
+    def __init__(self, cfg: DistillConfig, diffusion: GaussianDiffusion, teacher: nn.Module | None,
+                 layer_pairs: Sequence[tuple[int, int]], *, is_mdt: bool, min_snr: bool, drop_prob: float,
+                 num_tokens: int) -> None:
+        self.cfg, self.diffusion, self.teacher = cfg, diffusion, teacher
+        self.layer_pairs = list(layer_pairs)
+        self.is_mdt, self.min_snr, self.drop_prob, self.num_tokens = is_mdt, min_snr, drop_prob, num_tokens
+        self.shd_on = cfg.uses_shd and bool(self.layer_pairs)
+        self.feat_on = cfg.feature_kind is not None and bool(self.layer_pairs)
+
+    # The SHD hooks: what is captured and how a layer pair's term is computed from it.
+    def student_capture(self, model: nn.Module) -> ContextManager[AttentionStore]:
+        return capture_qk(model, [j for j, _ in self.layer_pairs])
+
+    def teacher_capture(self, model: nn.Module) -> ContextManager[AttentionStore]:
+        return capture_qk(model, sorted({i for _, i in self.layer_pairs}), export_values=True)
+
+    def shd_terms(self, s: AttentionStore, t: AttentionStore, squeezers: Sequence[shd_math.HeadSqueezer]
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """L_SHD per sample (B,) (before beta) and alphas per pair, from the two captures."""
+        dc = self.cfg
+        total: torch.Tensor | None = None
+        alphas, heads = [], 0
+        for (j, i), sq in zip(self.layer_pairs, squeezers):
+            a, b = s.layer_indices.index(j), t.layer_indices.index(i)
+            loss, alpha = shd_math.shd_term(
+                s.queries[a], s.keys[a], t.queries[b], t.keys[b], t.values[b], t.out_weights[b],
+                groups=sq.groups, temperature=dc.temperature, student_bias=s.biases[a], teacher_bias=t.biases[b],
+                chunk_size=dc.chunk_size, loss=dc.loss, mode=sq.mode, generator_seed=sq.seed,
+            )
+            total = loss if total is None else total + loss
+            alphas.append(alpha)
+            heads += sq.student_heads
+        assert total is not None
+        return (total / heads if dc.reduction == "mean" else total), alphas
+
+    def __call__(self, side: nn.Module, x0: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator],
+                 mask_jitter: float, squeezers: Sequence[shd_math.HeadSqueezer]) -> StepTerms:
+        """Terms for clean inputs ``x0`` (B, C, H, W) and labels ``y`` (B,).
+
+        ``gens``: one generator per sample (timestep, noise, label drop, MDT keep set);
+        ``mask_jitter``: this step's MDT mask-ratio draw; ``squeezers``: one per layer pair.
+        """
+        dc, diff, dev = self.cfg, self.diffusion, x0.device
+        t, noise, x_t = noised(diff, x0, gens)
+        # Drop labels once, here, so student and teacher see the same (dropped) labels.
+        drop = (per_sample(gens, lambda g: torch.rand((), generator=g, device=dev)) < self.drop_prob).long()
+        weight = diff.min_snr_weight(t) if self.min_snr else None
+        s_layers = [j for j, _ in self.layer_pairs]
+        out, s_store, s_feats = side(x_t, t, y, capture=self.student_capture if self.shd_on else None,
+                                     feature_layers=s_layers if self.feat_on else None, force_drop_ids=drop)
+        terms = {"diffusion": diff.training_losses(out.float(), x0, x_t, t, noise, mse_weight=weight)["loss"]}
+        if self.is_mdt:
+            # Masked pass: same t, independent noise (as upstream), random keep set per sample.
+            noise_m = per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=dev)).to(x0.dtype)
+            x_tm = diff.q_sample(x0, t, noise_m)
+            mask_noise = per_sample(gens, lambda g: torch.rand(self.num_tokens, generator=g, device=dev))  # (B, N)
+            out_m, _, _ = side(x_tm, t, y, enable_mask=True, force_drop_ids=drop, mask_jitter=mask_jitter,
+                               mask_noise=mask_noise)
+            terms["diffusion_masked"] = diff.training_losses(out_m.float(), x0, x_tm, t, noise_m,
+                                                             mse_weight=weight)["loss"]
+        alphas: list[torch.Tensor] = []
+        if self.teacher is not None:
+            t_out, t_store, t_feats = self._teacher(x_t, t, y, drop)
+            if dc.uses_kd:
+                terms["kd"] = kd_loss(out, t_out)
+            if self.shd_on:
+                terms["shd"], alphas = self.shd_terms(s_store, t_store, squeezers)
+            if self.feat_on:
+                terms["feature"] = self._feature(side, s_feats, t_feats)
+        return StepTerms(terms=terms, total=weighted_total(terms, dc), alphas=alphas)
+
+    @torch.no_grad()
+    def _teacher(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor
+                 ) -> tuple[torch.Tensor, AttentionStore | None, dict[int, torch.Tensor]]:
+        """The teacher's output, SHD capture and block features (per teacher layer), no graph."""
+        t_layers = sorted({i for _, i in self.layer_pairs})
+        with contextlib.ExitStack() as stack:
+            store = stack.enter_context(self.teacher_capture(self.teacher)) if self.shd_on else None
+            feats = stack.enter_context(capture_block_outputs(self.teacher, t_layers)) if self.feat_on else []
+            out = self.teacher(x_t, t, y, force_drop_ids=drop)
+        return out, store, dict(zip(t_layers, feats))
+
+    def _feature(self, side: nn.Module, s_feats: list[torch.Tensor], t_feats: dict[int, torch.Tensor]) -> torch.Tensor:
+        t_sel = [t_feats[i] for _, i in self.layer_pairs]
+        if self.cfg.feature_kind == "projector":
+            return feature_loss(s_feats, t_sel, _unwrap(side).projectors)
+        return self_correlation_loss(s_feats, t_sel)
+
+
+def _unwrap(side: nn.Module) -> nn.Module:
+    """The :class:`StudentSide` inside a DDP (or compiled) wrapper."""
+    return getattr(side, "module", side)
