@@ -97,7 +97,6 @@ class DistillConfig:
     calibration_batches: int = 1  # global batches (start of the data stream) used once for head matching
     max_group_size: int | None = None  # head matching: cap on teacher heads per student head; None = no cap
     chunk_size: int | None = None  # SHD query rows per block (memory ~ B H chunk N); None = automatic (256 MiB per block)
-    chunk_size: int | None = None  # SHD query rows per block (memory ~ B H chunk N); None = automatic (256 MiB per block)
 
     def __post_init__(self) -> None:
         if self.temperature < 1.0:
@@ -106,9 +105,6 @@ class DistillConfig:
             raise ValueError(f"distill.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.max_group_size is not None and self.max_group_size < 1:
             raise ValueError(f"distill.max_group_size must be >= 1 or null, got {self.max_group_size}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"distill.chunk_size must be >= 1 (query rows per SHD block) or null (automatic), "
-                             f"got {self.chunk_size}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"distill.chunk_size must be >= 1 (query rows per SHD block) or null (automatic), "
                              f"got {self.chunk_size}")
