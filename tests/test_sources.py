@@ -235,3 +235,25 @@ def test_parse_hub_id():
     assert (ref.repo_id, ref.revision, ref.path) == ("org/repo", "v1.0", "ckpt/ema.pt")
     for not_hub in ("./runs/x", "/abs/path.pt", "file.pt", "a/b/c"):
         assert parse_hub_id(not_hub) is None
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_trainer_takes_a_diffusers_teacher_from_the_hub(tmp_path, hub_cache):
+    from test_training import make_cfg, make_trainer
+
+    # The tiny teacher of tests/test_training.py (DiT-S/4 shape, 48 wide, 4 blocks, 4 heads, 1 x 32 x 32).
+    teacher = random_diffusers_dit(num_attention_heads=4, attention_head_dim=12, in_channels=1, out_channels=2,
+                                   num_layers=4, sample_size=32, patch_size=4, norm_eps=1e-5)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(0.2)  # keep a 4-block random model's outputs O(1)
+    teacher.save_pretrained(tmp_path / "dit")
+    hub_cache("org/teacher", {f"transformer/{p.name}": p for p in (tmp_path / "dit").iterdir()})
+    cfg = make_cfg(tmp_path, "kd_shd", "dit", ["teacher.checkpoint=org/teacher:transformer"])
+    trainer = make_trainer(cfg, tmp_path)
+    assert isinstance(trainer.teacher, DiT) and trainer.teacher.config.freq_shift == 1
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, 1, 32, 32, generator=g), torch.tensor([5, 900]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert_close(trainer.teacher(x, t, y), teacher(x, timestep=t, class_labels=y).sample)

@@ -85,11 +85,12 @@ def _download(ref: HubRef) -> Path:
     try:
         if ref.path and ref.path.endswith(WEIGHT_SUFFIXES):
             return Path(huggingface_hub.hf_hub_download(ref.repo_id, ref.path, revision=ref.revision))
-        prefix = f"{ref.path}/" if ref.path else ""
-        patterns = [prefix + f for f in _FOLDER_FILES]
-        if not ref.path:  # a pipeline repo keeps the model one level down
-            patterns += [f"{PIPELINE_SUBFOLDER}/{f}" for f in _FOLDER_FILES]
+        prefixes = [f"{ref.path}/"] if ref.path else ["", f"{PIPELINE_SUBFOLDER}/"]  # pipelines: one level down
+        patterns = [p + f for p in prefixes for f in _FOLDER_FILES]
         root = Path(huggingface_hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
+        if not any(root.glob("**/*.safetensors")):  # older repos: diffusers reads .bin weights-only
+            patterns = [p + "diffusion_pytorch_model*.bin*" for p in prefixes]
+            root = Path(huggingface_hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
     except errors.LocalEntryNotFoundError as err:
         raise CheckpointError(
             f"Hub source {ref} is not in the local Hugging Face cache and the Hub cannot be reached "
@@ -175,7 +176,10 @@ def load_diffusers_dit(source: str | os.PathLike[str]) -> Any:
     if folder.is_file() or _folder_kind(folder) != "diffusers_dit":
         raise CheckpointError(f"{source} is not a diffusers DiTTransformer2DModel folder")
     cls = DIFFUSERS_DIT_CLASSES[_folder_class(folder)]
-    return cls.from_pretrained(folder, torch_dtype=None).float().eval()
+    try:
+        return cls.from_pretrained(folder).float().eval()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot load the diffusers DiT in {folder} ({str(err).splitlines()[0][:300]}): fetch it again") from None
 
 
 def _log(msg: str, enabled: bool) -> None:
