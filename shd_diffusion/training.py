@@ -301,6 +301,7 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_config_lr()
         self._set_groups(state["groups"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -308,6 +309,21 @@ class Trainer:
         self._history = [(int(s), float(loss), float(g)) for s, loss, g in health.get("history", [])]
         self._verdicts = {int(k): bool(v) for k, v in health.get("verdicts", {}).items()}
         self._unjudged = [int(k) for k in health.get("unjudged", [])]
+
+    def _apply_config_lr(self) -> None:
+        """Use this run's optim.lr / weight_decay / warmup, not the checkpoint's (they may change on resume).
+
+        The loaded optimizer state carries the old lr in its param groups; without this a resume
+        with a lower ``optim.lr`` (the fix after a divergence) would silently keep the old one.
+        Unchanged settings give bitwise the loaded values (the same ``lr * warmup(step)`` product).
+        """
+        oc, sched = self.cfg.optim, self.scheduler
+        sched.base_lrs = [oc.lr] * len(sched.base_lrs)
+        for group, rule in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = oc.lr
+            group["lr"] = oc.lr * rule(sched.last_epoch)
+            group["weight_decay"] = oc.weight_decay
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr reports
 
     def save(self) -> Path | None:
         """Write a checkpoint from the main process (atomic; keeps the last K and the newest healthy one)."""
