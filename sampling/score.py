@@ -68,7 +68,14 @@ from sampling.inception import (
     inspect_weights,
     load_feature_extractor,
 )
-from shd_diffusion.cli import BadInput, add_debug_flag, check_writable_dir, check_writable_file, run_main
+from shd_diffusion.cli import (
+    BadInput,
+    add_debug_flag,
+    check_writable_dir,
+    check_writable_file,
+    describe_os_error,
+    run_main,
+)
 from shd_diffusion.fileio import atomic_path, atomic_write_text
 
 STATS_FORMAT = "shd_diffusion.ref_stats/v1"
@@ -638,8 +645,11 @@ def reference_stats(
     feats = extract_features(batches, n, extractor, device, names, desc="reference", progress=progress)[POOL]
     mu, sigma = metrics.feature_stats(feats)
     stats = RefStats(mu, sigma, feats, hw, weights.sha256, str(ref.resolve()))
-    stats.save(cache_path)
-    _log(f"reference statistics cached at {cache_path}")
+    try:
+        stats.save(cache_path)
+        _log(f"reference statistics cached at {cache_path}")
+    except OSError as e:  # the cache only saves time: a full disk must not cost the scores
+        _log(f"could not cache the reference statistics ({describe_os_error(e)}); continuing without")
     return stats, info
 
 
@@ -949,8 +959,13 @@ def _run(args: argparse.Namespace) -> dict:
     if args.json == "-":
         print(text, flush=True)
     elif args.json is not None:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json, text + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.json, text + "\n")
+        except OSError as e:  # checked writable up front, yet e.g. the disk filled: keep the scores
+            print(text, flush=True)
+            raise ScoreError(f"could not write --json {args.json} ({describe_os_error(e)}); "
+                             "the report was printed to stdout instead") from e
     print(summary_line(result), file=sys.stderr if args.json == "-" else sys.stdout)
     return result
 

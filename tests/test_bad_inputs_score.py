@@ -8,6 +8,7 @@ weights cases at the end use the real loading code.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import urllib.error
 import zipfile
@@ -234,3 +235,33 @@ def test_missing_weights_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     outcome = call(main, argv)
     assert_refused(outcome, "cannot download", "convert_inception.py", "--inception-weights")
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------ failures after the scores exist
+
+
+class _PixelFeatures(torch.nn.Module):
+    """A stand-in Inception: each image's pixels, tiled to 2048 values (distinct, deterministic)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        flat = x.flatten(1).float() / 255  # (B, 3 * H * W)
+        return (flat.repeat(1, 2048 // flat.shape[1] + 1)[:, :2048],)  # (B, 2048)
+
+
+def _enospc(*args: object, **kwargs: object) -> None:
+    raise OSError(28, "No space left on device", str(args[0]) if args else "?")
+
+
+def test_full_disk_keeps_the_scores(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--json cannot be written after scoring (the disk filled): the report goes to stdout, exit 2,
+    no partial file. A cache write that fails only costs the cache."""
+    monkeypatch.setattr(score_mod, "load_feature_extractor", lambda *a, **k: _PixelFeatures())
+    monkeypatch.setattr(score_mod, "atomic_write_text", _enospc)
+    monkeypatch.setattr(RefStats, "save", _enospc)
+    argv = _argv(world, ref=_adm(world, "a.npz"))  # arr_0 only: its statistics are computed, then cached
+    outcome = call(main, argv)
+    assert_refused(outcome, "could not write --json", "no space left", "printed to stdout")
+    report = json.loads(outcome.stdout)
+    assert report["fid_protocol"] == "reference-images" and abs(report["fid"]) < 1e-6  # arr_0 = the samples
+    assert "could not cache the reference statistics" in outcome.stderr
+    assert not world["out"].exists() or not any(world["out"].rglob("*.json"))
