@@ -127,3 +127,20 @@ def test_a_training_step_at_1024_tokens_stays_within_its_memory_bound(tmp_path):
     assert peak < 2 * 4 * 1024**2 * 4, peak / 2**20
     after = trainer.acc.unwrap_model(trainer.side).student.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it did train
+
+
+@pytest.mark.parametrize("name, student_heads", [("dit_s2_from_xl2_512", 6), ("dit_b2_from_xl2_512", 12)])
+def test_512px_configs_resolve_to_1024_tokens(name, student_heads):
+    from pathlib import Path
+
+    from shd_diffusion.config import load_config
+    from shd_diffusion.models.registry import MODEL_CONFIGS
+    from shd_diffusion.train_config import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    for model in (cfg.student, cfg.teacher.model):
+        patch = MODEL_CONFIGS[model.name].keywords["patch_size"]
+        assert (model.input_size // patch) ** 2 == 1024
+    assert MODEL_CONFIGS[cfg.student.name].keywords["num_heads"] == student_heads and cfg.distill.chunk_size is None
+    # The automatic block at the paper's per-GPU batch (256 over 8 GPUs) is a fraction of N.
+    assert 16 <= shd.auto_chunk_size(32, 16, student_heads, 1024) < 1024
