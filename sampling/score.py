@@ -235,11 +235,12 @@ def open_npz_images(path: str | os.PathLike, key: str = "arr_0", what: str = "sa
     if not path.is_file():
         raise ScoreError(f"{what} {path} not found")
     member, name = f"{key}.npy", f"{path}:{key}"
-    header, members = None, []
+    header, members, stored_bytes = None, [], 0
     try:
         with zipfile.ZipFile(path) as zf:
             members = zf.namelist()
             if member in members:
+                stored_bytes = zf.getinfo(member).file_size  # uncompressed size, from the zip directory
                 with zf.open(member) as f:
                     header = _read_npy_header(f)
     except _ARCHIVE_ERRORS as e:
@@ -257,6 +258,12 @@ def open_npz_images(path: str | os.PathLike, key: str = "arr_0", what: str = "sa
     if header is not None:
         shape, fortran, dtype, offset = header
         check_image_layout(shape, dtype, name)
+        declared = offset + math.prod(shape)  # uint8: one byte per value
+        if declared > stored_bytes:  # before any batch is allocated or any forward runs
+            raise ScoreError(
+                f"{name}: its header declares shape {tuple(shape)} ({declared} bytes) but the archive holds "
+                f"{stored_bytes}; the file is truncated or corrupt: re-create or re-copy it"
+            )
         if not fortran:
             return NpzImages(path, member, shape, offset)
     _log(f"{name}: not a C-order .npy v1/v2 member, so it cannot be streamed: loading it whole")

@@ -53,6 +53,17 @@ def _truncated_member(path: Path, images: np.ndarray) -> None:
         zf.writestr("arr_0.npy", raw[:-7])
 
 
+def _absurd_header(path: Path) -> None:
+    """An arr_0 whose header declares 5 x 100000 x 100000 x 3 uint8 (150 GB) over a few bytes."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                               "shape": (5, 100000, 100000, 3)})
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("arr_0.npy", buf.getvalue() + b"\x00" * 64)
+
+
 def _bad_crc(path: Path, images: np.ndarray) -> None:
     np.savez(path, images)
     data = bytearray(path.read_bytes())
@@ -100,6 +111,8 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
                                           _argv(w, "t.npz"))[1], ("t.npz", "not a readable .npz")),
     ("samples-truncated-member", lambda w: (_truncated_member(w["in"] / "t.npz", w["images"]), _argv(w, "t.npz"))[1],
      ("t.npz", "truncated")),
+    ("samples-absurd-header", lambda w: (_absurd_header(w["in"] / "h.npz"), _argv(w, "h.npz"))[1],
+     ("h.npz", "declares shape (5, 100000, 100000, 3)", "truncated or corrupt")),
     ("samples-bad-crc", lambda w: (_bad_crc(w["in"] / "c.npz", w["images"]), _argv(w, "c.npz"))[1],
      ("c.npz", "corrupt", "re-create")),
     ("samples-missing-arr_0", lambda w: (np.savez(w["in"] / "k.npz", images=w["images"]), _argv(w, "k.npz"))[1],

@@ -1,7 +1,7 @@
 """Scoring: converter parity, metric oracles, and the real `sampling.score` entry point (CPU, offline).
 
 Inception forwards dominate the runtime (~6 GFLOP each, whatever the input size: the network
-resizes to 299), so the image sets are tiny and the two scoring runs are shared by a module fixture.
+resizes to 299), so the image sets are tiny and the three scoring runs are shared by a module fixture.
 """
 
 from __future__ import annotations
