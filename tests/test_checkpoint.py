@@ -272,3 +272,73 @@ def test_interrupted_run_resumes_bitwise(tmp_path):
     for a, b in zip(ema.state_dict().values(), ema3.state_dict().values()):
         assert torch.equal(a, b)
     assert opt.param_groups[0]["lr"] == opt3.param_groups[0]["lr"] == 1e-2
+
+
+# ----------------------------------------------------------------------------- health, resume points
+
+
+def _history(losses: list[float], grad: float = 1.0) -> list[tuple[int, float, float]]:
+    return [(s + 1, loss, grad) for s, loss in enumerate(losses)]
+
+
+def test_checkpoint_health_needs_the_first_step_on_its_weights_within_the_factor():
+    flat = [1.0] * 20
+    assert ckpt.checkpoint_health(_history(flat), 10, factor=10.0) is True
+    assert ckpt.checkpoint_health(_history(flat[:10]), 10, factor=10.0) is None  # step 11 not known yet
+    spike = flat[:10] + [10.5] + [1.0] * 19  # step 11 = the first loss on checkpoint 10's weights
+    assert ckpt.checkpoint_health(_history(spike), 10, factor=10.0) is False
+    assert ckpt.checkpoint_health(_history(spike), 10, factor=11.0) is True
+    assert ckpt.checkpoint_health(_history(spike), 11, factor=10.0) is False  # step 11 is among its recent ones
+    assert ckpt.checkpoint_health(_history(spike), 11 + ckpt.HEALTH_RECENT, factor=10.0) is True  # out of reach
+    nan = flat[:10] + [float("nan")]
+    assert ckpt.checkpoint_health(_history(nan), 10, factor=10.0) is False
+    steep_grad = [(s, 1.0, 1.0) for s in range(1, 11)] + [(11, 1.0, 50.0)]
+    assert ckpt.checkpoint_health(steep_grad, 10, factor=10.0) is False
+
+
+def test_resume_points_and_setting_aside_later_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(_state(step), tmp_path, step, keep_last=None)
+    assert ckpt.resolve_resume(tmp_path, "auto").name == "step_00000004.pt"
+    assert ckpt.resolve_resume(tmp_path, "none") is None
+    assert ckpt.resolve_resume(tmp_path, "step=2") == tmp_path / "checkpoints" / "step_00000002.pt"
+    with pytest.raises(CheckpointError, match="steps held in .*: 1, 2, 3, 4"):
+        ckpt.resolve_resume(tmp_path, "step=9")
+
+    moved = ckpt.set_aside_later(tmp_path, 2)
+    assert moved == tmp_path / "checkpoints" / "after_step_00000002"
+    assert sorted(p.name for p in moved.iterdir()) == ["step_00000003.pt", "step_00000004.pt"]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]
+    assert latest_checkpoint(tmp_path).name == "step_00000002.pt"  # auto now follows the resumed branch
+    assert ckpt.set_aside_later(tmp_path, 2) is None  # nothing later any more
+    save_checkpoint(_state(3), tmp_path, 3, keep_last=None)
+    assert ckpt.set_aside_later(tmp_path, 2).name == "after_step_00000002-2"  # never overwrites the first
+    assert load_checkpoint(moved / "step_00000003.pt")["step"] == 3
+
+
+def test_pruning_keeps_a_protected_checkpoint(tmp_path):
+    first = save_checkpoint(_state(1), tmp_path, 1, keep_last=1)
+    save_checkpoint(_state(2), tmp_path, 2, keep_last=1, protect=[first])
+    save_checkpoint(_state(3), tmp_path, 3, keep_last=1, protect=[first])
+    assert _names(tmp_path) == ["step_00000001.pt", "step_00000003.pt"]
+
+
+@pytest.mark.parametrize("failure", ["oserror", "torch_runtime_error"])
+def test_full_disk_is_enospc_naming_the_checkpoint(tmp_path, monkeypatch, failure):
+    import errno
+
+    good = save_checkpoint(_state(1), tmp_path, 1)
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        if failure == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
+    with pytest.raises(OSError) as info:
+        save_checkpoint(_state(2), tmp_path, 2)
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("step_00000002.pt")
+    assert _names(tmp_path) == ["step_00000001.pt"]  # no temp file, the previous one intact
+    assert load_checkpoint(good)["step"] == 1
