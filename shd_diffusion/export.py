@@ -200,6 +200,8 @@ def export(
     _check_target(out)
     scores = _read_metrics(metrics)
     model, info = load_model_with_info(checkpoint, use_ema=weights == "ema")
+    if weights == "raw" and "raw training" not in info["weights"]:
+        raise BadInput(f"--weights raw: {checkpoint} has no separate raw ('model') weights, only {info['weights']}; drop --weights raw")
     if not isinstance(model, (DiT, MDTv2)):
         raise BadInput(f"{checkpoint} holds a {type(model).__name__}; export handles DiT and MDTv2")
     in_channels = int(model.config.in_channels)
