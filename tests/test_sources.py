@@ -257,3 +257,31 @@ def test_trainer_takes_a_diffusers_teacher_from_the_hub(tmp_path, hub_cache):
     x, t, y = torch.randn(2, 1, 32, 32, generator=g), torch.tensor([5, 900]), torch.tensor([1, 10])
     with torch.no_grad():
         assert_close(trainer.teacher(x, t, y), teacher(x, timestep=t, class_labels=y).sample)
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+@pytest.mark.parametrize("teacher, needles", [
+    ("org/missing:transformer", ["org/missing", "not in the local hugging face cache", "hf download"]),
+    ("{root}/vae", ["AutoencoderKL", "not a DiT / MDTv2 model"]),
+    ("{root}/pickled.pt", ["pickled.pt", "pickles other objects", "re-save just the state dict"]),
+])
+def test_training_refuses_a_bad_teacher_source_in_one_line(teacher, needles, tmp_path, hub_cache):
+    import importlib.util
+
+    from cli_cases import assert_refused, call, snapshot
+    from test_training import COMMON, DIT_STUDENT, DIT_TEACHER, REPO, _shared
+
+    spec = importlib.util.spec_from_file_location("train_mdt_shd", REPO / "scripts" / "train_mdt_shd.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",)).save_pretrained(tmp_path / "vae")
+    torch.save({"ema": DiT(**DIT_ARCH).state_dict(), "extra": Foreign()}, tmp_path / "pickled.pt")
+    argv = [*COMMON, *DIT_STUDENT, *_shared("student"), *DIT_TEACHER, *_shared("teacher.model"), "distill.mode=kd",
+            f"teacher.checkpoint={teacher.format(root=tmp_path)}", "train.steps=2", f"train.output_dir={tmp_path / 'runs'}",
+            "train.run_name=r", "--no-progress"]
+    before = snapshot(tmp_path)
+    outcome = call(script.main, argv)
+    assert_refused(outcome, *needles, code=2)
+    assert "weights_only=False" not in outcome.stderr
+    assert snapshot(tmp_path) == before
