@@ -23,8 +23,9 @@ Logits count as unavailable when the sidecar says so **or** ``fc.weight`` is all
 rule still holds if the sidecar is lost; scoring then reports IS as null with the reason.
 
 Spatial features for sFID (ADM's ``mixed_6/conv:0[..., :7]``): torch-fidelity's own TF-graph
-converter maps the TF scope ``mixed_6/conv`` onto ``Mixed_6d.branch1x1``, and in the TF graph the
-tensor named after a conv scope is its ReLU output, which is what ``BasicConv2d`` returns.
+converter maps the TF scope ``mixed_6/conv`` onto ``Mixed_6d.branch1x1``, and the tensor named
+after a conv scope is that block's ReLU output (as in fid-helper's TorchScript port of the same
+graph, whose ``mixed_6.conv`` module ends in the ReLU), which is what ``BasicConv2d`` returns.
 :func:`capture_spatial` hooks that module and keeps channels 0..6 flattened in TF's NHWC order
 (17 x 17 x 7 = 2023 values per image). torch-fidelity does not list it among its feature names.
 """
@@ -427,7 +428,7 @@ def capture_spatial(net: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     The hook is removed on exit, also after an exception.
 
     Args:
-        net: a ``FeatureExtractorInceptionV3`` (any requested feature list runs through Mixed_6d).
+        net: a ``FeatureExtractorInceptionV3`` asked for '768' or a later feature (those run Mixed_6d).
     """
     out: list[torch.Tensor] = []
 

@@ -713,20 +713,24 @@ def _fid_against(pool: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray) -> flo
     return metrics.frechet_distance(mu, sigma, mu_r, sigma_r, factor1=factor)
 
 
-def _fid_reference(kind: str, stored: StoredStats | None, recompute: bool, ref_stats: RefStats,
+def _fid_reference(kind: str, stored: StoredStats | None, has_stored: bool, ref_stats: RefStats,
                    ref_desc: str) -> tuple[str, np.ndarray, np.ndarray, str]:
-    """(protocol, mu, sigma, reference description) of the statistics FID is measured against."""
-    if stored is not None and not recompute:
+    """(protocol, mu, sigma, reference description) of the statistics FID is measured against.
+
+    ``stored`` is None when the reference stores none or ``--recompute-ref-stats`` set them aside
+    (then ``has_stored``).
+    """
+    if stored is not None:
         return "adm-stored-stats", stored.mu, stored.sigma, f"stored mu/sigma of {ref_desc}"
     if kind == "stats":
         return "stats-file", ref_stats.mu, ref_stats.sigma, f"statistics file {ref_desc} (of {ref_stats.source})"
-    protocol = "recomputed-from-arr_0" if stored is not None else "reference-images"
+    protocol = "recomputed-from-arr_0" if has_stored else "reference-images"
     return protocol, ref_stats.mu, ref_stats.sigma, f"{len(ref_stats.features)} images of {ref_desc}"
 
 
-def _sfid_unavailable(kind: str, stored: StoredStats | None, recompute: bool) -> str | None:
+def _sfid_unavailable(kind: str, stored: StoredStats | None, has_stored: bool) -> str | None:
     """Why sFID is not computed, or None when the reference's stored mu_s/sigma_s are used."""
-    if recompute and stored is not None:
+    if stored is None and has_stored:
         return "--recompute-ref-stats: sFID is computed only against a reference batch's stored mu_s/sigma_s"
     if stored is None:
         return (f"the reference ({kind}) stores no mu_s/sigma_s: sFID is computed only against an ADM "
@@ -774,8 +778,10 @@ def score(
     num_samples, sample_hw = _count_hw(images)
     _check_count(num_samples, f"samples {samples}", needs)
     kind, keys = _classify_ref(Path(ref))  # refusals about the reference come before any weights load
-    stored = read_stored_stats(Path(ref), keys) if kind == "adm_npz" else None
-    sfid_reason = _sfid_unavailable(kind, stored, recompute_ref_stats)
+    has_stored = kind == "adm_npz" and ("mu" in keys or "sigma" in keys)
+    # --recompute-ref-stats sets stored statistics aside unread, so it is also the way past bad ones.
+    stored = read_stored_stats(Path(ref), keys) if kind == "adm_npz" and not recompute_ref_stats else None
+    sfid_reason = _sfid_unavailable(kind, stored, has_stored)
 
     weights = inspect_weights(inception_weights) if inception_weights is not None else None
     names = [POOL, LOGITS] if weights is None or weights.logits_available else [POOL]
@@ -792,7 +798,7 @@ def score(
     feats = extract_features(batches, num_samples, extractor, device, names, "samples", progress,
                              spatial=sfid_reason is None)
     pool = feats[POOL]  # (N, 2048)
-    protocol, mu_r, sigma_r, fid_ref = _fid_reference(kind, stored, recompute_ref_stats, ref_stats, str(ref))
+    protocol, mu_r, sigma_r, fid_ref = _fid_reference(kind, stored, has_stored, ref_stats, str(ref))
     _log(f"FID protocol: {protocol}: {FID_PROTOCOLS[protocol]}")
     fid = _fid_against(pool, mu_r, sigma_r)
     sfid = None if sfid_reason is not None else _fid_against(feats[SPATIAL], stored.mu_s, stored.sigma_s)

@@ -278,3 +278,15 @@ def test_full_disk_keeps_the_scores(world: dict, monkeypatch: pytest.MonkeyPatch
     assert report["fid_protocol"] == "reference-images" and abs(report["fid"]) < 1e-6  # arr_0 = the samples
     assert "could not cache the reference statistics" in outcome.stderr
     assert not world["out"].exists() or not any(world["out"].rglob("*.json"))
+
+
+def test_recompute_is_the_way_past_bad_stored_stats(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal of malformed stored statistics advises --recompute-ref-stats: that must work."""
+    monkeypatch.setattr(score_mod, "load_feature_extractor", lambda *a, **k: _PixelFeatures())
+    ref = _adm(world, "r.npz", mu=np.ones(7), sigma=np.eye(7))
+    assert_refused(call(main, _argv(world, ref=ref)), "--recompute-ref-stats")
+    outcome = call(main, _argv(world, ref=ref) + ["--recompute-ref-stats"])
+    assert outcome.code == 0, outcome.stderr
+    report = json.loads((world["out"] / "scores.json").read_text())
+    assert report["fid_protocol"] == "recomputed-from-arr_0" and abs(report["fid"]) < 1e-6  # arr_0 = the samples
+    assert report["sfid"] is None and "--recompute-ref-stats" in report["sfid_unavailable_reason"]
