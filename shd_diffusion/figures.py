@@ -126,7 +126,10 @@ def draw_attention_figure(
     draw.text((pad, 2), title, fill="black")
     draw.text((left, top - 14), "x_t", fill="black")
     for (name, short, count), x0 in zip(groups, starts):
-        draw.text((x0, top - 26), f"{name} ({count})" if short == "h" else name, fill="black")
+        name = f"{name} ({count})" if short == "h" else name
+        if len(name) * 6 > count * (side + pad) + gap - pad and short == "sq":  # ~6 px per character
+            name = "SHD targets"  # the long heading would run into the student's
+        draw.text((x0, top - 26), name, fill="black")
         for j in range(count):
             draw.text((x0 + j * (side + pad), top - 14), f"{short}{j + 1}", fill="black")
     cell = side / g

@@ -319,8 +319,12 @@ st = trainer.compute_terms(x, y, gens, 0.5)
 acc.backward(st.total.mean())
 grads = {{n: p.grad.clone() for n, p in acc.unwrap_model(trainer.side).named_parameters() if p.grad is not None}}
 assert acc.num_processes == {n}, acc.num_processes
+# What the loop logs: the loss averaged over the ranks, and every rank's alphas.
+logged = {{"mean": trainer._global_means({{"loss": st.total.mean().detach()}}, 1)["loss"],
+          "local": float(st.total.mean()), "alphas": trainer._gather_alphas(st.alphas)[0]}}
 if acc.is_main_process:
     torch.save(grads, tmp / f"grads_{{acc.num_processes}}.pt")
+    torch.save(logged, tmp / f"logged_{{acc.num_processes}}.pt")
 # Tear down as train() does: drop the DDP reducer, then destroy the gloo group together. A group
 # left alive, destroyed while the peer still works, or outlived by the reducer can abort the
 # process at exit in C++ ("terminate called without an active exception").
@@ -351,6 +355,12 @@ def test_two_process_gloo_run_matches_one_process_gradients(tmp_path):
     assert one.keys() == two.keys() and len(one) > 10
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-4, msg=k)
+    # Logged values cover both ranks: the 2-process mean is the 1-process batch mean, not rank 0's.
+    log1, log2 = (torch.load(tmp_path / f"logged_{n}.pt", weights_only=True) for n in (1, 2))
+    assert abs(log2["mean"] - log1["mean"]) <= 1e-5 * abs(log1["mean"])
+    assert abs(log2["local"] - log1["mean"]) > 1e-4 * abs(log1["mean"])  # rank 0 alone would differ
+    assert log2["alphas"].shape == log1["alphas"].shape == (8, 4)  # (global batch, H_t)
+    torch.testing.assert_close(log2["alphas"].sum(0), log1["alphas"].sum(0), atol=1e-5, rtol=1e-5)
 
 
 def test_ema_sample_grid_and_tensorboard_logs(tmp_path):
@@ -495,20 +505,29 @@ def test_image_folder_is_encoded_on_the_fly_with_the_vae(tmp_path):
 def test_tensorboard_has_every_term_alpha_stats_and_the_grid_leaves_weights_alone(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = make_cfg(tmp_path, "kd_shd", "dit", ["train.steps=2", "train.sample_every=2"])
+    cfg = make_cfg(tmp_path, "kd_shd", "dit", ["train.steps=2", "train.sample_every=2", "train.figure_every=2"])
     run_dir = tmp_path / "runs" / "t"
     acc = make_accelerator(cfg, run_dir, log=True)
     trainer = train(cfg, run_dir, progress=False, accelerator=acc)
     events = sorted(run_dir.rglob("events.out.tfevents*"))
     assert events
-    tags = set()
+    tags: dict[str, set] = {"scalars": set(), "images": set(), "histograms": set()}
+    panels = []
     for ev in events:
-        ea = EventAccumulator(str(ev))
+        ea = EventAccumulator(str(ev), size_guidance={"images": 0})
         ea.Reload()
-        tags |= set(ea.Tags()["scalars"])
+        for kind in tags:
+            tags[kind] |= set(ea.Tags()[kind])
+        if "figures/attention" in ea.Tags()["images"]:
+            panels += ea.Images("figures/attention")
     for tag in ("loss", "loss/diffusion", "loss/kd", "loss/shd", "grad_norm", "lr", "throughput/img_per_s",
                 "alpha/layer00_min", "alpha/layer00_max", "alpha/layer00_std", "alpha/layer00_zero_frac"):
-        assert tag in tags, (tag, sorted(tags))
+        assert tag in tags["scalars"], (tag, sorted(tags["scalars"]))
+    # Every train.figure_every steps: alpha histograms per SHD layer and the attention panel.
+    assert {"alpha/layer00", "alpha/layer01"} <= tags["histograms"], tags["histograms"]
+    assert {"figures/attention", "figures/alpha_histograms"} <= tags["images"], tags["images"]
+    assert [p.step for p in panels] == [2]
+    assert panels[0].height == 40 + 2 * (48 + 4) + 4  # one row of 48 px panels per SHD layer pair (2)
     assert (run_dir / "samples" / "step_00000002.png").exists()
     before = _params(trainer)
     trainer.sample_grid(num=4, steps="3")  # swaps the EMA in and back out

@@ -1,0 +1,57 @@
+"""Figure drawing (shd_diffusion.figures): panels land where the layout says, histograms count."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shd_diffusion import figures
+
+BRIGHT, DARK = (252, 255, 164), (0, 0, 4)  # the two ends of the attention colour ramp
+
+
+def _one_hot_maps(heads: int, key: int, n: int = 16) -> np.ndarray:
+    maps = np.zeros((heads, n))
+    maps[:, key] = 1.0  # every head attends only to token `key`
+    return maps
+
+
+def test_attention_panel_puts_the_attended_key_at_its_grid_cell():
+    side, pad, gap, top = 48, 4, 16, 40  # the layout of draw_attention_figure
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    teacher, squeezed, student = _one_hot_maps(3, key=5), _one_hot_maps(2, key=5), _one_hot_maps(2, key=10)
+    fig = figures.draw_attention_figure(image, [teacher], [squeezed], query=0, title="", shd_layers=[],
+                                        student_maps=[student], row_labels=["row"])
+    px = np.asarray(fig)
+    left = 8 + 6 * len("row")
+    cell = side // 4  # a 4 x 4 token grid drawn in 48 px
+    # Columns: x_t, 3 teacher heads, gap, 2 squeezed heads, gap, 2 student heads.
+    x_teacher = left + side + pad
+    x_student = x_teacher + 3 * (side + pad) + gap + 2 * (side + pad) + gap
+    assert fig.size == (x_student + 2 * (side + pad) + pad, top + side + 2 * pad)
+
+    def colour(x0: int, token: int) -> tuple[int, ...]:
+        r, c = divmod(token, 4)
+        return tuple(px[top + r * cell + cell // 2, x0 + c * cell + cell // 2])
+
+    for j in range(3):
+        assert colour(x_teacher + j * (side + pad), 5) == BRIGHT
+        assert colour(x_teacher + j * (side + pad), 10) == DARK
+    assert colour(x_student + side + pad, 10) == BRIGHT  # the second student head
+    assert colour(x_student, 5) == DARK
+
+
+def test_alpha_histogram_counts_the_share_outside_the_unit_interval():
+    a = np.array([-0.2, 0.1, 0.5, 0.5, 1.3])
+    assert figures.outside_unit_interval(a) == 2 / 5
+    assert figures.outside_unit_interval(np.array([0.0, 1.0 + 1e-9])) == 0.0  # round-off is inside
+    fig = figures.draw_alpha_histograms([a, a[1:4]], ["one", "two"], heading="h")
+    assert fig.size == (3 * (280 + 10) + 10, 24 + 170 + 2 * 10)  # 3 panels per row, one row
+
+
+def test_rgb_conversion_of_pixels_and_latents():
+    pixels = figures.to_rgb_uint8(torch.tensor([[[-1.0, 0.0, 1.0]]]))  # (1, 1, 3) grey pixels
+    assert pixels.shape == (1, 3, 3) and pixels[0, :, 0].tolist() == [0, 128, 255]
+    latent = torch.arange(4 * 2 * 2, dtype=torch.float32).reshape(4, 2, 2)
+    rgb = figures.to_rgb_uint8(latent)  # first three channels, each stretched to 0..255
+    assert rgb.shape == (2, 2, 3) and rgb[0, 0].tolist() == [0, 0, 0] and rgb[1, 1].tolist() == [255, 255, 255]
