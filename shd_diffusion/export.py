@@ -113,14 +113,15 @@ def _write_mdt(model: MDTv2, vae: Any, folder: Path) -> dict[str, Any]:
     return {"transformer_class": "MDTv2", "custom_code": False, "pipeline": "ClassConditionalPipeline"}
 
 
-def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics: dict[str, Any] | None, vae: str | None) -> str:
+def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics: dict[str, Any] | None, vae: str | None,
+          where: str) -> str:
     """The model card: what the model is, how it was trained, how to load it, its scores."""
     config = info.get("config") if isinstance(info.get("config"), dict) else None
     teacher = (config or {}).get("teacher") or {}
     family = type(model).__name__
     lines = [
         "---", "library_name: diffusers", "tags: [class-conditional, image-generation, distillation, shd]", "---", "",
-        f"# {family} student distilled with Squeezing-Heads Distillation (SHD)", "",
+        f"# {family} student distilled with Squeezing-Heads Distillation (SHD)" if teacher else f"# {family} exported by shd_diffusion", "",
         f"- exported from `{info['source']}` ({info['weights']})",
         f"- training steps: {info.get('step') if info.get('step') is not None else 'unknown (not stored in the checkpoint)'}",
         f"- teacher: {teacher.get('model', {}).get('name', 'unknown')} from `{teacher.get('checkpoint', 'unknown')}`"
@@ -131,13 +132,13 @@ def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics
     ]
     if notes["pipeline"] == "DiTPipeline":
         remote = ", trust_remote_code=True" if notes["custom_code"] else ""
-        lines += ["from diffusers import DiTPipeline", f'pipe = DiTPipeline.from_pretrained("DIR"{remote})',
+        lines += ["from diffusers import DiTPipeline", f'pipe = DiTPipeline.from_pretrained("{where}"{remote})',
                   "images = pipe(class_labels=[207], guidance_scale=4.0, num_inference_steps=250).images", "# like this package's sampler (learned variance, guidance on 3 channels):",
                   "from shd_diffusion.pipelines import ClassConditionalPipeline",
-                  f'pipe = ClassConditionalPipeline.from_pretrained("DIR", guidance_schedule="constant", null_class={model.null_class}{remote})']
+                  f'pipe = ClassConditionalPipeline.from_pretrained("{where}", guidance_schedule="constant", null_class={model.null_class}{remote})']
     else:
         lines += ["from shd_diffusion.pipelines import ClassConditionalPipeline  # pip install shd_diffusion",
-                  'pipe = ClassConditionalPipeline.from_pretrained("DIR")',
+                  f'pipe = ClassConditionalPipeline.from_pretrained("{where}")',
                   "images = pipe(class_labels=[207], guidance_scale=3.8, num_inference_steps=250).images"]
     lines += ["```", ""]
     if notes["pipeline"] == "DiTPipeline":
@@ -145,6 +146,9 @@ def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics
                   "drops the learned variance (its scheduler here uses the fixed-large variance); this package's sampler "
                   "(and `ClassConditionalPipeline`) uses the learned-range variance and guides the first 3 channels, as the "
                   "DiT and MDT papers do. Scores below come from this package's sampler.", ""]
+        if int(model.config.num_classes) != 1000:
+            lines += [f"This model has {model.config.num_classes} classes: `DiTPipeline` guidance (null class 1000) fails "
+                      "for it; use `guidance_scale=1` there, or `ClassConditionalPipeline`.", ""]
         if notes["custom_code"]:
             lines += ["The student uses the original DiT timestep features, which `DiTTransformer2DModel` cannot express; "
                       "`transformer/dit_transformer_freq_shift.py` (a 30-line subclass) adds them, hence `trust_remote_code`.", ""]
@@ -210,7 +214,7 @@ def export(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         notes = (_write_dit if isinstance(model, DiT) else _write_mdt)(model, vae_model, tmp)
-        atomic_write_text(tmp / "README.md", _card(model, info, notes, scores, vae_name))
+        atomic_write_text(tmp / "README.md", _card(model, info, notes, scores, vae_name, push_to_hub or str(out)))
         meta = {"source": info["source"], "weights": info["weights"], "step": info.get("step"), "vae": vae_name, **notes}
         atomic_write_text(tmp / "export.json", json.dumps(meta, indent=2, default=str) + "\n")
         if out.is_dir():
