@@ -36,6 +36,7 @@ from shd_diffusion.models.layers import (
 __all__ = [
     "MDTv2",
     "RelativePositionBias",
+    "gather_rows",
     "RelPosAttention",
     "random_masking",
     "power_cosine_cfg_scale",
@@ -44,6 +45,38 @@ __all__ = [
 
 # The masked pass draws its mask ratio from U(mask_ratio, mask_ratio + MASK_RATIO_JITTER) (upstream).
 MASK_RATIO_JITTER = 0.2
+
+
+class _RowGather(torch.autograd.Function):
+    """``table[index]`` whose backward sums repeated rows in a fixed order on CPU.
+
+    Autograd's own backward of advanced indexing is ``index_put_(accumulate=True)``, which on CPU
+    adds duplicate rows from several threads in a varying order, so two identical runs drift
+    apart in the last bits. ``index_add_`` reduces them deterministically on CPU. On CUDA the
+    sort-based ``index_put_`` is the deterministic one (``index_add_`` uses atomics there).
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.num_rows = table.shape[0]
+        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])  # (*index, H)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        flat_index = index.reshape(-1)  # (M,)
+        flat_grad = grad.reshape(flat_index.numel(), -1)  # (M, H)
+        out = flat_grad.new_zeros(ctx.num_rows, flat_grad.shape[1])  # (R, H)
+        if out.device.type == "cpu":
+            return out.index_add_(0, flat_index, flat_grad), None
+        return out.index_put_((flat_index,), flat_grad, accumulate=True), None
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table`` (R, H) at ``index`` (any shape): (*index.shape, H), the same values as
+    ``table[index]``, with a gradient that is bitwise reproducible run to run (see _RowGather)."""
+    return _RowGather.apply(table, index)
 
 
 class RelativePositionBias(nn.Module):
@@ -72,11 +105,20 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("relative_position_index", index, persistent=True)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self) -> torch.Tensor:
-        """Returns the (H, N, N) bias for all token pairs."""
-        n = self.grid_size**2
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, H)
-        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # (H, N, N)
+    def forward(self, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The bias for all token pairs, or only between each sample's kept tokens.
+
+        Args:
+            ids_keep: (B, K) indices of the tokens a masked pass keeps, or None for all N tokens.
+
+        Returns:
+            (H, N, N), or (B, H, K, K) with ``ids_keep``.
+        """
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        if ids_keep is None:
+            return gather_rows(table, index).permute(2, 0, 1).contiguous()  # (N, N, H) -> (H, N, N)
+        pairs = index[ids_keep[:, :, None], ids_keep[:, None, :]]  # (B, K, K) table rows, no grad
+        return gather_rows(table, pairs).permute(0, 3, 1, 2).contiguous()  # (B, K, K, H) -> (B, H, K, K)
 
 
 class RelPosAttention(Attention):
@@ -99,12 +141,9 @@ class RelPosAttention(Attention):
         Returns:
             (1, H, N, N), or (B, H, K, K) gathered to the kept tokens.
         """
-        bias = self.rel_pos_bias()  # (H, N, N)
         if ids_keep is None:
-            return bias.unsqueeze(0)  # (1, H, N, N)
-        rows = ids_keep[:, :, None]  # (B, K, 1)
-        cols = ids_keep[:, None, :]  # (B, 1, K)
-        return bias[:, rows, cols].transpose(0, 1).contiguous()  # (H, B, K, K) -> (B, H, K, K)
+            return self.rel_pos_bias().unsqueeze(0)  # (1, H, N, N)
+        return self.rel_pos_bias(ids_keep)  # (B, H, K, K)
 
 
 def random_masking(
