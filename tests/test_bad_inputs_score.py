@@ -98,63 +98,84 @@ def _argv(w: dict, samples: str = "samples.npz", ref: str = "stats.npz", *extra:
 
 
 def _adm(w: dict, name: str, **stored: np.ndarray) -> str:
-    np.savez(w["in"] / name, w["images"], **stored)
+    """An ADM-layout reference in the inputs: arr_0 = the samples' images, plus ``stored`` arrays."""
+    return _npz(w, name, w["images"], **stored)
+
+
+def _npz(w: dict, name: str, *arrays: np.ndarray, **named: np.ndarray) -> str:
+    np.savez(w["in"] / name, *arrays, **named)
     return name
+
+
+def _bytes(w: dict, name: str, data: bytes) -> str:
+    (w["in"] / name).write_bytes(data)
+    return name
+
+
+def _made(w: dict, name: str, make: Callable[[Path], object]) -> str:
+    make(w["in"] / name)
+    return name
+
+
+def _out_file(w: dict, name: str) -> str:
+    """A plain file inside the (otherwise empty) output folder, for output paths that are taken."""
+    w["out"].mkdir(exist_ok=True)
+    (w["out"] / name).write_text("x")
+    return str(w["out"] / name)
+
+
+def _head(w: dict, name: str, size: int) -> bytes:
+    return (w["in"] / name).read_bytes()[:size]
 
 
 Case = Callable[[dict], list[str]]
 CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     # --- samples
-    ("samples-random-bytes", lambda w: ((w["in"] / "j.npz").write_bytes(b"\x00junk" * 50),
-                                        _argv(w, "j.npz"))[1], ("j.npz", "not a readable .npz", "np.savez")),
-    ("samples-truncated-file", lambda w: ((w["in"] / "t.npz").write_bytes((w["in"] / "samples.npz").read_bytes()[:150]),
-                                          _argv(w, "t.npz"))[1], ("t.npz", "not a readable .npz")),
-    ("samples-truncated-member", lambda w: (_truncated_member(w["in"] / "t.npz", w["images"]), _argv(w, "t.npz"))[1],
+    ("samples-random-bytes", lambda w: _argv(w, _bytes(w, "j.npz", b"\x00junk" * 50)),
+     ("j.npz", "not a readable .npz", "np.savez")),
+    ("samples-truncated-file", lambda w: _argv(w, _bytes(w, "t.npz", _head(w, "samples.npz", 150))),
+     ("t.npz", "not a readable .npz")),
+    ("samples-truncated-member", lambda w: _argv(w, _made(w, "t.npz", lambda p: _truncated_member(p, w["images"]))),
      ("t.npz", "truncated")),
-    ("samples-absurd-header", lambda w: (_absurd_header(w["in"] / "h.npz"), _argv(w, "h.npz"))[1],
+    ("samples-absurd-header", lambda w: _argv(w, _made(w, "h.npz", _absurd_header)),
      ("h.npz", "declares shape (5, 100000, 100000, 3)", "truncated or corrupt")),
-    ("samples-bad-crc", lambda w: (_bad_crc(w["in"] / "c.npz", w["images"]), _argv(w, "c.npz"))[1],
+    ("samples-bad-crc", lambda w: _argv(w, _made(w, "c.npz", lambda p: _bad_crc(p, w["images"]))),
      ("c.npz", "corrupt", "re-create")),
-    ("samples-missing-arr_0", lambda w: (np.savez(w["in"] / "k.npz", images=w["images"]), _argv(w, "k.npz"))[1],
-     ("no 'arr_0'", "np.savez")),
-    ("samples-float", lambda w: (np.savez(w["in"] / "f.npz", w["images"] / 255.0), _argv(w, "f.npz"))[1],
-     ("dtype float64", "uint8")),
+    ("samples-missing-arr_0", lambda w: _argv(w, _npz(w, "k.npz", images=w["images"])), ("no 'arr_0'", "np.savez")),
+    ("samples-float", lambda w: _argv(w, _npz(w, "f.npz", w["images"] / 255.0)), ("dtype float64", "uint8")),
     ("samples-is-a-folder", lambda w: _argv(w, "."), ("is a folder", ".npz")),
     ("samples-missing", lambda w: _argv(w, "nope.npz"), ("nope.npz", "not found")),
-    ("samples-empty", lambda w: (np.savez(w["in"] / "e.npz", w["images"][:0]), _argv(w, "e.npz"))[1],
-     ("no images",)),
+    ("samples-empty", lambda w: _argv(w, _npz(w, "e.npz", w["images"][:0])), ("no images",)),
     # --- reference
     ("ref-missing", lambda w: _argv(w, ref="nope.npz"), ("--ref", "not found")),
-    ("ref-truncated-npz", lambda w: ((w["in"] / "r.npz").write_bytes((w["in"] / "stats.npz").read_bytes()[:300]),
-                                     _argv(w, ref="r.npz"))[1], ("--ref", "r.npz", "not a readable .npz", "re-")),
-    ("ref-stats-only", lambda w: (np.savez(w["in"] / "r.npz", mu=np.zeros(3), sigma=np.eye(3)),
-                                  _argv(w, ref="r.npz"))[1], ("no 'arr_0'", "precision/recall")),
+    ("ref-truncated-npz", lambda w: _argv(w, ref=_bytes(w, "r.npz", _head(w, "stats.npz", 300))),
+     ("--ref", "r.npz", "not a readable .npz", "re-")),
+    ("ref-stats-only", lambda w: _argv(w, ref=_npz(w, "r.npz", mu=np.zeros(3), sigma=np.eye(3))),
+     ("no 'arr_0'", "precision/recall")),
     ("ref-mu-without-sigma", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.zeros(2048))),
      ("stores 'mu' but not 'sigma'", "--recompute-ref-stats")),
     ("ref-stored-wrong-shape", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.ones(7), sigma=np.eye(7))),
      ("(7,)", "expected (2048,)", "--recompute-ref-stats")),
     ("ref-stored-nan", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.full(2048, np.nan),
-                                                                 sigma=np.eye(2048, dtype=np.float16))),
+                                                   sigma=np.eye(2048, dtype=np.float16))),
      ("NaN", "--recompute-ref-stats")),
-    ("ref-spatial-half", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.zeros(1), sigma=np.zeros(1), mu_s=np.zeros(1))),
-     ("'mu_s' but not 'sigma_s'",)),
-    ("ref-corrupt-png", lambda w: (_png_folder(w["in"] / "pngs", corrupt="broken.png"), _argv(w, ref="pngs"))[1],
-     ("broken.png", "corrupt or truncated", "replace or remove")),
-    ("ref-not-a-png", lambda w: (_png_folder(w["in"] / "pngs"), (w["in"] / "pngs" / "z.png").write_text("text"),
-                                 _argv(w, ref="pngs"))[2], ("z.png", "corrupt or truncated")),
-    ("ref-empty-folder", lambda w: ((w["in"] / "none").mkdir(), _argv(w, ref="none"))[1],
-     ("none", "has no .png/.jpg/.jpeg images")),
     ("ref-stored-pickle", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.array([{"a": 1}], dtype=object),
                                                       sigma=np.zeros(1))), ("pickled Python objects", "refused")),
-    ("ref-stats-file-incomplete", lambda w: (np.savez(w["in"] / "r.npz", format=np.array(score_mod.STATS_FORMAT)),
-                                             _argv(w, ref="r.npz"))[1], ("r.npz", "unreadable", "pass the reference images")),
-    ("ref-other-weights", lambda w: (RefStats(*w["stats"], np.zeros((N, 4), np.float32), (8, 8), "0" * 64, "x")
-                                     .save(w["in"] / "o.npz"), _argv(w, ref="o.npz"))[1],
+    ("ref-spatial-half", lambda w: _argv(w, ref=_adm(w, "r.npz", mu=np.zeros(1), sigma=np.zeros(1), mu_s=np.zeros(1))),
+     ("'mu_s' but not 'sigma_s'",)),
+    ("ref-corrupt-png", lambda w: _argv(w, ref=_made(w, "pngs", lambda p: _png_folder(p, corrupt="broken.png"))),
+     ("broken.png", "corrupt or truncated", "replace or remove")),
+    ("ref-not-a-png", lambda w: _argv(w, ref=_made(w, "pngs", lambda p: (_png_folder(p), (p / "z.png").write_text("")))),
+     ("z.png", "corrupt or truncated")),
+    ("ref-empty-folder", lambda w: _argv(w, ref=_made(w, "none", Path.mkdir)), ("none", "has no .png/.jpg/.jpeg images")),
+    ("ref-stats-file-incomplete", lambda w: _argv(w, ref=_npz(w, "r.npz", format=np.array(score_mod.STATS_FORMAT))),
+     ("r.npz", "unreadable", "pass the reference images")),
+    ("ref-other-weights", lambda w: _argv(w, ref=_made(w, "o.npz", RefStats(
+        *w["stats"], np.zeros((N, 4), np.float32), (8, 8), "0" * 64, "x").save)),
      ("computed with Inception weights", "--inception-weights")),
-    ("ref-size-mismatch", lambda w: (np.savez(w["in"] / "s16.npz", np.zeros((N, 16, 16, 3), np.uint8)),
-                                     _argv(w, "s16.npz"))[1], ("16x16", "--allow-size-mismatch")),
-    ("cache-dir-is-a-file", lambda w: (w["out"].mkdir(), (w["out"] / "c").write_text("x"),
-                                       _argv(w, ref=_adm(w, "a.npz")) + ["--cache-dir", str(w["out"] / "c")])[2],
+    ("ref-size-mismatch", lambda w: _argv(w, _npz(w, "s16.npz", np.zeros((N, 16, 16, 3), np.uint8))),
+     ("16x16", "--allow-size-mismatch")),
+    ("cache-dir-is-a-file", lambda w: _argv(w, ref=_adm(w, "a.npz")) + ["--cache-dir", _out_file(w, "c")],
      ("--cache-dir", "is a file")),
     # --- settings
     ("batch-size-0", lambda w: _argv(w) + ["--batch-size", "0"], ("--batch-size 0", ">= 1")),
@@ -170,7 +191,7 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     ("seed-too-big", lambda w: _argv(w) + ["--seed", str(2**32)], ("--seed", "2**32")),
     ("device-unknown", lambda w: _argv(w) + ["--device", "gpu0"], ("--device 'gpu0'", "cpu")),
     # --- outputs: refused before any score is computed, so none is lost
-    ("json-is-a-folder", lambda w: (w["out"].mkdir(), _argv(w) + ["--json", str(w["out"])])[1],
+    ("json-is-a-folder", lambda w: _argv(w) + ["--json", str(Path(_out_file(w, "x")).parent)],
      ("--json", "is a folder", "file path")),
     ("json-under-a-file", lambda w: _argv(w) + ["--json", str(w["in"] / "samples.npz" / "s.json")],
      ("--json", "is a file")),
