@@ -330,12 +330,20 @@ class Trainer:
         self._sync_health()  # collective: every rank saves at the same steps
         self._unjudged.append(self.step)
         self.acc.wait_for_everyone()
-        path = None
+        path, error = None, None
         if self.acc.is_main_process:
             healthy = self._last_healthy()
-            path = save_checkpoint(self.state_dict(), self.run_dir, self.step, self.cfg.train.keep_last,
-                                   protect=[healthy[1]] if healthy else [])
-        self.acc.wait_for_everyone()
+            try:
+                path = save_checkpoint(self.state_dict(), self.run_dir, self.step, self.cfg.train.keep_last,
+                                       protect=[healthy[1]] if healthy else [])
+            except OSError as err:  # e.g. a full disk: every rank stops, not only the writer
+                error = err
+        failed = self.acc.reduce(torch.tensor(float(error is not None), device=self.device), reduction="sum")
+        if error is not None:
+            raise error
+        if float(failed) > 0:
+            raise BadInput(f"the main process could not write the checkpoint of step {self.step}; "
+                           "its error line names the cause")
         return path
 
     def _sync_health(self, diverged: bool = False) -> None:
