@@ -943,13 +943,16 @@ def train(
     check_launch(cfg)
     check_writable_dir(run_dir, "run folder (train.output_dir / train.run_name)")
     _check_teacher_file(cfg)
+    # The data's path and format first: before any model, teacher or VAE is loaded.
+    dataset = build_dataset(cfg.data.kind, cfg.data.path, cfg.data.image_size)
     acc = accelerator or make_accelerator(cfg, run_dir)
     trainer = None
     try:
         with _setup_errors():
             trainer = Trainer(cfg, run_dir, acc)
             trainer.resume(resume)  # refuses an incompatible run folder before anything is written
-            trainer.dataset  # built and checked against the student here, not at the first step
+            trainer._check_data_fits_student(dataset)  # here, not at the first step
+            trainer._dataset = dataset
         if acc.is_main_process:
             moved = set_aside_later(run_dir, trainer.step)
             if moved is not None:

@@ -37,6 +37,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "random.pt").write_bytes(bytes(range(256)) * 8)
     (root / "a_file").write_text("not a folder\n")
     (root / "empty_dir").mkdir()
+    (root / "broken.yaml").write_text("train: [1, 2\n")
+    (root / "list.yaml").write_text("- 1\n- 2\n")
     held = root / "runs" / "held" / "checkpoints"
     held.mkdir(parents=True)
     torch.save({"step": 1}, held / "step_00000001.pt")  # a folder that already holds a checkpoint
@@ -91,6 +93,23 @@ CASES = [
     ("latents_not_extracted", ["data.kind=latents", "data.path={root}/empty_dir", "data.image_size=256"], {},
      ["index.json", "extract_latents"]),
     ("data_channels", ["student.in_channels=3", "distill.mode=none"], {}, ["channels", "student.in_channels"]),
+    ("config_missing", ["--config", "{root}/nope.yaml"], {}, ["nope.yaml", "does not exist"]),
+    ("config_not_yaml", ["--config", "{root}/broken.yaml"], {}, ["broken.yaml", "not valid YAML"]),
+    ("config_a_list", ["--config", "{root}/list.yaml"], {}, ["list.yaml", "mapping"]),
+    ("override_without_value", ["train.steps"], {}, ["dotted.key=value"]),
+    ("precision_fp16", ["train.precision=fp16"], {}, ["train.precision", "'bf16'"]),
+    ("model_name", ["student.name=DiT-Q/9"], {}, ["unknown model 'DiT-Q/9'", "DiT-S/2"]),
+    ("patch_not_dividing", ["student.patch_size=5"], {}, ["patch_size 5"]),
+    ("num_workers_negative", ["data.num_workers=-1"], {}, ["data.num_workers"]),
+    ("layer_map_length", ["distill.mode=kd_shd", "distill.layer_map=[0]"], {}, ["layer mapping", "2 layers"]),
+    ("layer_map_range", ["distill.mode=kd_shd", "distill.layer_map=[0,9]"], {}, ["9 is not a teacher layer"]),
+    ("groups_uncovered", ["distill.mode=kd_shd", "distill.groups=[[0,1],[2]]"], {}, ["teacher heads [3]"]),
+    ("groups_overlap", ["distill.mode=kd_shd", "distill.groups=[[0,1],[1,3]]"], {}, ["disjoint"]),
+    ("groups_with_hard", ["distill.mode=kd_shd", "distill.squeeze=hard", "distill.groups=[[0,1],[2,3]]"], {},
+     ["distill.groups", "distill.squeeze=hard"]),
+    ("data_classes", ["student.num_classes=5", "distill.mode=none"], {}, ["10 classes", "student.num_classes=5"]),
+    ("image_folder_is_a_file", ["data.kind=image_folder", "data.path={root}/list.yaml"], {}, ["list.yaml", "not a folder"]),
+    ("resume_a_folder", ["--resume", "{root}"], {}, ["no such checkpoint file"]),
     ("fsdp", [], {"ACCELERATE_USE_FSDP": "true"}, ["FSDP", "DDP"]),
     ("deepspeed", [], {"ACCELERATE_USE_DEEPSPEED": "true"}, ["DeepSpeed"]),
     ("launch_fp16", [], {"ACCELERATE_MIXED_PRECISION": "fp16"}, ["--mixed_precision fp16", "train.precision"]),
