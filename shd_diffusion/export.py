@@ -224,12 +224,24 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if push_to_hub is not None:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(push_to_hub, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message=f"Export {Path(str(checkpoint)).name}")
+        _upload(out, push_to_hub, f"Export {Path(str(checkpoint)).name}")
     return out
+
+
+def _upload(folder: Path, repo_id: str, message: str) -> None:
+    """Create the Hub repo if needed and upload the finished folder (huggingface_hub's upload)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
+    except (HfHubHTTPError, LocalTokenNotFoundError, OSError) as err:
+        raise BadInput(
+            f"the export in {folder} is complete, but uploading it to {repo_id} failed ({str(err).splitlines()[0][:200]}): "
+            f"once the Hub is reachable and you are logged in (hf auth login or HF_TOKEN), run `hf upload {repo_id} {folder}`"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
