@@ -17,9 +17,11 @@ Rules that make the result reproducible (see also :mod:`sampling.shards`):
   25 steps rather than per step. Nothing depends on which process or which batch the image lands in.
 * Indices are cut into fixed shards (``--shard-size``) and batches are formed *within* a shard, so
   for a given (shard size, batch size) every image is computed in the same batch whatever the
-  number of processes. On CPU the result is also bitwise independent of the batch size (tested);
-  on GPU, kernels (GEMM/attention algorithm choice) may differ in the last bits between batch
-  sizes, but not between GPU counts at a fixed batch size (same GPU type and software stack).
+  number of processes, hence bitwise identical for any process count (same device type and
+  software stack). The batch size itself can change the last bits: matrix kernels choose their
+  blocking by the number of rows, on CPU as on GPU (measured on CPU: latents differ by ~1e-5,
+  some uint8 pixels by 1). So the batch size is recorded in the manifest, and a resume with
+  another one is refused.
 * ``--precision bf16`` (default on CUDA) autocasts only the network; guidance, the diffusion update
   and VAE decoding stay float32.
 * Pixels use DiT's convention ``clamp(127.5 * x + 128, 0, 255)`` truncated to uint8, i.e. x in
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -58,6 +61,7 @@ from tqdm.auto import tqdm
 
 from sampling.shards import (
     assemble,
+    check_manifest,
     num_shards,
     remove_stale_temps,
     shard_is_complete,
@@ -67,6 +71,7 @@ from sampling.shards import (
     write_manifest,
     write_shard,
 )
+from shd_diffusion.cli import BadInput, add_debug_flag, check_writable_dir, run_main
 from shd_diffusion.diffusion import (
     NOISE_BLOCK_STEPS,
     GaussianDiffusion,
@@ -87,6 +92,7 @@ __all__ = [
     "to_uint8_images",
     "Sampler",
     "run_shards",
+    "shard_manifest",
     "load_model",
     "load_vae",
     "build_parser",
@@ -432,6 +438,17 @@ def _batches(indices: range, batch_size: int) -> Iterator[range]:
         yield indices[start : start + batch_size]
 
 
+def shard_manifest(settings: dict[str, Any], num_samples: int, shard_size: int, batch_size: int) -> dict[str, Any]:
+    """What a run folder must agree on: the pixel-defining settings, N, shard and batch size.
+
+    The batch size is part of it because CPU and GPU matrix kernels pick their blocking by the
+    number of rows, so one image's pixels can differ in the last bits between batch sizes (on CPU,
+    up to 1 uint8 level); the process count is not, as every image lands in the same batch for any
+    number of processes. ``batch_size`` is the effective one (capped at the shard size).
+    """
+    return {**settings, "num_samples": num_samples, "shard_size": shard_size, "batch_size": min(batch_size, shard_size)}
+
+
 def run_shards(
     sampler: Sampler,
     out_dir: str | Path,
@@ -457,8 +474,9 @@ def run_shards(
         shard_size: indices per shard (fixes the split independently of ``world_size``).
         batch_size: images per sampling batch (capped at the shard size).
         rank: this process (0-based). world_size: number of processes.
-        manifest: settings recorded in / checked against ``shards/manifest.json`` (N and the
-            shard size are added); a mismatch raises ``ShardError`` before any work.
+        manifest: settings recorded in / checked against ``shards/manifest.json`` (N, the shard
+            size and the batch size are added, see :func:`shard_manifest`); a mismatch raises
+            ``ShardError`` before any work.
         on_shard_done: called with the shard id after each shard is written (tests inject
             failures here).
         show_progress: tqdm bar (images, img/s, ETA) for this rank.
@@ -468,7 +486,7 @@ def run_shards(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    write_manifest(out_dir, {**(manifest or {}), "num_samples": num_samples, "shard_size": shard_size})
+    write_manifest(out_dir, shard_manifest(manifest or {}, num_samples, shard_size, batch_size))
     mine = shards_for_rank(num_shards(num_samples, shard_size), rank, world_size)
     todo = [k for k in mine if not shard_is_complete(shard_path(out_dir, k), shard_range(k, num_samples, shard_size))]
     _log(
@@ -539,19 +557,20 @@ def load_vae(spec: str, in_channels: int) -> nn.Module | None:
         spec = "none" if in_channels in (1, 3) else DEFAULT_VAE
     if spec == "none":
         if in_channels not in (1, 3):
-            raise ValueError(f"--vae none needs a pixel-space model (1 or 3 channels); this one has {in_channels}: pass a VAE")
+            raise BadInput(f"--vae none needs a pixel-space model (1 or 3 channels); this one has {in_channels}: pass a VAE")
         return None
     from diffusers.models import AutoencoderKL
 
     try:
         vae = AutoencoderKL.from_pretrained(spec)
-    except OSError as e:
-        raise OSError(
-            f"could not load the VAE {spec!r} ({e}). Offline, download it once with network access "
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(
+            f"could not load the VAE {spec!r} ({reason}). Offline, download it once with network access "
             "(it lands in the Hugging Face cache) or pass a local folder: --vae PATH"
         ) from e
     if vae.config.latent_channels != in_channels:
-        raise ValueError(f"VAE {spec!r} has {vae.config.latent_channels} latent channels, the model {in_channels}")
+        raise BadInput(f"VAE {spec!r} has {vae.config.latent_channels} latent channels, the model {in_channels}: pass a matching --vae")
     return vae.eval().requires_grad_(False)
 
 
@@ -631,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--assemble", metavar="DIR", help="only check DIR's shards and write the .npz, then exit")
     g.add_argument("--dist-timeout-min", type=float, default=24 * 60,
                    help="collective timeout: ranks that finish early wait at the final barrier for the others")
+    add_debug_flag(p)
     return p
 
 
@@ -640,26 +660,78 @@ def _precision(spec: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if spec == "bf16" else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m sampling.sample`` / ``accelerate launch -m sampling.sample``."""
-    p = build_parser()
-    args = p.parse_args(argv)
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse every command-line value that is wrong on its own, before anything is loaded or written."""
     if args.assemble:
-        path = assemble(args.assemble, png_dir=args.png_dir)
-        _log(f"wrote {path}")
-        return 0
+        if args.png_dir:
+            check_writable_dir(args.png_dir, "--png-dir")
+        return
     if not args.checkpoint or not args.out:
-        p.error("--checkpoint and --out are required (or --assemble DIR)")
+        raise BadInput("--checkpoint and --out are required (or --assemble DIR to only assemble)")
     if args.compile_mode != "default" and not args.compile:
-        p.error(f"--compile-mode {args.compile_mode} needs --compile")
+        raise BadInput(f"--compile-mode {args.compile_mode} needs --compile")
     for name in ("num_samples", "steps", "batch_size", "shard_size", "vae_batch_size"):
         if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0")
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.steps > DIFFUSION_STEPS:
+        raise BadInput(f"--steps {args.steps}: respacing can keep at most the models' {DIFFUSION_STEPS} steps")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1:
+        raise BadInput(f"--cfg-scale must be a finite number >= 1 (1 = no guidance), got {args.cfg_scale}")
+    if not math.isfinite(args.scale_pow) or args.scale_pow <= 0:
+        raise BadInput(f"--scale-pow must be a finite number > 0, got {args.scale_pow}")
+    if not 0 <= args.seed < 2**64:
+        raise BadInput(f"--seed must be in [0, 2^64), got {args.seed}")
+    if not math.isfinite(args.dist_timeout_min) or args.dist_timeout_min <= 0:
+        raise BadInput(f"--dist-timeout-min must be a finite number > 0, got {args.dist_timeout_min}")
+    check_writable_dir(args.out, "--out")
+    if args.png_dir:
+        check_writable_dir(args.png_dir, "--png-dir")
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m sampling.sample`` / ``accelerate launch -m sampling.sample``.
+
+    Returns:
+        0, or 2 after one ``error:`` line for bad input (``--debug`` shows the traceback).
+    """
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: _sample(args), debug=args.debug)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    """Validate everything, then sample and assemble (the body of :func:`main`)."""
+    _check_args(args)
+    if args.assemble:
+        _log(f"wrote {assemble(args.assemble, png_dir=args.png_dir)}")
+        return 0
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=args.dist_timeout_min))])
-    device, is_main = accelerator.device, accelerator.is_main_process
+    is_main = accelerator.is_main_process
+    sampler, settings = _build_sampler(args, accelerator.device, is_main)
+    batch_size = min(args.batch_size, args.shard_size)
+    # The last refusal that needs no writing: a folder sampled with other settings.
+    check_manifest(args.out, shard_manifest(settings, args.num_samples, args.shard_size, batch_size))
+    _log(f"sampling {args.num_samples} images with {accelerator.num_processes} process(es) into {args.out}: "
+         + json.dumps(settings), is_main)
+    start = time.time()
+    run_shards(
+        sampler, args.out, args.num_samples, args.shard_size, batch_size,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, manifest=settings,
+        show_progress=is_main,
+    )
+    accelerator.wait_for_everyone()  # every shard is on disk before the main process assembles
+    if is_main:
+        _log(f"all shards done in {time.time() - start:.0f} s", is_main)
+        if not args.no_assemble:
+            _log(f"wrote {assemble(args.out, png_dir=args.png_dir)}", is_main)
+    accelerator.wait_for_everyone()  # tear down together (a rank leaving early can abort gloo)
+    accelerator.end_training()  # destroys the process group (one left alive aborts at exit)
+    return 0
+
+
+def _build_sampler(args: argparse.Namespace, device: torch.device, is_main: bool) -> tuple[Sampler, dict[str, Any]]:
+    """The sampler the arguments describe, and the settings that define its pixels (the manifest)."""
     model = load_model(args.checkpoint, args.model, args.use_ema, dict(args.model_arg), verbose=is_main).to(device)
     cfg = model.config
     vae = load_vae(args.vae, cfg.in_channels)
@@ -672,7 +744,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shard_size % min(args.batch_size, args.shard_size):
         _log(f"note: --shard-size {args.shard_size} is not a multiple of --batch-size {args.batch_size}: "
              "each shard ends with a smaller batch (slower; with --compile also a recompile)", is_main)
-
     sampler = Sampler(
         denoiser=GuidedDenoiser(
             model, args.cfg_scale, schedule, args.scale_pow, channels, autocast, args.compile, args.compile_mode
@@ -687,9 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae_batch_size=args.vae_batch_size,
         clip_denoised=clip,
     )
-    # Everything that changes the pixels; a resumed run must match it (batch size and process
-    # count are left out: they do not change the result on CPU, and only in low bits on GPU).
-    manifest = {
+    # Everything that changes the pixels; a resumed run must match it (shard_manifest adds N, the
+    # shard size and the batch size; the process count does not change the result).
+    settings = {
         "checkpoint": str(Path(args.checkpoint).resolve()),
         "model": args.model or type(model).__name__,
         "model_args": dict(args.model_arg),
@@ -706,22 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clip_denoised": clip,
         "noise_block": sampler.noise_block,  # defines the per-image noise stream
     }
-    _log(f"sampling {args.num_samples} images with {accelerator.num_processes} process(es) into {args.out}: "
-         + json.dumps(manifest), is_main)
-    start = time.time()
-    run_shards(
-        sampler, args.out, args.num_samples, args.shard_size, min(args.batch_size, args.shard_size),
-        rank=accelerator.process_index, world_size=accelerator.num_processes, manifest=manifest,
-        show_progress=is_main,
-    )
-    accelerator.wait_for_everyone()  # every shard is on disk before the main process assembles
-    if is_main:
-        _log(f"all shards done in {time.time() - start:.0f} s", is_main)
-        if not args.no_assemble:
-            _log(f"wrote {assemble(args.out, png_dir=args.png_dir)}", is_main)
-    accelerator.wait_for_everyone()  # tear down together (a rank leaving early can abort gloo)
-    accelerator.end_training()  # destroys the process group (one left alive aborts at exit)
-    return 0
+    return sampler, settings
 
 
 if __name__ == "__main__":

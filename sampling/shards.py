@@ -19,22 +19,25 @@ A shard file is ``np.savez`` (uncompressed) with
 * ``labels``  int64 (n,),
 * ``indices`` int64 (n,), exactly the shard's index range in increasing order.
 
-It is written to a temporary name in the same folder and renamed (``os.replace``, atomic on POSIX),
-so a shard file either exists complete or not at all; a killed job leaves at most a ``*.tmp-*``
-file, which is ignored and later removed. Everything here is pure file/array logic: no torch.
+It is written through :func:`shd_diffusion.fileio.atomic_path` (a temporary name in the same
+folder, fsync, rename), so a shard file either exists complete or not at all; a killed job leaves
+at most a hidden ``.shard_*.npz.*.tmp`` file, which is ignored and later removed. Everything here
+is pure file/array logic: no torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+
+from shd_diffusion.cli import BadInput
+from shd_diffusion.fileio import atomic_path, atomic_write_text
 
 __all__ = [
     "SHARD_DIR",
@@ -48,6 +51,7 @@ __all__ = [
     "read_shard",
     "shard_is_complete",
     "remove_stale_temps",
+    "check_manifest",
     "write_manifest",
     "read_manifest",
     "samples_filename",
@@ -56,10 +60,9 @@ __all__ = [
 
 SHARD_DIR = "shards"
 MANIFEST = "manifest.json"
-_TMP_TAG = ".tmp-"
 
 
-class ShardError(RuntimeError):
+class ShardError(BadInput, RuntimeError):
     """A run directory is inconsistent (missing shard, duplicate index, changed settings)."""
 
 
@@ -115,20 +118,8 @@ def samples_filename(num_samples: int, height: int, width: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic file writes
+# Shard files
 # --------------------------------------------------------------------------------------------
-
-
-def _temp_name(final: Path) -> Path:
-    # Unique per writer, in the same folder so the rename stays on one filesystem (atomic).
-    return final.with_name(f"{final.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """fsync ``tmp`` and rename it onto ``final`` (readers never see a partial file)."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 def write_shard(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> Path:
@@ -152,14 +143,8 @@ def write_shard(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
         raise ValueError(f"shard arrays disagree in length: {len(images)} images, {len(labels)} labels, {len(indices)} indices")
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(final)
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
-            np.savez(f, images=images, labels=labels, indices=indices)
-        _commit(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
+        np.savez(f, images=images, labels=labels, indices=indices)
     return final
 
 
@@ -215,7 +200,8 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """
     final = Path(path)
     removed = []
-    for tmp in final.parent.glob(f"{final.name}{_TMP_TAG}*"):
+    # atomic_path's temporary names, and those of earlier versions of this module.
+    for tmp in [*final.parent.glob(f".{final.name}.*.tmp"), *final.parent.glob(f"{final.name}.tmp-*")]:
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
@@ -226,42 +212,58 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
-    """Record the sampling settings in ``out_dir/shards/manifest.json``, or check them.
-
-    The first run writes the file (atomically; every rank writes identical content, so concurrent
-    writers are harmless). A later run must bring the same settings, otherwise its shards would
-    mix two different sample sets.
+def check_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> bool:
+    """Whether ``out_dir`` already records exactly these settings; reads only, writes nothing.
 
     Args:
         out_dir: the run directory.
         manifest: JSON-serialisable settings; must contain ``num_samples`` and ``shard_size``.
 
     Returns:
-        The manifest path.
+        True when the folder has a matching manifest, False when it has none yet.
 
     Raises:
-        ShardError: the folder holds a manifest with different settings (names the keys).
+        ShardError: the folder holds a manifest with different settings (names the keys), or one
+            that cannot be read, or ``shards`` is not a folder.
     """
     for key in ("num_samples", "shard_size"):
         if key not in manifest:
             raise ValueError(f"manifest needs `{key}`")
-    path = Path(out_dir) / SHARD_DIR / MANIFEST
+    shard_dir = Path(out_dir) / SHARD_DIR
+    if shard_dir.exists() and not shard_dir.is_dir():
+        raise ShardError(f"{shard_dir} is a file, not a shard folder: remove it or sample into a new --out")
+    path = shard_dir / MANIFEST
+    if not path.exists():
+        return False
+    old = read_manifest(out_dir)
     new = json.loads(json.dumps(dict(manifest)))  # normalise (tuples -> lists) for comparison
-    if path.is_file():
-        old = read_manifest(out_dir)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-            raise ShardError(
-                f"{path} was written with other settings ({diff}); resume with the original "
-                "settings or sample into a new --out"
-            )
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-    _commit(tmp, path)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ShardError(
+            f"{path} was written with other settings ({diff}); resume with the original "
+            "settings or sample into a new --out"
+        )
+    return True
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
+    """Record the sampling settings in ``out_dir/shards/manifest.json``, or check them.
+
+    The first run writes the file (atomically; every rank writes identical content, so concurrent
+    writers are harmless). A later run must bring the same settings (:func:`check_manifest`),
+    otherwise its shards would mix two different sample sets.
+
+    Returns:
+        The manifest path.
+
+    Raises:
+        ShardError: see :func:`check_manifest`.
+    """
+    path = Path(out_dir) / SHARD_DIR / MANIFEST
+    if not check_manifest(out_dir, manifest):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(json.loads(json.dumps(dict(manifest))), indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -274,7 +276,13 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(out_dir) / SHARD_DIR / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path} not found: {out_dir} is not a folder written by `python -m sampling.sample`")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"{path} is not valid JSON ({err}): restore it, or sample into a new --out") from None
+    if not isinstance(manifest, dict) or not {"num_samples", "shard_size"} <= set(manifest):
+        raise ShardError(f"{path} is not a sampling manifest (needs num_samples and shard_size): sample into a new --out")
+    return manifest
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +380,12 @@ def _entry(name: str) -> zipfile.ZipInfo:
 
 def _iter_shard_images(infos: list[_ShardInfo]) -> Iterator[tuple[_ShardInfo, np.ndarray, np.ndarray]]:
     for info in infos:
-        images, labels, _ = read_shard(info.path)
+        try:
+            images, labels, _ = read_shard(info.path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:  # e.g. truncated pixel data
+            raise ShardError(f"{info.path} is unreadable ({e}); delete it and rerun the sampling command") from e
+        if images.shape != info.shape:
+            raise ShardError(f"{info.path}: images {images.shape}, header said {info.shape}; delete it and rerun")
         yield info, images, labels
 
 
@@ -404,15 +417,14 @@ def assemble(
     infos = _check_shards(out_dir, n, s)
     _, height, width, _ = infos[0].shape
     final = out_dir / samples_filename(n, height, width)
-    tmp = _temp_name(final)
     labels = np.empty(n, dtype=np.int64)
     if png_dir is not None:
         from PIL import Image  # optional dependency, only for PNG export
 
         Path(png_dir).mkdir(parents=True, exist_ok=True)
-    try:
-        # ZIP_STORED + zip64, the same container np.savez writes, so np.load and ADM's streaming
-        # reader (which parses the .npy header itself) both read it.
+    # ZIP_STORED + zip64, the same container np.savez writes, so np.load and ADM's streaming
+    # reader (which parses the .npy header itself) both read it.
+    with atomic_path(final) as tmp:
         with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open(_entry("arr_0.npy"), mode="w", force_zip64=True) as f:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": (n, height, width, 3)}
@@ -425,8 +437,4 @@ def assemble(
                             Image.fromarray(img).save(Path(png_dir) / f"{int(i):06d}.png")
             with zf.open(_entry("arr_1.npy"), mode="w", force_zip64=True) as f:
                 np.lib.format.write_array(f, labels, allow_pickle=False)
-        _commit(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return final
