@@ -1,32 +1,22 @@
-"""Benchmark SHD head squeezing + loss: head-dim-space alpha vs the naive N x D formulation.
+"""Benchmark one layer pair's SHD term (alpha + loss, forward + backward): whole maps vs row blocks.
 
-Default setting: MDTv2-B/2 -> S/2 style layer set, 12 student layers, teacher 12 heads of d = 64
-(D = 768) squeezed to 6 student heads, batch 32, N = 256 and 1024 tokens. For each token count and
-implementation it reports the median wall time of
+Setting (issue 9): teacher H_t = 16 heads -> student H_s = 6 heads (groups 3,3,3,3,2,2), head dim
+d = 64 for both, T_a = 2, KL, float32, N = 256, 1024 and 4096 tokens. Implementations:
 
-  * squeeze: alpha for every layer (T = 1 maps) and the squeezed maps (``torch.no_grad``),
-  * loss: ``shd_loss`` forward + backward to the student maps,
+  * ``dense``: today's whole-map path -- (B, H, N, N) teacher maps at T = 1 and T_a,
+    ``squeeze_heads`` + ``apply_alphas``, student maps with autograd, ``shd_loss``;
+  * ``chunked``: :func:`shd_diffusion.shd.shd_term` (row blocks, custom backward that recomputes
+    each block);
+  * ``checkpoint``: the same blocks with autograd and ``torch.utils.checkpoint`` per block (the
+    alternative the chunked backward was chosen over).
 
-and the peak memory above the inputs (``torch.cuda.max_memory_allocated``; "n/a" on CPU).
+Each row reports the median wall time of forward + backward over ``--iters`` runs (the
+implementations alternate step by step, so a shared machine's drifting load hits all alike) and
+the peak memory above the inputs: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak of the CPU
+allocator's live bytes from ``torch.profiler`` memory events, measured in a separate untimed run.
 
-Precision. ``--dtype`` is the storage dtype of the random teacher tensors (maps, values,
-out-projection weights): ``bf16`` = torch.bfloat16, ``fp32`` = torch.float32. Whatever it is,
-alpha is solved in float32 (bf16 inputs are upcast; the head-dim products and the Gram are float32
-matmuls, TF32 unless ``--no-tf32``: training enables TF32 by default, ``train.tf32``; the products
-are of map differences, so TF32 rounding is relative to how much heads differ), squeezed maps come
-back in the teacher dtype, the student maps are float32 with autograd,
-and ``shd_loss`` computes in float32. The naive baseline forms its N x D products in float32. Note
-that ``capture_attention`` exports float32 maps and model-dtype values, so ``--dtype fp32`` is the
-closer match to training maps; ``bf16`` shows the cost when the teacher tensors are stored in bf16.
-
-Target (issue 2): squeeze + loss for all 12 student layers under 10% of a DiT-S/2 training step,
-i.e. ``fraction_of_step = total_ms_per_256 / step_ms < 0.10`` with ``step_ms`` = 86 ms, the
-upstream DiT-S/2 bf16 step at batch 256 on an H100. ``total_ms_per_256 = total_ms * 256 / batch``
-scales the measured batch linearly to 256 samples (an overestimate when a small batch leaves the
-GPU idle). The fraction is only meaningful on a GPU comparable to the one ``step_ms`` came from.
-
-    python benchmarks/bench_squeeze.py --device cuda --dtype bf16 --json bench.json
-    python benchmarks/bench_squeeze.py --device cpu --dtype fp32 --batch 2 --tokens 256
+    python benchmarks/bench_squeeze.py --device cpu --batch 1 --tokens 256 1024 4096 --json bench_squeeze.json
+    python benchmarks/bench_squeeze.py --device cuda --batch 32 --tokens 256 1024 4096
 """
 
 from __future__ import annotations
@@ -35,46 +25,100 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from shd_diffusion.shd import apply_alphas, default_groups, shd_loss, squeeze_heads
+from shd_diffusion import shd
+from shd_diffusion.shd import chunked
+from shd_diffusion.shd.solve import _check_ridge
+from shd_diffusion.shd.squeeze import mode_alphas
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from shd_oracles import naive_squeeze_alphas  # noqa: E402  (the N x D oracle lives with the tests)
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+IMPLS = ("dense", "chunked", "checkpoint")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="teacher maps/values/weights dtype")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
-    p.add_argument("--layers", type=int, default=12, help="distilled student layers")
-    p.add_argument("--teacher-heads", type=int, default=12)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--teacher-heads", type=int, default=16)
     p.add_argument("--student-heads", type=int, default=6)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--impl", nargs="+", choices=["head_space", "naive"], default=["head_space", "naive"])
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--chunk", type=int, default=128, help="query rows per block (fixed, to compare N)")
+    p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--dense-max-tokens", type=int, default=4096, help="skip the dense path above this N")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
-    p.add_argument("--no-tf32", dest="tf32", action="store_false",
-                   help="full-precision float32 matmuls (training's train.tf32=false)")
-    p.add_argument(
-        "--step-ms", type=float, default=86.0,
-        help="training step time to compare with (default: upstream DiT-S/2, bf16, batch 256, H100)",
-    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
-    if args.step_ms <= 0 or args.batch < 1:
-        p.error(f"--step-ms must be > 0 and --batch >= 1, got {args.step_ms} and {args.batch}")
+    if args.batch < 1 or args.chunk < 1 or args.iters < 1:
+        p.error("--batch, --chunk and --iters must be >= 1")
     return args
+
+
+def make_pair(args: argparse.Namespace, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random q, k, v of one teacher/student layer pair (logits of a few units, like trained models)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    b, ht, hs, d = args.batch, args.teacher_heads, args.student_heads, args.head_dim
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=gen)
+
+    p = {
+        "student_q": (r(b, hs, n, d) * 1.5).requires_grad_(True), "student_k": r(b, hs, n, d).requires_grad_(True),
+        "teacher_q": r(b, ht, n, d) * 1.5, "teacher_k": r(b, ht, n, d), "teacher_v": r(b, ht, n, d),
+        "out_weight": r(ht * d, ht * d) / (ht * d) ** 0.5,
+    }
+    # The per-head outputs the teacher's fused attention computed anyway (both captures export them).
+    p["teacher_out"] = torch.nn.functional.scaled_dot_product_attention(p["teacher_q"], p["teacher_k"], p["teacher_v"])
+    return p
+
+
+def dense_term(p: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """The whole-map path (what training ran before issue 9)."""
+    from shd_diffusion.attention import attention_probs
+
+    hs, d = p["student_q"].shape[1], p["teacher_q"].shape[-1]
+    with torch.no_grad():
+        t1 = attention_probs(p["teacher_q"], p["teacher_k"], d**-0.5)  # (B, H_t, N, N)
+        soft = attention_probs(p["teacher_q"], p["teacher_k"], d**-0.5, temperature=temperature)
+        sq = shd.HeadSqueezer(t1.shape[1], hs)
+        target, _ = sq(t1, p["teacher_v"], p["out_weight"], soft, p["teacher_out"])
+        del t1, soft
+    student = attention_probs(p["student_q"], p["student_k"], p["student_q"].shape[-1] ** -0.5, temperature=temperature)
+    return shd.shd_loss([student], [target], beta=1.0)
+
+
+def checkpoint_term(p: dict[str, torch.Tensor], temperature: float, chunk: int) -> torch.Tensor:
+    """Row blocks with autograd + torch.utils.checkpoint per block (the measured alternative)."""
+    ht, hs = p["teacher_q"].shape[1], p["student_q"].shape[1]
+    groups = shd.default_groups(ht, hs)
+    spec = chunked._Spec(groups, temperature, chunk, "kl", 1e-10, p["student_q"].shape[-1] ** -0.5,
+                         p["teacher_q"].shape[-1] ** -0.5, torch.float32)
+    blocks = chunked._teacher_blocks(p["teacher_q"], p["teacher_k"], None, spec, p["teacher_out"])
+    alphas = mode_alphas(blocks, p["teacher_v"], p["out_weight"], groups, "lstsq", _check_ridge(None, torch.float32),
+                         True, torch.float32)
+    return chunked._checkpointed_map_loss(p["student_q"], p["student_k"], None, p["teacher_q"], p["teacher_k"], None,
+                                          alphas, spec)
+
+
+def step_fn(args: argparse.Namespace, impl: str, p: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        p["student_q"].grad = p["student_k"].grad = None
+        if impl == "dense":
+            loss = dense_term(p, args.temperature)
+        elif impl == "chunked":
+            loss, _ = shd.shd_term(**p, temperature=args.temperature, chunk_size=args.chunk)
+        else:
+            loss = checkpoint_term(p, args.temperature, args.chunk)
+        loss.sum().backward()
+
+    return step
 
 
 def sync(device: torch.device) -> None:
@@ -82,94 +126,72 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_layers(args: argparse.Namespace, tokens: int, device: torch.device) -> dict[str, list[torch.Tensor]]:
-    """Random teacher (softmax maps, values, out weights) and student maps for every layer."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    dtype = DTYPES[args.dtype]
-    b, ht, hs, d = args.batch, args.teacher_heads, args.student_heads, args.head_dim
-    out: dict[str, list[torch.Tensor]] = {"probs": [], "values": [], "weights": [], "outputs": [], "student": []}
-    for _ in range(args.layers):
-        logits = torch.randn(b, ht, tokens, tokens, device=device, generator=gen) * 2  # (B, H_t, N, N)
-        out["probs"].append(logits.softmax(-1).to(dtype))
-        del logits
-        out["values"].append(torch.randn(b, ht, tokens, d, device=device, generator=gen).to(dtype))  # (B, H_t, N, d)
-        # What the teacher's attention computed anyway and capture exports (spares a product).
-        out["outputs"].append((out["probs"][-1] @ out["values"][-1]).float())  # (B, H_t, N, d)
-        out["weights"].append((torch.randn(ht * d, ht * d, device=device, generator=gen) / (ht * d) ** 0.5).to(dtype))
-        s_logits = torch.randn(b, hs, tokens, tokens, device=device, generator=gen) * 2  # (B, H_s, N, N)
-        out["student"].append(s_logits.softmax(-1).requires_grad_(True))
+def cpu_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak of the CPU allocator's live bytes during ``fn`` (torch.profiler memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def run_tokens(args: argparse.Namespace, n: int, impls: list[str], device: torch.device) -> list[dict[str, object]]:
+    """Time the implementations at one N in turn, step by step (a drifting machine load hits all
+    alike), then measure each one's peak memory in an untimed run."""
+    p = make_pair(args, n, device)
+    steps = {impl: step_fn(args, impl, p) for impl in impls}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    failed: set[str] = set()
+    for i in range(args.warmup + args.iters):
+        for impl in impls:
+            if impl in failed:
+                continue
+            try:
+                sync(device)
+                tic = time.perf_counter()
+                steps[impl]()
+                sync(device)
+            except torch.OutOfMemoryError:
+                failed.add(impl)
+                continue
+            if i >= args.warmup:
+                times[impl].append((time.perf_counter() - tic) * 1e3)
+    rows = []
+    for impl in impls:
+        if impl in failed:
+            rows.append({"tokens": n, "impl": impl, "status": "oom"})
+            continue
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            steps[impl]()
+            sync(device)
+            peak = torch.cuda.max_memory_allocated(device) - base
+        else:
+            peak = cpu_peak_bytes(steps[impl])
+        rows.append({"tokens": n, "impl": impl, "status": "ok", "batch": args.batch,
+                     "chunk": args.chunk if impl != "dense" else n,
+                     "fwd_bwd_ms": round(statistics.median(times[impl]), 2),
+                     "peak_mem_above_inputs_mib": round(peak / 2**20, 1)})
+    return rows
+
+
+def ratios(rows: list[dict[str, object]]) -> dict[str, object]:
+    """The issue's targets: chunked peak growth 1024 -> 4096 (<= 5x), chunked / dense at 1024 (<= 1/8)."""
+    mem = {(r["impl"], r["tokens"]): r["peak_mem_above_inputs_mib"] for r in rows if r["status"] == "ok"}
+    out: dict[str, object] = {}
+    for impl in IMPLS:
+        if (impl, 1024) in mem and (impl, 4096) in mem:
+            out[f"{impl}_peak_4096_over_1024"] = round(mem[(impl, 4096)] / max(mem[(impl, 1024)], 1e-9), 2)
+    for impl in ("chunked", "checkpoint"):
+        if (impl, 1024) in mem and ("dense", 1024) in mem:
+            out[f"{impl}_over_dense_peak_at_1024"] = round(mem[(impl, 1024)] / max(mem[("dense", 1024)], 1e-9), 4)
     return out
-
-
-def squeeze_head_space(layers: dict[str, list[torch.Tensor]], hs: int) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [
-            squeeze_heads(p, v, w, hs, head_outputs=o)[0]
-            for p, v, w, o in zip(layers["probs"], layers["values"], layers["weights"], layers["outputs"])
-        ]
-
-
-def squeeze_naive(layers: dict[str, list[torch.Tensor]], hs: int) -> list[torch.Tensor]:
-    """Baseline: same eq. (6) solve from explicit N x D products (float32, no simplex step)."""
-    out = []
-    with torch.no_grad():
-        for p, v, w in zip(layers["probs"], layers["values"], layers["weights"]):
-            groups = default_groups(p.shape[1], hs)
-            alphas = naive_squeeze_alphas(p, v, w, groups, dtype=torch.float32)
-            out.append(apply_alphas(p, alphas, groups))
-    return out
-
-
-def time_it(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[float, object]:
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), result
-
-
-def run_one(args: argparse.Namespace, tokens: int, impl: str, device: torch.device) -> dict[str, object]:
-    layers = make_layers(args, tokens, device)
-    squeeze = squeeze_head_space if impl == "head_space" else squeeze_naive
-    cuda = device.type == "cuda"
-    if cuda:
-        sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def loss_step() -> None:
-        for s in layers["student"]:
-            s.grad = None
-        shd_loss(layers["student"], teacher_maps).sum().backward()
-
-    try:
-        squeeze_ms, teacher_maps = time_it(lambda: squeeze(layers, args.student_heads), device, args.warmup, args.iters)
-        loss_ms, _ = time_it(loss_step, device, args.warmup, args.iters)
-    except torch.OutOfMemoryError:
-        return {"tokens": tokens, "impl": impl, "status": "oom"}
-    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
-    total_ms = squeeze_ms + loss_ms
-    per_256 = total_ms * 256 / args.batch  # linear in batch
-    row: dict[str, object] = {
-        "tokens": tokens,
-        "impl": impl,
-        "status": "ok",
-        "batch": args.batch,
-        "squeeze_ms": round(squeeze_ms, 3),
-        "loss_fwd_bwd_ms": round(loss_ms, 3),
-        "total_ms": round(total_ms, 3),
-        "total_ms_per_256": round(per_256, 3),
-        "fraction_of_step": round(per_256 / args.step_ms, 4),
-        "peak_mem_above_inputs_mib": round((peak - base) / 2**20, 1) if cuda else "n/a",
-        "peak_mem_mib": round(peak / 2**20, 1) if cuda else "n/a",
-    }
-    return row
 
 
 def main() -> None:
@@ -177,31 +199,25 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     rows = []
-    for tokens in args.tokens:
-        for impl in args.impl:
-            row = run_one(args, tokens, impl, device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # the run's tensors are gone with its frame
+    for n in args.tokens:
+        impls = [i for i in args.impl if i != "dense" or n <= args.dense_max_tokens]
+        for row in run_tokens(args, n, impls, device):
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     report = {
         "setting": {k: v for k, v in vars(args).items() if k != "json"},
-        "model_dim": args.teacher_heads * args.head_dim,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "target": {
-            "fraction_of_step_below": 0.10,
-            "step_ms": args.step_ms,
-            "step": "DiT-S/2 training step, bf16, batch 256, H100 (upstream code, from issue 2)",
-            "fraction_of_step": "total_ms_per_256 / step_ms; total_ms_per_256 = total_ms * 256 / batch",
-            "note": "meaningful only on a GPU comparable to the one step_ms was measured on",
-        },
+        "memory": "cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocator peak",
+        "targets": {"chunked_peak_4096_over_1024": "<= 5 (dense: 16)", "chunked_over_dense_peak_at_1024": "<= 0.125"},
+        "ratios": ratios(rows),
         "results": rows,
     }
+    print(json.dumps(report["ratios"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

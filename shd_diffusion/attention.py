@@ -239,8 +239,8 @@ class AttentionStore:
             (1, H, N, N), once per layer and shared by the batch (:func:`capture_qk` only).
         layer_indices: index of each entry's layer in :func:`attention_layers` order.
 
-    :func:`capture_qk` fills ``values`` (at the model's precision, not upcast) and
-    ``out_weights`` for a teacher, and never ``maps``, ``probs`` or ``outputs``.
+    :func:`capture_qk` fills ``values`` and ``outputs`` (at the model's precision, not upcast)
+    and ``out_weights`` for a teacher, and never ``maps`` or ``probs``.
     """
 
     maps: list[torch.Tensor] = field(default_factory=list)
@@ -342,7 +342,7 @@ class QKCaptureProcessor:
 
     Args:
         store: where entries are appended (``queries``, ``keys``, ``biases``, ``layer_indices``;
-            teacher: also ``values`` and ``out_weights``).
+            teacher: also ``values``, ``outputs`` and ``out_weights``).
         layer_index: this layer's position in :func:`attention_layers` order.
         export_values: teacher mode: record detached tensors, v and W_out too; must run without
             autograd (a teacher graph would cost a second training step's memory).
@@ -374,6 +374,7 @@ class QKCaptureProcessor:
             store.keys.append(k.detach())
             store.values.append(v.detach())
             store.out_weights.append(output_projection(attn).weight.detach())
+            store.outputs.append(out.detach())  # A_i V_i per head, as the fused kernel computed them
             store.biases.append(None if attention_mask is None else attention_mask.detach())
         else:
             store.queries.append(q_rec)

@@ -142,7 +142,7 @@ class DistillationObjective:
             loss, alpha = shd_math.shd_term(
                 s.queries[a], s.keys[a], t.queries[b], t.keys[b], t.values[b], t.out_weights[b],
                 groups=sq.groups, temperature=dc.temperature, student_bias=s.biases[a], teacher_bias=t.biases[b],
-                chunk_size=dc.chunk_size, loss=dc.loss, mode=sq.mode, generator_seed=sq.seed,
+                chunk_size=dc.chunk_size, loss=dc.loss, mode=sq.mode, generator_seed=sq.seed, teacher_out=t.outputs[b],
             )
             total = loss if total is None else total + loss
             alphas.append(alpha)

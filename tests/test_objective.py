@@ -144,3 +144,36 @@ def test_512px_configs_resolve_to_1024_tokens(name, student_heads):
     assert MODEL_CONFIGS[cfg.student.name].keywords["num_heads"] == student_heads and cfg.distill.chunk_size is None
     # The automatic block at the paper's per-GPU batch (256 over 8 GPUs) is a fraction of N.
     assert 16 <= shd.auto_chunk_size(32, 16, student_heads, 1024) < 1024
+
+
+def _train_main():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_mdt_shd.py"
+    spec = importlib.util.spec_from_file_location("train_mdt_shd_for_objective", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["distill.chunk_size=0"], ["distill.chunk_size", ">= 1"]),
+        (["distill.chunk_size=-3"], ["distill.chunk_size"]),
+        # Student and teacher token grids differ (16 vs 64 tokens): the layer pairs' q/k cannot meet.
+        (["teacher.model.input_size=64"], ["tokens", "same token grid"]),
+    ],
+)
+def test_bad_shd_settings_are_one_line_before_any_step(tmp_path, extra, needles):
+    from cli_cases import assert_refused, call, snapshot
+    from test_training import COMMON, DIT_STUDENT, DIT_TEACHER, _shared
+
+    make_cfg(tmp_path, "kd_shd", "dit")  # writes tmp_path/teacher_dit.pt
+    argv = [*COMMON, *DIT_STUDENT, *_shared("student"), *DIT_TEACHER, *_shared("teacher.model"), "distill.mode=kd_shd",
+            f"teacher.checkpoint={tmp_path / 'teacher_dit.pt'}", "train.steps=2", f"train.output_dir={tmp_path / 'runs'}",
+            "train.run_name=r", "--no-progress", *extra]
+    before = snapshot(tmp_path)
+    assert_refused(call(_train_main(), argv), *needles)
+    assert snapshot(tmp_path) == before

@@ -98,6 +98,17 @@ def test_chunked_term_equals_the_whole_map_path(dtype, mode, h_s, groups, temper
         assert rel(g_got, g_want) < TOL[dtype]
 
 
+def test_teacher_outputs_only_spare_a_product():
+    # The exported per-head outputs set the ridge's scale only: same alphas, same loss.
+    p = make_pair(F64)
+    t_out = probs(p["teacher_q"], p["teacher_k"], p["teacher_bias"]) @ p["teacher_v"]  # (B, H_t, N, d_t)
+    want, want_alpha = shd.shd_term(**p, temperature=2.0, chunk_size=3)
+    got, alpha = shd.shd_term(**p, temperature=2.0, chunk_size=3, teacher_out=t_out)
+    assert rel(got, want) < 1e-12 and rel(alpha, want_alpha) < 1e-12
+    with pytest.raises(ValueError, match="teacher_out"):
+        shd.shd_term(**p, teacher_out=t_out[:, :, :5])
+
+
 def test_block_size_does_not_change_the_numbers():
     p = make_pair(F64, n=13)
     ref, ref_alpha = shd.shd_term(**p, temperature=2.0, chunk_size=13)

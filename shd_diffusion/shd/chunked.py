@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .groups import SqueezeMode, resolve_groups
 from .loss import LossKind
 from .solve import _check_ridge
-from .squeeze import Blocks, _compute_dtype, apply_alphas, is_identity, mode_alphas
+from .squeeze import Blocks, _compute_dtype, _put_heads, is_identity, mode_alphas
 
 __all__ = ["shd_term", "head_similarity_qk", "auto_chunk_size", "DEFAULT_BLOCK_BYTES"]
 
@@ -84,63 +84,92 @@ def _bias_rows(bias: Tensor | None, r0: int, r1: int) -> Tensor | None:
     return bias[..., r0:r1, :]
 
 
-def _logits(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """(q k^T) * scale + bias in ``dtype`` (float32 or float64) with autocast off: (B, H, c, N)."""
-    logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale  # (B, H, c, N)
-    return logits if bias is None else logits + bias.to(dtype)
+def _logits(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, dtype: torch.dtype,
+            temperature: float = 1.0) -> Tensor:
+    """(q k^T * scale + bias) / T in ``dtype`` (float32 or float64): (B, H, c, N).
+
+    The scalar factors go on q (c x d values, not c x N) and the bias is added in place, so a
+    block costs one (B, H, c, N) tensor. Call with autocast off.
+    """
+    logits = (q.to(dtype) * (scale / temperature)) @ k.to(dtype).transpose(-2, -1)  # (B, H, c, N)
+    if bias is not None:
+        logits.add_(bias.to(dtype), alpha=1.0 / temperature)
+    return logits
 
 
-def _teacher_blocks(t_q: Tensor, t_k: Tensor, t_bias: Tensor | None, spec: _Spec) -> Blocks:
+def _teacher_blocks(t_q: Tensor, t_k: Tensor, t_bias: Tensor | None, spec: _Spec,
+                    t_out: Tensor | None = None) -> Blocks:
     """Block source of the teacher's T = 1 maps (see :data:`~.squeeze.Blocks`), c rows at a time."""
 
-    def blocks() -> Iterator[tuple[Tensor, None]]:
+    def blocks() -> Iterator[tuple[Tensor, Tensor | None]]:
         for r0, r1 in _row_blocks(t_q.shape[-2], spec.chunk):
             logits = _logits(t_q[:, :, r0:r1], t_k, spec.teacher_scale, _bias_rows(t_bias, r0, r1), spec.dtype)
-            yield logits.softmax(-1), None  # (B, H_t, c, N)
+            probs = logits.softmax(-1)  # (B, H_t, c, N)
+            del logits  # one block tensor alive while the consumer works
+            yield probs, None if t_out is None else t_out[:, :, r0:r1]
 
     return blocks
 
 
-def _target_block(t_q: Tensor, t_k: Tensor, t_bias: Tensor | None, alphas: Tensor, spec: _Spec,
+def _mixing(alphas: Tensor, groups: Sequence[Sequence[int]], dtype: torch.dtype) -> Tensor:
+    """(B, H_s, H_t) weights: row j holds alpha_i for the teacher heads i of group j, else 0."""
+    b, h_t = alphas.shape
+    member = torch.zeros(len(groups), h_t, dtype=dtype, device=alphas.device)  # (H_s, H_t)
+    for j, group in enumerate(groups):
+        _put_heads(member[j : j + 1], group, 1.0)  # slices of runs: no host sync
+    return member.unsqueeze(0) * alphas.to(dtype).unsqueeze(1)  # (B, H_s, H_t)
+
+
+def _target_block(t_q: Tensor, t_k: Tensor, t_bias: Tensor | None, mix: Tensor | None, spec: _Spec,
                   r0: int, r1: int) -> Tensor:
-    """Squeezed teacher maps at T_a for rows r0:r1: (B, H_s, c, N)."""
-    logits = _logits(t_q[:, :, r0:r1], t_k, spec.teacher_scale, _bias_rows(t_bias, r0, r1), spec.dtype)
-    soft = (logits / spec.temperature).softmax(-1)  # (B, H_t, c, N)
-    if is_identity(spec.groups, soft.shape[1]):
+    """Squeezed teacher maps at T_a for rows r0:r1: (B, H_s, c, N); ``mix`` None = identity."""
+    logits = _logits(t_q[:, :, r0:r1], t_k, spec.teacher_scale, _bias_rows(t_bias, r0, r1), spec.dtype,
+                     spec.temperature)
+    soft = logits.softmax(-1)  # (B, H_t, c, N)
+    del logits
+    if mix is None:
         return soft
-    return apply_alphas(soft, alphas, spec.groups)  # (B, H_s, c, N)
+    b, h_t, c, n = soft.shape
+    return (mix @ soft.view(b, h_t, c * n)).view(b, -1, c, n)  # (B, H_s, c, N): one pass over the block
 
 
 def _student_logp(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, spec: _Spec, r0: int, r1: int) -> Tensor:
     """Student log-probabilities at T_a for rows r0:r1: (B, H_s, c, N)."""
-    logits = _logits(s_q[:, :, r0:r1], s_k, spec.student_scale, _bias_rows(s_bias, r0, r1), spec.dtype)
-    return (logits / spec.temperature).log_softmax(-1)
+    logits = _logits(s_q[:, :, r0:r1], s_k, spec.student_scale, _bias_rows(s_bias, r0, r1), spec.dtype,
+                     spec.temperature)
+    return logits.log_softmax(-1)
 
 
 def _block_loss(logp: Tensor, target: Tensor, spec: _Spec) -> Tensor:
     """(B,) sum over the block's rows and heads of the per-row loss (normalised by the caller).
 
     KL: sum_k t log t - t log max(p_s, eps), i.e. :func:`~.loss.shd_loss`'s clamp of the student
-    probabilities at eps, written on log p_s. MSE: sum_k (p_s - t)^2.
+    probabilities at eps, written on log p_s. MSE: sum_k (p_s - t)^2. Overwrites ``logp`` unless
+    it carries a graph.
     """
+    inplace = not logp.requires_grad
     if spec.kind == "kl":
-        log_clamped = logp.clamp_min(math.log(spec.eps))
-        return (torch.xlogy(target, target) - target * log_clamped).sum((1, 2, 3))
-    return (logp.exp() - target).pow(2).sum((1, 2, 3))
+        log_clamped = (logp.clamp_min_ if inplace else logp.clamp_min)(math.log(spec.eps))
+        # Entry by entry, then summed: t log t and t log p are each ~log N per row while their
+        # difference is small, so summing them separately would cancel away float32 digits.
+        return torch.xlogy(target, target).addcmul_(target, log_clamped, value=-1.0).sum((1, 2, 3))
+    p = logp.exp_() if inplace else logp.exp()
+    return (p - target).square().sum((1, 2, 3))
 
 
-def _block_grad_logits(logp: Tensor, target: Tensor, spec: _Spec, norm: float) -> Tensor:
-    """d(block loss / norm) / d(student logits) for one block: (B, H_s, c, N).
+def _block_grad_logits(logp: Tensor, target: Tensor, spec: _Spec, coef: Tensor) -> Tensor:
+    """coef x d(block loss) / d(student logits / T) for one block: (B, H_s, c, N).
 
-    With p = softmax(z / T) and w = dL/d(log p), dL/dz = (w - p sum_k w_k) / T. KL: w = -t where
-    log p > log eps (the clamp passes no gradient below it). MSE: w = p * 2 (p - t).
+    With p = softmax(z) and w = dL/d(log p), dL/dz = w - p sum_k w_k. KL: w = -t where
+    log p > log eps (the clamp passes no gradient below it). MSE: w = p * 2 (p - t). ``coef``
+    (B, 1, 1, 1) carries the upstream gradient, 1/T and the row normalisation.
     """
     p = logp.exp()
     if spec.kind == "kl":
-        w = -target * (logp > math.log(spec.eps)).to(target.dtype)
+        w = torch.where(logp > math.log(spec.eps), -target, 0.0)
     else:
         w = p * (2 * (p - target))
-    return (w - p * w.sum(-1, keepdim=True)) / (spec.temperature * norm)
+    return w.addcmul_(p, w.sum(-1, keepdim=True), value=-1.0).mul_(coef)
 
 
 def _sum_to(x: Tensor, shape: Sequence[int]) -> Tensor:
@@ -153,36 +182,37 @@ class _BlockwiseMapLoss(torch.autograd.Function):
     """Per-sample map loss over row blocks; backward recomputes each block (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, s_q, s_k, s_bias, t_q, t_k, t_bias, alphas, spec):  # type: ignore[override]
+    def forward(ctx, s_q, s_k, s_bias, t_q, t_k, t_bias, mix, spec):  # type: ignore[override]
         n, m = s_q.shape[-2], s_k.shape[-2]
         norm = n if spec.kind == "kl" else n * m  # KL: mean over rows; MSE: mean over entries
         total = s_q.new_zeros(s_q.shape[0], dtype=spec.dtype)  # (B,)
         with torch.no_grad(), torch.autocast(s_q.device.type, enabled=False):
             for r0, r1 in _row_blocks(n, spec.chunk):
-                target = _target_block(t_q, t_k, t_bias, alphas, spec, r0, r1)
+                target = _target_block(t_q, t_k, t_bias, mix, spec, r0, r1)
                 total += _block_loss(_student_logp(s_q, s_k, s_bias, spec, r0, r1), target, spec)
-        ctx.save_for_backward(s_q, s_k, s_bias, t_q, t_k, t_bias, alphas)
+        ctx.save_for_backward(s_q, s_k, s_bias, t_q, t_k, t_bias, mix)
         ctx.spec, ctx.norm = spec, norm
         return total / norm
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        s_q, s_k, s_bias, t_q, t_k, t_bias, alphas = ctx.saved_tensors
+        s_q, s_k, s_bias, t_q, t_k, t_bias, mix = ctx.saved_tensors
         spec = ctx.spec
-        scale = spec.student_scale
         need_bias = s_bias is not None and ctx.needs_input_grad[2]
         dq = torch.zeros(s_q.shape, dtype=spec.dtype, device=s_q.device)  # (B, H_s, N, d)
         dk = torch.zeros(s_k.shape, dtype=spec.dtype, device=s_k.device)  # (B, H_s, N, d)
         dbias = torch.zeros(s_bias.shape, dtype=spec.dtype, device=s_bias.device) if need_bias else None
-        g = grad.to(spec.dtype)[:, None, None, None]  # (B, 1, 1, 1): per-sample upstream gradient
-        q32, k32 = s_q.to(spec.dtype), s_k.to(spec.dtype)
+        # Upstream per-sample gradient, 1/T of the logits and the row normalisation, in one factor.
+        coef = (grad.to(spec.dtype) / (spec.temperature * ctx.norm))[:, None, None, None]  # (B, 1, 1, 1)
+        q_s, k_s = s_q.to(spec.dtype) * spec.student_scale, s_k.to(spec.dtype) * spec.student_scale
         with torch.no_grad(), torch.autocast(s_q.device.type, enabled=False):
             for r0, r1 in _row_blocks(s_q.shape[-2], spec.chunk):
-                target = _target_block(t_q, t_k, t_bias, alphas, spec, r0, r1)
+                target = _target_block(t_q, t_k, t_bias, mix, spec, r0, r1)
                 logp = _student_logp(s_q, s_k, s_bias, spec, r0, r1)
-                dz = _block_grad_logits(logp, target, spec, ctx.norm) * g  # (B, H_s, c, N)
-                dq[:, :, r0:r1] = (dz @ k32) * scale  # (B, H_s, c, d)
-                dk += (dz.transpose(-2, -1) @ q32[:, :, r0:r1]) * scale  # (B, H_s, N, d)
+                dz = _block_grad_logits(logp, target, spec, coef)  # (B, H_s, c, N): dL / d(q k^T / sqrt(d) + bias)
+                del target, logp
+                dq[:, :, r0:r1] = dz @ k_s  # (B, H_s, c, d)
+                dk += dz.transpose(-2, -1) @ q_s[:, :, r0:r1]  # (B, H_s, N, d)
                 if need_bias:
                     if s_bias.shape[-2] == 1:
                         dbias += _sum_to(dz, s_bias.shape)
@@ -197,13 +227,14 @@ def _checkpointed_map_loss(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, t_q:
     """The measured alternative to :class:`_BlockwiseMapLoss`: autograd through each block, with
     ``torch.utils.checkpoint`` recomputing the block in the backward (``bench_squeeze.py --backward``)."""
     n, m = s_q.shape[-2], s_k.shape[-2]
+    mix = None if is_identity(spec.groups, t_q.shape[1]) else _mixing(alphas, spec.groups, spec.dtype)
 
     def block(q_rows: Tensor, k: Tensor, bias: Tensor | None, r0: int, r1: int) -> Tensor:
         with torch.autocast(q_rows.device.type, enabled=False):
             with torch.no_grad():
-                target = _target_block(t_q, t_k, t_bias, alphas, spec, r0, r1)
-            logits = _logits(q_rows, k, spec.student_scale, _bias_rows(bias, r0, r1), spec.dtype)
-            return _block_loss((logits / spec.temperature).log_softmax(-1), target, spec)
+                target = _target_block(t_q, t_k, t_bias, mix, spec, r0, r1)
+            logits = _logits(q_rows, k, spec.student_scale, _bias_rows(bias, r0, r1), spec.dtype, spec.temperature)
+            return _block_loss(logits.log_softmax(-1), target, spec)
 
     total = sum(checkpoint(block, s_q[:, :, r0:r1], s_k, s_bias, r0, r1, use_reentrant=False)
                 for r0, r1 in _row_blocks(n, spec.chunk))
@@ -272,6 +303,7 @@ def shd_term(
     mode: SqueezeMode = "lstsq",
     generator_seed: int = 0,
     eps: float = 1e-10,
+    teacher_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One layer pair's SHD term, computed over blocks of ``chunk_size`` query rows.
 
@@ -292,6 +324,9 @@ def shd_term(
         chunk_size: query rows per block (>= 1); None = :func:`auto_chunk_size`.
         loss: "kl" or "mse". mode: squeeze rule ("lstsq", "constant", "hard", "progressive").
         generator_seed: seed of the "hard" selection. eps: clamp of the student probabilities.
+        teacher_out: optional (B, H_t, N, d_t) per-head attention outputs A_i V_i of the teacher
+            (``capture_qk(..., export_values=True)`` exports them): they only set the ridge's
+            scale, and spare one attention-sized product per block of the alpha pass.
 
     Returns:
         per-sample loss (B,) (float32; float64 for float64 students) and alphas (B, H_t).
@@ -314,12 +349,16 @@ def shd_term(
     if is_identity(resolved, h_t):
         alphas = torch.ones(b, h_t, dtype=dtype, device=teacher_q.device)
     else:
-        blocks = _teacher_blocks(teacher_q.detach(), teacher_k.detach(), None if t_bias is None else t_bias.detach(), spec)
+        if teacher_out is not None and teacher_out.shape != teacher_q.shape:
+            raise ValueError(f"teacher_out {tuple(teacher_out.shape)} must be (B, H_t, N, d_t) = {tuple(teacher_q.shape)}")
+        blocks = _teacher_blocks(teacher_q.detach(), teacher_k.detach(), None if t_bias is None else t_bias.detach(),
+                                 spec, None if teacher_out is None else teacher_out.detach())
         alphas = mode_alphas(blocks, teacher_v.detach(), out_weight.detach(), resolved, mode,
                              _check_ridge(None, dtype), True, dtype)
+    mix = None if is_identity(resolved, h_t) else _mixing(alphas, resolved, dtype)  # (B, H_s, H_t)
     per_sample = _BlockwiseMapLoss.apply(
         student_q, student_k, s_bias, teacher_q.detach(), teacher_k.detach(),
-        None if t_bias is None else t_bias.detach(), alphas, spec,
+        None if t_bias is None else t_bias.detach(), mix, spec,
     )
     return per_sample, alphas
 
