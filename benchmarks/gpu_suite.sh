@@ -11,8 +11,9 @@
 # returns at most 8 files; without $OUT in results/gpu/raw/, results/gpu_smoke/ with --smoke). Parts, in order of importance, each under its own
 # `timeout` and all together under SUITE_BUDGET_S (default 450 s, so set-up + parts + report stay
 # within 8 minutes); a part that fails or times out is recorded as such and the rest still run:
-#   1. distillation step MDTv2-S/2 <- MDTv2-B/2, batch 256, bf16, none / kd / kd_shd
-#      (bench_train_step.py), repeated with each chunked SHD implementation its --help offers;
+#   1. distillation step MDTv2-S/2 <- MDTv2-B/2, batch 256, bf16, none / kd / kd_shd, plus
+#      kd_shd_maps (the whole-map SHD path) when bench_train_step.py offers it, and repeated with each
+#      chunked --impl its --help offers;
 #   2. upstream-style plain MDTv2-S/2 step, batch 256, bf16 (bench_upstream_step.py);
 #   3. the SHD term alone (bench_squeeze.py): the README target setting (12 layers, 12 -> 6 heads,
 #      d 64, batch 32, N = 256), then one layer pair 16 -> 6 heads at N = 256 / 1024 / 4096 (batch 8),
@@ -109,10 +110,14 @@ else
   SMP_XL=(--model DiT-XL/2)
 fi
 
-train_step() {  # train_step NAME STUDENT TEACHER MAX_S: dense path, then every chunked impl offered
+# After issue 9, bench_train_step.py's kd_shd is the chunked q/k path and kd_shd_maps the whole-map
+# (dense) path; before it kd_shd is the dense path. Both run in the same process when offered.
+MODES=none,kd,kd_shd
+"$PY" benchmarks/bench_train_step.py --help 2>/dev/null | grep -q kd_shd_maps && MODES="$MODES,kd_shd_maps"
+train_step() {  # train_step NAME STUDENT TEACHER MAX_S: every mode, then every chunked --impl offered
   local name="$1" student="$2" teacher="$3" max="$4" impl
   part "${name}_dense" "$max" "${RUN[@]}" benchmarks/bench_train_step.py --student "$student" --teacher "$teacher" \
-    --modes none,kd,kd_shd "${STEP[@]}" --json "$RAW/${name}_dense.json"
+    --modes "$MODES" "${STEP[@]}" --json "$RAW/${name}_dense.json"
   for impl in $(choices benchmarks/bench_train_step.py | grep -i chunk); do
     part "${name}_${impl}" "$max" "${RUN[@]}" benchmarks/bench_train_step.py --student "$student" --teacher "$teacher" \
       --modes kd,kd_shd --impl "$impl" "${STEP[@]}" --json "$RAW/${name}_${impl}.json"

@@ -30,7 +30,7 @@ def _write_raw(raw: Path) -> None:
     raw.mkdir(parents=True)
     (raw / "status.tsv").write_text("step_mdt_dense\tok\t30\nupstream_mdt_s2\tok\t9\nstep_dit_dense\tfailed rc 1\t4\n")
     (raw / "step_mdt_dense.json").write_text(json.dumps({"results": [_step("none", 200.0), _step("kd", 300.0),
-                                                                     _step("kd_shd", 321.0)]}))
+                                                                     _step("kd_shd", 321.0), _step("kd_shd_maps", 400.0)]}))
     (raw / "step_mdt_chunked.json").write_text(json.dumps({"results": [_step("kd", 150.0, 128), _step("kd_shd", 180.0, 128)]}))
     (raw / "upstream_mdt_s2.json").write_text(json.dumps(_step("none", 250.0)))
     row = {"tokens": 256, "impl": "head_space", "status": "ok", "batch": 32, "squeeze_ms": 1.0, "loss_fwd_bwd_ms": 1.0,
@@ -58,6 +58,9 @@ def test_report_ratios_follow_the_raw_figures(tmp_path):
     r = {x["ratio"]: x for x in rep["ratios"]}
     assert r["MDTv2-S/2 <- MDTv2-B/2 kd_shd / kd step (dense)"]["value"] == pytest.approx(321 / 300, abs=1e-3)
     assert r["MDTv2-S/2 <- MDTv2-B/2 kd_shd / kd step (dense)"]["met"] is True
+    assert r["MDTv2-S/2 <- MDTv2-B/2 kd_shd_maps / kd step (dense)"]["value"] == pytest.approx(400 / 300, abs=1e-3)
+    assert r["MDTv2-S/2 <- MDTv2-B/2 kd_shd (q/k path) / kd_shd_maps (whole maps) (dense)"]["value"] == pytest.approx(
+        321 / 400, abs=1e-3)
     assert r["MDTv2-S/2 <- MDTv2-B/2 kd_shd / kd step (chunked)"]["value"] == pytest.approx(1.2)
     assert r["MDTv2-S/2 <- MDTv2-B/2 kd_shd / kd step (chunked)"]["met"] is False
     # Per 256 images: the chunked run fell back to batch 128, so its 180 ms count twice.
