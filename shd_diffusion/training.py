@@ -878,6 +878,7 @@ def check_launch(cfg: ExperimentConfig) -> None:
     FSDP and DeepSpeed are refused: checkpoints and the EMA assume every rank holds full
     parameters. A mixed precision other than ``no`` must agree with ``train.precision``; ``no`` is
     also what the launcher passes when nothing was chosen, so then ``train.precision`` decides.
+    A dynamo backend is refused in favour of ``train.compile``.
 
     Raises:
         ConfigError: naming the launcher setting, the config field and the fix.
@@ -889,6 +890,13 @@ def check_launch(cfg: ExperimentConfig) -> None:
                 "support it yet (checkpoints and the EMA assume full parameters on every rank): choose multi-GPU "
                 "DDP instead (`accelerate config`, or `accelerate launch --multi_gpu`)"
             )
+    dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if dynamo != "no":
+        raise ConfigError(
+            f"accelerate launch --dynamo_backend {dynamo} (or `accelerate config`) would compile the DDP wrapper: "
+            "launch with --dynamo_backend no and set train.compile=true (compiles the student in place, so "
+            "checkpoint names stay plain)"
+        )
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     wanted = _LAUNCH_PRECISION[cfg.train.precision]
     if launched != "no" and launched != wanted:
@@ -959,9 +967,10 @@ def train(
                 trainer.print(f"checkpoints after step {trainer.step} moved to {moved} (kept, not resumed)")
             write_run_files(run_dir, cfg)
         acc.wait_for_everyone()
-        if acc.log_with:
-            acc.init_trackers("tensorboard" if cfg.train.log_with == "tensorboard" else run_dir.name,
-                              config=_flat(to_dict(cfg)))
+        if acc.log_with:  # TensorBoard: <run folder>/tensorboard; W&B: project shd_diffusion, run = folder name
+            tensorboard = cfg.train.log_with == "tensorboard"
+            acc.init_trackers("tensorboard" if tensorboard else "shd_diffusion", config=_flat(to_dict(cfg)),
+                              init_kwargs={} if tensorboard else {"wandb": {"name": run_dir.name, "dir": str(run_dir)}})
         trainer.fit(max_steps=max_steps, progress=progress)
         # Tear down together: a rank that destroys its gloo group while a peer is still working
         # can abort in C++ ("terminate called without an active exception").

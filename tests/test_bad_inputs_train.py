@@ -113,6 +113,7 @@ CASES = [
     ("fsdp", [], {"ACCELERATE_USE_FSDP": "true"}, ["FSDP", "DDP"]),
     ("deepspeed", [], {"ACCELERATE_USE_DEEPSPEED": "true"}, ["DeepSpeed"]),
     ("launch_fp16", [], {"ACCELERATE_MIXED_PRECISION": "fp16"}, ["--mixed_precision fp16", "train.precision"]),
+    ("launch_dynamo", [], {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, ["--dynamo_backend inductor", "train.compile"]),
     ("launch_bf16_vs_fp32", [], {"ACCELERATE_MIXED_PRECISION": "bf16"}, ["conflicts", "train.precision=bf16"]),
 ]
 if importlib.util.find_spec("wandb") is None:
