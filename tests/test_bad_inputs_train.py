@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cli_cases import assert_refused, call, snapshot
+from conftest import reset_accelerate_state
 from test_training import COMMON, DIT_STUDENT, DIT_TEACHER, REPO, _shared, make_cfg
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -42,7 +43,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
     held = root / "runs" / "held" / "checkpoints"
     held.mkdir(parents=True)
     torch.save({"step": 1}, held / "step_00000001.pt")  # a folder that already holds a checkpoint
-    return {"root": root, "teacher": root / "teacher_dit.pt"}
+    files = {"root": root, "teacher": root / "teacher_dit.pt"}
+    # A real one-step run, to resume with a changed shape.
+    done = call(train_script.main, _argv(files, "distill.mode=none", "train.steps=1", "train.run_name=trained",
+                                         "train.log_with=none"))
+    assert done.code == 0, done.stderr
+    reset_accelerate_state()
+    return files
 
 
 def _argv(files: dict[str, Path], *extra: str) -> list[str]:
@@ -86,6 +93,10 @@ CASES = [
     ("resume_missing_path", ["--resume", "{root}/nope.pt"], {}, ["nope.pt", "no such checkpoint"]),
     ("resume_step_not_held", ["--resume", "step=7"], {}, ["step=7", "does not exist"]),
     ("resume_step_not_int", ["--resume", "step=last"], {}, ["step=last", "integer"]),
+    ("resume_changed_shape", ["distill.mode=none", "student.depth=3", "train.run_name=trained"], {},
+     ["cannot resume", "student.depth changed from 2 to 3"]),
+    ("resume_changed_seed", ["distill.mode=none", "train.seed=1", "train.run_name=trained"], {},
+     ["train.seed changed"]),
     ("resume_none_into_held", ["train.run_name=held", "--resume", "none"], {}, ["--resume none", "already holds"]),
     ("output_dir_is_file", ["train.output_dir={root}/a_file"], {}, ["a_file", "is a file"]),
     ("data_path_empty", ["data.path="], {}, ["data.path is empty"]),
