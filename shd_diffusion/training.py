@@ -358,13 +358,16 @@ class Trainer:
             self._pending = []
         if diverged:
             self._history.append((self.step + 1, math.nan, math.nan))
-        del self._history[: max(0, len(self._history) - 2 * HEALTH_WINDOW)]
         factor = self.cfg.train.healthy_factor
-        for step in list(self._unjudged):
+        for step in list(self._unjudged):  # judged before trimming: a long log interval loses nothing
             verdict = checkpoint_health(self._history, step, factor)
-            if verdict is not None or step < self.step - HEALTH_WINDOW:
+            if verdict is not None or step < self.step - HEALTH_WINDOW:  # None this late: no stats (old file)
                 self._verdicts[step] = bool(verdict)
                 self._unjudged.remove(step)
+        # Keep what judging the next checkpoints needs (the window before them) and the newest verdicts.
+        del self._history[: max(0, len(self._history) - 2 * HEALTH_WINDOW)]
+        for step in sorted(self._verdicts)[:-1000]:
+            del self._verdicts[step]
 
     def _last_healthy(self) -> tuple[int, Path] | None:
         """(step, path) of the newest checkpoint in the run folder known to be healthy."""
