@@ -47,7 +47,7 @@ from .checkpoint import (
 from .cli import BadInput, Diverged, check_writable_dir
 from .config import ConfigError, dump_yaml, to_dict
 from .fileio import atomic_path, atomic_write_text
-from .data import build_dataset, make_loader
+from .data import DatasetError, build_dataset, make_loader
 from .diffusion import GaussianDiffusion, create_diffusion
 from .distill import FeatureProjectors
 from .models import create_model
@@ -974,7 +974,10 @@ def train(
             tensorboard = cfg.train.log_with == "tensorboard"
             acc.init_trackers("tensorboard" if tensorboard else "shd_diffusion", config=_flat(to_dict(cfg)),
                               init_kwargs={} if tensorboard else {"wandb": {"name": run_dir.name, "dir": str(run_dir)}})
-        trainer.fit(max_steps=max_steps, progress=progress)
+        try:
+            trainer.fit(max_steps=max_steps, progress=progress)
+        except DatasetError as err:  # e.g. a corrupt image met by a DataLoader worker
+            raise DatasetError(worker_message(err)) from err
         # Tear down together: a rank that destroys its gloo group while a peer is still working
         # can abort in C++ ("terminate called without an active exception").
         acc.wait_for_everyone()
@@ -983,6 +986,15 @@ def train(
             trainer.release()
         acc.end_training()  # also destroys the process group (one left alive aborts at exit)
     return trainer
+
+
+def worker_message(err: BaseException) -> str:
+    """The error's own message, without the worker traceback a DataLoader worker wraps it in."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]  # "pkg.mod.DatasetError: <message>"
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 @contextlib.contextmanager

@@ -181,3 +181,25 @@ def test_debug_shows_the_traceback_and_the_plain_run_does_not(files):
     assert plain.returncode == 2 and plain.stderr.strip().splitlines() == [plain.stderr.strip()]
     assert "student.num_heads" in plain.stderr and "Traceback" not in plain.stderr
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        from shd_diffusion.data import DatasetError
+
+        raise DatasetError(f"cannot read image /data/cat_{i}.png: truncated. Delete or replace the file")
+
+
+def test_a_data_loader_worker_error_keeps_its_message_not_the_worker_traceback():
+    from shd_diffusion.data import DatasetError
+    from shd_diffusion.training import worker_message
+
+    loader = torch.utils.data.DataLoader(_Unreadable(), num_workers=1)
+    with pytest.raises(DatasetError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)  # what torch re-raises in the main process
+    assert worker_message(info.value) == "cannot read image /data/cat_0.png: truncated. Delete or replace the file"
+    assert worker_message(DatasetError("plain message")) == "plain message"
