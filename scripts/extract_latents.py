@@ -14,10 +14,13 @@ choices are documented in shd_diffusion/latents.py.
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from typing import Any, Sequence
 
 import torch
 
+from shd_diffusion.cli import BadInput, add_debug_flag, check_writable_dir, run_main
 from shd_diffusion.latents import SD_VAE_SCALE_FACTOR, extract_latents, missing_shards, write_index
 
 
@@ -43,12 +46,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: this process's device (cuda if available)")
     p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per process")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run (or resume) the extraction on this process's shards; rank 0 finalises the index."""
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse every value that is wrong on its own, before any image, VAE or file is touched."""
+    for name in ("image_size", "batch_size", "shard_size"):
+        if getattr(args, name) <= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise BadInput(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.max_shards is not None and args.max_shards <= 0:
+        raise BadInput(f"--max-shards must be > 0 (or left out for all), got {args.max_shards}")
+    if not math.isfinite(args.scale_factor) or args.scale_factor <= 0:
+        raise BadInput(f"--scale-factor must be a finite number > 0, got {args.scale_factor}")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise BadInput(f"--device {args.device!r} is not a device: use e.g. cpu, cuda or cuda:1") from None
+    check_writable_dir(args.out, "--out")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or resume) the extraction on this process's shards; rank 0 finalises the index.
+
+    Returns:
+        0, or 2 after one ``error:`` line for bad input (``--debug`` shows the traceback).
+    """
     args = parse_args(argv)
+    return run_main(lambda: _main(args), debug=args.debug)
+
+
+def _main(args: argparse.Namespace) -> None:
+    check_args(args)
     from accelerate import PartialState  # one process under plain python, N under accelerate launch
 
     state = PartialState()
@@ -94,4 +126,4 @@ def _run(args: argparse.Namespace, state: Any) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shd_diffusion.cli import BadInput, add_debug_flag, run_main
 from shd_diffusion.models import (
     MODEL_NAMES,
     create_model,
@@ -31,12 +32,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=MODEL_NAMES, help="try a strict load into this registry config")
     parser.add_argument("--decode-layer", type=int, default=None, help="MDTv2 decode_layer override for --model")
     parser.add_argument("--input-size", type=int, default=None, help="latent size override for --model")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Inspect one checkpoint; returns the process exit code (1 when --model does not fit)."""
+    """Inspect one checkpoint; returns the process exit code.
+
+    Returns:
+        0; 1 when the checkpoint does not fit ``--model`` (the check's answer, printed); 2 after
+        one ``error:`` line for bad input (``--debug`` shows the traceback).
+    """
     args = parse_args(argv)
+    return run_main(lambda: _inspect(args), debug=args.debug)
+
+
+def _build(name: str, overrides: dict[str, int]):
+    """``create_model(name, **overrides)``, with a constructor refusal as bad input."""
+    for key, value in overrides.items():
+        if value <= 0:
+            raise BadInput(f"--{key.replace('_', '-')} must be > 0, got {value}")
+    try:
+        return create_model(name, **overrides)
+    except ValueError as err:
+        raise BadInput(f"cannot build {name} with {overrides}: {err}") from None
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    given = {"decode_layer": args.decode_layer, "input_size": args.input_size}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if overrides and not args.model:
+        raise BadInput(f"--{next(iter(overrides)).replace('_', '-')} only applies with --model NAME: add --model")
+    model = _build(args.model, overrides) if args.model else None  # refuse bad options before reading
     checkpoint = load_checkpoint_file(args.path)
     state = extract_state_dict(checkpoint)
     wrapper = next((k for k in ("ema", "model") if isinstance(checkpoint.get(k), dict)), None)
@@ -48,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in state.items():
             print(f"  {key:70s} {str(tuple(value.shape)):>20s} {str(value.dtype).removeprefix('torch.')}")
     print(describe_architecture(infer_architecture(state)))
-    if args.model:
-        given = {"decode_layer": args.decode_layer, "input_size": args.input_size}
-        overrides = {k: v for k, v in given.items() if v is not None}
-        model = create_model(args.model, **overrides)
+    if model is not None:
         try:
             load_official_state_dict(model, state)
         except ValueError as err:

@@ -14,9 +14,10 @@ Encoding uses the posterior mean ``latent_dist.mean * scale_factor``, not a samp
 is deterministic (a re-extracted shard is identical), and the SD-VAE posterior std is small
 enough that one frozen sample (what DiT's feature extraction stores) only adds fixed noise.
 
-Resuming: shards are written to ``<name>.tmp`` and renamed, so a shard file exists only when
-complete. A rerun skips existing shards whose plan matches, refuses ones whose plan differs
-(naming the differing fields), and overwrites this rank's stale temp files. With several
+Resuming: shards are written through :func:`shd_diffusion.fileio.atomic_path` (temporary name,
+fsync, rename), so a shard file exists only when complete. A rerun skips existing shards whose plan matches, refuses ones whose plan differs
+(naming the differing fields). Nothing is written (not even ``out``) before the image folder
+has been read and the VAE loaded. With several
 processes, shard ``i`` belongs to rank ``i % world_size``; rank 0 writes the index after a
 barrier (see ``scripts/extract_latents.py``).
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .data import LATENT_FORMAT, LATENT_INDEX, DatasetError, ImageFolderDataset
+from .fileio import atomic_path, atomic_write_text
 
 __all__ = [
     "SD_VAE_SCALE_FACTOR",
@@ -80,7 +81,14 @@ def load_vae(vae: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """
     from diffusers import AutoencoderKL  # heavy import, only when encoding
 
-    model = AutoencoderKL.from_pretrained(str(vae))
+    try:
+        model = AutoencoderKL.from_pretrained(str(vae))
+    except (OSError, ValueError) as err:  # missing folder, bad config, offline without a cached copy
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DatasetError(
+            f"cannot load the VAE {str(vae)!r} ({reason}): pass a local AutoencoderKL folder with --vae, "
+            "or download the Hub id once with network access"
+        ) from None
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -144,23 +152,18 @@ def _check_plan(path: Path, found: dict[str, Any], plan: dict[str, Any]) -> None
         )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files of an interrupted write of ``path`` (only its owning rank calls this)."""
+    for tmp in [*path.parent.glob(f".{path.name}.*.tmp"), path.with_name(path.name + ".tmp")]:  # fileio's, older
+        tmp.unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file so that ``path`` exists only when complete (temp + fsync + rename)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    _fsync(tmp)  # data on disk before the rename makes it visible
-    os.replace(tmp, path)
-    _fsync(path.parent)  # and the rename itself survives a crash
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _encode_shard(
@@ -263,7 +266,8 @@ def extract_latents(
         vae_id = vae_id or _vae_identity(vae)
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} is a file, not a folder for latent shards: choose another output folder (--out)")
     dataset = ImageFolderDataset(data, image_size=image_size, hflip=False)
     n = len(dataset)
     num_shards = math.ceil(n / shard_size)
@@ -308,6 +312,8 @@ def extract_latents(
                     both_flips=both_flips, bar=bar,
                 )
                 meta = {_PLAN_KEY: json.dumps({**plan, "shard": shard, "count": count})}
+                out.mkdir(parents=True, exist_ok=True)  # only now: a refusal before this leaves no trace
+                _remove_stale_temps(out / shard_name(shard))
                 _write_atomic(out / shard_name(shard), tensors, meta)
                 report.written.append(shard)
 
@@ -378,8 +384,5 @@ def write_index(out: str | Path) -> dict[str, Any]:
         "files_sha256": plan["files_sha256"],
         "shards": shards,
     }
-    tmp = out / (LATENT_INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, out / LATENT_INDEX)
+    atomic_write_text(out / LATENT_INDEX, json.dumps(index, indent=1))
     return index
