@@ -19,8 +19,9 @@ Rules that make the result reproducible (see also :mod:`sampling.shards`):
   for a given (shard size, batch size) every image is computed in the same batch whatever the
   number of processes, hence bitwise identical for any process count (same device type and
   software stack). The batch size itself can change the last bits: matrix kernels choose their
-  blocking by the number of rows, on CPU as on GPU (measured on CPU: latents differ by ~1e-5,
-  some uint8 pixels by 1). So the batch size is recorded in the manifest, and a resume with
+  blocking by the number of rows, on CPU as on GPU (measured on CPU with demo-sized models,
+  batch 2 vs 3: final samples up to 4e-5 apart, enough to move a pixel across a uint8 rounding
+  boundary now and then). So the batch size is recorded in the manifest, and a resume with
   another one is refused.
 * ``--precision bf16`` (default on CUDA) autocasts only the network; guidance, the diffusion update
   and VAE decoding stay float32.
@@ -442,9 +443,10 @@ def shard_manifest(settings: dict[str, Any], num_samples: int, shard_size: int, 
     """What a run folder must agree on: the pixel-defining settings, N, shard and batch size.
 
     The batch size is part of it because CPU and GPU matrix kernels pick their blocking by the
-    number of rows, so one image's pixels can differ in the last bits between batch sizes (on CPU,
-    up to 1 uint8 level); the process count is not, as every image lands in the same batch for any
-    number of processes. ``batch_size`` is the effective one (capped at the shard size).
+    number of rows, so one image's pixels can differ in the last bits between batch sizes (a
+    uint8 level at a rounding boundary); the process count is not, as every image lands in the
+    same batch for any number of processes. ``batch_size`` is the effective one (capped at the
+    shard size).
     """
     return {**settings, "num_samples": num_samples, "shard_size": shard_size, "batch_size": min(batch_size, shard_size)}
 
