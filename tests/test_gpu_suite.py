@@ -105,7 +105,9 @@ def test_smoke_mode_runs_every_part(tmp_path):
     assert expected <= set(parts), parts
     assert all(p["status"] == "ok" for p in parts.values()), parts
     for pair in ("step_mdt", "step_dit"):
-        assert [row["mode"] for row in rep["train_step"][pair]["dense"]] == ["none", "kd", "kd_shd"]
+        modes = [row["mode"] for row in rep["train_step"][pair]["dense"]]
+        # kd_shd_maps (the whole-map path) only where bench_train_step.py offers it (issue 9).
+        assert modes[:3] == ["none", "kd", "kd_shd"] and modes[3:] in ([], ["kd_shd_maps"]), modes
     assert rep["upstream_plain"]["attention"] == "explicit softmax(qk^T)v"
     assert sorted({r["tokens"] for r in rep["shd_term"]["sweep"]["0"]["results"]}) == [4, 16, 64]
     for name in ("sampling_s2", "sampling_xl2"):
