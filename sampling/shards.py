@@ -143,8 +143,13 @@ def write_shard(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
         raise ValueError(f"shard arrays disagree in length: {len(images)} images, {len(labels)} labels, {len(indices)} indices")
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(final) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
-        np.savez(f, images=images, labels=labels, indices=indices)
+    try:
+        with atomic_path(final) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
+            np.savez(f, images=images, labels=labels, indices=indices)
+    except OSError as err:
+        if err.filename is None:  # a write through the file object names no path (e.g. a full disk)
+            raise OSError(err.errno, err.strerror or str(err), str(final)) from err
+        raise
     return final
 
 

@@ -8,6 +8,7 @@ from a finished 4-image run made once per module and copied into each test.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 from cli_cases import assert_refused, call, snapshot
 
@@ -178,6 +180,21 @@ def test_read_only_out_folder(world: dict, monkeypatch: pytest.MonkeyPatch) -> N
     before = snapshot(world["out"])
     assert_refused(call(main, [*_new(world), "--out", str(locked)]), "locked", "permission denied")
     assert snapshot(world["out"]) == before
+
+
+def test_full_disk_names_the_shard_and_keeps_the_finished_ones(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_savez, calls = np.savez, []
+
+    def savez_then_full(f, **arrays):  # the first shard fits, the second finds the disk full
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez_then_full)
+    out = world["out"] / "new"
+    assert_refused(call(main, _new(world)), "no space left", "shard_000001.npz")
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["manifest.json", "shard_000000.npz"]  # no temp
 
 
 def test_seed_refusal_leaves_the_corrected_command_free_to_run(world: dict) -> None:
