@@ -15,9 +15,10 @@ is deterministic (a re-extracted shard is identical), and the SD-VAE posterior s
 enough that one frozen sample (what DiT's feature extraction stores) only adds fixed noise.
 
 Resuming: shards are written through :func:`shd_diffusion.fileio.atomic_path` (temporary name,
-fsync, rename), so a shard file exists only when complete. A rerun skips existing shards whose plan matches, refuses ones whose plan differs
-(naming the differing fields). Nothing is written (not even ``out``) before the image folder
-has been read and the VAE loaded. With several
+fsync, rename), so a shard file exists only when complete. A rerun skips existing shards whose
+plan matches and refuses ones whose plan differs (naming the differing fields). ``out`` is
+created only when the first shard is written, so a refusal before that (bad image folder, an
+unreadable image in the first shard, a VAE that does not load) leaves nothing behind. With several
 processes, shard ``i`` belongs to rank ``i % world_size``; rank 0 writes the index after a
 barrier (see ``scripts/extract_latents.py``).
 """

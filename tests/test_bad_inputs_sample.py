@@ -93,6 +93,11 @@ def _manifest(w: dict[str, Path], data: bytes) -> list[str]:
     return _resume(w)
 
 
+def _missing_shard(w: dict[str, Path]) -> list[str]:
+    shard_path(w["out"] / "run", 0).unlink()
+    return ["--assemble", str(w["out"] / "run")]
+
+
 def _shards_is_a_file(w: dict[str, Path]) -> list[str]:
     (w["out"] / "new").mkdir()
     (w["out"] / "new" / "shards").write_text("x")
@@ -136,7 +141,8 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     ("resume-other-cfg", lambda w: _resume(w, "--cfg-scale", "3.0"), ("cfg_scale: 2.0 -> 3.0",)),
     ("resume-other-steps", lambda w: _resume(w, "--steps", "3"), ("steps: 2 -> 3",)),
     ("resume-other-count", lambda w: _resume(w, "--num-samples", "6"), ("num_samples: 4 -> 6",)),
-    ("resume-other-shard-size", lambda w: _resume(w, "--shard-size", "4", "--batch-size", "2"), ("shard_size: 2 -> 4",)),
+    ("resume-other-shard-size", lambda w: _resume(w, "--shard-size", "4", "--batch-size", "2"),
+     ("shard_size: 2 -> 4",)),
     ("resume-other-labels", lambda w: _resume(w, "--labels", "uniform"), ("labels: 'balanced' -> 'uniform'",)),
     ("resume-other-precision", lambda w: _resume(w, "--precision", "bf16"), ("precision: 'fp32' -> 'bf16'",)),
     ("resume-other-checkpoint", lambda w: _resume(w, "--checkpoint", str(w["ckpt"])), ("checkpoint: ",)),
@@ -148,8 +154,7 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     ("assemble-truncated-shard", _truncate_shard, ("shard_000001.npz", "unreadable", "rerun")),
     ("assemble-not-a-run", lambda w: ["--assemble", str(w["in"])], ("manifest.json", "not found")),
     ("assemble-missing-folder", lambda w: ["--assemble", str(w["in"] / "nope")], ("nope", "not found")),
-    ("assemble-missing-shard", lambda w: (shard_path(w["out"] / "run", 0).unlink(), ["--assemble", str(w["out"] / "run")])[1],
-     ("1 of 2 shards missing", "rerun")),
+    ("assemble-missing-shard", _missing_shard, ("1 of 2 shards missing", "rerun")),
 ]
 
 

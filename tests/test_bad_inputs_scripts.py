@@ -169,7 +169,8 @@ def test_extract_control_and_debug(world: dict, fresh_accelerate) -> None:
 
 @pytest.mark.parametrize("name", ["inspect_checkpoint", "extract_latents"])
 def test_real_entry_points_print_one_line(world: dict, name: str) -> None:
-    args = [str(world["in"] / "nope.pt")] if name == "inspect_checkpoint" else _extract(world, "--data", str(world["in"] / "nope"))
+    nope = str(world["in"] / "nope")
+    args = [nope + ".pt"] if name == "inspect_checkpoint" else _extract(world, "--data", nope)
     proc = subprocess.run([sys.executable, f"scripts/{name}.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2, proc.stderr

@@ -63,7 +63,8 @@ def test_two_identical_mdt_runs_are_bitwise_equal(tmp_path, two_threads):
     for name in ("a", "b"):
         cfg = make_cfg(tmp_path / name, "none", "mdt", extra)
         run_dir = tmp_path / name / "runs" / "t"
-        trainer = train(cfg, run_dir, resume="none", progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
+        acc = make_accelerator(cfg, run_dir, log=False)
+        trainer = train(cfg, run_dir, resume="none", progress=False, accelerator=acc)
         states.append(_state(trainer))
         reset_accelerate_state()
     a, b = states
