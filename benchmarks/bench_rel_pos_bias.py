@@ -3,7 +3,8 @@
 Plain indexing (``table[index]``, the old formulation) back-propagates through
 ``index_put_(accumulate=True)``, which on CPU sums duplicate rows in a thread-dependent order;
 :func:`shd_diffusion.models.mdt.gather_rows` sums them with ``index_add_`` in a fixed order.
-Timed, median of ``--iters`` after one warmup, alternating the two formulations:
+Timed, the fastest of ``--iters`` runs after one warmup (robust to other load on a shared
+machine), alternating the two formulations:
 
 * ``bias``: forward + backward of the bias alone for every block of the model, once unmasked
   (all N tokens) and once for a masked pass (each sample keeps K tokens);
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from typing import Callable
 
@@ -98,7 +98,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         mdt.gather_rows = impls["gather_rows (after)"]
         for name in impls:
-            row = {"case": case, "impl": name, "ms": 1000 * statistics.median(times[name]),
+            row = {"case": case, "impl": name, "ms": 1000 * min(times[name]),
                    "bias_grad_bitwise_repeatable": deterministic[name]}
             results.append(row)
             print(f"{case:5s} {name:24s} {row['ms']:9.1f} ms  repeatable: {deterministic[name]}")
