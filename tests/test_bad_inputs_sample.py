@@ -130,6 +130,8 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     ("compile-mode-without-compile", lambda w: _new(w, "--compile-mode", "reduce-overhead"), ("--compile",)),
     ("vae-none-ok-but-no-out", lambda w: [a for a in _new(w) if a not in ("--out", str(w["out"] / "new"))],
      ("--checkpoint and --out are required",)),
+    ("vae-missing-folder", lambda w: _new(w, "--vae", str(w["in"] / "novae")), ("novae", "--vae PATH")),
+    ("vae-not-a-vae", lambda w: _new(w, "--vae", str(w["in"])), ("could not load the VAE", "--vae PATH")),
     # --- output paths
     ("out-is-a-file", lambda w: [*_new(w), "--out", _file(w, "taken", b"x")], ("taken", "is a file")),
     ("out-under-a-file", lambda w: [*_new(w), "--out", _file(w, "taken", b"x") + "/sub"], ("taken", "is a file")),
