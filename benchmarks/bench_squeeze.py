@@ -48,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--student-heads", type=int, default=6)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--chunk", type=int, default=128, help="query rows per block (fixed, to compare N)")
+    p.add_argument("--chunk", type=int, default=64,
+                   help="query rows per block (fixed, to compare N); 0 = automatic (shd.auto_chunk_size)")
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--dense-max-tokens", type=int, default=4096, help="skip the dense path above this N")
     p.add_argument("--warmup", type=int, default=1)
@@ -56,8 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
-    if args.batch < 1 or args.chunk < 1 or args.iters < 1:
-        p.error("--batch, --chunk and --iters must be >= 1")
+    if args.batch < 1 or args.chunk < 0 or args.iters < 1:
+        p.error("--batch and --iters must be >= 1 and --chunk >= 0")
     return args
 
 
@@ -107,15 +108,22 @@ def checkpoint_term(p: dict[str, torch.Tensor], temperature: float, chunk: int) 
                                           alphas, spec)
 
 
+def chunk_rows(args: argparse.Namespace, n: int) -> int:
+    """The block size of a run: ``--chunk``, or the automatic one for ``--chunk 0``."""
+    return args.chunk or shd.auto_chunk_size(args.batch, args.teacher_heads, args.student_heads, n)
+
+
 def step_fn(args: argparse.Namespace, impl: str, p: dict[str, torch.Tensor]) -> Callable[[], None]:
+    chunk = chunk_rows(args, p["student_q"].shape[-2])
+
     def step() -> None:
         p["student_q"].grad = p["student_k"].grad = None
         if impl == "dense":
             loss = dense_term(p, args.temperature)
         elif impl == "chunked":
-            loss, _ = shd.shd_term(**p, temperature=args.temperature, chunk_size=args.chunk)
+            loss, _ = shd.shd_term(**p, temperature=args.temperature, chunk_size=chunk)
         else:
-            loss = checkpoint_term(p, args.temperature, args.chunk)
+            loss = checkpoint_term(p, args.temperature, chunk)
         loss.sum().backward()
 
     return step
@@ -175,7 +183,7 @@ def run_tokens(args: argparse.Namespace, n: int, impls: list[str], device: torch
         else:
             peak = cpu_peak_bytes(steps[impl])
         rows.append({"tokens": n, "impl": impl, "status": "ok", "batch": args.batch,
-                     "chunk": args.chunk if impl != "dense" else n,
+                     "chunk": chunk_rows(args, n) if impl != "dense" else n,
                      "fwd_bwd_ms": round(statistics.median(times[impl]), 2),
                      "peak_mem_above_inputs_mib": round(peak / 2**20, 1)})
     return rows

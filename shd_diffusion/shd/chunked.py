@@ -11,16 +11,23 @@
    computes the student's block log-softmax((q_s k_s^T / sqrt(d_s) + bias_s) / T_a) and adds up
    row-wise KL(squeezed teacher || student) (or the MSE) per sample.
 3. **The backward** is a custom :class:`torch.autograd.Function` that saves only q, k, biases and
-   alpha and, block by block, recomputes both maps and applies the softmax Jacobian by hand
-   (:func:`_block_grad_logits`). Chosen over ``torch.utils.checkpoint`` around each block by
-   measurement (README, "Measured results"; ``benchmarks/bench_squeeze.py --backward``): both
-   recompute the same blocks, but checkpointing also keeps autograd's saved intermediates of the
-   block being differentiated (logits, log-probabilities, squeezed target) and runs its backward
-   op by op, so its peak was higher and its time longer at N = 1024 and 4096.
+   the mixing weights and, block by block, recomputes both maps and applies the softmax Jacobian
+   by hand (:func:`_block_grad_logits`). When all N rows fit one block (the automatic size at
+   N = 256), the block's target and student log-probabilities are kept for the backward instead,
+   and the teacher's logits serve alpha and the target at once (:func:`_one_block`).
 
-Cost against whole maps: the teacher's block logits are computed three times (alpha, loss,
-backward) and the student's twice, i.e. about 2 extra teacher attention-logit products per
-layer; memory per layer is O(B H c N) for the blocks plus the (B, H, N, d) inputs and gradients.
+Why a custom Function rather than ``torch.utils.checkpoint`` around each block
+(``_checkpointed_map_loss``, ``benchmarks/bench_squeeze.py``; 16 -> 6 heads, d = 64, batch 1,
+64-row blocks, a shared 2-core CPU): the peak is the same (13.8 MiB at N = 1024, 52.8 MiB at
+N = 4096; the alpha pass sets it), the times are close (N = 256: 0.84 s vs 0.94 s; N = 1024:
+19.7 s vs 20.2 s; one unwarmed N = 4096 run: 52.7 s vs 40.5 s), and the Function keeps a single
+block for its backward without an autograd graph (checkpointing recomputes it), which makes the
+N = 256 term faster than whole maps (1.06 s vs 1.34 s at the automatic block size;
+checkpointing 1.16 s).
+
+Cost against whole maps: with several blocks the teacher's block logits are computed three times
+(alpha, loss, backward) and the student's twice; memory per layer is O(B H c N) for the blocks
+plus the (B, H, N, d) inputs and gradients (and a learned bias's own (H, N, N) gradient).
 """
 
 from __future__ import annotations
@@ -140,14 +147,12 @@ def _student_logp(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, spec: _Spec, 
     return logits.log_softmax(-1)
 
 
-def _block_loss(logp: Tensor, target: Tensor, spec: _Spec) -> Tensor:
+def _block_loss(logp: Tensor, target: Tensor, spec: _Spec, inplace: bool = True) -> Tensor:
     """(B,) sum over the block's rows and heads of the per-row loss (normalised by the caller).
 
     KL: sum_k t log t - t log max(p_s, eps), i.e. :func:`~.loss.shd_loss`'s clamp of the student
-    probabilities at eps, written on log p_s. MSE: sum_k (p_s - t)^2. Overwrites ``logp`` unless
-    it carries a graph.
+    probabilities at eps, written on log p_s. MSE: sum_k (p_s - t)^2. ``inplace`` overwrites ``logp``.
     """
-    inplace = not logp.requires_grad
     if spec.kind == "kl":
         log_clamped = (logp.clamp_min_ if inplace else logp.clamp_min)(math.log(spec.eps))
         # Entry by entry, then summed: t log t and t log p are each ~log N per row while their
@@ -179,24 +184,34 @@ def _sum_to(x: Tensor, shape: Sequence[int]) -> Tensor:
 
 
 class _BlockwiseMapLoss(torch.autograd.Function):
-    """Per-sample map loss over row blocks; backward recomputes each block (see the module doc)."""
+    """Per-sample map loss over row blocks; backward recomputes each block (see the module doc).
+
+    ``kept``: the squeezed target of the only block when all N rows fit one block; then the block's
+    target and student log-probabilities are kept for the backward instead of recomputed (they
+    fit the block budget by construction).
+    """
 
     @staticmethod
-    def forward(ctx, s_q, s_k, s_bias, t_q, t_k, t_bias, mix, spec):  # type: ignore[override]
+    def forward(ctx, s_q, s_k, s_bias, t_q, t_k, t_bias, mix, kept, spec):  # type: ignore[override]
         n, m = s_q.shape[-2], s_k.shape[-2]
         norm = n if spec.kind == "kl" else n * m  # KL: mean over rows; MSE: mean over entries
         total = s_q.new_zeros(s_q.shape[0], dtype=spec.dtype)  # (B,)
+        logp_kept = None
         with torch.no_grad(), torch.autocast(s_q.device.type, enabled=False):
-            for r0, r1 in _row_blocks(n, spec.chunk):
-                target = _target_block(t_q, t_k, t_bias, mix, spec, r0, r1)
-                total += _block_loss(_student_logp(s_q, s_k, s_bias, spec, r0, r1), target, spec)
-        ctx.save_for_backward(s_q, s_k, s_bias, t_q, t_k, t_bias, mix)
+            if kept is not None:
+                logp_kept = _student_logp(s_q, s_k, s_bias, spec, 0, n)  # (B, H_s, N, N)
+                total += _block_loss(logp_kept, kept, spec, inplace=False)
+            else:
+                for r0, r1 in _row_blocks(n, spec.chunk):
+                    target = _target_block(t_q, t_k, t_bias, mix, spec, r0, r1)
+                    total += _block_loss(_student_logp(s_q, s_k, s_bias, spec, r0, r1), target, spec)
+        ctx.save_for_backward(s_q, s_k, s_bias, t_q, t_k, t_bias, mix, kept, logp_kept)
         ctx.spec, ctx.norm = spec, norm
         return total / norm
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        s_q, s_k, s_bias, t_q, t_k, t_bias, mix = ctx.saved_tensors
+        s_q, s_k, s_bias, t_q, t_k, t_bias, mix, kept, logp_kept = ctx.saved_tensors
         spec = ctx.spec
         need_bias = s_bias is not None and ctx.needs_input_grad[2]
         dq = torch.zeros(s_q.shape, dtype=spec.dtype, device=s_q.device)  # (B, H_s, N, d)
@@ -207,8 +222,11 @@ class _BlockwiseMapLoss(torch.autograd.Function):
         q_s, k_s = s_q.to(spec.dtype) * spec.student_scale, s_k.to(spec.dtype) * spec.student_scale
         with torch.no_grad(), torch.autocast(s_q.device.type, enabled=False):
             for r0, r1 in _row_blocks(s_q.shape[-2], spec.chunk):
-                target = _target_block(t_q, t_k, t_bias, mix, spec, r0, r1)
-                logp = _student_logp(s_q, s_k, s_bias, spec, r0, r1)
+                if kept is not None:  # the one block, kept by the forward
+                    target, logp = kept, logp_kept
+                else:
+                    target = _target_block(t_q, t_k, t_bias, mix, spec, r0, r1)
+                    logp = _student_logp(s_q, s_k, s_bias, spec, r0, r1)
                 dz = _block_grad_logits(logp, target, spec, coef)  # (B, H_s, c, N): dL / d(q k^T / sqrt(d) + bias)
                 del target, logp
                 dq[:, :, r0:r1] = dz @ k_s  # (B, H_s, c, d)
@@ -219,7 +237,7 @@ class _BlockwiseMapLoss(torch.autograd.Function):
                     else:
                         dbias[..., r0:r1, :] += _sum_to(dz, dbias[..., r0:r1, :].shape)
         return (dq.to(s_q.dtype), dk.to(s_k.dtype), None if dbias is None else dbias.to(s_bias.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _checkpointed_map_loss(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, t_q: Tensor, t_k: Tensor,
@@ -234,7 +252,7 @@ def _checkpointed_map_loss(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, t_q:
             with torch.no_grad():
                 target = _target_block(t_q, t_k, t_bias, mix, spec, r0, r1)
             logits = _logits(q_rows, k, spec.student_scale, _bias_rows(bias, r0, r1), spec.dtype, spec.temperature)
-            return _block_loss(logits.log_softmax(-1), target, spec)
+            return _block_loss(logits.log_softmax(-1), target, spec, inplace=False)
 
     total = sum(checkpoint(block, s_q[:, :, r0:r1], s_k, s_bias, r0, r1, use_reentrant=False)
                 for r0, r1 in _row_blocks(n, spec.chunk))
@@ -346,21 +364,46 @@ def shd_term(
     resolved = resolve_groups(h_t, h_s, mode, groups, generator_seed)
     dtype = _compute_dtype(student_q, teacher_q)
     spec = _Spec(resolved, float(temperature), chunk, loss, eps, d_s**-0.5, d_t**-0.5, dtype)
-    if is_identity(resolved, h_t):
-        alphas = torch.ones(b, h_t, dtype=dtype, device=teacher_q.device)
+    if teacher_out is not None and teacher_out.shape != teacher_q.shape:
+        raise ValueError(f"teacher_out {tuple(teacher_out.shape)} must be (B, H_t, N, d_t) = {tuple(teacher_q.shape)}")
+    t_q, t_k, t_v, t_w = teacher_q.detach(), teacher_k.detach(), teacher_v.detach(), out_weight.detach()
+    t_bias = None if t_bias is None else t_bias.detach()
+    t_out = None if teacher_out is None else teacher_out.detach()
+    if chunk >= n:
+        alphas, mix, kept = _one_block(t_q, t_k, t_v, t_w, t_bias, t_out, mode, spec)
     else:
-        if teacher_out is not None and teacher_out.shape != teacher_q.shape:
-            raise ValueError(f"teacher_out {tuple(teacher_out.shape)} must be (B, H_t, N, d_t) = {tuple(teacher_q.shape)}")
-        blocks = _teacher_blocks(teacher_q.detach(), teacher_k.detach(), None if t_bias is None else t_bias.detach(),
-                                 spec, None if teacher_out is None else teacher_out.detach())
-        alphas = mode_alphas(blocks, teacher_v.detach(), out_weight.detach(), resolved, mode,
-                             _check_ridge(None, dtype), True, dtype)
-    mix = None if is_identity(resolved, h_t) else _mixing(alphas, resolved, dtype)  # (B, H_s, H_t)
-    per_sample = _BlockwiseMapLoss.apply(
-        student_q, student_k, s_bias, teacher_q.detach(), teacher_k.detach(),
-        None if t_bias is None else t_bias.detach(), mix, spec,
-    )
+        alphas, kept = _alphas(_teacher_blocks(t_q, t_k, t_bias, spec, t_out), t_v, t_w, mode, spec, b), None
+        mix = None if is_identity(resolved, h_t) else _mixing(alphas, resolved, dtype)  # (B, H_s, H_t)
+    per_sample = _BlockwiseMapLoss.apply(student_q, student_k, s_bias, t_q, t_k, t_bias, mix, kept, spec)
     return per_sample, alphas
+
+
+def _alphas(blocks: Blocks, t_v: Tensor, t_w: Tensor, mode: SqueezeMode, spec: _Spec, b: int) -> Tensor:
+    """(B, H_t) alphas of the mode from a block source (all ones for the identity squeeze)."""
+    if is_identity(spec.groups, t_v.shape[1]):
+        return torch.ones(b, t_v.shape[1], dtype=spec.dtype, device=t_v.device)
+    return mode_alphas(blocks, t_v, t_w, spec.groups, mode, _check_ridge(None, spec.dtype), True, spec.dtype)
+
+
+@torch.no_grad()
+def _one_block(t_q: Tensor, t_k: Tensor, t_v: Tensor, t_w: Tensor, t_bias: Tensor | None, t_out: Tensor | None,
+               mode: SqueezeMode, spec: _Spec) -> tuple[Tensor, Tensor | None, Tensor]:
+    """All N rows in one block: the teacher's logits serve alpha and the target (computed once).
+
+    Returns alphas (B, H_t), the mixing weights (None for the identity) and the squeezed target
+    at T_a (B, H_s, N, N), which the loss keeps for its backward.
+    """
+    with torch.autocast(t_q.device.type, enabled=False):
+        logits = _logits(t_q, t_k, spec.teacher_scale, t_bias, spec.dtype)  # (B, H_t, N, N)
+        probs = logits.softmax(-1)  # T = 1: drives alpha
+        alphas = _alphas(lambda: iter([(probs, t_out)]), t_v, t_w, mode, spec, t_q.shape[0])
+        soft = probs if spec.temperature == 1.0 else logits.div_(spec.temperature).softmax(-1)  # (B, H_t, N, N)
+        del logits, probs
+        if is_identity(spec.groups, t_q.shape[1]):
+            return alphas, None, soft
+        mix = _mixing(alphas, spec.groups, spec.dtype)  # (B, H_s, H_t)
+        b, h_t, n, m = soft.shape
+        return alphas, mix, (mix @ soft.view(b, h_t, n * m)).view(b, -1, n, m)  # (B, H_s, N, N)
 
 
 @torch.no_grad()
