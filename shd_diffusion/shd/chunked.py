@@ -19,7 +19,7 @@
 Why a custom Function rather than ``torch.utils.checkpoint`` around each block
 (``_checkpointed_map_loss``, ``benchmarks/bench_squeeze.py``; 16 -> 6 heads, d = 64, batch 1,
 64-row blocks, a shared 2-core CPU; README, "Measured results"): the peak is the same (16.8 MiB at
-N = 1024, 64.8 MiB at N = 4096; the alpha pass sets it), the Function was faster in three of the
+N = 1024, 64.8 MiB at N = 4096), the Function was faster in three of the
 four timed comparisons (N = 256: 0.84 s vs 0.94 s; N = 1024: 2.8 s vs 6.2 s; N = 4096: 23.2 s vs
 25.8 s; one unwarmed N = 4096 run the other way, 52.7 s vs 40.5 s), and it keeps a single block
 for its backward without an autograd graph (checkpointing recomputes it), which makes the
