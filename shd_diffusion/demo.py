@@ -3,7 +3,9 @@
 ``python scripts/demo.py`` (or ``bash scripts/demo.sh`` on a fresh machine) runs the whole study
 on the animal-mnist images shipped with the ``animal-mnist`` package:
 
-1. train a 12-head MDTv2 teacher (``configs/demo_teacher.yaml``), or reuse its finished run;
+1. start from the committed 12-head MDTv2 teacher (``shd_diffusion/assets/demo_teacher``: EMA
+   weights, the config it was trained with and ``teacher.json``), or with ``--train-teacher`` train
+   one from scratch (``configs/demo_teacher.yaml``) or reuse its finished run;
 2. distil a 6-head, shallower student per mode and seed (``configs/demo_student.yaml``);
 3. sample every student's EMA weights with classifier-free guidance (``sampling.sample``: per-index
    seeds, balanced labels ``i % 10``, the same noise for every run) and score them
@@ -23,14 +25,20 @@ interrupted demo is finished by running the same command again:
 
 Sizes (``--size``):
 
-* ``cpu`` (default): MDTv2 teacher 96 wide / 6 layers / 12 heads, students 48 wide / 4 layers /
-  6 heads, patch 4 (64 tokens), 1500 + 3 x 1000 steps at batch 32, 250 samples per run (50 steps,
-  CFG 3.8 power-cosine) against 500 training images. Measured ~15 min on 2 idle CPU cores.
+* ``cpu`` (default): the committed MDTv2 teacher (96 wide / 6 layers / 12 heads), students 48 wide
+  / 4 layers / 6 heads, patch 4 (64 tokens), 3 x 2000 student steps at batch 32, 250 samples per
+  run (50 steps, CFG 3.8 power-cosine) against 500 training images. ``--train-teacher``: the
+  teacher from scratch first (1500 steps). The earlier default (teacher from scratch, 3 x 1000
+  student steps) measured ~16 min on 2 idle CPU cores; this one is not re-measured.
 * ``gpu``: ``bash scripts/demo.sh --size gpu --out results/demo_gpu`` on one GPU. Teacher 384 wide /
   12 layers / 12 heads, students 192 wide / 6 layers / 6 heads, patch 2 (256 tokens), bf16, batch
   256, 40k teacher steps and 20k steps per student, 3 seeds per mode, 5,000 samples per run with
   250 steps, FID against all 10,000 training images. Not measured here (no GPU); estimated from
   FLOPs at a few hours on one H100/H200 class GPU, dominated by the 9 student runs.
+* ``study``: ``bash benchmarks/gpu_study.sh`` (one ~9-minute GPU call): 256 tokens, teacher 192
+  wide / 8 layers / 12 heads trained in the same command (3000 steps at batch 256), students 96
+  wide / 4 layers / 6 heads, 1000 steps, 2 seeds per mode, 2,000 samples per run against all
+  10,000 images. Expected time per stage: ``python benchmarks/study_estimate.py``.
 * ``tiny``: the smoke test (tests/test_demo.py).
 """
 
@@ -66,6 +74,9 @@ __all__ = [
     "teacher_config",
     "student_config",
     "ensure_trained",
+    "committed_teacher",
+    "export_teacher",
+    "TEACHER_ASSET",
     "finished_checkpoint",
     "reference_indices",
     "ensure_reference",
@@ -78,6 +89,10 @@ __all__ = [
 
 FORMAT = "shd_diffusion.demo/v1"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The committed demo teacher (package data): a save_pretrained folder of the EMA weights plus the
+# training config it was trained with (``train_config.yaml``) and ``teacher.json`` (step, time).
+TEACHER_ASSET = Path(__file__).resolve().parent / "assets" / "demo_teacher"
+TEACHER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DEFAULT_INCEPTION_WEIGHTS = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shd_diffusion" / "inception" / "inception_fid_helper.pth"
 )
@@ -103,6 +118,7 @@ class DemoSettings:
     student_config: str  # YAML under configs/ for the student runs (mode set per run)
     teacher_overrides: tuple[str, ...] = ()  # dotted overrides on top of teacher_config
     student_overrides: tuple[str, ...] = ()  # dotted overrides on top of student_config
+    train_teacher: bool = False  # False: the committed teacher (TEACHER_ASSET); True: train teacher_config
     modes: tuple[str, ...] = ("none", "kd", "kd_shd")  # distill.mode of each student
     seeds: tuple[int, ...] = (0,)  # train.seed of each student (init, data order, noise)
     num_samples: int = 250  # images sampled per student (labels i % 10)
@@ -122,12 +138,13 @@ class DemoSettings:
 
 
 SIZES: dict[str, DemoSettings] = {
-    # ~20 min on 2 CPU cores: teacher 1500 steps, 3 students x 1000 steps, 3 x 250 samples, 500 refs.
+    # 2 CPU cores: the committed teacher, 3 students x 2000 steps, 4 x 250 samples, 500 refs (not re-timed).
     "cpu": DemoSettings(size="cpu", teacher_config="demo_teacher.yaml", student_config="demo_student.yaml"),
     # One GPU, hours: teacher to convergence, 3 seeds per mode, 5k samples, FID against all 10k images.
     "gpu": DemoSettings(
         size="gpu",
         teacher_config="demo_gpu_teacher.yaml",
+        train_teacher=True,  # 256 tokens: the committed teacher has 64
         student_config="demo_gpu_student.yaml",
         seeds=(0, 1, 2),
         num_samples=5000,
@@ -138,10 +155,26 @@ SIZES: dict[str, DemoSettings] = {
         inception_batch_size=250,
         alpha_batch=256,
     ),
+    # One ~9-minute GPU call (benchmarks/gpu_study.sh): 256 tokens, 12 -> 6 heads, teacher trained in
+    # the same command, 2 seeds per mode, 2,000 samples per run against all 10,000 images.
+    "study": DemoSettings(
+        size="study",
+        teacher_config="demo_study_teacher.yaml",
+        student_config="demo_study_student.yaml",
+        train_teacher=True,  # 256 tokens: the committed teacher has 64
+        seeds=(0, 1),
+        num_samples=2000,
+        num_ref=0,
+        sample_batch_size=1000,
+        shard_size=1000,
+        inception_batch_size=500,
+        alpha_batch=256,
+    ),
     # Smoke test (tests/test_demo.py): microscopic models, 2 steps, 10 samples, 3 sampling steps.
     "tiny": DemoSettings(
         size="tiny",
         teacher_config="demo_teacher.yaml",
+        train_teacher=True,
         student_config="demo_student.yaml",
         teacher_overrides=(
             "student.patch_size=8", "student.hidden_size=24", "student.depth=4", "student.decode_layer=2",
@@ -272,6 +305,15 @@ def _rel(path: Path, root: Path) -> str:
         return str(Path(path).resolve())
 
 
+def _checkpoint_key(path: Path, out: Path) -> str:
+    """What identifies a checkpoint in the cache keys: its path relative to ``out``, or for the
+    committed teacher its weights' sha256 (so the keys do not depend on where the checkout lies)."""
+    if Path(path).resolve() == TEACHER_ASSET.resolve():
+        digest = hashlib.sha256((TEACHER_ASSET / TEACHER_WEIGHTS).read_bytes()).hexdigest()
+        return f"committed demo teacher sha256:{digest}"
+    return _rel(path, out)
+
+
 class _Stages:
     """Wall time per stage, printed as one line each and kept for results.json."""
 
@@ -315,6 +357,13 @@ def teacher_config(s: DemoSettings, out: Path, config_dir: Path = CONFIG_DIR) ->
     """
     from .config import to_dict
 
+    if not s.train_teacher:  # the committed teacher: the config it was trained with
+        if s.teacher_overrides:
+            raise DemoError("teacher overrides need --train-teacher (the committed teacher is already trained)")
+        cfg = _load(TEACHER_ASSET, "train_config.yaml", ())
+        cfg.train.output_dir = str(TEACHER_ASSET.parent)
+        cfg.train.run_name = TEACHER_ASSET.name
+        return cfg
     cfg = _load(config_dir, s.teacher_config, s.teacher_overrides)
     if cfg.distill.mode != "none":
         raise DemoError(f"{s.teacher_config}: the teacher trains from scratch: set distill.mode: none")
@@ -340,7 +389,7 @@ def student_config(
     cfg.teacher.checkpoint = str(teacher_checkpoint)
     cfg.train.output_dir = str(Path(out) / "runs")
     key = _without(to_dict(cfg), _BOOKKEEPING)
-    key["teacher"]["checkpoint"] = _rel(teacher_checkpoint, out)
+    key["teacher"]["checkpoint"] = _checkpoint_key(teacher_checkpoint, out)
     cfg.train.run_name = f"{mode}-s{seed}-{_short_hash(key)}"
     return cfg
 
@@ -404,6 +453,60 @@ def ensure_trained(cfg: Any, progress: bool = True) -> TrainedRun:
     else:
         reused = True
     return TrainedRun(run_dir, done, _checkpoint_step(done), _train_time(run_dir), reused)
+
+
+def committed_teacher() -> TrainedRun:
+    """The committed demo teacher (:data:`TEACHER_ASSET`) as a finished run; nothing is trained.
+
+    Raises:
+        DemoError: the asset is missing (a package installed without its data).
+    """
+    meta_path = TEACHER_ASSET / "teacher.json"
+    if not (TEACHER_ASSET / TEACHER_WEIGHTS).is_file() or not meta_path.is_file():
+        raise DemoError(f"the committed demo teacher is missing from {TEACHER_ASSET}: reinstall the package "
+                        "from a checkout (it is package data) or train one with --train-teacher")
+    meta = json.loads(meta_path.read_text())
+    return TrainedRun(TEACHER_ASSET, TEACHER_ASSET, int(meta["step"]), meta["train_time_s"], True)
+
+
+def export_teacher(checkpoint: Path, dest: Path = TEACHER_ASSET, train_time_s: float | None = None) -> dict[str, Any]:
+    """Write a teacher run's checkpoint as the committed demo teacher into ``dest``.
+
+    ``dest`` gets the EMA weights as a ``save_pretrained`` folder (``config.json`` +
+    :data:`TEACHER_WEIGHTS`), the run's resolved ``config.yaml`` with ``train.steps`` set to the
+    checkpoint's step (``train_config.yaml``) and ``teacher.json``: step, sha256, parameter count and
+    ``train_time_s``, the wall time of the training sessions as the caller measured it (None: not
+    recorded; a run folder does not keep it across resumes).
+
+    Returns:
+        The content of ``teacher.json``.
+    """
+    from sampling.sample import load_model
+
+    from .config import dump_yaml, load_config
+    from .train_config import ExperimentConfig
+
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint.parents[1]  # run/checkpoints/step_*.pt
+    step = _checkpoint_step(checkpoint)
+    cfg = load_config(ExperimentConfig, run_dir / "config.yaml", [f"train.steps={step}"])
+    if cfg.distill.mode != "none":
+        raise DemoError(f"{checkpoint}: the demo teacher is trained from scratch (distill.mode none), got {cfg.distill.mode}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    model = load_model(checkpoint, use_ema=True)
+    model.save_pretrained(str(dest), safe_serialization=True)  # config.json + TEACHER_WEIGHTS
+    cfg.train.output_dir, cfg.train.run_name = "runs", run_dir.name
+    _write_text(dest / "train_config.yaml", dump_yaml(cfg))
+    meta = {
+        "step": step,
+        "source": _rel(checkpoint, Path.cwd()),
+        "train_time_s": None if train_time_s is None else round(float(train_time_s), 1),
+        "weights_sha256": hashlib.sha256((dest / TEACHER_WEIGHTS).read_bytes()).hexdigest(),
+        "params": _params(dest),
+    }
+    _write_json(dest / "teacher.json", meta)
+    return meta
 
 
 # ----------------------------------------------------------------------------------- reference
@@ -518,7 +621,7 @@ def ensure_samples(
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     manifest = {
-        "checkpoint": _rel(checkpoint, out),
+        "checkpoint": _checkpoint_key(checkpoint, out),
         "noise_block": NOISE_BLOCK_STEPS,  # how per-image noise is drawn: part of what the pixels are
         "use_ema": True,
         "steps": s.sampling_steps,
@@ -624,7 +727,8 @@ def attention_and_alpha_figures(
     from .shd import default_groups, layer_mapping, squeeze_heads
 
     folder = Path(out) / "figures"
-    key = {"teacher": _rel(teacher_run.checkpoint, out), "alpha_batch": s.alpha_batch, "t": s.attention_timestep,
+    folder.mkdir(parents=True, exist_ok=True)  # figures.save_png writes atomically into an existing folder
+    key = {"teacher": _checkpoint_key(teacher_run.checkpoint, out), "alpha_batch": s.alpha_batch, "t": s.attention_timestep,
            "ref": [int(i) for i in ref_indices[:1]], "n_ref": len(ref_indices), "heads": student_cfg.student.num_heads,
            "student_depth": student_cfg.student.depth}
     meta_path = folder / "teacher_figures.json"
@@ -741,7 +845,12 @@ def _model_desc(mc: Any, params: int) -> str:
 def _params(checkpoint: Path) -> int:
     from .checkpoint import load_checkpoint
 
-    state = load_checkpoint(checkpoint)["ema"]
+    if Path(checkpoint).is_dir():  # a save_pretrained folder (the committed teacher): one set of weights
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(checkpoint) / TEACHER_WEIGHTS))
+    else:
+        state = load_checkpoint(checkpoint)["ema"]
     return int(sum(v.numel() for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
                    and not k.endswith("relative_position_index")))
 
@@ -776,7 +885,9 @@ def _settings_rows(s: DemoSettings, tcfg: Any, scfg: Any, t_params: int, s_param
         {"setting": "tokens", "demo": f"{n_tokens} (patch {tcfg.student.patch_size})", "paper": PAPER["tokens"]},
         {"setting": "teacher", "demo": _model_desc(tcfg.student, t_params), "paper": PAPER["teacher"]},
         {"setting": "student", "demo": _model_desc(scfg.student, s_params), "paper": PAPER["student"]},
-        {"setting": "teacher training", "demo": f"{tc.steps} steps from scratch, batch {tc.global_batch_size}", "paper": "pretrained checkpoint"},
+        {"setting": "teacher training", "demo": f"{tc.steps} steps from scratch, batch {tc.global_batch_size}"
+         + ("" if s.train_teacher else " (the committed teacher, shd_diffusion/assets/demo_teacher)"),
+         "paper": "pretrained checkpoint"},
         {"setting": "student steps", "demo": f"{sc.steps}", "paper": PAPER["student_steps"]},
         {"setting": "batch", "demo": f"{sc.global_batch_size}", "paper": PAPER["batch"]},
         {"setting": "optimizer", "demo": f"{scfg.optim.name}, lr {scfg.optim.lr:g}, {sc.precision}", "paper": PAPER["optimizer"]},
@@ -798,7 +909,9 @@ def _markdown(res: dict[str, Any]) -> str:
         f"# SHD embedded demo ({s['size']} size)",
         "",
         f"Teacher: `{res['teacher']['run_dir']}` ({res['teacher']['desc']}; {res['teacher']['steps']} steps, "
-        f"{_seconds(res['teacher']['train_time_s'])}). Students distilled per mode with the "
+        f"{_seconds(res['teacher']['train_time_s'])}"
+        + (", the committed teacher: not trained by this demo" if res["teacher"].get("committed") else "")
+        + "). Students distilled per mode with the "
         f"same seed(s) {s['seeds']} and steps; each sampled with {s['num_samples']} images "
         f"(CFG {s['cfg_scale']:g}, {s['sampling_steps']} steps, per-index seeds shared by all runs) and scored against "
         f"{res['reference']['count']} training images ({res['reference']['rule']}).",
@@ -816,7 +929,8 @@ def _markdown(res: dict[str, Any]) -> str:
     lines.append(
         f"| *teacher (reference)* | 1 | {t['scores']['fid']:.2f} | {t['scores']['precision']:.3f} | "
         f"{t['scores']['recall']:.3f} | {1e3 * t['scores']['kid_mean']:.2f} | n/a¹ | "
-        + ("n/a" if t["train_time_s"] is None else f"{t['train_time_s']:.0f} s") + " |"
+        + ("n/a" if t["train_time_s"] is None else f"{t['train_time_s']:.0f} s")
+        + (" (committed, trained once)" if t.get("committed") else "") + " |"
     )
     lines += [
         "",
@@ -905,7 +1019,7 @@ def run_demo(
 
     tcfg = teacher_config(s, out, config_dir)
     with stages("teacher") as info:
-        teacher = ensure_trained(tcfg, progress)
+        teacher = ensure_trained(tcfg, progress) if s.train_teacher else committed_teacher()
         info["reused"] = teacher.reused
     teacher.params = _params(teacher.checkpoint)
 
@@ -953,16 +1067,8 @@ def run_demo(
     files["reference images"] = "reference_grid.png"
 
     # The teacher, sampled and scored the same way: the ceiling the students are distilled towards.
-    with stages("samples teacher") as info:
-        t_samples, t_reused = ensure_samples(teacher.checkpoint, teacher.run_dir.name, s, out, dev, progress)
-        info["reused"] = t_reused
-    with stages("scores teacher") as info:
-        t_report, info["reused"] = ensure_scores(t_samples, ref_path, weights, s, out, progress)
-    files["samples teacher"] = _rel(_sample_grid(t_samples, out / "samples_teacher.png", s.grid_images, t_reused), out)
-    teacher_scores = {
-        "samples": _rel(t_samples, out), "fid": t_report["fid"], "precision": t_report["precision"],
-        "recall": t_report["recall"], "kid_mean": t_report["kid_mean"], "kid_std": t_report["kid_std"],
-    }
+    teacher_scores = _teacher_scores(teacher, s, out, dev, ref_path, weights, stages, progress)
+    files["samples teacher"] = teacher_scores["grid"]
 
     first = scfgs[s.modes[0], s.seeds[0]]
     with stages("teacher attention maps + alphas") as info:
@@ -993,6 +1099,7 @@ def run_demo(
         "teacher": {
             "run_dir": _rel(teacher.run_dir, out), "checkpoint": _rel(teacher.checkpoint, out), "steps": teacher.step,
             "train_time_s": teacher.train_time_s, "reused": teacher.reused, "params": teacher.params,
+            "committed": not s.train_teacher,
             "desc": _model_desc(tcfg.student, teacher.params), "config": to_dict(tcfg), "scores": teacher_scores,
         },
         "student_config": to_dict(first),
@@ -1024,14 +1131,59 @@ def run_demo(
     return res
 
 
+def _teacher_scores(
+    teacher: TrainedRun, s: DemoSettings, out: Path, dev: torch.device, ref_path: Path, weights: Any,
+    stages: _Stages, progress: bool,
+) -> dict[str, Any]:
+    """Sample and score the teacher like a student; write its grid ``samples_teacher.png``."""
+    with stages("samples teacher") as info:
+        samples, reused = ensure_samples(teacher.checkpoint, teacher.run_dir.name, s, out, dev, progress)
+        info["reused"] = reused
+    with stages("scores teacher") as info:
+        report, info["reused"] = ensure_scores(samples, ref_path, weights, s, out, progress)
+    grid = _sample_grid(samples, out / "samples_teacher.png", s.grid_images, reused)
+    return {"samples": _rel(samples, out), "grid": _rel(grid, out), "fid": report["fid"],
+            "precision": report["precision"], "recall": report["recall"], "kid_mean": report["kid_mean"],
+            "kid_std": report["kid_std"], "num_samples": report["num_samples"], "num_ref": report["num_ref"]}
+
+
+def score_teacher(
+    s: DemoSettings, out: str | os.PathLike = "results/demo", inception_weights: str | os.PathLike | None = None,
+    device: str = "auto", progress: bool = True, config_dir: str | os.PathLike = CONFIG_DIR,
+) -> dict[str, Any]:
+    """Only the teacher (committed, or trained with ``s.train_teacher``): sampled and scored as in
+    :func:`run_demo`, written to ``out/teacher_scores.json`` (``--teacher-only``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev, stages = _device(device), _Stages()
+    tcfg = teacher_config(s, out, config_dir)
+    with stages("teacher") as info:
+        teacher = ensure_trained(tcfg, progress) if s.train_teacher else committed_teacher()
+        info["reused"] = teacher.reused
+    with stages("reference images") as info:
+        ref_path, _, info["reused"] = ensure_reference(tcfg, s.num_ref, out)
+    with stages("inception weights") as info:
+        weights, info["reused"] = ensure_inception_weights(
+            Path(inception_weights) if inception_weights is not None else DEFAULT_INCEPTION_WEIGHTS)
+    res = {"teacher": _rel(teacher.checkpoint, out), "steps": teacher.step, "committed": not s.train_teacher,
+           "settings": {k: getattr(s, k) for k in ("num_samples", "num_ref", "sampling_steps", "cfg_scale", "sample_seed")},
+           **_teacher_scores(teacher, s, out, dev, ref_path, weights, stages, progress),
+           "device": _device_name(dev), "wall_time_s": round(stages.elapsed(), 1)}
+    _write_json(out / "teacher_scores.json", res)
+    return res
+
+
 def describe(s: DemoSettings, out: Path, config_dir: Path = CONFIG_DIR) -> str:
     """The resolved settings and training configs as text (``--dry-run``)."""
     from .config import dump_yaml
 
     tcfg = teacher_config(s, out, config_dir)
     fake = Path(out) / "runs" / tcfg.train.run_name / "checkpoints" / f"step_{tcfg.train.steps:08d}.pt"
+    if not s.train_teacher:
+        fake = TEACHER_ASSET
     scfg = student_config(s, s.modes[0], s.seeds[0], tcfg, fake, out, config_dir)
     lines = ["# demo settings", json.dumps(dataclasses.asdict(s), indent=2), "", "# teacher config", dump_yaml(tcfg),
-             f"# run folder: {Path(tcfg.train.output_dir) / tcfg.train.run_name}", "",
+             f"# run folder: {Path(tcfg.train.output_dir) / tcfg.train.run_name}"
+             + ("" if s.train_teacher else " (the committed teacher: not trained)"), "",
              f"# student config ({s.modes[0]}, seed {s.seeds[0]}; other modes/seeds differ only there)", dump_yaml(scfg)]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ images, FID on those) feeds the checks; the reruns check that finished stages ar
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -185,3 +186,79 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("crash")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ the committed demo teacher
+
+
+def test_cpu_size_starts_from_the_committed_teacher(tmp_path):
+    s = demo.resolve_settings("cpu")
+    assert s.train_teacher is False and demo.resolve_settings("cpu", train_teacher=True).train_teacher is True
+    assert demo.SIZES["tiny"].train_teacher and demo.SIZES["gpu"].train_teacher and demo.SIZES["study"].train_teacher
+    text = demo.describe(s, tmp_path)
+    assert "(the committed teacher: not trained)" in text
+    scfg = demo.student_config(s, "kd_shd", 0, demo.teacher_config(s, tmp_path), demo.TEACHER_ASSET, tmp_path)
+    assert scfg.teacher.checkpoint == str(demo.TEACHER_ASSET)
+    # --train-teacher switches back to configs/demo_teacher.yaml, trained in out/runs/teacher-<hash>.
+    tcfg = demo.teacher_config(demo.resolve_settings("cpu", train_teacher=True), tmp_path)
+    assert tcfg.train.run_name.startswith("teacher-") and tcfg.train.output_dir == str(tmp_path / "runs")
+    assert _cli().build_parser().parse_args(["--train-teacher"]).train_teacher is True
+    with pytest.raises(demo.DemoError, match="--train-teacher"):
+        demo.teacher_config(demo.resolve_settings("tiny", train_teacher=False), tmp_path)  # tiny has teacher overrides
+
+
+def test_committed_teacher_loads_and_matches_its_config():
+    from safetensors.torch import load_file
+
+    from sampling.sample import load_model
+
+    run = demo.committed_teacher()
+    meta = json.loads((demo.TEACHER_ASSET / "teacher.json").read_text())
+    weights = demo.TEACHER_ASSET / demo.TEACHER_WEIGHTS
+    assert run.step == meta["step"] > 0 and run.reused and run.train_time_s == meta["train_time_s"]
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == meta["weights_sha256"]
+    cfg = demo.teacher_config(demo.resolve_settings("cpu"), Path("unused"))
+    assert cfg.train.steps == meta["step"] and cfg.distill.mode == "none"
+    model = load_model(demo.TEACHER_ASSET)
+    mc = cfg.student
+    assert (model.config.hidden_size, model.config.depth, model.config.num_heads, model.config.patch_size) == (
+        mc.hidden_size, mc.depth, mc.num_heads, mc.patch_size)
+    state = load_file(str(weights))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k in state)
+    assert demo._params(demo.TEACHER_ASSET) == meta["params"]
+
+
+def test_missing_committed_teacher_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "TEACHER_ASSET", tmp_path / "demo_teacher")
+    with pytest.raises(demo.DemoError, match="--train-teacher"):
+        demo.committed_teacher()
+
+
+def test_export_teacher_round_trip(run, tmp_path):
+    from sampling.sample import load_model
+
+    out, _, _ = run
+    ckpt = sorted(out.glob("runs/teacher-*/checkpoints/step_*.pt"))[-1]
+    meta = demo.export_teacher(ckpt, tmp_path / "asset", train_time_s=12.34)
+    assert meta["step"] == 2 and meta["train_time_s"] == 12.3
+    exported, original = load_model(tmp_path / "asset"), load_model(ckpt, use_ema=True)
+    ref = original.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in exported.state_dict().items())
+    cfg_text = (tmp_path / "asset" / "train_config.yaml").read_text()
+    assert "steps: 2" in cfg_text and "mode: none" in cfg_text
+
+
+def test_demo_runs_from_the_committed_teacher(run, tmp_path):
+    """The default path: no teacher training; tiny students at the committed teacher's 64 tokens."""
+    _, weights, _ = run
+    tiny = demo.SIZES["tiny"]
+    overrides = tuple(o for o in tiny.student_overrides if not o.startswith("student.patch_size"))
+    s = demo.resolve_settings("tiny", train_teacher=False, teacher_overrides=(), student_overrides=overrides,
+                              modes=("kd_shd",))
+    reset_accelerate_state()
+    res = demo.run_demo(s, tmp_path / "out", weights, "cpu", progress=False)
+    assert res["teacher"]["committed"] is True and res["teacher"]["reused"] is True
+    assert res["teacher"]["steps"] == demo.committed_teacher().step
+    assert not list((tmp_path / "out" / "runs").glob("teacher-*"))  # nothing trained for the teacher
+    assert res["runs"][0]["steps"] == 2 and math.isfinite(res["teacher"]["scores"]["fid"])
+    assert "the committed teacher: not trained by this demo" in (tmp_path / "out" / "results.md").read_text()
