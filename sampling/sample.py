@@ -73,6 +73,7 @@ from sampling.shards import (
     write_shard,
 )
 from shd_diffusion.cli import BadInput, add_debug_flag, check_writable_dir, run_main
+from shd_diffusion.data import SD_VAE_SCALE_FACTOR
 from shd_diffusion.diffusion import (
     NOISE_BLOCK_STEPS,
     GaussianDiffusion,
@@ -101,7 +102,7 @@ __all__ = [
 ]
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by DiT / MDT training
+LATENT_SCALE = SD_VAE_SCALE_FACTOR  # SD-VAE latent scaling used by DiT / MDT training
 DIFFUSION_STEPS = 1000  # the models' original timestep scale
 # torch.compile modes offered by --compile-mode; the last two capture CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -763,7 +764,8 @@ def _build_sampler(args: argparse.Namespace, device: torch.device, is_main: bool
     # Everything that changes the pixels; a resumed run must match it (shard_manifest adds N, the
     # shard size and the batch size; the process count does not change the result).
     settings = {
-        "checkpoint": str(Path(args.checkpoint).resolve()),
+        # A local path is recorded absolute; a Hub id as typed (a path of that name would not exist).
+        "checkpoint": str(Path(args.checkpoint).resolve()) if Path(args.checkpoint).exists() else args.checkpoint,
         "model": args.model or type(model).__name__,
         "model_args": dict(args.model_arg),
         "use_ema": args.use_ema,

@@ -322,7 +322,15 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
 
 
 def _first_line(err: BaseException) -> str:
+    """The reason a load failed, on one line; torch's weights-only refusal is reduced to its cause
+    (its text advises ``weights_only=False``, which must never be done for an untrusted file)."""
     text = str(err).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return f"it pickles other objects ({found.group(1)})"
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        return f"not a weights-only torch file ({detail[0].strip() if detail else 'unreadable'})"
     return text.splitlines()[0] if text else repr(err)
 
 

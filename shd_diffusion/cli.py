@@ -41,7 +41,9 @@ def one_line(err: BaseException) -> str:
 
 def describe_os_error(err: OSError) -> str:
     """An OSError as the user needs it: what happened to which path."""
-    path = err.filename if err.filename is not None else "?"
+    if err.filename is None:  # e.g. a full disk met inside a library's writer
+        return "no space left on the device: free space and run again" if err.errno == errno.ENOSPC else one_line(err)
+    path = err.filename
     if err.errno == errno.ENOSPC:
         return f"no space left on the device holding {path}: free space or write elsewhere"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

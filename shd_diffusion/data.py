@@ -74,6 +74,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", 
 # Latent shard folder layout, shared with the writer in shd_diffusion.latents.
 LATENT_FORMAT = "shd_latents/1"
 LATENT_INDEX = "index.json"
+SD_VAE_SCALE_FACTOR = 0.18215  # makes SD-VAE latents roughly unit variance (LDM/DiT convention)
 _SEED_MASK = (1 << 63) - 1  # seeds are non-negative int64: they fit torch.manual_seed and tensors
 
 

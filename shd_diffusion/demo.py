@@ -59,6 +59,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .fileio import atomic_path, atomic_write_text
 from .figures import class_columns as _class_columns
 from .figures import draw_alpha_histograms, draw_attention_figure, save_grid
 from .figures import outside_unit_interval as _outside
@@ -256,26 +257,9 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-@contextlib.contextmanager
-def _atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final`` (same suffix) and rename it onto ``final`` on success.
-
-    Readers never see a half-written file: a crash leaves at most a ``.tmp-*`` file, which the
-    next run overwrites.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{os.getpid()}-{final.name}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -566,7 +550,8 @@ def ensure_reference(cfg: Any, num_ref: int, out: Path) -> tuple[Path, np.ndarra
                 return path, idx, True
     x = torch.stack([ds[int(i)][0] for i in idx])  # (n, C, H, W) in [-1, 1]
     images = to_uint8_images(x)  # (n, H, W, 3): the samples' pixel convention
-    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, arr_0=images, arr_1=labels[idx].astype(np.int64), indices=idx.astype(np.int64))
     return path, idx, False
 

@@ -38,10 +38,11 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success it becomes ``final`` atomically.
 
     The caller writes the whole file to the yielded path (with any writer: ``torch.save``,
-    safetensors, ``np.savez``, PIL). Concurrent writers never share a temporary name.
+    safetensors, ``np.savez``, PIL). The temporary name ends in ``.tmp`` plus the final suffix, so
+    writers that pick a format by extension still do. Concurrent writers never share a name.
     """
     final = Path(final)
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=f".tmp{final.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)

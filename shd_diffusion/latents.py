@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .data import LATENT_FORMAT, LATENT_INDEX, DatasetError, ImageFolderDataset
+from .data import LATENT_FORMAT, LATENT_INDEX, SD_VAE_SCALE_FACTOR, DatasetError, ImageFolderDataset
 from .fileio import atomic_path, atomic_write_text
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "write_index",
 ]
 
-SD_VAE_SCALE_FACTOR = 0.18215  # makes SD-VAE latents roughly unit variance (LDM/DiT convention)
 _PLAN_KEY = "shd_latents_plan"
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 

@@ -47,7 +47,7 @@ from .checkpoint import (
 from .cli import BadInput, Diverged, check_writable_dir
 from .config import ConfigError, dump_yaml, to_dict
 from .fileio import atomic_path, atomic_write_text
-from .data import DatasetError, build_dataset, make_loader
+from .data import SD_VAE_SCALE_FACTOR, DatasetError, build_dataset, make_loader
 from .diffusion import GaussianDiffusion, create_diffusion
 from .distill import FeatureProjectors
 from .models import create_model
@@ -460,7 +460,7 @@ class Trainer:
             return x
         dist = self.vae.encode(x).latent_dist
         noise = _per_sample(gens, lambda g: torch.randn(dist.mean.shape[1:], generator=g, device=x.device))
-        return (dist.mean + dist.std * noise.to(dist.mean.dtype)) * 0.18215
+        return (dist.mean + dist.std * noise.to(dist.mean.dtype)) * SD_VAE_SCALE_FACTOR
 
     def _noised(
         self, x0: torch.Tensor, gens: list[torch.Generator]
@@ -763,7 +763,7 @@ class Trainer:
             )
             student.train(was_training)
         if decoder is not None:
-            x = decoder.decode(x / 0.18215).sample
+            x = decoder.decode(x / SD_VAE_SCALE_FACTOR).sample
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -109,7 +110,7 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     # --- checkpoints
     ("checkpoint-missing", lambda w: _ckpt(w, str(w["in"] / "nope.pt")), ("nope.pt",)),
     ("checkpoint-empty", lambda w: _ckpt(w, _file(w, "empty.pt", b"")), ("empty.pt", "empty")),
-    ("checkpoint-random-bytes", lambda w: _ckpt(w, _file(w, "junk.pt", os.urandom(64) + b"\x00" * 64)), ("junk.pt",)),
+    ("checkpoint-random-bytes", lambda w: _ckpt(w, _file(w, "junk.pt", random.Random(1).randbytes(64) + b"\x00" * 64)), ("junk.pt",)),
     ("checkpoint-truncated-zip", lambda w: _ckpt(w, _file(w, "cut.pt", b"PK\x03\x04" + b"\x00" * 30)), ("cut.pt",)),
     ("checkpoint-folder-without-model", lambda w: _ckpt(w, str(w["in"])), ("has no config.json",)),
     # --- numbers

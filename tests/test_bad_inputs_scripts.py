@@ -8,7 +8,7 @@ The extraction cases use a tiny local AutoencoderKL and 4 small PNGs; a refusal 
 from __future__ import annotations
 
 import importlib.util
-import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +83,7 @@ Case = Callable[[dict], list[str]]
 INSPECT_CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     ("missing", lambda w: [str(w["in"] / "nope.pt")], ("nope.pt", "not found")),
     ("empty", lambda w: [_file(w, "e.pt", b"")], ("e.pt", "empty")),
-    ("random-bytes", lambda w: [_file(w, "r.pt", os.urandom(100))], ("r.pt",)),
+    ("random-bytes", lambda w: [_file(w, "r.pt", random.Random(1).randbytes(100))], ("r.pt",)),
     ("pickled-object", _pickled_object, ("obj.pt",)),
     ("a-folder", lambda w: [str(w["in"] / "images")], ("images",)),
     ("decode-layer-without-model", lambda w: _inspect(w, "--decode-layer", "2"), ("--decode-layer", "--model")),

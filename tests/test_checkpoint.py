@@ -129,7 +129,7 @@ def test_corrupt_newest_falls_back_with_warning(tmp_path):
     truncated = save_checkpoint(_state(2.0), tmp_path, step=2)
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     garbage = tmp_path / "checkpoints" / "step_00000003.pt"
-    garbage.write_bytes(os.urandom(1000))
+    garbage.write_bytes(random.Random(1).randbytes(1000))
     unsafe = tmp_path / "checkpoints" / "step_00000004.pt"
     torch.save({"x": np.zeros(2)}, unsafe)  # written by someone bypassing save_checkpoint
 
@@ -342,3 +342,24 @@ def test_full_disk_is_enospc_naming_the_checkpoint(tmp_path, monkeypatch, failur
     assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("step_00000002.pt")
     assert _names(tmp_path) == ["step_00000001.pt"]  # no temp file, the previous one intact
     assert load_checkpoint(good)["step"] == 1
+
+
+def test_unreadable_checkpoint_messages_never_advise_weights_only_false(tmp_path):
+    """torch's refusal text suggests weights_only=False; what we print names only the cause."""
+    import datetime
+
+    from shd_diffusion.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "step_00000001.pt").write_bytes(bytes(range(256)) * 4)  # random-looking bytes
+    torch.save({"obj": datetime.timedelta(days=1)}, ckpt_dir / "step_00000002.pt")  # an object, not tensors
+    for name, cause in (("step_00000001.pt", "not a weights-only torch file"),
+                        ("step_00000002.pt", "pickles other objects")):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(ckpt_dir / name)
+        assert cause in str(info.value) and "likely succeed" not in str(info.value)
+    with pytest.warns(UserWarning) as record:
+        assert latest_checkpoint(tmp_path) is None
+    text = " ".join(str(w.message) for w in record)
+    assert "skipping" in text and "likely succeed" not in text and "weights_only` set to `False" not in text

@@ -60,7 +60,7 @@ def test_every_output_exists_and_results_cover_every_mode(run):
     for name in ["results.md", "results.json", "reference_grid.png", "figures/attention_teacher.png",
                  "figures/alpha_histograms.png", "samples_teacher.png", *(f"samples_{m}_s0.png" for m in MODES)]:
         assert (out / name).is_file(), name
-    assert not list(out.rglob(".tmp-*")), "a temporary file was left behind"
+    assert not list(out.rglob("*.tmp*")), "a temporary file was left behind"
     res = json.loads((out / "results.json").read_text())
     assert res["format"] == demo.FORMAT and res["settings"]["size"] == "tiny"
     t = res["teacher"]["scores"]  # the teacher is sampled and scored like the students
@@ -177,15 +177,6 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys):
     assert "unknown mode(s) ['distil']" in capsys.readouterr().err
     assert cli.main(["--size", "tiny", "--out", str(tmp_path / "o"), "--num-samples", "2"]) == 2
     assert not (tmp_path / "o").exists()
-
-
-def test_atomic_writes_leave_nothing_on_failure(tmp_path):
-    final = tmp_path / "x.json"
-    with pytest.raises(RuntimeError):
-        with demo._atomic_path(final) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash")
-    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ the committed demo teacher

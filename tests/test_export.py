@@ -8,7 +8,7 @@ sampler side of each comparison is this package's: ``GaussianDiffusion.p_sample_
 from __future__ import annotations
 
 import json
-import os
+import random
 from pathlib import Path
 
 import pytest
@@ -157,7 +157,7 @@ def test_export_refuses_before_writing(tmp_path, vae_dir):
     ckpt = save_training_checkpoint(student, "DiT-S/2", DIT_ARCH, tmp_path / "step.pt")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")
-    (tmp_path / "junk.pt").write_bytes(os.urandom(512))
+    (tmp_path / "junk.pt").write_bytes(random.Random(1).randbytes(512))
     torch.save({"ema": student.state_dict(), "config": {"student": {"name": "DiT-S/2", **DIT_ARCH}}}, tmp_path / "ema_only.pt")
     before = snapshot(tmp_path)
     cases = [

@@ -8,7 +8,7 @@ nothing is downloaded.
 from __future__ import annotations
 
 import json
-import os
+import random
 import shutil
 from pathlib import Path
 
@@ -215,7 +215,7 @@ def test_bad_sources_fail_with_one_clear_line(case, needles, tmp_path, hub_cache
     elif case == "empty":
         path.write_bytes(b"")
     elif case == "random_bytes":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(random.Random(1).randbytes(4096))
     elif case == "pickled_object":
         torch.save({"ema": DiT(**DIT_ARCH).state_dict(), "extra": Foreign()}, path)
     elif case == "not_there":
@@ -285,3 +285,16 @@ def test_training_refuses_a_bad_teacher_source_in_one_line(teacher, needles, tmp
     assert_refused(outcome, *needles, code=2)
     assert "weights_only=False" not in outcome.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_any_corrupt_bytes_are_one_named_refusal(tmp_path):
+    """Random bytes make torch's unpickler raise many kinds of error; each must become one refusal."""
+    from shd_diffusion.checkpoint import CheckpointError
+    from shd_diffusion.models.loading import load_checkpoint_file
+
+    path = tmp_path / "junk.pt"
+    for seed in range(300):
+        rng = random.Random(seed)
+        path.write_bytes(rng.randbytes(rng.randint(1, 256)))
+        with pytest.raises(CheckpointError, match="junk.pt"):
+            load_checkpoint_file(path)

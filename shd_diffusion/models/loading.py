@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from shd_diffusion.cli import BadInput
+from shd_diffusion.checkpoint import CheckpointError as RunCheckpointError
 from shd_diffusion.models.registry import MODEL_CONFIGS
 
 __all__ = [
@@ -46,11 +46,11 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")
 MAX_LISTED_KEYS = 5
 
 
-class CheckpointError(BadInput, ValueError):
+class CheckpointError(RunCheckpointError, ValueError):
     """A checkpoint (file, folder or Hub id) that cannot be used; the message names cause and fix.
 
-    A ``ValueError`` for library callers and a :class:`~shd_diffusion.cli.BadInput` for the entry
-    points (exit code 2).
+    A ``ValueError`` for library callers, and a kind of the run checkpoint's error (so a
+    :class:`~shd_diffusion.cli.BadInput`, exit code 2, for the entry points): one ``except`` catches both.
     """
 
 
@@ -109,9 +109,10 @@ def _torch_load_weights_only(p: Path) -> Any:
             f"{p} is not a torch checkpoint (neither torch.save's zip format nor a tensor-only legacy "
             "file): check the path, or re-save the weights with torch.save(state_dict, path)"
         ) from None
-    except (RuntimeError, EOFError) as err:
+    except Exception as err:  # noqa: BLE001 - corrupt bytes can make the unpickler raise anything
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise CheckpointError(
-            f"{p} is not a readable torch checkpoint (truncated or corrupt: {str(err).splitlines()[0][:200]}): "
+            f"{p} is not a readable torch checkpoint (truncated or corrupt: {type(err).__name__}: {first}): "
             "fetch or write it again"
         ) from None
 

@@ -1,0 +1,35 @@
+"""The one atomic-write helper: complete files or nothing, normal permissions, format suffix kept."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from shd_diffusion.fileio import atomic_path, atomic_write_text
+
+
+def test_a_crash_mid_write_leaves_neither_target_nor_temp(tmp_path):
+    final = tmp_path / "x.json"
+    final.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(final) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert final.read_text() == "old"  # the previous version is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_success_replaces_the_target_with_a_normal_mode(tmp_path):
+    final = tmp_path / "grid.png"
+    with atomic_path(final) as tmp:
+        assert tmp.parent == final.parent and tmp.name.endswith(".tmp.png")  # same folder, same suffix
+        tmp.write_bytes(b"new")
+    assert final.read_bytes() == b"new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    atomic_write_text(final, "text")
+    assert final.read_text() == "text"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
