@@ -66,8 +66,7 @@ def test_report_ratios_follow_the_raw_figures(tmp_path):
     # Per 256 images: the chunked run fell back to batch 128, so its 180 ms count twice.
     assert r["MDTv2-S/2 kd_shd (chunked) / upstream-style plain step"]["value"] == pytest.approx(360 / 250, abs=1e-3)
     assert r["MDTv2-S/2 kd_shd (dense) / upstream-style plain step"]["met"] is False  # 321 > 250
-    # 2 ms for 12 layers at batch 32 -> 16 ms per 256 images.
-    assert r["SHD term (head_space), 12 layers / 86 ms DiT-S/2 H100 step"]["value"] == pytest.approx(16 / 86, abs=1e-3)
+    assert not any("H100" in name for name in r)  # no step time from another machine is assumed
     # The DiT step failed: the same-run ratio is not measured rather than invented.
     assert r["SHD term (head_space), 12 layers / DiT-S/2 plain step of this run"]["value"] is None
     assert r["SHD term (head_space), 12 layers / DiT-S/2 plain step of this run"]["met"] is None
