@@ -29,7 +29,7 @@ import time
 from typing import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from shd_diffusion.profiling import cpu_peak_bytes
 
 from shd_diffusion import shd
 from shd_diffusion.shd import chunked
@@ -132,19 +132,6 @@ def step_fn(args: argparse.Namespace, impl: str, p: dict[str, torch.Tensor]) -> 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak of the CPU allocator's live bytes during ``fn`` (torch.profiler memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def run_tokens(args: argparse.Namespace, n: int, impls: list[str], device: torch.device) -> list[dict[str, object]]:

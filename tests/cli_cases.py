@@ -53,6 +53,17 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return files
 
 
+def refused_without_side_effects(
+    main: Callable[[Sequence[str]], int | None], argv: Sequence[str], roots: Sequence[Path], *needles: str
+) -> Outcome:
+    """Call ``main(argv)``; assert a clean refusal naming ``needles`` and no file under ``roots`` changed."""
+    before = snapshot(*roots)
+    outcome = call(main, argv)
+    assert_refused(outcome, *needles)
+    assert snapshot(*roots) == before, "the refusal wrote, changed or removed files"
+    return outcome
+
+
 def assert_refused(outcome: Outcome, *needles: str, code: int = 2) -> None:
     """Exit ``code``, one ``error:`` line naming every needle (case-insensitive), no traceback."""
     text = outcome.stderr

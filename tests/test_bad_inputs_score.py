@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from cli_cases import assert_refused, call, snapshot
+from cli_cases import assert_refused, call, refused_without_side_effects, snapshot
 
 from sampling import score as score_mod
 from sampling.inception import WeightsInfo
@@ -202,11 +202,7 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
 
 @pytest.mark.parametrize(("build", "needles"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_refused_cleanly_before_any_work(world: dict, build: Case, needles: tuple[str, ...]) -> None:
-    argv = build(world)
-    before = snapshot(world["in"], world["out"])
-    outcome = call(main, argv)
-    assert_refused(outcome, *needles)
-    assert snapshot(world["in"], world["out"]) == before  # nothing written, nothing lost
+    outcome = refused_without_side_effects(main, build(world), [world["in"], world["out"]], *needles)
     assert len([ln for ln in outcome.stderr.splitlines() if ln.startswith("error:")]) <= 1
 
 

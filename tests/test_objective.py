@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+from shd_diffusion.profiling import cpu_peak_bytes as peak_bytes
 
 from shd_diffusion import shd
 from shd_diffusion.attention import capture_attention
@@ -91,19 +91,6 @@ def test_weights_apply_in_one_place():
     assert torch.equal(weighted_total(terms, dc), torch.full((2,), 1 + 2 + 0.5 + 2.0 + 3.0))
     with pytest.raises(KeyError):
         weighted_total({"diffusion": ones, "unknown": ones}, dc)
-
-
-def peak_bytes(fn) -> int:
-    """Peak of the CPU allocator's live bytes while ``fn`` runs (torch.profiler memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def test_a_training_step_at_1024_tokens_stays_within_its_memory_bound(tmp_path):

@@ -36,13 +36,7 @@ from shd_diffusion.shd import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: intra-op threads only contend on a shared CPU (100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only contend (conftest)
 
 
 def make_teacher(seed, b=2, h=4, n=6, d=3, dim=8, dtype=F64, sharp=2.0):

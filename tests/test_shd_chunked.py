@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+from shd_diffusion.profiling import cpu_peak_bytes as peak_bytes
 
 from shd_diffusion import shd
 from shd_diffusion.shd import chunked as shd_chunked
@@ -12,13 +12,7 @@ from shd_diffusion.shd import chunked as shd_chunked
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only contend on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only contend (conftest)
 
 
 def probs(q, k, bias=None, temperature=1.0):
@@ -183,19 +177,6 @@ def test_auto_chunk_size():
     assert shd.auto_chunk_size(16, 16, 6, 1024) == 48  # 48.8 rows fit
     assert shd.auto_chunk_size(2, 4, 2, 256) == 256  # everything fits: one block
     assert shd.auto_chunk_size(512, 16, 6, 4096) == 16  # nothing fits: at least 16 rows
-
-
-def peak_bytes(fn) -> int:
-    """Peak of the CPU allocator's live bytes while ``fn`` runs (torch.profiler memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def test_memory_grows_with_n_not_n_squared():
