@@ -182,11 +182,6 @@ def load_diffusers_dit(source: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"cannot load the diffusers DiT in {folder} ({str(err).splitlines()[0][:300]}): fetch it again") from None
 
 
-def _log(msg: str, enabled: bool) -> None:
-    if enabled:
-        print(msg, flush=True)
-
-
 def load_model(
     source: str | os.PathLike[str],
     model_name: str | None = None,
@@ -209,7 +204,8 @@ def load_model(
         The model in eval mode with gradients off, on the CPU.
     """
     model, info = load_model_with_info(source, model_name, use_ema, overrides)
-    _log(info["message"], verbose)
+    if verbose:  # the caller passes its is-main-process flag
+        print(info["message"], flush=True)
     return model
 
 
