@@ -23,7 +23,6 @@ from shd_diffusion.models.layers import (
     PatchEmbed,
     TimestepEmbedder,
     cfg_pair_batch,
-    get_2d_sincos_pos_embed,
     guided_output,
     unpatchify,
 )
@@ -111,33 +110,6 @@ class DiT(DiffusionTransformerBase):
             block.norm2.eps = float(mlp_norm_eps)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """Upstream init: xavier linears, sin-cos pos_embed, N(0, 0.02) embeddings, adaLN-Zero."""
-
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)  # (N, D)
-        self.pos_embed.data.copy_(pos.unsqueeze(0))  # (1, N, D)
-        # Treat the patch conv like a linear layer of its flattened kernel.
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # (D, C*p*p)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output as zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
 
     def attention_layers(self) -> list[Attention]:
         """Attention modules in execution order: ``blocks[0..depth-1].attn``."""

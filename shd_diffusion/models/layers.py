@@ -392,6 +392,14 @@ def guided_output(
     return torch.cat([torch.cat([half, half], dim=0), rest], dim=1)  # (2B, C_out, H, W)
 
 
+def _xavier_linear(module: nn.Module) -> None:
+    """Xavier-uniform weight and zero bias for every ``nn.Linear`` (upstream's basic init)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 # Processors that record into a store (each has ``scratch()``: the same processor, throwaway store).
 _RECORDING = (CaptureProcessor, QKCaptureProcessor)
 
@@ -456,6 +464,31 @@ class DiffusionTransformerBase(ModelMixin, ConfigMixin):
     def __init__(self) -> None:
         super().__init__()
         self.gradient_checkpointing = False
+
+    def initialize_weights(self) -> None:
+        """Upstream init: xavier linears, sin-cos ``pos_embed``, N(0, 0.02) embeddings, adaLN-Zero.
+
+        The draws run in DiT's order (linears in module order, patch conv, label table, timestep
+        MLP), so a seed gives upstream's weights; a subclass adds its own init after this call.
+        Every :class:`AdaLNZeroBlock` and the final layer start at zero: blocks are the identity
+        and the output is zero.
+        """
+        self.apply(_xavier_linear)
+        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)  # (N, D)
+        self.pos_embed.data.copy_(pos.unsqueeze(0))  # (1, N, D)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # (D, C*p*p): the patch conv as a linear map
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for module in self.modules():
+            if isinstance(module, AdaLNZeroBlock):
+                nn.init.zeros_(module.adaLN_modulation[-1].weight)
+                nn.init.zeros_(module.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
 
     @property
     def null_class(self) -> int:

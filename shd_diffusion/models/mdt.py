@@ -28,7 +28,6 @@ from shd_diffusion.models.layers import (
     TimestepEmbedder,
     cfg_pair_batch,
     rand_uniform,
-    get_2d_sincos_pos_embed,
     guided_output,
     unpatchify,
 )
@@ -265,32 +264,14 @@ class MDTv2(DiffusionTransformerBase):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Upstream init: xavier linears, sin-cos pos embeds, N(0, 0.02) embeddings, adaLN-Zero."""
+        """The shared upstream init, then MDT's own: decoder pos embed, zero patch bias, mask token.
 
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)  # (N, D)
-        self.pos_embed.data.copy_(pos.unsqueeze(0))  # (1, N, D)
-        self.decoder_pos_embed.data.copy_(pos.unsqueeze(0))  # (1, N, D)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # (D, C*p*p): the conv as a linear map
+        Upstream MDT zeroes the patch conv's bias (DiT keeps the conv default) and draws
+        ``mask_token`` last, after every shared draw.
+        """
+        super().initialize_weights()
+        self.decoder_pos_embed.data.copy_(self.pos_embed.data)  # (1, N, D) the same sin-cos table
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for blocks in (self.en_inblocks, self.en_outblocks, self.de_blocks, self.sideblocks):
-            for blk in blocks:
-                nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-                nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
         if self.mask_ratio is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
