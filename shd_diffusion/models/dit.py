@@ -9,15 +9,17 @@ be captured with :func:`shd_diffusion.attention.capture_attention`.
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
 
 import torch
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from shd_diffusion.attention import Attention
+from shd_diffusion.models.base import PUBLISHED_SIZES, DiffusionTransformerBase
 from shd_diffusion.models.layers import (
     AdaLNZeroBlock,
-    DiffusionTransformerBase,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
@@ -27,7 +29,7 @@ from shd_diffusion.models.layers import (
     unpatchify,
 )
 
-__all__ = ["DiT", "ShiftedTimestepEmbedder"]
+__all__ = ["DiT", "ShiftedTimestepEmbedder", "DIT_CONFIGS"]
 
 
 class ShiftedTimestepEmbedder(TimestepEmbedder):
@@ -168,3 +170,14 @@ class DiT(DiffusionTransformerBase):
         """
         out = self.forward(cfg_pair_batch(x), t, y)  # (2B, C_out, H, W)
         return guided_output(out, float(cfg_scale), self.in_channels, guidance_channels)
+
+
+# --------------------------------------------------------------------------------------------
+# Named configs: DiT-{S,B,L,XL}/{2,4,8}, the published sizes and patch sizes
+# --------------------------------------------------------------------------------------------
+
+DIT_CONFIGS: dict[str, Callable[..., DiT]] = {
+    f"DiT-{size}/{patch}": partial(DiT, depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads)
+    for size, (depth, hidden, heads) in PUBLISHED_SIZES.items()
+    for patch in (2, 4, 8)
+}

@@ -13,15 +13,17 @@ half_depth = (depth - decode_layer) / 2. Every attention adds a BEiT-style relat
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
 
 import torch
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from shd_diffusion.attention import Attention
+from shd_diffusion.models.base import PUBLISHED_SIZES, DiffusionTransformerBase
 from shd_diffusion.models.layers import (
     AdaLNZeroBlock,
-    DiffusionTransformerBase,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
@@ -40,6 +42,9 @@ __all__ = [
     "random_masking",
     "power_cosine_cfg_scale",
     "MASK_RATIO_JITTER",
+    "MDT_DECODE_LAYER",
+    "MDT_MASK_RATIO",
+    "MDTV2_CONFIGS",
 ]
 
 # The masked pass draws its mask ratio from U(mask_ratio, mask_ratio + MASK_RATIO_JITTER) (upstream).
@@ -423,3 +428,32 @@ class MDTv2(DiffusionTransformerBase):
         out = self.forward(cfg_pair_batch(x), t, y)  # (2B, C_out, H, W)
         scale = power_cosine_cfg_scale(t[: len(x) // 2], cfg_scale, diffusion_steps, scale_pow)  # (B,)
         return guided_output(out, scale, self.in_channels, guidance_channels)
+
+
+# --------------------------------------------------------------------------------------------
+# Named configs: MDTv2-{S,B,L,XL}/2
+# --------------------------------------------------------------------------------------------
+# ``decode_layer`` is configuration, not a constant: it sets the encoder/decoder split, so it is
+# part of a checkpoint's architecture (override it: ``create_model(name, decode_layer=k)``).
+# The defaults are starting points:
+#   - S/2 and B/2: 6, upstream's S/2 training script (``run.sh``: ``--decode_layer 6``). The
+#     maintainers have said the MDT paper's values (not the README's) are the right ones for the
+#     small models, so check the paper / checkpoint of the run you reproduce;
+#   - L/2 and XL/2: 4, what the released MDTv2-XL/2 checkpoint is sampled with
+#     (``run_sample.sh``; also upstream's constructor default). No L/2 recipe is published.
+
+MDT_DECODE_LAYER: dict[str, int] = {"S": 6, "B": 6, "L": 4, "XL": 4}
+MDT_MASK_RATIO = 0.3  # upstream training: --mask_ratio 0.30, so the masked pass is available
+
+MDTV2_CONFIGS: dict[str, Callable[..., MDTv2]] = {
+    f"MDTv2-{size}/2": partial(
+        MDTv2,
+        depth=depth,
+        hidden_size=hidden,
+        patch_size=2,
+        num_heads=heads,
+        decode_layer=MDT_DECODE_LAYER[size],
+        mask_ratio=MDT_MASK_RATIO,
+    )
+    for size, (depth, hidden, heads) in PUBLISHED_SIZES.items()
+}
