@@ -346,7 +346,7 @@ def cfg_pair_batch(x: torch.Tensor) -> torch.Tensor:
     """
     if len(x) % 2:
         raise ValueError(f"CFG needs an even batch (conditional half + null half), got {len(x)}")
-    half = x[: len(x) // 2]
+    half = x[: len(x) // 2]  # (B, C, H, W)
     return torch.cat([half, half], dim=0)  # (2B, C, H, W)
 
 
@@ -378,7 +378,7 @@ def guided_output(
     if not 0 < k <= eps_channels:
         raise ValueError(f"guidance_channels must be in [1, {eps_channels}] or None, got {guidance_channels}")
     model_out = model_out.float()  # elementwise ops are not autocast ops, so this stays float32
-    eps, rest = model_out[:, :k], model_out[:, k:]
+    eps, rest = model_out[:, :k], model_out[:, k:]  # (2B, k, H, W), (2B, C_out - k, H, W)
     cond, uncond = eps.chunk(2, dim=0)  # each (B, k, H, W)
     if isinstance(scale, torch.Tensor):
         scale = scale.to(device=eps.device, dtype=torch.float32).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)

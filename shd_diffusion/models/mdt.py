@@ -169,8 +169,8 @@ def random_masking(
     ids_restore = ids_shuffle.argsort(dim=1)  # (B, N)
     ids_keep = ids_shuffle[:, :num_keep]  # (B, K)
     x_kept = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (B, K, D)
-    mask = torch.ones(b, n, device=x.device)
-    mask[:, :num_keep] = 0
+    mask = torch.ones(b, n, device=x.device)  # (B, N) in shuffled order
+    mask[:, :num_keep] = 0  # the first K shuffled tokens are the kept ones
     mask = mask.gather(1, ids_restore)  # (B, N) back in token order
     return x_kept, mask, ids_restore, ids_keep
 
