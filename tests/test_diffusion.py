@@ -17,6 +17,7 @@ from shd_diffusion.diffusion import (
     linear_beta_schedule,
     space_timesteps,
 )
+from shd_diffusion.diffusion.sampling import add_step_noise
 
 T = 1000
 
@@ -453,3 +454,22 @@ def test_last_step_adds_no_noise(base: GaussianDiffusion) -> None:
     mean = base.p_mean_variance(_fake_model(x, t0), x, t0)["mean"]
     torch.testing.assert_close(a["sample"], mean, rtol=0, atol=0)
     torch.testing.assert_close(b["sample"], mean, rtol=0, atol=0)
+
+
+def test_step_noise_tail_masks_t0_rows_and_draws_per_sample() -> None:
+    """The one noise tail of DDPM and DDIM: rows at t = 0 stay, others get std * their own draw."""
+    sample = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    std = torch.tensor([0.5, 2.0, 3.0]).view(3, 1, 1, 1)  # (B, 1, 1, 1)
+    t = torch.tensor([4, 0, 7])
+    out = add_step_noise(sample, t, std, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    for i, seed in ((0, 1), (2, 3)):
+        draw = torch.randn(2, 2, 2, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(out[i], sample[i] + std[i] * draw, rtol=0, atol=1e-7)
+    assert torch.equal(out[1], sample[1])
+    # Every row at t = 0: no draw at all (the generators' streams are left where they were).
+    gens = [torch.Generator().manual_seed(5) for _ in range(3)]
+    assert add_step_noise(sample, torch.zeros(3, dtype=torch.long), std, gens) is sample
+    assert all(torch.equal(g.get_state(), torch.Generator().manual_seed(5).get_state()) for g in gens)
+    # Given noise is used as is.
+    noise = torch.ones_like(sample)
+    torch.testing.assert_close(add_step_noise(sample, t, std, None, noise)[0], sample[0] + 0.5, rtol=0, atol=1e-7)

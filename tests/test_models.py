@@ -24,7 +24,7 @@ from shd_diffusion.models import (
     load_checkpoint_file,
     load_official_state_dict,
 )
-from shd_diffusion.models.layers import AdaLNZeroBlock, Mlp, TimestepEmbedder, guided_output
+from shd_diffusion.models.layers import AdaLNZeroBlock, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, guided_output
 from shd_diffusion.models.mdt import RelativePositionBias, power_cosine_cfg_scale, random_masking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,6 +214,43 @@ def test_layers_match_upstream_structure(cls: type, config: dict) -> None:
     # Nothing else computes: every leaf module is one of upstream's kinds.
     leaves = {type(m) for m in model.modules() if not list(m.children())}
     assert leaves <= {nn.Conv2d, nn.Linear, nn.LayerNorm, nn.GELU, nn.SiLU, nn.Embedding, RelativePositionBias}
+
+
+
+@pytest.mark.parametrize("cls, config", [(DiT, TINY_DIT), (MDTv2, TINY_MDT), (MDTv2, dict(TINY_MDT, mask_ratio=None))])
+def test_initial_weights_follow_upstream_init(cls: type, config: dict) -> None:
+    # One init for both families (DiffusionTransformerBase.initialize_weights); MDT adds its own.
+    torch.manual_seed(0)
+    model = cls(**config)
+    zero = [m.adaLN_modulation[-1] for m in _blocks(model)] + [model.final_layer.adaLN_modulation[-1]]
+    zero.append(model.final_layer.linear)
+    for layer in zero:  # adaLN-Zero: every block is the identity and the output is 0
+        assert (layer.weight == 0).all() and (layer.bias == 0).all()
+    zeroed = {id(layer) for layer in zero}
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and id(m) not in zeroed and m not in model.t_embedder.mlp:
+            bound = math.sqrt(6.0 / (m.in_features + m.out_features))  # xavier-uniform limit
+            assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.9 * bound
+            assert (m.bias == 0).all()
+    w = model.x_embedder.proj.weight  # (D, C, p, p), initialised as a (D, C*p*p) linear map
+    assert w.abs().max() <= math.sqrt(6.0 / (w.shape[0] + w[0].numel()))
+    # Upstream MDT zeroes the patch conv's bias; upstream DiT keeps the conv default.
+    assert (model.x_embedder.proj.bias == 0).all() == (cls is MDTv2)
+    for weight in (model.y_embedder.embedding_table.weight, model.t_embedder.mlp[0].weight, model.t_embedder.mlp[2].weight):
+        assert abs(weight.std().item() - 0.02) < 0.002
+    assert (model.t_embedder.mlp[0].bias == 0).all() and (model.t_embedder.mlp[2].bias == 0).all()
+    grid = config["input_size"] // config["patch_size"]
+    pos = get_2d_sincos_pos_embed(config["hidden_size"], grid).unsqueeze(0)  # (1, N, D)
+    assert torch.equal(model.pos_embed.data, pos)
+    if cls is MDTv2:
+        assert torch.equal(model.decoder_pos_embed.data, pos)
+        if config["mask_ratio"] is None:
+            assert (model.mask_token == 0).all() and not model.mask_token.requires_grad
+        else:
+            assert abs(model.mask_token.std().item() - 0.02) < 0.01 and model.mask_token.requires_grad
+    torch.manual_seed(0)
+    again = cls(**config)  # the same seed gives the same weights
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
 def test_timestep_embedding_layout() -> None:

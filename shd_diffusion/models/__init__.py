@@ -2,14 +2,15 @@
 
 ``create_model("MDTv2-S/2")`` builds a model; ``load_official_state_dict(model, ckpt)`` loads
 upstream weights strictly; ``load_model(source)`` / ``load_weights(model, source)`` take any file,
-folder or Hub id (:mod:`.sources`); ``from_diffusers`` / ``to_diffusers`` convert DiT exactly. Every model exposes ``attention_layers()`` (execution order of the
+folder or Hub id (:mod:`.sources`); ``from_diffusers`` / ``to_diffusers`` convert DiT exactly.
+Every model exposes ``attention_layers()`` (execution order of the
 unmasked forward) for :func:`shd_diffusion.attention.capture_attention`, ``null_class`` for CFG,
 and diffusers' ``save_pretrained`` / ``from_pretrained``.
 """
 
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see below)
 
-from shd_diffusion.models.diffusers_dit import from_diffusers, to_diffusers
+from shd_diffusion.models.diffusers_dit import from_diffusers_model, to_diffusers
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
     CheckpointError,
@@ -22,7 +23,7 @@ from shd_diffusion.models.loading import (
 )
 from shd_diffusion.models.mdt import MDTv2, RelPosAttention, RelativePositionBias, power_cosine_cfg_scale
 from shd_diffusion.models.registry import MODEL_CONFIGS, MODEL_NAMES, create_model, model_family
-from shd_diffusion.models.sources import load_model, load_weights, parse_hub_id, resolve_source
+from shd_diffusion.models.sources import from_diffusers, load_model, load_weights, parse_hub_id, resolve_source
 
 __all__ = [
     "DiT",
@@ -42,6 +43,7 @@ __all__ = [
     "load_official_state_dict",
     "CheckpointError",
     "from_diffusers",
+    "from_diffusers_model",
     "to_diffusers",
     "load_model",
     "load_weights",

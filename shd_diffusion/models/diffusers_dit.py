@@ -1,7 +1,9 @@
 """Exact conversion between this package's :class:`DiT` and diffusers' ``DiTTransformer2DModel``.
 
-``from_diffusers(transformer)`` and ``to_diffusers(dit)`` compute the same function up to float32
-rounding: ``dit(x, t, y) == transformer(x, timestep=t, class_labels=y).sample``. Facts behind the
+``from_diffusers_model(transformer)`` and ``to_diffusers(dit)`` compute the same function up to
+float32 rounding: ``dit(x, t, y) == transformer(x, timestep=t, class_labels=y).sample``. This
+module converts models in memory only; reading one from a folder or Hub id is
+:func:`shd_diffusion.models.sources.from_diffusers`. Facts behind the
 mapping (read from diffusers' DiT and its conversion script, written here from scratch):
 
 - diffusers splits the fused ``qkv`` into ``attn1.to_q/to_k/to_v``; ``attn.proj`` is
@@ -20,7 +22,6 @@ mapping (read from diffusers' DiT and its conversion script, written here from s
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import torch
@@ -30,7 +31,7 @@ from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.dit_transformer_freq_shift import DiTTransformer2DModelFreqShift
 from shd_diffusion.models.loading import CheckpointError
 
-__all__ = ["DIFFUSERS_DIT_CLASSES", "dit_kwargs_from_diffusers_config", "from_diffusers", "to_diffusers"]
+__all__ = ["DIFFUSERS_DIT_CLASSES", "dit_kwargs_from_diffusers_config", "from_diffusers_model", "to_diffusers"]
 
 # Classes whose folders this module converts (``_class_name`` in config.json).
 DIFFUSERS_DIT_CLASSES = {cls.__name__: cls for cls in (DiTTransformer2DModel, DiTTransformer2DModelFreqShift)}
@@ -125,23 +126,21 @@ def _dit_state(transformer: DiTTransformer2DModel, depth: int) -> dict[str, torc
     return out
 
 
-def from_diffusers(model_or_path: DiTTransformer2DModel | str | os.PathLike[str]) -> DiT:
-    """Convert a diffusers ``DiTTransformer2DModel`` to an equivalent :class:`DiT`.
+def from_diffusers_model(transformer: DiTTransformer2DModel) -> DiT:
+    """Convert a diffusers ``DiTTransformer2DModel`` (or the freq-shift subclass) to a :class:`DiT`.
 
     Args:
-        model_or_path: the model, or a local folder / Hub id holding one (a model folder, or a
-            pipeline folder with ``transformer/``; see :mod:`shd_diffusion.models.sources`).
+        transformer: the diffusers model.
 
     Returns:
         A float32 :class:`DiT` in eval mode whose forward equals the transformer's.
-    """
-    if not isinstance(model_or_path, DiTTransformer2DModel):
-        from shd_diffusion.models.sources import load_diffusers_dit
 
-        model_or_path = load_diffusers_dit(model_or_path)
-    kwargs = dit_kwargs_from_diffusers_config(model_or_path.config)
+    Raises:
+        CheckpointError: a setting or weight layout DiT cannot reproduce.
+    """
+    kwargs = dit_kwargs_from_diffusers_config(transformer.config)
     dit = DiT(**kwargs)
-    state = _dit_state(model_or_path, kwargs["depth"])
+    state = _dit_state(transformer, kwargs["depth"])
     dit.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return dit.eval()
 

@@ -9,26 +9,27 @@ be captured with :func:`shd_diffusion.attention.capture_attention`.
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
 
 import torch
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from shd_diffusion.attention import Attention
+from shd_diffusion.models.base import PUBLISHED_SIZES, DiffusionTransformerBase
 from shd_diffusion.models.layers import (
     AdaLNZeroBlock,
-    DiffusionTransformerBase,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
     cfg_pair_batch,
-    get_2d_sincos_pos_embed,
     guided_output,
     unpatchify,
 )
 
-__all__ = ["DiT", "ShiftedTimestepEmbedder"]
+__all__ = ["DiT", "ShiftedTimestepEmbedder", "DIT_CONFIGS"]
 
 
 class ShiftedTimestepEmbedder(TimestepEmbedder):
@@ -112,33 +113,6 @@ class DiT(DiffusionTransformerBase):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
-    def initialize_weights(self) -> None:
-        """Upstream init: xavier linears, sin-cos pos_embed, N(0, 0.02) embeddings, adaLN-Zero."""
-
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)  # (N, D)
-        self.pos_embed.data.copy_(pos.unsqueeze(0))  # (1, N, D)
-        # Treat the patch conv like a linear layer of its flattened kernel.
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # (D, C*p*p)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output as zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
     def attention_layers(self) -> list[Attention]:
         """Attention modules in execution order: ``blocks[0..depth-1].attn``."""
         return [block.attn for block in self.blocks]
@@ -196,3 +170,14 @@ class DiT(DiffusionTransformerBase):
         """
         out = self.forward(cfg_pair_batch(x), t, y)  # (2B, C_out, H, W)
         return guided_output(out, float(cfg_scale), self.in_channels, guidance_channels)
+
+
+# --------------------------------------------------------------------------------------------
+# Named configs: DiT-{S,B,L,XL}/{2,4,8}, the published sizes and patch sizes
+# --------------------------------------------------------------------------------------------
+
+DIT_CONFIGS: dict[str, Callable[..., DiT]] = {
+    f"DiT-{size}/{patch}": partial(DiT, depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads)
+    for size, (depth, hidden, heads) in PUBLISHED_SIZES.items()
+    for patch in (2, 4, 8)
+}

@@ -1,4 +1,4 @@
-"""Building blocks shared by DiT and MDTv2.
+"""Building blocks shared by DiT and MDTv2 (the base class they derive from is :mod:`.base`).
 
 Parameter names follow the upstream code (facebookresearch/DiT, sail-sg/MDT, which take
 ``PatchEmbed`` and ``Mlp`` from timm), so official state dicts load with ``strict=True``:
@@ -8,18 +8,12 @@ Parameter names follow the upstream code (facebookresearch/DiT, sail-sg/MDT, whi
 
 from __future__ import annotations
 
-import contextlib
 import math
-from functools import partial
-from typing import Any, Iterator
 
 import torch
-from diffusers.configuration_utils import ConfigMixin
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from shd_diffusion.attention import Attention, CaptureProcessor, QKCaptureProcessor
+from shd_diffusion.attention import Attention
 
 __all__ = [
     "modulate",
@@ -34,7 +28,6 @@ __all__ = [
     "unpatchify",
     "cfg_pair_batch",
     "guided_output",
-    "DiffusionTransformerBase",
 ]
 
 
@@ -48,7 +41,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     Returns:
         (B, N, D) modulated tokens.
     """
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (B, 1, D) broadcast over N
 
 
 def _sincos_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -296,10 +289,11 @@ class AdaLNZeroBlock(nn.Module):
         if self.skip_linear is not None:
             if skip is None:
                 raise ValueError("this block has skip_linear and needs a skip input")
-            x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, N, 2D) -> (B, N, D)
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, K, 2D) -> (B, K, D)
+        # (B, 6D) -> six (B, D) modulations
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep=ids_keep)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep=ids_keep)  # (B, K, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, K, D)
         return x
 
 
@@ -318,7 +312,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: (B, N, D), c: (B, D) -> (B, N, p*p*C_out)."""
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, 2D) -> two (B, D)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -352,7 +346,7 @@ def cfg_pair_batch(x: torch.Tensor) -> torch.Tensor:
     """
     if len(x) % 2:
         raise ValueError(f"CFG needs an even batch (conditional half + null half), got {len(x)}")
-    half = x[: len(x) // 2]
+    half = x[: len(x) // 2]  # (B, C, H, W)
     return torch.cat([half, half], dim=0)  # (2B, C, H, W)
 
 
@@ -384,125 +378,9 @@ def guided_output(
     if not 0 < k <= eps_channels:
         raise ValueError(f"guidance_channels must be in [1, {eps_channels}] or None, got {guidance_channels}")
     model_out = model_out.float()  # elementwise ops are not autocast ops, so this stays float32
-    eps, rest = model_out[:, :k], model_out[:, k:]
+    eps, rest = model_out[:, :k], model_out[:, k:]  # (2B, k, H, W), (2B, C_out - k, H, W)
     cond, uncond = eps.chunk(2, dim=0)  # each (B, k, H, W)
     if isinstance(scale, torch.Tensor):
         scale = scale.to(device=eps.device, dtype=torch.float32).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
     half = uncond + scale * (cond - uncond)
     return torch.cat([torch.cat([half, half], dim=0), rest], dim=1)  # (2B, C_out, H, W)
-
-
-# Processors that record into a store (each has ``scratch()``: the same processor, throwaway store).
-_RECORDING = (CaptureProcessor, QKCaptureProcessor)
-
-
-def _capturing(module: nn.Module) -> bool:
-    """Whether any attention module inside ``module`` currently records maps or q/k."""
-    return any(isinstance(getattr(m, "processor", None), _RECORDING) for m in module.modules())
-
-
-@contextlib.contextmanager
-def _scratch_capture(module: nn.Module) -> Iterator[None]:
-    """While a checkpointed block is recomputed in backward, send its captures to a scratch store.
-
-    Without this, every recomputation would append a second copy of the block's maps to the
-    store of an open :func:`~shd_diffusion.attention.capture_attention` context.
-    """
-    swapped = []
-    for m in module.modules():
-        proc = getattr(m, "processor", None)
-        if isinstance(proc, _RECORDING) and hasattr(m, "set_processor"):
-            swapped.append((m, proc))
-            m.set_processor(proc.scratch())
-    try:
-        yield
-    finally:
-        for m, proc in swapped:
-            m.set_processor(proc)
-
-
-def _recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint`: plain forward, scratch recompute.
-
-    A module-level function (bound with ``functools.partial``), not a lambda: dynamo only accepts
-    plain or partial functions as ``context_fn``.
-    """
-    return contextlib.nullcontext(), _scratch_capture(module)
-
-
-class DiffusionTransformerBase(ModelMixin, ConfigMixin):
-    """What DiT and MDTv2 share: diffusers save/load, block checkpointing, output layout.
-
-    Subclasses decorate ``__init__`` with ``@register_to_config``, so ``save_pretrained`` writes
-    ``config.json`` + ``diffusion_pytorch_model.safetensors`` and ``from_pretrained`` rebuilds the
-    model from them. ``gradient_checkpointing`` (a plain bool, also set by
-    ``enable_gradient_checkpointing()``) recomputes each block in the backward pass.
-
-    ``torch.compile(model)`` / ``model.compile()`` need no helper (tested against eager, forward
-    and backward, with and without checkpointing):
-      - the unmasked forward compiles to one graph (``fullgraph=True`` works), also while
-        :func:`~shd_diffusion.attention.capture_attention` is open: the store appends are
-        replayed after the graph;
-      - capture *plus* gradient checkpointing: a map append inside a checkpointed block is a side
-        effect dynamo refuses to trace, so it breaks the graph there and runs those blocks'
-        checkpoints eagerly (correct, slower). Leave dynamo's
-        ``skip_fwd_side_effects_in_bwd_under_checkpoint`` at its default (False);
-      - the masked pass reads its mask ratio on the host (a graph break) and has a data-dependent
-        token count (one graph per kept-token count, or ``dynamic=True``).
-    """
-
-    _supports_gradient_checkpointing = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gradient_checkpointing = False
-
-    @property
-    def null_class(self) -> int:
-        """Label id of the null class used for classifier-free guidance (= num_classes)."""
-        return self.y_embedder.null_class
-
-    def attention_layers(self) -> list[Attention]:
-        """Attention modules in execution order of the unmasked forward (for capture)."""
-        raise NotImplementedError
-
-    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Any = None) -> None:
-        """Recompute each block in the backward pass (diffusers' API; only the built-in function).
-
-        Args:
-            gradient_checkpointing_func: must be None: blocks always use non-reentrant
-                ``torch.utils.checkpoint`` with a recompute context that keeps attention capture
-                stores clean (see :meth:`_run_block`).
-        """
-        if gradient_checkpointing_func is not None:
-            raise NotImplementedError(f"{type(self).__name__} uses its own checkpointing; pass no function")
-        self.gradient_checkpointing = True
-
-    def disable_gradient_checkpointing(self) -> None:
-        """Turn block recomputation off."""
-        self.gradient_checkpointing = False
-
-    def _run_block(self, block: nn.Module, *args: Any) -> torch.Tensor:
-        """Call ``block(*args)``, recomputing it in backward when gradient checkpointing is on."""
-        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
-            return block(*args)
-        # Non-reentrant: works with inputs that need no grad and with None arguments, and lets
-        # gradients flow through captured maps that leave the block via the store.
-        if _capturing(block):
-            # Recomputation re-runs the processors' Python, which must not append maps again.
-            # Decided here, not via torch.compiler.is_compiling(): under torch.compile the store
-            # append inside a checkpoint breaks the graph, and dynamo runs this very call eagerly.
-            return checkpoint(block, *args, use_reentrant=False, context_fn=partial(_recompute_contexts, block))
-        return checkpoint(block, *args, use_reentrant=False)
-
-    def _condition(
-        self,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        force_drop_ids: torch.Tensor | None,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        """(B,) timesteps + (B,) labels -> (B, D) block condition ``c = t_emb + y_emb``."""
-        t_emb = self.t_embedder(t)  # (B, D)
-        y_emb = self.y_embedder(y, self.training, force_drop_ids, generator)  # (B, D)
-        return t_emb + y_emb

@@ -13,22 +13,23 @@ half_depth = (depth - decode_layer) / 2. Every attention adds a BEiT-style relat
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
 
 import torch
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from shd_diffusion.attention import Attention
+from shd_diffusion.models.base import PUBLISHED_SIZES, DiffusionTransformerBase
 from shd_diffusion.models.layers import (
     AdaLNZeroBlock,
-    DiffusionTransformerBase,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
     cfg_pair_batch,
     rand_uniform,
-    get_2d_sincos_pos_embed,
     guided_output,
     unpatchify,
 )
@@ -41,6 +42,9 @@ __all__ = [
     "random_masking",
     "power_cosine_cfg_scale",
     "MASK_RATIO_JITTER",
+    "MDT_DECODE_LAYER",
+    "MDT_MASK_RATIO",
+    "MDTV2_CONFIGS",
 ]
 
 # The masked pass draws its mask ratio from U(mask_ratio, mask_ratio + MASK_RATIO_JITTER) (upstream).
@@ -165,8 +169,8 @@ def random_masking(
     ids_restore = ids_shuffle.argsort(dim=1)  # (B, N)
     ids_keep = ids_shuffle[:, :num_keep]  # (B, K)
     x_kept = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (B, K, D)
-    mask = torch.ones(b, n, device=x.device)
-    mask[:, :num_keep] = 0
+    mask = torch.ones(b, n, device=x.device)  # (B, N) in shuffled order
+    mask[:, :num_keep] = 0  # the first K shuffled tokens are the kept ones
     mask = mask.gather(1, ids_restore)  # (B, N) back in token order
     return x_kept, mask, ids_restore, ids_keep
 
@@ -265,32 +269,14 @@ class MDTv2(DiffusionTransformerBase):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Upstream init: xavier linears, sin-cos pos embeds, N(0, 0.02) embeddings, adaLN-Zero."""
+        """The shared upstream init, then MDT's own: decoder pos embed, zero patch bias, mask token.
 
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)  # (N, D)
-        self.pos_embed.data.copy_(pos.unsqueeze(0))  # (1, N, D)
-        self.decoder_pos_embed.data.copy_(pos.unsqueeze(0))  # (1, N, D)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # (D, C*p*p): the conv as a linear map
+        Upstream MDT zeroes the patch conv's bias (DiT keeps the conv default) and draws
+        ``mask_token`` last, after every shared draw.
+        """
+        super().initialize_weights()
+        self.decoder_pos_embed.data.copy_(self.pos_embed.data)  # (1, N, D) the same sin-cos table
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for blocks in (self.en_inblocks, self.en_outblocks, self.de_blocks, self.sideblocks):
-            for blk in blocks:
-                nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-                nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
         if self.mask_ratio is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
@@ -442,3 +428,32 @@ class MDTv2(DiffusionTransformerBase):
         out = self.forward(cfg_pair_batch(x), t, y)  # (2B, C_out, H, W)
         scale = power_cosine_cfg_scale(t[: len(x) // 2], cfg_scale, diffusion_steps, scale_pow)  # (B,)
         return guided_output(out, scale, self.in_channels, guidance_channels)
+
+
+# --------------------------------------------------------------------------------------------
+# Named configs: MDTv2-{S,B,L,XL}/2
+# --------------------------------------------------------------------------------------------
+# ``decode_layer`` is configuration, not a constant: it sets the encoder/decoder split, so it is
+# part of a checkpoint's architecture (override it: ``create_model(name, decode_layer=k)``).
+# The defaults are starting points:
+#   - S/2 and B/2: 6, upstream's S/2 training script (``run.sh``: ``--decode_layer 6``). The
+#     maintainers have said the MDT paper's values (not the README's) are the right ones for the
+#     small models, so check the paper / checkpoint of the run you reproduce;
+#   - L/2 and XL/2: 4, what the released MDTv2-XL/2 checkpoint is sampled with
+#     (``run_sample.sh``; also upstream's constructor default). No L/2 recipe is published.
+
+MDT_DECODE_LAYER: dict[str, int] = {"S": 6, "B": 6, "L": 4, "XL": 4}
+MDT_MASK_RATIO = 0.3  # upstream training: --mask_ratio 0.30, so the masked pass is available
+
+MDTV2_CONFIGS: dict[str, Callable[..., MDTv2]] = {
+    f"MDTv2-{size}/2": partial(
+        MDTv2,
+        depth=depth,
+        hidden_size=hidden,
+        patch_size=2,
+        num_heads=heads,
+        decode_layer=MDT_DECODE_LAYER[size],
+        mask_ratio=MDT_MASK_RATIO,
+    )
+    for size, (depth, hidden, heads) in PUBLISHED_SIZES.items()
+}

@@ -23,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from diffusers import DiTTransformer2DModel
 from torch import nn
 
+from shd_diffusion.models.diffusers_dit import DIFFUSERS_DIT_CLASSES, from_diffusers_model
+from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
     CheckpointError,
     describe_architecture,
@@ -33,8 +36,21 @@ from shd_diffusion.models.loading import (
     load_checkpoint_file,
     load_official_state_dict,
 )
+from shd_diffusion.models.mdt import MDTv2
+from shd_diffusion.models.registry import create_model
 
-__all__ = ["SourceNotFound", "HubRef", "parse_hub_id", "check_source", "resolve_source", "load_diffusers_dit", "load_model", "load_model_with_info", "load_weights"]
+__all__ = [
+    "SourceNotFound",
+    "HubRef",
+    "parse_hub_id",
+    "check_source",
+    "resolve_source",
+    "load_diffusers_dit",
+    "from_diffusers",
+    "load_model",
+    "load_model_with_info",
+    "load_weights",
+]
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^:@\s]+))?(?::(?P<path>[^\s]+))?$")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -148,8 +164,6 @@ def _folder_class(folder: Path) -> str:
 
 def _folder_kind(folder: Path) -> str:
     """``"diffusers_dit"`` or ``"package"``; anything else is refused, naming its class."""
-    from shd_diffusion.models.diffusers_dit import DIFFUSERS_DIT_CLASSES
-
     name = _folder_class(folder)
     if name in DIFFUSERS_DIT_CLASSES:
         return "diffusers_dit"
@@ -162,16 +176,12 @@ def _folder_kind(folder: Path) -> str:
 
 
 def _package_classes() -> dict[str, type[nn.Module]]:
-    from shd_diffusion.models.dit import DiT
-    from shd_diffusion.models.mdt import MDTv2
-
+    """This package's model classes by their ``_class_name`` in a save_pretrained folder."""
     return {"DiT": DiT, "MDTv2": MDTv2}
 
 
 def load_diffusers_dit(source: str | os.PathLike[str]) -> Any:
     """The diffusers ``DiTTransformer2DModel`` (or freq-shift subclass) a source holds, float32."""
-    from shd_diffusion.models.diffusers_dit import DIFFUSERS_DIT_CLASSES
-
     folder = resolve_source(source)
     if folder.is_file() or _folder_kind(folder) != "diffusers_dit":
         raise CheckpointError(f"{source} is not a diffusers DiTTransformer2DModel folder")
@@ -180,6 +190,21 @@ def load_diffusers_dit(source: str | os.PathLike[str]) -> Any:
         return cls.from_pretrained(folder).float().eval()
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot load the diffusers DiT in {folder} ({str(err).splitlines()[0][:300]}): fetch it again") from None
+
+
+def from_diffusers(model_or_path: DiTTransformer2DModel | str | os.PathLike[str]) -> DiT:
+    """A diffusers DiT, in memory or at a source, converted exactly to :class:`DiT`.
+
+    Args:
+        model_or_path: the ``DiTTransformer2DModel``, or a folder / Hub id holding one (a model
+            folder, or a pipeline folder with ``transformer/``).
+
+    Returns:
+        A float32 :class:`DiT` in eval mode (see :func:`.diffusers_dit.from_diffusers_model`).
+    """
+    if not isinstance(model_or_path, DiTTransformer2DModel):
+        model_or_path = load_diffusers_dit(model_or_path)
+    return from_diffusers_model(model_or_path)
 
 
 def load_model(
@@ -217,8 +242,6 @@ def load_model_with_info(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`load_model`, plus what was loaded: ``message``, ``weights`` (in words), and for
     checkpoint files their ``config`` and ``step`` entries (None when absent)."""
-    from shd_diffusion.models.diffusers_dit import from_diffusers
-
     path = resolve_source(source)
     info: dict[str, Any] = {"source": str(source), "config": None, "step": None}
     if path.is_dir():
@@ -228,7 +251,7 @@ def load_model_with_info(
             raise CheckpointError(f"model {model_name} does not match {source}, which holds a {family}: drop the model name")
         ignored = "" if use_ema else " (--no-use-ema ignored: the folder holds one set of weights)"
         if kind == "diffusers_dit":
-            model = from_diffusers(load_diffusers_dit(path))
+            model = from_diffusers_model(load_diffusers_dit(path))
             info["message"] = f"converted diffusers {cls_name} from {source} to DiT{ignored}"
         else:
             model = _package_classes()[cls_name].from_pretrained(path)
@@ -268,8 +291,6 @@ def _architecture(
 
 
 def _create(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    from shd_diffusion.models.registry import create_model
-
     try:
         return create_model(name, **kwargs)
     except (TypeError, ValueError) as err:
@@ -312,11 +333,9 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], use_ema: bool
         CheckpointError: the weights do not fit ``model``; the message names the mismatch and
             what the source holds.
     """
-    from shd_diffusion.models.diffusers_dit import from_diffusers
-
     path = resolve_source(source)
     if path.is_dir() and _folder_kind(path) == "diffusers_dit":
-        converted = from_diffusers(load_diffusers_dit(path))
+        converted = from_diffusers_model(load_diffusers_dit(path))
         ours, theirs = dict(model.config), dict(converted.config)
         diff = [f"{k}={theirs[k]} (model: {ours.get(k)})" for k in _DIT_ARCH_FIELDS if ours.get(k) != theirs[k]]
         if type(model).__name__ != "DiT" or diff:
