@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import bisect
 import gzip
-import hashlib
 import importlib.util
 import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -35,6 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .cli import BadInput
+from .seeding import derive_seed
+from .vae import SD_VAE_SCALE_FACTOR  # noqa: F401  old home; training and sampling.sample still import it from here
 
 __all__ = [
     "DatasetError",
@@ -42,10 +43,8 @@ __all__ = [
     "ImageFolderDataset",
     "LatentDataset",
     "InfiniteSampler",
-    "Batch",
     "build_dataset",
     "make_loader",
-    "collate_batch",
     "center_crop_adm",
     "sample_seed",
     "flip_from_seed",
@@ -74,8 +73,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", 
 # Latent shard folder layout, shared with the writer in shd_diffusion.latents.
 LATENT_FORMAT = "shd_latents/1"
 LATENT_INDEX = "index.json"
-SD_VAE_SCALE_FACTOR = 0.18215  # makes SD-VAE latents roughly unit variance (LDM/DiT convention)
-_SEED_MASK = (1 << 63) - 1  # seeds are non-negative int64: they fit torch.manual_seed and tensors
 
 
 class DatasetError(BadInput, RuntimeError):
@@ -85,12 +82,6 @@ class DatasetError(BadInput, RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Seeds and keys
 # --------------------------------------------------------------------------------------------
-
-
-def _hash63(*parts: object) -> int:
-    """Stable 63-bit hash of ``parts`` (same on every platform, Python and torch version)."""
-    text = ":".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & _SEED_MASK
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -105,7 +96,7 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     Returns:
         A non-negative 63-bit integer; distinct positions give unrelated seeds.
     """
-    return _hash63("shd-sample", seed, epoch, position)
+    return derive_seed("shd-sample", seed, epoch, position)
 
 
 def flip_from_seed(seed: int | None) -> bool:
@@ -596,7 +587,7 @@ class InfiniteSampler(Sampler):
         """The index order of ``epoch`` (a permutation of ``range(num_samples)``)."""
         if not self.shuffle:
             return list(range(self.num_samples))
-        gen = torch.Generator().manual_seed(_hash63("shd-epoch", self.seed, epoch))
+        gen = torch.Generator().manual_seed(derive_seed("shd-epoch", self.seed, epoch))
         return torch.randperm(self.num_samples, generator=gen).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -655,50 +646,10 @@ def build_dataset(kind: str, path: str | Path | None, image_size: int, hflip: bo
     return dataset
 
 
-class Batch(NamedTuple):
-    """A batch with the sampler keys kept (``make_loader(..., return_keys=True)``)."""
-
-    x: torch.Tensor  # (B, C, H, W) float32
-    y: torch.Tensor  # (B,) int64 labels
-    index: torch.Tensor  # (B,) int64 dataset indices
-    seed: torch.Tensor  # (B,) int64 per-sample seeds
-
-
-class _Keyed(Dataset):
-    """Forwards ``(index, seed)`` keys and returns them with the item, for the collate."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        x, y = self.dataset[key]
-        return x, y, int(key[0]), int(key[1])
-
-
-def collate_batch(items: Sequence[tuple[torch.Tensor, Any, int, int]]) -> Batch:
-    """Stack ``(x, y, index, seed)`` items into a :class:`Batch`.
-
-    Args:
-        items: items from a dataset wrapped by :func:`make_loader`.
-
-    Returns:
-        The batch; ``x`` (B, C, H, W), the rest (B,) int64.
-    """
-    xs, ys, indices, seeds = zip(*items)
-    return Batch(
-        torch.stack(xs),  # (B, C, H, W)
-        torch.stack([torch.as_tensor(y, dtype=torch.int64) for y in ys]),  # (B,)
-        torch.tensor(indices, dtype=torch.int64),
-        torch.tensor(seeds, dtype=torch.int64),
-    )
-
-
-def _collate_xy(items: Sequence[tuple[torch.Tensor, Any, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = collate_batch(items)
-    return batch.x, batch.y
+def _stack_items(items: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(x, y)`` items into ``(x (B, C, H, W), y (B,) int64)``."""
+    xs, ys = zip(*items)
+    return torch.stack(xs), torch.stack([torch.as_tensor(y, dtype=torch.int64) for y in ys])
 
 
 def make_loader(
@@ -712,8 +663,7 @@ def make_loader(
     *,
     shuffle: bool = True,
     pin_memory: bool = False,
-    return_keys: bool = False,
-) -> Iterator[Any]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless iterator of batches of this rank's share of the sample stream.
 
     Batches depend only on the arguments, never on ``num_workers`` (items take their randomness
@@ -730,10 +680,10 @@ def make_loader(
         num_workers: DataLoader worker processes (0 = load in this process).
         shuffle: shuffle each epoch.
         pin_memory: page-lock batches for faster host-to-GPU copies.
-        return_keys: yield :class:`Batch` (x, y, index, seed) instead of ``(x, y)``.
 
     Returns:
-        An iterator yielding ``(x (B, C, H, W), y (B,))`` tuples, or :class:`Batch` tuples when ``return_keys``.
+        An iterator yielding ``(x (B, C, H, W), y (B,))`` tuples; item ``i`` of batch ``k`` is the
+        dataset item at this rank's sampler key ``k * batch_size + i``.
 
     Raises:
         DatasetError: when the dataset is empty.
@@ -746,11 +696,11 @@ def make_loader(
         len(dataset), rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, start=start
     )
     loader = DataLoader(
-        _Keyed(dataset),
+        dataset,  # the sampler's keys are (index, sample_seed) pairs, which every dataset here takes
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_batch if return_keys else _collate_xy,
+        collate_fn=_stack_items,
         pin_memory=pin_memory,
     )
     return iter(loader)
