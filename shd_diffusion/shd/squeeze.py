@@ -63,7 +63,6 @@ def _put_heads(x: Tensor, heads: Sequence[int], src: Tensor | float) -> None:
             x.narrow(1, first, length).fill_(src)
 
 
-
 def _owner_mask(sizes: Sequence[int], head_dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(k, c) 0/1: pseudo-head i owns sizes[i] consecutive heads' worth of columns."""
     widths = torch.tensor(sizes, device=device) * head_dim
@@ -252,8 +251,6 @@ def _check_squeeze_inputs(attn: Tensor, values: Tensor, out_proj_weight: Tensor)
         )
 
 
-
-
 def squeeze_heads(
     attn: Tensor,
     values: Tensor,
@@ -375,8 +372,9 @@ def squeeze_objective(
     return torch.stack(out, dim=1)  # (B, H_s)
 
 
-
-# Per-layer convenience for the training loop
+# --------------------------------------------------------------------------------------------
+# Per layer: the squeeze settings of one layer pair (the training loop keeps one per pair) and
+# whole-map squeezing of a list of layers
 # --------------------------------------------------------------------------------------------
 
 
