@@ -10,6 +10,7 @@ itself survives a crash. On any error the temporary file is removed and the targ
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -63,6 +64,18 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(final.parent)  # the rename itself survives a crash
+
+
+def stale_temps(final: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files :func:`atomic_path` left beside ``final`` when its writer was killed.
+
+    Matches this module's naming (``.NAME.<random>.tmp`` plus the final suffix, and the same
+    without the suffix, as written before it was kept). Delete them only where nothing else may
+    be writing ``final`` at the moment (e.g. the rank that owns the file).
+    """
+    final = Path(final)
+    pattern = os.path.join(glob.escape(str(final.parent)), f".{glob.escape(final.name)}.*.tmp")
+    return sorted({Path(p) for p in (*glob.glob(pattern), *glob.glob(pattern + glob.escape(final.suffix)))})
 
 
 def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:

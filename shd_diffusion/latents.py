@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .data import LATENT_FORMAT, LATENT_INDEX, DatasetError, ImageFolderDataset
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, stale_temps
 from .vae import SD_VAE_SCALE_FACTOR, load_vae, resolve_vae_spec
 
 __all__ = [
@@ -130,7 +130,7 @@ def _check_plan(path: Path, found: dict[str, Any], plan: dict[str, Any]) -> None
 
 def _remove_stale_temps(path: Path) -> None:
     """Delete temp files of an interrupted write of ``path`` (only its owning rank calls this)."""
-    for tmp in [*path.parent.glob(f".{path.name}.*.tmp"), path.with_name(path.name + ".tmp")]:  # fileio's, older
+    for tmp in [*stale_temps(path), path.with_name(path.name + ".tmp")]:  # fileio's, and this module's older name
         tmp.unlink(missing_ok=True)
 
 

@@ -346,8 +346,10 @@ def test_extract_resume_and_read_back(ten_images: Path, tiny_vae, tmp_path: Path
     with pytest.raises(DatasetError, match="index.json not found"):
         LatentDataset(out)
 
-    # An interrupted write of shard 1: a half temp file, which must be ignored and replaced.
+    # Interrupted writes of shards 1 and 2: half temp files (the older name, and fileio.atomic_path's
+    # for a killed process), which must be ignored and removed.
     (out / "shard_00001.safetensors.tmp").write_bytes(b"half a shard")
+    (out / ".shard_00002.safetensors.k1ll3d.tmp.safetensors").write_bytes(b"half a shard")
     stat0 = (out / "shard_00000.safetensors").stat()
     report = extract_latents(ten_images, out, vae_dir, **kw)
     assert (report.written, report.skipped, report.pending) == ([1, 2], [0], [])

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from shd_diffusion.fileio import atomic_dir, atomic_path, atomic_write_text
+from shd_diffusion.fileio import atomic_dir, atomic_path, atomic_write_text, stale_temps
 
 
 def test_a_crash_mid_write_leaves_neither_target_nor_temp(tmp_path):
@@ -57,3 +57,14 @@ def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
             (tmp / "b.txt").write_text("new")
     assert sorted(p.name for p in final.rglob("*")) == ["a.txt", "sub"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_stale_temps_finds_the_temp_of_a_killed_writer(tmp_path):
+    final = tmp_path / "shard_[1].npz"  # glob characters in the name are taken literally
+    (tmp_path / ".shard_[1].npz.old1.tmp").write_bytes(b"")  # the name before the suffix was kept
+    (tmp_path / ".other.npz.x.tmp.npz").write_bytes(b"")  # another file's temp
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"half")
+        # While the writer runs its temp is exactly what a killed writer would leave.
+        assert stale_temps(final) == sorted([tmp, tmp_path / ".shard_[1].npz.old1.tmp"])
+    assert stale_temps(final) == [tmp_path / ".shard_[1].npz.old1.tmp"]
