@@ -21,7 +21,9 @@ from typing import Any, Sequence
 import torch
 
 from shd_diffusion.cli import BadInput, add_debug_flag, check_writable_dir, run_main
-from shd_diffusion.latents import SD_VAE_SCALE_FACTOR, extract_latents, missing_shards, write_index
+from shd_diffusion.console import say
+from shd_diffusion.latents import extract_latents, missing_shards, write_index
+from shd_diffusion.vae import DEFAULT_VAE, SD_VAE_SCALE_FACTOR
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -36,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="image folder with one sub-folder per class")
     p.add_argument("--out", required=True, help="output folder for shards and index.json")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL hub id or local folder")
+    p.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local folder")
     p.add_argument("--image-size", type=int, default=256, help="ADM center-crop size")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
@@ -116,10 +118,10 @@ def _run(args: argparse.Namespace, state: Any) -> None:
     missing = missing_shards(args.out, report.num_shards)
     if missing:
         done = report.num_shards - len(missing)
-        print(f"{done}/{report.num_shards} shards done; rerun the same command to continue")
+        say(f"{done}/{report.num_shards} shards done; rerun the same command to continue")
         return
     index = report.index or write_index(args.out)
-    print(
+    say(
         f"{index['num_images']} latents {tuple(index['latent_shape'])} in {len(index['shards'])} shards "
         f"-> {args.out} (both_flips={index['both_flips']})"
     )

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,15 +33,16 @@ import yaml
 from torch import nn
 
 from shd_diffusion.cli import BadInput, add_debug_flag, run_main
-from shd_diffusion.fileio import atomic_write_text
+from shd_diffusion.console import say
+from shd_diffusion.fileio import atomic_dir, atomic_write_text
 from shd_diffusion.models import DiT, MDTv2, parse_hub_id, to_diffusers
 from shd_diffusion.models import dit_transformer_freq_shift as freq_shift_module
 from shd_diffusion.models.sources import load_model_with_info
 from shd_diffusion.pipelines import ddpm_scheduler
+from shd_diffusion.vae import DEFAULT_VAE, load_vae, resolve_vae_spec
 
-__all__ = ["DEFAULT_VAE", "export", "build_parser", "main"]
+__all__ = ["export", "build_parser", "main"]
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DIT_PIPELINE_VARIANCE = "fixed_large"  # DiTPipeline drops the variance channels; DiT's own non-learned choice
 
 
@@ -54,22 +54,6 @@ def _check_target(out: Path) -> None:
         raise BadInput(f"--out {out} is not empty: choose a new folder (export never overwrites)")
     if not out.parent.exists():
         raise BadInput(f"the folder above --out, {out.parent}, does not exist: create it first")
-
-
-def _load_vae(spec: str | None, in_channels: int) -> Any:
-    """The decoder to ship (None for pixel-space models)."""
-    if in_channels in (1, 3) and spec in (None, "none"):
-        return None
-    from diffusers import AutoencoderKL
-
-    try:
-        vae = AutoencoderKL.from_pretrained(spec or DEFAULT_VAE)
-    except OSError as err:
-        raise BadInput(f"could not load the VAE {spec or DEFAULT_VAE!r} ({str(err).splitlines()[0]}): pass --vae with a local "
-                       "folder or a Hub id that is cached or reachable") from None
-    if vae.config.latent_channels != in_channels:
-        raise BadInput(f"VAE {spec!r} has {vae.config.latent_channels} latent channels, the model {in_channels}: pass a matching --vae")
-    return vae
 
 
 def _model_index(pipeline: str, transformer: list[str], vae: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -209,20 +193,13 @@ def export(
     if not isinstance(model, (DiT, MDTv2)):
         raise BadInput(f"{checkpoint} holds a {type(model).__name__}; export handles DiT and MDTv2")
     in_channels = int(model.config.in_channels)
-    vae_model = _load_vae(vae, in_channels)
-    vae_name = None if vae_model is None else (vae or DEFAULT_VAE)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    vae_model = load_vae(vae, in_channels)
+    vae_name = resolve_vae_spec(vae, in_channels)  # None for a pixel-space model
+    with atomic_dir(out) as tmp:
         notes = (_write_dit if isinstance(model, DiT) else _write_mdt)(model, vae_model, tmp)
         atomic_write_text(tmp / "README.md", _card(model, info, notes, scores, vae_name, push_to_hub or str(out)))
         meta = {"source": info["source"], "weights": info["weights"], "step": info.get("step"), "vae": vae_name, **notes}
         atomic_write_text(tmp / "export.json", json.dumps(meta, indent=2, default=str) + "\n")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); a rename cannot replace a folder
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if push_to_hub is not None:
         _upload(out, push_to_hub, f"Export {Path(str(checkpoint)).name}")
     return out
@@ -264,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         path = export(args.checkpoint, args.out, args.weights, args.vae, args.metrics, args.push_to_hub)
-        print(f"exported {args.checkpoint} to {path}")
+        say(f"exported {args.checkpoint} to {path}")
 
     return run_main(body, debug=args.debug)
 

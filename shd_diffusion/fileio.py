@@ -4,12 +4,15 @@ The one implementation every writer uses (checkpoints, latent shards, sample sha
 reports): write to a unique temporary name in the same folder, fsync it, ``os.replace`` it over
 the target (a rename within one filesystem is atomic), then fsync the folder so that the rename
 itself survives a crash. On any error the temporary file is removed and the target is untouched.
+:func:`atomic_dir` does the same for a whole folder (exports: a folder of several files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +36,13 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _new_file_mode(path: Path, mode: int) -> None:
+    """Give ``path`` the mode a plain new file/folder gets (``mode`` less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success it becomes ``final`` atomically.
@@ -45,9 +55,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=f".tmp{final.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file a normal new file's mode
+    _new_file_mode(tmp, 0o666)  # mkstemp makes 0600
     try:
         yield tmp
         fsync_path(tmp)  # data on disk before the rename makes it visible
@@ -56,6 +64,18 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(final.parent)  # the rename itself survives a crash
+
+
+def stale_temps(final: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files :func:`atomic_path` left beside ``final`` when its writer was killed.
+
+    Matches this module's naming (``.NAME.<random>.tmp`` plus the final suffix, and the same
+    without the suffix, as written before it was kept). Delete them only where nothing else may
+    be writing ``final`` at the moment (e.g. the rank that owns the file).
+    """
+    final = Path(final)
+    pattern = os.path.join(glob.escape(str(final.parent)), f".{glob.escape(final.name)}.*.tmp")
+    return sorted({Path(p) for p in (*glob.glob(pattern), *glob.glob(pattern + glob.escape(final.suffix)))})
 
 
 def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:
@@ -67,3 +87,27 @@ def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(final: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``final`` atomically."""
     atomic_write_bytes(final, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; on success it becomes ``final`` atomically.
+
+    ``final`` must be absent or an empty folder (a rename replaces nothing else). Every file
+    written into the yielded folder is fsynced before the rename. On any error the temporary
+    folder is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    _new_file_mode(tmp, 0o777)  # mkdtemp makes 0700
+    try:
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                fsync_path(os.path.join(folder, name))
+            fsync_path(folder)
+        os.replace(tmp, final)  # POSIX rename: replaces an empty folder, refuses a non-empty one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(final.parent)

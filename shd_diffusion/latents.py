@@ -25,6 +25,7 @@ barrier (see ``scripts/extract_latents.py``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,15 +36,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .data import LATENT_FORMAT, LATENT_INDEX, SD_VAE_SCALE_FACTOR, DatasetError, ImageFolderDataset
-from .fileio import atomic_path, atomic_write_text
+from .data import LATENT_FORMAT, LATENT_INDEX, DatasetError, ImageFolderDataset
+from .fileio import atomic_path, atomic_write_text, stale_temps
+from .vae import SD_VAE_SCALE_FACTOR, load_vae, resolve_vae_spec
 
 __all__ = [
-    "SD_VAE_SCALE_FACTOR",
     "ExtractReport",
     "extract_latents",
     "encode_latents",
-    "load_vae",
     "shard_name",
     "missing_shards",
     "write_index",
@@ -51,6 +51,7 @@ __all__ = [
 
 _PLAN_KEY = "shd_latents_plan"
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
+LATENT_CHANNELS = 4  # SD-VAE latents, the input of the latent DiT / MDTv2 models; other VAEs are refused
 
 
 @dataclass
@@ -67,29 +68,6 @@ class ExtractReport:
 def shard_name(shard: int) -> str:
     """File name of shard ``shard``."""
     return f"shard_{shard:05d}.safetensors"
-
-
-def load_vae(vae: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a diffusers ``AutoencoderKL`` (hub id or local folder) in eval mode, frozen.
-
-    Args:
-        vae: hub id (e.g. ``stabilityai/sd-vae-ft-ema``) or a ``save_pretrained`` folder.
-        device: where to put it.
-
-    Returns:
-        The VAE.
-    """
-    from diffusers import AutoencoderKL  # heavy import, only when encoding
-
-    try:
-        model = AutoencoderKL.from_pretrained(str(vae))
-    except (OSError, ValueError) as err:  # missing folder, bad config, offline without a cached copy
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DatasetError(
-            f"cannot load the VAE {str(vae)!r} ({reason}): pass a local AutoencoderKL folder with --vae, "
-            "or download the Hub id once with network access"
-        ) from None
-    return model.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -111,8 +89,6 @@ def encode_latents(
 
 def _fingerprint(dataset: ImageFolderDataset) -> str:
     """Hash of the (label, relative path) list: a different image folder cannot resume an extraction."""
-    import hashlib
-
     h = hashlib.sha256()
     for i in range(len(dataset)):
         h.update(f"{int(dataset.labels[i])}\t{dataset.relative_path(i)}\n".encode())
@@ -154,7 +130,7 @@ def _check_plan(path: Path, found: dict[str, Any], plan: dict[str, Any]) -> None
 
 def _remove_stale_temps(path: Path) -> None:
     """Delete temp files of an interrupted write of ``path`` (only its owning rank calls this)."""
-    for tmp in [*path.parent.glob(f".{path.name}.*.tmp"), path.with_name(path.name + ".tmp")]:  # fileio's, older
+    for tmp in [*stale_temps(path), path.with_name(path.name + ".tmp")]:  # fileio's, and this module's older name
         tmp.unlink(missing_ok=True)
 
 
@@ -180,6 +156,7 @@ def _encode_shard(
     both_flips: bool,
     bar: Any,
 ) -> dict[str, torch.Tensor]:
+    """Latents (and labels, and mirrored latents) of images ``[first, first + count)``, on the CPU."""
     loader = DataLoader(
         Subset(dataset, range(first, first + count)),
         batch_size=batch_size,
@@ -200,6 +177,78 @@ def _encode_shard(
     if both_flips:
         tensors["latents_flip"] = torch.cat(flipped).contiguous()
     return tensors
+
+
+def _check_extract_args(dtype: str, shard_size: int, batch_size: int, rank: int, world_size: int) -> None:
+    """Refuse arguments that are wrong on their own, before any image or VAE is touched."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+
+
+def _extraction_plan(dataset: ImageFolderDataset, vae_id: str, *, scale_factor: float, image_size: int,
+                     both_flips: bool, dtype: str, shard_size: int) -> dict[str, Any]:
+    """Everything that must agree between shards of one extraction (stored in each shard)."""
+    n = len(dataset)
+    return {
+        "format": LATENT_FORMAT,
+        "vae": vae_id,
+        "encoding": "latent_dist.mean",
+        "scale_factor": scale_factor,
+        "image_size": image_size,
+        "both_flips": both_flips,
+        "dtype": dtype,
+        "num_images": n,
+        "shard_size": shard_size,
+        "num_shards": math.ceil(n / shard_size),
+        "classes": dataset.classes,
+        "files_sha256": _fingerprint(dataset),
+    }
+
+
+def _shards_to_encode(out: Path, plan: dict[str, Any], rank: int, world_size: int,
+                      max_shards: int | None, report: ExtractReport) -> list[int]:
+    """This rank's missing shards (at most ``max_shards``); existing ones must match ``plan``.
+
+    Records the skipped and the postponed shards in ``report``.
+    """
+    todo = []
+    for shard in range(rank, plan["num_shards"], world_size):
+        path = out / shard_name(shard)
+        if path.exists():
+            _check_plan(path, _read_plan(path), plan)
+            report.skipped.append(shard)
+        else:
+            todo.append(shard)
+    if max_shards is not None:
+        todo, report.pending = todo[:max_shards], todo[max_shards:]
+    return todo
+
+
+def _write_shards(dataset: ImageFolderDataset, out: Path, plan: dict[str, Any], todo: list[int], vae: nn.Module, *,
+                  batch_size: int, num_workers: int, device: torch.device, progress: bool, rank: int,
+                  report: ExtractReport) -> None:
+    """Encode and atomically write each shard of ``todo``, recording them in ``report.written``."""
+    from tqdm.auto import tqdm
+
+    n, shard_size = len(dataset), plan["shard_size"]
+    total = sum(min(shard_size, n - s * shard_size) for s in todo)
+    with tqdm(total=total, unit="img", desc=f"latents (rank {rank})", disable=not progress) as bar:
+        for shard in todo:
+            first = shard * shard_size
+            count = min(shard_size, n - first)
+            tensors = _encode_shard(
+                dataset, first, count, vae, batch_size=batch_size, num_workers=num_workers, device=device,
+                dtype=_DTYPES[plan["dtype"]], scale_factor=plan["scale_factor"], both_flips=plan["both_flips"], bar=bar,
+            )
+            meta = {_PLAN_KEY: json.dumps({**plan, "shard": shard, "count": count})}
+            out.mkdir(parents=True, exist_ok=True)  # only now: a refusal before this leaves no trace
+            _remove_stale_temps(out / shard_name(shard))
+            _write_atomic(out / shard_name(shard), tensors, meta)
+            report.written.append(shard)
 
 
 def extract_latents(
@@ -236,7 +285,7 @@ def extract_latents(
         shard_size: images per shard (the last shard may be smaller).
         both_flips: also store the latents of the mirrored images (for flip augmentation).
         dtype: stored dtype, ``"float16"`` (half the disk) or ``"float32"``.
-        scale_factor: latent multiplier (0.18215 for the SD VAEs).
+        scale_factor: latent multiplier (:data:`~shd_diffusion.vae.SD_VAE_SCALE_FACTOR` for the SD VAEs).
         device: where the VAE runs.
         rank: this process's rank; it owns shards ``rank, rank + world_size, ...``.
         world_size: number of processes.
@@ -249,74 +298,30 @@ def extract_latents(
 
     Raises:
         DatasetError: bad image folder or unreadable image (named), or existing shards from a
-            different extraction in ``out``.
+            different extraction in ``out``. BadInput: a VAE that does not load, or whose
+            latents do not have :data:`LATENT_CHANNELS` channels.
     """
-    from tqdm.auto import tqdm
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    _check_extract_args(dtype, shard_size, batch_size, rank, world_size)
     if isinstance(vae, nn.Module):
         if vae_id is None:
             raise ValueError("vae_id is required when vae is a loaded module (it is recorded in the index)")
     else:
+        vae = resolve_vae_spec(vae, LATENT_CHANNELS)  # "auto" -> the default VAE; "none" is refused here
         vae_id = vae_id or _vae_identity(vae)
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out} is a file, not a folder for latent shards: choose another output folder (--out)")
     dataset = ImageFolderDataset(data, image_size=image_size, hflip=False)
-    n = len(dataset)
-    num_shards = math.ceil(n / shard_size)
-    plan = {
-        "format": LATENT_FORMAT,
-        "vae": vae_id,
-        "encoding": "latent_dist.mean",
-        "scale_factor": scale_factor,
-        "image_size": image_size,
-        "both_flips": both_flips,
-        "dtype": dtype,
-        "num_images": n,
-        "shard_size": shard_size,
-        "num_shards": num_shards,
-        "classes": dataset.classes,
-        "files_sha256": _fingerprint(dataset),
-    }
-
-    report = ExtractReport(num_shards=num_shards)
-    todo = []
-    for shard in range(rank, num_shards, world_size):
-        path = out / shard_name(shard)
-        if path.exists():
-            _check_plan(path, _read_plan(path), plan)
-            report.skipped.append(shard)
-        else:
-            todo.append(shard)
-    if max_shards is not None:
-        todo, report.pending = todo[:max_shards], todo[max_shards:]
+    plan = _extraction_plan(dataset, vae_id, scale_factor=scale_factor, image_size=image_size,
+                            both_flips=both_flips, dtype=dtype, shard_size=shard_size)
+    report = ExtractReport(num_shards=plan["num_shards"])
+    todo = _shards_to_encode(out, plan, rank, world_size, max_shards, report)
 
     if todo:
         device = torch.device(device)
-        model = load_vae(vae, device) if not isinstance(vae, nn.Module) else vae.to(device).eval()
-        total = sum(min(shard_size, n - s * shard_size) for s in todo)
-        with tqdm(total=total, unit="img", desc=f"latents (rank {rank})", disable=not progress) as bar:
-            for shard in todo:
-                first = shard * shard_size
-                count = min(shard_size, n - first)
-                tensors = _encode_shard(
-                    dataset, first, count, model, batch_size=batch_size, num_workers=num_workers,
-                    device=device, dtype=_DTYPES[dtype], scale_factor=scale_factor,
-                    both_flips=both_flips, bar=bar,
-                )
-                meta = {_PLAN_KEY: json.dumps({**plan, "shard": shard, "count": count})}
-                out.mkdir(parents=True, exist_ok=True)  # only now: a refusal before this leaves no trace
-                _remove_stale_temps(out / shard_name(shard))
-                _write_atomic(out / shard_name(shard), tensors, meta)
-                report.written.append(shard)
-
+        model = vae.to(device).eval() if isinstance(vae, nn.Module) else load_vae(vae, LATENT_CHANNELS, device)
+        _write_shards(dataset, out, plan, todo, model, batch_size=batch_size, num_workers=num_workers,
+                      device=device, progress=progress, rank=rank, report=report)
     if world_size == 1 and not report.pending:
         report.index = write_index(out)
     return report

@@ -18,7 +18,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from shd_diffusion.latents import SD_VAE_SCALE_FACTOR
+from shd_diffusion.vae import SD_VAE_SCALE_FACTOR
 from shd_diffusion.models.layers import guided_output
 from shd_diffusion.models.mdt import power_cosine_cfg_scale
 

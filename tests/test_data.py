@@ -20,7 +20,6 @@ from PIL import Image
 from shd_diffusion import data as data_mod
 from shd_diffusion.data import (
     AnimalMNIST,
-    Batch,
     DatasetError,
     ImageFolderDataset,
     InfiniteSampler,
@@ -225,18 +224,22 @@ def test_flip_follows_sample_seed_regardless_of_workers(folder: Path) -> None:
     assert torch.equal(ds[(2, 11)][0], ds[(2, 11)][0])
     assert torch.equal(ImageFolderDataset(folder, 16, hflip=False)[(2, 11)][0], plain[2])
 
-    def batches(workers: int) -> list[Batch]:
-        it = make_loader(ds, 4, rank=1, world_size=2, seed=3, num_workers=workers, return_keys=True)
+    def batches(workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        it = make_loader(ds, 4, rank=1, world_size=2, seed=3, num_workers=workers)
         return [next(it) for _ in range(3)]
 
     serial, parallel = batches(0), batches(2)
     for a, b in zip(serial, parallel):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
+    # The loader's items follow its sampler's (index, seed) keys in order.
+    keys = take(InfiniteSampler(len(ds), rank=1, world_size=2, seed=3), 12)
+    xs = torch.cat([x for x, _ in serial])  # (12, 3, 16, 16)
+    ys = torch.cat([y for _, y in serial])  # (12,)
     flips = 0
-    for b in serial:
-        for x, i, s in zip(b.x, b.index.tolist(), b.seed.tolist()):
-            flips += s & 1
-            assert torch.equal(x, plain[i].flip(-1) if s & 1 else plain[i])
+    for x, y, (i, s) in zip(xs, ys.tolist(), keys):
+        flips += s & 1
+        assert torch.equal(x, plain[i].flip(-1) if s & 1 else plain[i])
+        assert y == ds[i][1].item()
     assert 0 < flips < 12  # both branches exercised
 
 
@@ -343,8 +346,10 @@ def test_extract_resume_and_read_back(ten_images: Path, tiny_vae, tmp_path: Path
     with pytest.raises(DatasetError, match="index.json not found"):
         LatentDataset(out)
 
-    # An interrupted write of shard 1: a half temp file, which must be ignored and replaced.
+    # Interrupted writes of shards 1 and 2: half temp files (the older name, and fileio.atomic_path's
+    # for a killed process), which must be ignored and removed.
     (out / "shard_00001.safetensors.tmp").write_bytes(b"half a shard")
+    (out / ".shard_00002.safetensors.k1ll3d.tmp.safetensors").write_bytes(b"half a shard")
     stat0 = (out / "shard_00000.safetensors").stat()
     report = extract_latents(ten_images, out, vae_dir, **kw)
     assert (report.written, report.skipped, report.pending) == ([1, 2], [0], [])

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from shd_diffusion.fileio import atomic_path, atomic_write_text
+from shd_diffusion.fileio import atomic_dir, atomic_path, atomic_write_text, stale_temps
 
 
 def test_a_crash_mid_write_leaves_neither_target_nor_temp(tmp_path):
@@ -33,3 +33,38 @@ def test_success_replaces_the_target_with_a_normal_mode(tmp_path):
     atomic_write_text(final, "text")
     assert final.read_text() == "text"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "export"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary folder
+    final.mkdir()  # an empty target folder is replaced
+    with atomic_dir(final) as tmp:
+        assert tmp.parent == tmp_path and not final.joinpath("a.txt").exists()
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.txt").write_text("done")
+    assert (final / "sub" / "a.txt").read_text() == "done"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    with pytest.raises(OSError):  # a non-empty folder is never replaced
+        with atomic_dir(final) as tmp:
+            (tmp / "b.txt").write_text("new")
+    assert sorted(p.name for p in final.rglob("*")) == ["a.txt", "sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_stale_temps_finds_the_temp_of_a_killed_writer(tmp_path):
+    final = tmp_path / "shard_[1].npz"  # glob characters in the name are taken literally
+    (tmp_path / ".shard_[1].npz.old1.tmp").write_bytes(b"")  # the name before the suffix was kept
+    (tmp_path / ".other.npz.x.tmp.npz").write_bytes(b"")  # another file's temp
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"half")
+        # While the writer runs its temp is exactly what a killed writer would leave.
+        assert stale_temps(final) == sorted([tmp, tmp_path / ".shard_[1].npz.old1.tmp"])
+    assert stale_temps(final) == [tmp_path / ".shard_[1].npz.old1.tmp"]

@@ -22,7 +22,6 @@ from shd_diffusion.shd import (
     hard_selection,
     head_similarity,
     layer_mapping,
-    match_heads,
     progressive_groups,
     project_simplex,
     shd_loss,
@@ -385,6 +384,11 @@ def test_explicit_groups_used():
     torch.testing.assert_close(maps, apply_alphas(attn, alphas, groups))
 
 
+def match_heads(attn: torch.Tensor, num_student_heads: int, max_group_size: int | None = None) -> list[list[int]]:
+    """Head matching on one calibration batch: mean per-sample similarity, then clustering."""
+    return cluster_heads(head_similarity(attn) / attn.shape[0], num_student_heads, max_group_size)
+
+
 def test_match_heads_groups_identical_heads():
     attn, _, _ = make_teacher(10, b=3, h=6, n=8, sharp=3.0)
     attn[:, 3], attn[:, 5], attn[:, 4] = attn[:, 0], attn[:, 1], attn[:, 2]
@@ -400,7 +404,7 @@ def test_match_heads_groups_identical_heads():
 def test_matched_squeezer_uses_calibration_groups():
     attn, values, weight = make_teacher(12, b=2, h=4, n=8, sharp=3.0)
     attn[:, 2], attn[:, 3] = attn[:, 0], attn[:, 1]
-    sq = HeadSqueezer.matched(attn, 2)
+    sq = HeadSqueezer(4, 2, "lstsq", match_heads(attn, 2))
     assert sq.resolved == [[0, 2], [1, 3]] and sq.mode == "lstsq"
     _, alphas = sq(attn, values, weight)
     torch.testing.assert_close(alphas, torch.full((2, 4), 0.5, dtype=F64))
@@ -546,7 +550,7 @@ def test_shd_loss_zero_at_target_and_reductions():
     attn, values, weight = make_teacher(18, b=3, h=4, dtype=torch.float32)
     teacher = [squeeze_heads(attn, values, weight, 2)[0], squeeze_heads(attn.flip(1), values, weight, 2)[0]]
     for kind in ("kl", "mse"):
-        zero = shd_loss([t.clone() for t in teacher], teacher, kind=kind)
+        zero = shd_loss([t.clone() for t in teacher], teacher, beta=2.0, kind=kind)
         assert zero.shape == (3,)
         torch.testing.assert_close(zero, torch.zeros(3), atol=1e-6, rtol=0)
     g = torch.Generator().manual_seed(20)
@@ -567,7 +571,7 @@ def test_shd_loss_gradients_reach_student_only():
     values = torch.randn(2, 4, 5, 3, generator=g)
     weight = torch.randn(8, 12, generator=g)
     teacher, _ = squeeze_heads(t_logits.softmax(-1), values, weight, 2)
-    loss = shd_loss([student], [teacher]).sum()
+    loss = shd_loss([student], [teacher], beta=2.0).sum()
     loss.backward()
     assert q.grad is not None and q.grad.abs().sum() > 0 and torch.isfinite(q.grad).all()
     assert k.grad is not None and k.grad.abs().sum() > 0
@@ -600,7 +604,7 @@ def test_shd_through_real_models():
         assert targets[-1].shape == s_map.shape == (2, 2, 16, 16)
         torch.testing.assert_close(targets[-1].sum(-1), torch.ones(2, 2, 16), atol=1e-5, rtol=0)
 
-    loss = shd_loss(sstore.maps, targets)
+    loss = shd_loss(sstore.maps, targets, beta=2.0)
     assert loss.shape == (2,) and (loss > 0).all()
     loss.sum().backward()
     dim = 32
@@ -610,7 +614,7 @@ def test_shd_through_real_models():
         assert grad[:dim].abs().sum() > 0 and grad[dim : 2 * dim].abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
     # the squeezed targets in place of the student maps give zero loss
-    zero = shd_loss([tgt.clone() for tgt in targets], targets)
+    zero = shd_loss([tgt.clone() for tgt in targets], targets, beta=2.0)
     torch.testing.assert_close(zero, torch.zeros(2), atol=1e-6, rtol=0)
 
 
@@ -618,11 +622,11 @@ def test_shd_loss_errors():
     g = torch.Generator().manual_seed(21)
     a = torch.rand(1, 2, 3, 3, generator=g)
     with pytest.raises(ValueError, match="squeeze the teacher"):
-        shd_loss([a], [torch.rand(1, 4, 3, 3, generator=g)])
+        shd_loss([a], [torch.rand(1, 4, 3, 3, generator=g)], beta=2.0)
     with pytest.raises(ValueError, match="unknown SHD loss kind"):
-        shd_loss([a], [a], kind="js")
+        shd_loss([a], [a], beta=2.0, kind="js")
     with pytest.raises(ValueError, match="same non-zero number"):
-        shd_loss([a], [])
+        shd_loss([a], [], beta=2.0)
 
 
 def test_head_similarity_brute_force_and_chunked_matching():

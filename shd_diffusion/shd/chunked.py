@@ -13,18 +13,14 @@
 3. **The backward** is a custom :class:`torch.autograd.Function` that saves only q, k, biases and
    the mixing weights and, block by block, recomputes both maps and applies the softmax Jacobian
    by hand (:func:`_block_grad_logits`). When all N rows fit one block (the automatic size at
-   N = 256), the block's target and student log-probabilities are kept for the backward instead,
-   and the teacher's logits serve alpha and the target at once (:func:`_one_block`).
+   N = 256 for 16 -> 6 heads up to batch 12), the block's target and student log-probabilities
+   are kept for the backward instead, and the teacher's logits serve alpha and the target at once
+   (:func:`_one_block`).
 
 Why a custom Function rather than ``torch.utils.checkpoint`` around each block
-(``_checkpointed_map_loss``, ``benchmarks/bench_squeeze.py``; 16 -> 6 heads, d = 64, batch 1,
-64-row blocks, a shared 2-core CPU; README, "Measured results"): the peak is the same (16.8 MiB at
-N = 1024, 64.8 MiB at N = 4096), the Function was faster in three of the
-four timed comparisons (N = 256: 0.84 s vs 0.94 s; N = 1024: 2.8 s vs 6.2 s; N = 4096: 23.2 s vs
-25.8 s; one unwarmed N = 4096 run the other way, 52.7 s vs 40.5 s), and it keeps a single block
-for its backward without an autograd graph (checkpointing recomputes it), which makes the
-N = 256 term faster than whole maps (1.06 s vs 1.34 s at the automatic block size;
-checkpointing 1.16 s).
+(``_checkpointed_map_loss``, kept for ``benchmarks/bench_squeeze.py``): the peak memory is the
+same, the Function was faster in four of the five timed CPU comparisons, and it keeps a single
+block for its backward without an autograd graph (README, "Measured results").
 
 Cost against whole maps: with several blocks the teacher's block logits are computed three times
 (alpha, loss, backward) and the student's twice; memory per layer is O(B H c N) for the blocks
@@ -50,8 +46,8 @@ __all__ = ["shd_term", "head_similarity_qk", "auto_chunk_size", "DEFAULT_BLOCK_B
 # Memory budget of one block's float32 temporaries when chunk_size is None (see auto_chunk_size).
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 # (B, H_t, c, N)-sized and (B, H_s, c, N)-sized float32 temporaries alive at once in a block:
-# teacher logits + probabilities (+ squeezed-group maps and differences), student logits,
-# log-probabilities, probabilities, the gradient weights and the logit gradient.
+# teacher logits + probabilities (+ squeezed-group maps and differences); the squeezed target,
+# student logits, log-probabilities, probabilities, the gradient weights and the logit gradient.
 _TEACHER_COPIES, _STUDENT_COPIES = 3, 6
 
 

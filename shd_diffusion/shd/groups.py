@@ -23,7 +23,6 @@ __all__ = [
     "resolve_groups",
     "head_similarity",
     "cluster_heads",
-    "match_heads",
     "layer_mapping",
     "validate_pair",
 ]
@@ -216,8 +215,11 @@ def resolve_groups(
 def head_similarity(attn: Tensor) -> Tensor:
     """Sum over samples of the cosine similarity between every two heads' flattened maps.
 
-    Summed (not averaged) so calibration can run in chunks: add the chunks' results and divide
-    by the sample count. Computed in float32 with autocast off.
+    The similarity of head matching (paper Tab. 5): per sample rather than of batch-mean maps,
+    because alpha is per sample (two heads that agree on every sample squeeze with no loss; mean
+    maps can agree by accident). Summed, not averaged, so calibration can run in chunks: add the
+    chunks' results, divide by the sample count, and pass that to :func:`cluster_heads`.
+    Computed in float32 with autocast off.
 
     Args:
         attn: (B, H, N, M) attention probabilities.
@@ -272,35 +274,6 @@ def cluster_heads(similarity: Tensor, num_student_heads: int, max_group_size: in
         clusters[a] = sorted(clusters[a] + clusters[b])
         del clusters[b]
     return sorted(clusters, key=lambda c: c[0])
-
-
-def match_heads(
-    attn_calib: Tensor, num_student_heads: int, max_group_size: int | None = None
-) -> list[list[int]]:
-    """Group similar teacher heads ("head matching", paper Tab. 5), once on a calibration batch.
-
-    Similarity of heads a, b is the cosine similarity of their flattened maps, averaged over the
-    calibration samples (per-sample rather than of batch-mean maps, because alpha is per sample:
-    two heads that agree on every sample squeeze with no loss, mean maps can agree by accident).
-    Groups come from :func:`cluster_heads` (greedy average linkage). For a calibration set too
-    large for one batch, sum :func:`head_similarity` over chunks and call :func:`cluster_heads`.
-
-    Args:
-        attn_calib: (B, H_t, N, M) teacher probabilities on a calibration batch.
-        num_student_heads: H_s.
-        max_group_size: optional cap on a group's size; merges beyond it are skipped.
-
-    Returns:
-        H_s groups, each sorted, ordered by their smallest head.
-
-    Raises:
-        ValueError: if ``max_group_size`` makes H_s groups unreachable by greedy merging.
-    """
-    if attn_calib.ndim != 4:
-        raise ValueError(f"attn_calib must be (B, H, N, M), got shape {tuple(attn_calib.shape)}")
-    _check_head_counts(attn_calib.shape[1], num_student_heads)
-    return cluster_heads(head_similarity(attn_calib) / attn_calib.shape[0], num_student_heads, max_group_size)
-
 
 
 # --------------------------------------------------------------------------------------------

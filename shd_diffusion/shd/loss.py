@@ -16,7 +16,8 @@ LossReduction = Literal["sum", "mean"]
 def shd_loss(
     student_maps: Sequence[Tensor],
     teacher_maps: Sequence[Tensor],
-    beta: float = 2.0,
+    *,
+    beta: float,
     kind: LossKind = "kl",
     reduction: LossReduction = "sum",
     eps: float = 1e-10,
@@ -32,10 +33,15 @@ def shd_loss(
     divides that sum by the number of layer-heads sum_l H_s. The result is multiplied by beta.
     Teacher maps are detached; computation is in float32 (float64 for float64 students).
 
+    The whole-map path (tests and benchmarks); training computes the same term blockwise
+    with :func:`~.chunked.shd_term` and weights it by ``distill.shd_beta`` in the objective. So
+    ``beta`` has no default: a caller says which weight it means (1.0 for the bare term).
+
     Args:
         student_maps: per layer (B, H_s, N, M) student probabilities (with graph).
         teacher_maps: per layer (B, H_s, N, M) squeezed teacher probabilities.
-        beta: loss weight. kind: "kl" or "mse". reduction: "sum" or "mean". eps: log clamp.
+        beta: loss weight (keyword only; the paper uses 2.0 for image generation).
+        kind: "kl" or "mse". reduction: "sum" or "mean". eps: log clamp.
 
     Returns:
         (B,) per-sample loss; the training loop reduces over the batch.

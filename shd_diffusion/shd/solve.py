@@ -14,7 +14,7 @@ Head-dim space. With V_G = [V_j]_{j in G} (M x kd) and W_G = [W_j]_{j in G} (D x
 a (kd x kd) Gram of the out-projection columns replaces the N x D products, and ``U_i`` is an
 ordinary attention product. Only differences of the U_i enter (below), so the products are taken
 of map differences, ``E_i = (A_i - A_0) V_G``: k - 1 attention-sized products (N x M x kd) per
-group plus O(N (kd)^2), with rounding relative to how much the heads differ (TF32 matmuls stay
+group plus O(k N (kd)^2) for the Gram, with rounding relative to how much the heads differ (TF32 matmuls stay
 accurate). Z itself only sets the ridge's scale; the teacher's attention already computed it
 (``head_outputs``), otherwise it costs k products of width d.
 
@@ -29,10 +29,10 @@ system) is ``delta = -(Mc + ridge I + 1 1^T)^{-1} h``: the rank-one term fixes t
 constraint removes and leaves delta in the sum-zero subspace. Centring on the uniform alpha means the
 ridge pulls towards equal weights, which is the natural answer when heads are indistinguishable
 (identical heads: Mc = 0, h = 0, alpha = 1/k exactly). The ridge is relative to the problem scale
-``||T||^2``, the energy of the group's true output (1e-6 in float32, 1e-12 in float64), i.e. at the
-float32 noise floor. It
-must be at least the machine epsilon of the solve dtype: below that ``1 + ridge == 1`` and the
-system is singular for indistinguishable heads (which the error-free solve would turn into NaN).
+``||T||^2``, the energy of the group's true output: 1e-6 in float32 (about 8 eps, its noise
+floor), 1e-12 in float64. It must be at least the machine epsilon of the solve dtype: below that
+``1 + ridge == 1`` and the system is singular for indistinguishable heads (which the error-free
+solve would turn into NaN).
 
 The simplex. The squeezed map is a KL target, so it must stay a distribution. When the
 unconstrained optimum has a negative weight, alpha is replaced by the *exact* minimiser of eq. (6)
@@ -42,7 +42,7 @@ the relative interior of one face, where it is that face's equality-constrained 
 the feasible face minimisers the one with the smallest f wins. A face minimiser counts as feasible
 when every weight is >= -64 eps max_i |alpha_i| (eps of the solve dtype: 7.6e-6 relative in
 float32, 1.4e-14 in float64), a tolerance relative to alpha's own scale for the solve's rounding.
-Groups of more than ``_MAX_ENUM_K`` heads (2^k faces) fall back to accelerated projected gradient.
+Groups of more than ``_MAX_ENUM_K`` heads (2^k - 1 faces) fall back to accelerated projected gradient.
 
 Batching. All groups of one size are solved together (12 -> 6: one solve; 16 -> 6: one for the
 size-3 and one for the size-2 groups), and nothing waits on the device: groups of up to
@@ -230,7 +230,6 @@ def _solve_alphas(mc: Tensor, h: Tensor, scale: Tensor, ridge: float, project: b
         alpha = alpha.clone()
         alpha[bad] = _renormalise(fixed)
     return alpha
-
 
 
 def _check_ridge(ridge: float | None, dtype: torch.dtype) -> float:

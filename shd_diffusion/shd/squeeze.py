@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .groups import SqueezeMode, match_heads, resolve_groups, validate_groups
+from .groups import SqueezeMode, resolve_groups, validate_groups
 from .solve import _check_ridge, _group_terms, _solve_alphas
 
 __all__ = ["squeeze_heads", "apply_alphas", "squeeze_objective", "HeadSqueezer", "squeeze_layers"]
@@ -61,7 +61,6 @@ def _put_heads(x: Tensor, heads: Sequence[int], src: Tensor | float) -> None:
             x.narrow(1, first, length).copy_(src.narrow(1, pos, length))
         else:
             x.narrow(1, first, length).fill_(src)
-
 
 
 def _owner_mask(sizes: Sequence[int], head_dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -252,8 +251,6 @@ def _check_squeeze_inputs(attn: Tensor, values: Tensor, out_proj_weight: Tensor)
         )
 
 
-
-
 def squeeze_heads(
     attn: Tensor,
     values: Tensor,
@@ -275,7 +272,7 @@ def squeeze_heads(
         out_proj_weight: (D, H_t*d) out-projection weight in ``nn.Linear.weight`` layout.
         num_heads: H_s, the student's head count.
         groups: explicit teacher-head groups (one per student head) for "lstsq"/"constant";
-            default :func:`default_groups`; pass :func:`match_heads` output for head matching.
+            default :func:`default_groups`; pass :func:`~.groups.cluster_heads` output for head matching.
         mode: "lstsq" (exact eq. 6 per group, default), "constant" (alpha = 1/k), "hard" (one
             seeded random teacher head per student head), "progressive" (pairwise merging).
         generator_seed: seed of the "hard" selection.
@@ -375,8 +372,9 @@ def squeeze_objective(
     return torch.stack(out, dim=1)  # (B, H_s)
 
 
-
-# Per-layer convenience for the training loop
+# --------------------------------------------------------------------------------------------
+# Per layer: the squeeze settings of one layer pair (the training loop keeps one per pair) and
+# whole-map squeezing of a list of layers
 # --------------------------------------------------------------------------------------------
 
 
@@ -386,7 +384,7 @@ class HeadSqueezer:
 
     Attributes:
         teacher_heads: H_t. student_heads: H_s. mode: see :func:`squeeze_heads`.
-        groups: explicit groups (e.g. from :func:`match_heads`); None = the mode's default.
+        groups: explicit groups (e.g. head matching's :func:`~.groups.cluster_heads`); None = the mode's default.
         seed: seed of the "hard" selection.
     """
 
@@ -399,12 +397,6 @@ class HeadSqueezer:
 
     def __post_init__(self) -> None:
         self.resolved = resolve_groups(self.teacher_heads, self.student_heads, self.mode, self.groups, self.seed)
-
-    @classmethod
-    def matched(cls, attn_calib: Tensor, student_heads: int, max_group_size: int | None = None) -> "HeadSqueezer":
-        """An "lstsq" squeezer whose groups come from :func:`match_heads` on a calibration batch."""
-        groups = match_heads(attn_calib, student_heads, max_group_size)
-        return cls(attn_calib.shape[1], student_heads, "lstsq", groups)
 
     def __call__(
         self,
