@@ -7,9 +7,9 @@ What is measured here (CPU, the study's real model shapes from configs/demo_stud
 ``--batch``): per training step of the teacher and of each student mode, the FLOPs
 (``torch.utils.flop_counter``: matmuls, convolutions, attention) and the number of aten operator
 calls (a dispatch-mode counter: about one GPU kernel launch each), scaled linearly to the config's
-global batch (256 in the study; FLOPs) or kept per step (launches); the CPU wall time of that toy-batch step; per
-sampling step of one image with CFG (2 model rows) the same counts; and the FLOPs of one
-Inception forward at 299 x 299.
+global batch (256 in the study; FLOPs) or kept per step (launches); the CPU wall time of that
+toy-batch step; per sampling step of one image with CFG (2 model rows) the same counts; and the
+FLOPs of one Inception forward at 299 x 299.
 
 What is assumed (not measured: no GPU was lent): a stage's time is the larger of FLOPs /
 ``--tflops`` (sustained bf16 TFLOP/s; default 150, ~19% of the H200's ~790 dense peak, for
@@ -161,8 +161,8 @@ def estimate(args: argparse.Namespace) -> dict:
                  n_images * f_inc / (args.inception_tflops * 1e12)))
     rows.insert(0, ("set-up", "wheel install, imports, data (flat)", float(args.setup_s)))
     return {"size": s.size,
-            "assumptions": {"tflops": args.tflops, "launch_us": args.launch_us, "inception_tflops": args.inception_tflops,
-                            "setup_s": args.setup_s},
+            "assumptions": {"tflops": args.tflops, "launch_us": args.launch_us,
+                            "inception_tflops": args.inception_tflops, "setup_s": args.setup_s},
             "counts": counts, "stages": [{"stage": a, "work": b, "expected_s": c} for a, b, c in rows],
             "total_s": sum(r[2] for r in rows)}
 
@@ -204,9 +204,11 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=list(demo.SIZES), default="study", help="demo size to count (default study)")
-    p.add_argument("--batch", type=int, default=2, help="images per counted CPU step (FLOPs are scaled to the config's batch)")
+    p.add_argument("--batch", type=int, default=2, 
+                   help="images per counted CPU step (FLOPs are scaled to the config's batch)")
     p.add_argument("--tflops", type=float, default=150.0, help="assumed sustained bf16 TFLOP/s (default 150)")
-    p.add_argument("--launch-us", type=float, default=8.0, help="assumed microseconds per aten call, one kernel launch (default 8)")
+    p.add_argument("--launch-us", type=float, default=8.0, 
+                   help="assumed microseconds per aten call, one kernel launch (default 8)")
     p.add_argument("--inception-tflops", type=float, default=100.0, help="assumed TF32 TFLOP/s of the Inception")
     p.add_argument("--setup-s", type=float, default=40.0, help="flat set-up seconds (default 40)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the counted steps (default 1)")
