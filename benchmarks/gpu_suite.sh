@@ -70,15 +70,18 @@ part() {
 
 # The SHD implementations the step / squeeze benchmarks offer (issue 9 adds a chunked one and
 # reshapes bench_squeeze.py's options): read from --help so the suite runs before and after.
-# choices SCRIPT -> its --impl choices, one per line (none when it has no --impl).
+# Each script's --help is read once (a start-up imports torch and the package: seconds each).
+HELP_STEP="$("$PY" benchmarks/bench_train_step.py --help 2>/dev/null)"
+HELP_SQ="$("$PY" benchmarks/bench_squeeze.py --help 2>/dev/null)"
+# choices HELP_TEXT -> the --impl choices it lists, one per line (none when it has no --impl).
 choices() {
-  "$PY" "$1" --help 2>/dev/null | tr '\n' ' ' | grep -o -- '--impl {[^}]*}' | head -1 \
+  printf '%s\n' "$1" | tr '\n' ' ' | grep -o -- '--impl {[^}]*}' | head -1 \
     | sed 's/--impl {//; s/}//' | tr ',' '\n'
 }
 # bench_squeeze.py before issue 9: 12 layers per run (--layers) and head_space / naive; after it:
 # one layer pair per run and dense / chunked / ...; the naive N x D baseline is left out (slow).
-if "$PY" benchmarks/bench_squeeze.py --help 2>/dev/null | grep -q -- '--layers'; then SQ_LAYERS=1; else SQ_LAYERS=0; fi
-SQ_IMPLS=($(choices benchmarks/bench_squeeze.py | grep -v naive))
+if grep -q -- '--layers' <<<"$HELP_SQ"; then SQ_LAYERS=1; else SQ_LAYERS=0; fi
+SQ_IMPLS=($(choices "$HELP_SQ" | grep -v naive))
 
 if [ $SMOKE = 1 ]; then
   RUN=("$PY" benchmarks/smoke_models.py)  # the model benchmarks, with toy-size registry models
@@ -113,12 +116,12 @@ fi
 # After issue 9, bench_train_step.py's kd_shd is the chunked q/k path and kd_shd_maps the whole-map
 # (dense) path; before it kd_shd is the dense path. Both run in the same process when offered.
 MODES=none,kd,kd_shd
-"$PY" benchmarks/bench_train_step.py --help 2>/dev/null | grep -q kd_shd_maps && MODES="$MODES,kd_shd_maps"
+grep -q kd_shd_maps <<<"$HELP_STEP" && MODES="$MODES,kd_shd_maps"
 train_step() {  # train_step NAME STUDENT TEACHER MAX_S: every mode, then every chunked --impl offered
   local name="$1" student="$2" teacher="$3" max="$4" impl
   part "${name}_dense" "$max" "${RUN[@]}" benchmarks/bench_train_step.py --student "$student" --teacher "$teacher" \
     --modes "$MODES" "${STEP[@]}" --json "$RAW/${name}_dense.json"
-  for impl in $(choices benchmarks/bench_train_step.py | grep -i chunk); do
+  for impl in $(choices "$HELP_STEP" | grep -i chunk); do
     part "${name}_${impl}" "$max" "${RUN[@]}" benchmarks/bench_train_step.py --student "$student" --teacher "$teacher" \
       --modes kd,kd_shd --impl "$impl" "${STEP[@]}" --json "$RAW/${name}_${impl}.json"
   done
