@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
-import json
 import math
 import os
 import random
@@ -51,7 +49,6 @@ __all__ = [
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
-    "config_fingerprint",
     "check_resume_compatible",
     "PreemptionHandler",
 ]
@@ -458,21 +455,6 @@ def _plain(obj: Any, path: str = "config") -> Any:
     raise TypeError(
         f"{path}: {type(obj).__name__} is not a plain config value (dict/list/str/number/bool/None)"
     )
-
-
-def config_fingerprint(shape_config: Mapping[str, Any] | Any) -> str:
-    """A short stable hash of the config fields that fix tensor shapes / the block split.
-
-    Tuples and lists hash alike (YAML gives lists, dataclasses tuples); key order is irrelevant.
-
-    Args:
-        shape_config: Mapping (or dataclass) of the shape-defining fields.
-
-    Returns:
-        16 hex characters of the SHA-256 of the canonical JSON (suitable for a run-dir suffix).
-    """
-    canonical = json.dumps(_plain(shape_config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _lookup(config: Any, dotted: str) -> Any:
