@@ -477,19 +477,19 @@ def _show(value: Any) -> str:
 
 
 def check_resume_compatible(saved: Mapping[str, Any] | Any, current: Mapping[str, Any] | Any,
-                            shape_fields: Iterable[str]) -> None:
-    """Refuse to resume when a shape-defining config field changed.
+                            fixed_fields: Iterable[str]) -> None:
+    """Refuse to resume when a config field the checkpoint depends on (a shape, the data stream...) changed.
 
     Args:
         saved: The config stored in the checkpoint (nested dict, or dataclass).
         current: The config of this run.
-        shape_fields: Dotted names, e.g. ``["model.hidden_size", "model.decode_layer"]``. A field
+        fixed_fields: Dotted names, e.g. ``["model.hidden_size", "model.decode_layer"]``. A field
             present on one side only counts as changed.
 
     Raises:
         ValueError: naming the first changed field, its old and new value, and the fix.
     """
-    for field in shape_fields:
+    for field in fixed_fields:
         old, new = _lookup(saved, field), _lookup(current, field)
         if old != new:  # _plain already turned tuples into lists, so (2, 2) == [2, 2]
             raise ValueError(
