@@ -11,11 +11,11 @@ Files, one room each:
   cli       -- the ``shd-train`` command line (``scripts/train_mdt_shd.py``)
 """
 
+from ..objective import StepTerms
 from .health import NonFiniteLossError, RunHealth
 from .run import check_launch, make_accelerator, run_dir_for, train, worker_message, write_run_files
 from .streams import sample_generators, step_mask_ratio_draw
 from .trainer import StepOutcome, Trainer, build_model, load_model_weights
-from ..objective import StepTerms
 
 __all__ = [
     "Trainer",
