@@ -624,3 +624,16 @@ def test_train_compile_compiles_the_student_in_place(tmp_path, monkeypatch):
     # In place: the checkpoint keeps the plain parameter names (no "_orig_mod." prefix).
     state = torch.load(run_dir / "checkpoints" / "step_00000002.pt", weights_only=True)
     assert all(not k.startswith("_orig_mod") for k in state["model"])
+
+
+def test_grid_decoder_states(tmp_path, capsys):
+    from shd_diffusion.training.previews import GridDecoder
+
+    x = torch.randn(2, 1, 8, 8)
+    pixels = GridDecoder("animal_mnist", "unused", 1, torch.device("cpu"), None)
+    assert pixels.ready() and pixels.to_pixels(x) is x  # pixel data: nothing to decode
+    (tmp_path / "not_a_vae").mkdir()  # a local folder without an AutoencoderKL config
+    latents = GridDecoder("latents", str(tmp_path / "not_a_vae"), 4, torch.device("cpu"), None)
+    assert not latents.ready() and not latents.ready()  # off, and not retried
+    out = capsys.readouterr().out
+    assert out.count("sample grids are off: cannot load data.vae=") == 1, out
