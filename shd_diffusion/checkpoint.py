@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
-import json
 import math
 import os
 import random
@@ -51,7 +49,6 @@ __all__ = [
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
-    "config_fingerprint",
     "check_resume_compatible",
     "PreemptionHandler",
 ]
@@ -460,21 +457,6 @@ def _plain(obj: Any, path: str = "config") -> Any:
     )
 
 
-def config_fingerprint(shape_config: Mapping[str, Any] | Any) -> str:
-    """A short stable hash of the config fields that fix tensor shapes / the block split.
-
-    Tuples and lists hash alike (YAML gives lists, dataclasses tuples); key order is irrelevant.
-
-    Args:
-        shape_config: Mapping (or dataclass) of the shape-defining fields.
-
-    Returns:
-        16 hex characters of the SHA-256 of the canonical JSON (suitable for a run-dir suffix).
-    """
-    canonical = json.dumps(_plain(shape_config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 def _lookup(config: Any, dotted: str) -> Any:
     """Value at a dotted path through dicts / dataclasses (plain form), or _MISSING."""
     node = config
@@ -495,19 +477,19 @@ def _show(value: Any) -> str:
 
 
 def check_resume_compatible(saved: Mapping[str, Any] | Any, current: Mapping[str, Any] | Any,
-                            shape_fields: Iterable[str]) -> None:
-    """Refuse to resume when a shape-defining config field changed.
+                            fixed_fields: Iterable[str]) -> None:
+    """Refuse to resume when a config field the checkpoint depends on (a shape, the data stream...) changed.
 
     Args:
         saved: The config stored in the checkpoint (nested dict, or dataclass).
         current: The config of this run.
-        shape_fields: Dotted names, e.g. ``["model.hidden_size", "model.decode_layer"]``. A field
+        fixed_fields: Dotted names, e.g. ``["model.hidden_size", "model.decode_layer"]``. A field
             present on one side only counts as changed.
 
     Raises:
         ValueError: naming the first changed field, its old and new value, and the fix.
     """
-    for field in shape_fields:
+    for field in fixed_fields:
         old, new = _lookup(saved, field), _lookup(current, field)
         if old != new:  # _plain already turned tuples into lists, so (2, 2) == [2, 2]
             raise ValueError(

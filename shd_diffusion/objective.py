@@ -1,6 +1,6 @@
 """The distillation objective: the per-sample loss terms of one micro-batch (EDM ``loss.py`` style).
 
-:class:`DistillationObjective` takes the trained modules (:class:`StudentSide`), the frozen teacher
+:class:`DistillationObjective` takes the trained modules (:class:`TrainedModules`), the frozen teacher
 and a batch, and returns named per-sample terms -- student diffusion loss (MDTv2: unmasked and
 masked pass), output KD, SHD, feature distillation -- plus their weighted sum. The weights
 (``distill.kd_weight`` = lambda_kd, ``distill.shd_beta`` = beta, ``distill.feature_weight``) are
@@ -27,7 +27,7 @@ from .diffusion import GaussianDiffusion
 from .distill import FeatureProjectors, capture_block_outputs, feature_loss, kd_loss, self_correlation_loss
 from .train_config import DistillConfig
 
-__all__ = ["StepTerms", "StudentSide", "DistillationObjective", "weighted_total", "per_sample", "noised"]
+__all__ = ["StepTerms", "TrainedModules", "DistillationObjective", "weighted_total", "per_sample", "noised"]
 
 # A capture: model -> context manager yielding the store its forward fills.
 Capture = Callable[[nn.Module], ContextManager[AttentionStore]]
@@ -72,11 +72,12 @@ def noised(diffusion: GaussianDiffusion, x0: torch.Tensor, gens: list[torch.Gene
     return t, noise, diffusion.q_sample(x0, t, noise)
 
 
-class StudentSide(nn.Module):
-    """Everything that trains (student + optional feature projectors); DDP wraps this module.
+class TrainedModules(nn.Module):
+    """Everything that trains: the student plus the optional feature projectors.
 
-    Its forward runs one student pass and returns the output plus what the distillation terms
-    need (the SHD capture's store, block features), so DDP sees one forward per pass.
+    The one module the optimizer steps and DDP wraps. Its forward runs one student pass and
+    returns the output plus what the distillation terms need (the SHD capture's store, block
+    features), so DDP sees one forward per pass.
     """
 
     def __init__(self, student: nn.Module, projectors: FeatureProjectors | None = None) -> None:
@@ -150,12 +151,12 @@ class DistillationObjective:
         assert total is not None
         return (total / heads if dc.reduction == "mean" else total), alphas
 
-    def __call__(self, side: nn.Module, x0: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator],
-                 mask_jitter: float, squeezers: Sequence[shd_math.HeadSqueezer]) -> StepTerms:
+    def __call__(self, trained: nn.Module, x0: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator],
+                 mask_ratio_draw: float, squeezers: Sequence[shd_math.HeadSqueezer]) -> StepTerms:
         """Terms for clean inputs ``x0`` (B, C, H, W) and labels ``y`` (B,).
 
         ``gens``: one generator per sample (timestep, noise, label drop, MDT keep set);
-        ``mask_jitter``: this step's MDT mask-ratio draw; ``squeezers``: one per layer pair.
+        ``mask_ratio_draw``: this step's MDT mask-ratio draw; ``squeezers``: one per layer pair.
         """
         dc, diff, dev = self.cfg, self.diffusion, x0.device
         t, noise, x_t = noised(diff, x0, gens)
@@ -163,7 +164,7 @@ class DistillationObjective:
         drop = (per_sample(gens, lambda g: torch.rand((), generator=g, device=dev)) < self.drop_prob).long()
         weight = diff.min_snr_weight(t) if self.min_snr else None
         s_layers = [j for j, _ in self.layer_pairs]
-        out, s_store, s_feats = side(x_t, t, y, capture=self.student_capture if self.shd_on else None,
+        out, s_store, s_feats = trained(x_t, t, y, capture=self.student_capture if self.shd_on else None,
                                      feature_layers=s_layers if self.feat_on else None, force_drop_ids=drop)
         terms = {"diffusion": diff.training_losses(out.float(), x0, x_t, t, noise, mse_weight=weight)["loss"]}
         if self.is_mdt:
@@ -171,8 +172,8 @@ class DistillationObjective:
             noise_m = per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=dev)).to(x0.dtype)
             x_tm = diff.q_sample(x0, t, noise_m)
             mask_noise = per_sample(gens, lambda g: torch.rand(self.num_tokens, generator=g, device=dev))  # (B, N)
-            out_m, _, _ = side(x_tm, t, y, enable_mask=True, force_drop_ids=drop, mask_jitter=mask_jitter,
-                               mask_noise=mask_noise)
+            out_m, _, _ = trained(x_tm, t, y, enable_mask=True, force_drop_ids=drop,
+                                  mask_ratio_draw=mask_ratio_draw, mask_noise=mask_noise)
             terms["diffusion_masked"] = diff.training_losses(out_m.float(), x0, x_tm, t, noise_m,
                                                              mse_weight=weight)["loss"]
         alphas: list[torch.Tensor] = []
@@ -183,7 +184,7 @@ class DistillationObjective:
             if self.shd_on:
                 terms["shd"], alphas = self.shd_terms(s_store, t_store, squeezers)
             if self.feat_on:
-                terms["feature"] = self._feature(side, s_feats, t_feats)
+                terms["feature"] = self._feature(trained, s_feats, t_feats)
         return StepTerms(terms=terms, total=weighted_total(terms, dc), alphas=alphas)
 
     @torch.no_grad()
@@ -197,13 +198,13 @@ class DistillationObjective:
             out = self.teacher(x_t, t, y, force_drop_ids=drop)
         return out, store, dict(zip(t_layers, feats))
 
-    def _feature(self, side: nn.Module, s_feats: list[torch.Tensor], t_feats: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _feature(self, trained: nn.Module, s_feats: list[torch.Tensor], t_feats: dict[int, torch.Tensor]) -> torch.Tensor:
         t_sel = [t_feats[i] for _, i in self.layer_pairs]
         if self.cfg.feature_kind == "projector":
-            return feature_loss(s_feats, t_sel, _unwrap(side).projectors)
+            return feature_loss(s_feats, t_sel, _unwrap(trained).projectors)
         return self_correlation_loss(s_feats, t_sel)
 
 
-def _unwrap(side: nn.Module) -> nn.Module:
-    """The :class:`StudentSide` inside a DDP (or compiled) wrapper."""
-    return getattr(side, "module", side)
+def _unwrap(trained: nn.Module) -> nn.Module:
+    """The :class:`TrainedModules` inside a DDP (or compiled) wrapper."""
+    return getattr(trained, "module", trained)

@@ -190,31 +190,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> 
     return LambdaLR(optimizer, warmup_lr_lambda(warmup_steps))
 
 
+def _checked_decay(decay: float) -> float:
+    """``decay`` itself, or ValueError when it is outside [0, 1]."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+    return decay
+
+
 class EMA:
     """Exponential moving average of a model's weights, kept in float32.
 
     The shadow is keyed by the model's own ``state_dict`` names, so :meth:`state_dict` loads into
     the model with ``strict=True`` (what sampling does, and what upstream releases). Parameters
     are averaged; buffers (persistent ones, as in ``state_dict``) are copied. There is no hidden
-    counter: with ``warmup=True`` the caller passes the training step, so the state dict alone
-    resumes the EMA exactly.
+    counter, so the state dict alone resumes the EMA exactly.
 
     Build it from the unwrapped model (``accelerator.unwrap_model``) so names carry no
     ``module.`` / ``_orig_mod.`` prefix.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = False) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
         """Copy the model's current weights into the shadow.
 
         Args:
             model: The (unwrapped) student.
             decay: Default decay per :meth:`update`; upstream DiT/MDT use 0.9999.
-            warmup: Use ``min(decay, (1 + step) / (10 + step))`` (off upstream).
         """
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        self.decay = decay
-        self.warmup = warmup
+        self.decay = _checked_decay(decay)
         param_ids = {id(p) for p in model.parameters()}
         self.shadow: dict[str, torch.Tensor] = {}
         self._param_names: list[str] = []
@@ -251,38 +253,18 @@ class EMA:
                 "model the EMA was built from (no DDP 'module.' or torch.compile '_orig_mod.' prefix)"
             ) from None
 
-    def decay_at(self, step: int | None, decay: float | None = None) -> float:
-        """The decay an :meth:`update` at ``step`` uses.
-
-        Args:
-            step: Training step (0-based); required when ``warmup`` is on.
-            decay: Override of the default decay.
-
-        Returns:
-            The effective decay.
-        """
-        d = self.decay if decay is None else decay
-        if self.warmup:
-            if step is None:
-                raise ValueError("EMA warmup needs the training step: call ema.update(model, step=step)")
-            d = min(d, (1 + step) / (10 + step))
-        if not 0.0 <= d <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1], got {d}")
-        return d
-
     @torch.no_grad()
-    def update(self, model: nn.Module, decay: float | None = None, step: int | None = None) -> float:
+    def update(self, model: nn.Module, decay: float | None = None) -> float:
         """``shadow = decay * shadow + (1 - decay) * param`` for all parameters; copy buffers.
 
         Args:
             model: The model just stepped (same names as at construction).
             decay: Override of the default decay for this call.
-            step: Training step, needed only with ``warmup=True``.
 
         Returns:
             The decay used.
         """
-        d = self.decay_at(step, decay)
+        d = self.decay if decay is None else _checked_decay(decay)
         params, buffers = self._model_tensors(model)
         shadow_params = [self.shadow[n] for n in self._param_names]
         if shadow_params:

@@ -1,8 +1,9 @@
 """The experiment schema of ``scripts/train_mdt_shd.py``: one dataclass per config section.
 
 Every field has a default and a comment; YAML files under ``configs/`` set what differs. Fields
-marked *shape* define tensor shapes or the meaning of the weights: a resumed run refuses to
-start when one of them changed (see :data:`SHAPE_FIELDS`).
+marked *shape* define tensor shapes; they and the other fields a checkpoint depends on (head
+groups, data stream, optimizer) are listed in :data:`RESUME_FIXED_FIELDS`: a resumed run refuses
+to start when one of them changed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "ExperimentConfig",
-    "SHAPE_FIELDS",
+    "RESUME_FIXED_FIELDS",
     "MODES",
 ]
 
@@ -224,7 +225,7 @@ class ExperimentConfig:
 # requeue onto other GPUs; step s always consumes stream positions [s G, (s + 1) G)) may change.
 _MODEL_SHAPE = ("name", "input_size", "patch_size", "in_channels", "num_classes", "hidden_size", "depth",
                 "num_heads", "decode_layer", "learn_sigma")
-SHAPE_FIELDS: list[str] = [
+RESUME_FIXED_FIELDS: list[str] = [
     *(f"student.{k}" for k in _MODEL_SHAPE),
     *(f"teacher.model.{k}" for k in _MODEL_SHAPE),
     "distill.mode", "distill.squeeze", "distill.groups", "distill.seed", "distill.layer_map",

@@ -21,7 +21,6 @@ from shd_diffusion.checkpoint import (
     PreemptionHandler,
     capture_rng_state,
     check_resume_compatible,
-    config_fingerprint,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -186,16 +185,11 @@ def test_check_resume_compatible_names_the_field():
         check_resume_compatible(saved, {"model": {"depth": 12}}, ["model.depth"])
 
 
-def test_config_fingerprint_is_stable_and_sensitive():
-    a = config_fingerprint({"hidden_size": 384, "patch_size": (2, 2)})
-    assert a == config_fingerprint({"patch_size": [2, 2], "hidden_size": 384})
-    # Dataclasses hash like the equivalent dict.
-    assert config_fingerprint(_ModelCfg()) == config_fingerprint(
-        {"hidden_size": 384, "patch_size": [2, 2], "decode_layer": 6})
-    assert a != config_fingerprint({"hidden_size": 256, "patch_size": (2, 2)})
-    assert len(a) == 16 and int(a, 16) >= 0
-    with pytest.raises(TypeError, match=r"config.path: PosixPath|config.path: WindowsPath"):
-        config_fingerprint({"path": Path("x")})
+def test_resume_check_compares_plain_values():
+    # Tuples and lists compare alike (YAML gives lists, dataclasses tuples); dataclasses like dicts.
+    check_resume_compatible({"model": {"patch_size": [2, 2]}}, {"model": _ModelCfg()}, ["model.patch_size"])
+    with pytest.raises(TypeError, match=r"model.path: PosixPath|model.path: WindowsPath"):
+        check_resume_compatible({"model": {"path": "x"}}, {"model": {"path": Path("x")}}, ["model.path"])
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -234,14 +228,14 @@ def _train(model, opt, sched, ema, steps, start):
         loss.backward()
         opt.step()
         sched.step()
-        ema.update(model, step=step)
+        ema.update(model)
 
 
 def _fresh():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 1))
     opt = build_optimizer(model.parameters(), "adan", lr=1e-2)
-    return model, opt, build_scheduler(opt, warmup_steps=4), EMA(model, decay=0.9, warmup=True)
+    return model, opt, build_scheduler(opt, warmup_steps=4), EMA(model, decay=0.9)
 
 
 def test_interrupted_run_resumes_bitwise(tmp_path):

@@ -58,20 +58,17 @@ def test_resume_from_the_last_healthy_checkpoint_continues_exactly(tmp_path):
 
 
 def test_health_survives_a_log_interval_longer_than_the_window():
-    from types import SimpleNamespace
-
     from shd_diffusion.checkpoint import HEALTH_WINDOW
-    from shd_diffusion.training import Trainer
+    from shd_diffusion.training import RunHealth
 
     # The loop's bookkeeping without a model: identity all-reduce, one checkpoint at step 10, then
     # one log interval of 5 windows (train.log_every > HEALTH_WINDOW) before the next host sync.
-    fake = SimpleNamespace(acc=SimpleNamespace(reduce=lambda t, reduction: t), step=0, _pending=[], _history=[],
-                           _verdicts={}, _unjudged=[], cfg=SimpleNamespace(train=SimpleNamespace(healthy_factor=10.0)))
+    health, step = RunHealth(factor=10.0), 0
     for steps, checkpoint in ((10, True), (5 * HEALTH_WINDOW, False)):
-        fake._pending = [torch.tensor([1.0, 1.0])] * steps
-        fake.step += steps
-        Trainer._sync_health(fake)
+        health.pending = [torch.tensor([1.0, 1.0])] * steps
+        step += steps
+        health.sync(lambda t: t, step)
         if checkpoint:
-            fake._unjudged.append(fake.step)
-    assert fake._verdicts == {10: True} and fake._unjudged == []
-    assert len(fake._history) == 2 * HEALTH_WINDOW  # bounded
+            health.unjudged.append(step)
+    assert health.verdicts == {10: True} and health.unjudged == []
+    assert len(health.history) == 2 * HEALTH_WINDOW  # bounded

@@ -41,7 +41,7 @@ def one_step(trainer, x, y, objective_cls=None):
     """Student weights before and after one train_step on a fixed batch, and that batch's terms."""
     if objective_cls is not None:
         trainer.objective.__class__ = objective_cls
-    student = trainer.acc.unwrap_model(trainer.side).student
+    student = trainer.acc.unwrap_model(trainer.trained).student
     before = {k: v.detach().clone() for k, v in student.state_dict().items()}
     gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(x))]
     with torch.no_grad():
@@ -109,10 +109,10 @@ def test_a_training_step_at_1024_tokens_stays_within_its_memory_bound(tmp_path):
     x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     batches = itertools.repeat((x, torch.tensor([1, 2])))
     trainer.train_step(batches)  # warm-up: optimizer state and lazy buffers exist from here on
-    before = {k: v.clone() for k, v in trainer.acc.unwrap_model(trainer.side).student.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.acc.unwrap_model(trainer.trained).student.state_dict().items()}
     peak = peak_bytes(lambda: trainer.train_step(batches))
     assert peak < 2 * 4 * 1024**2 * 4, peak / 2**20
-    after = trainer.acc.unwrap_model(trainer.side).student.state_dict()
+    after = trainer.acc.unwrap_model(trainer.trained).student.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it did train
 
 

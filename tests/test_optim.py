@@ -249,17 +249,13 @@ def test_ema_update_matches_hand_computation():
     torch.testing.assert_close(ema.shadow["bias"], torch.tensor([1.05]))
 
 
-def test_ema_warmup_decay_and_default_off():
+def test_ema_decay_default_and_range():
     model = _linear([0.0, 0.0], 0.0)
-    assert EMA(model).decay_at(None) == 0.9999
-    ema = EMA(model, decay=0.9999, warmup=True)
-    assert ema.decay_at(0) == pytest.approx(0.1)
-    assert ema.decay_at(90) == pytest.approx(0.91)
-    assert ema.decay_at(10**7) == 0.9999
-    with pytest.raises(ValueError, match="needs the training step"):
-        ema.update(model)
+    assert EMA(model).decay == 0.9999
     with pytest.raises(ValueError, match=r"decay must be in \[0, 1\]"):
         EMA(model, decay=1.5)
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\]"):
+        EMA(model).update(model, decay=-0.1)
 
 
 def test_ema_shadow_is_float32_for_bf16_model_and_buffers_are_copied():

@@ -121,7 +121,7 @@ def test_every_mode_lowers_its_loss_on_a_fixed_batch(tmp_path, mode, family, ext
         before, parts_before = terms()
     expected = EXPECTED_TERMS[mode] | ({"diffusion_masked"} if family == "mdt" else set())
     assert set(parts_before) == expected
-    side = trainer.acc.unwrap_model(trainer.side)
+    trained = trainer.acc.unwrap_model(trainer.trained)
     # Each distillation term on its own sends gradient into the student (and the projectors, for
     # kd_feat), never into the teacher: a detached or mis-wired term fails here.
     _, parts = terms()
@@ -129,9 +129,9 @@ def test_every_mode_lowers_its_loss_on_a_fixed_batch(tmp_path, mode, family, ext
         assert float(parts[name].detach()) > 0, name
         trainer.optimizer.zero_grad(set_to_none=True)
         parts[name].backward(retain_graph=True)
-        assert sum(float(p.grad.abs().sum()) for p in side.student.parameters() if p.grad is not None) > 0, name
-        if name == "feature" and side.projectors is not None:
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in side.projectors.parameters())
+        assert sum(float(p.grad.abs().sum()) for p in trained.student.parameters() if p.grad is not None) > 0, name
+        if name == "feature" and trained.projectors is not None:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.projectors.parameters())
         assert all(p.grad is None for p in trainer.teacher.parameters()), name
     trainer.optimizer.zero_grad(set_to_none=True)
     del parts
@@ -153,7 +153,7 @@ def test_shd_and_kd_vanish_when_student_is_the_teacher(tmp_path):
     for k in ("hidden_size", "depth", "num_heads"):
         setattr(cfg.student, k, getattr(cfg.teacher.model, k))
     trainer = make_trainer(cfg, tmp_path)
-    student = trainer.acc.unwrap_model(trainer.side).student
+    student = trainer.acc.unwrap_model(trainer.trained).student
     student.load_state_dict(trainer.teacher.state_dict())
     student.eval()  # the teacher runs in eval mode; dropout-free models make this a no-op check
     x0, y, gens = fixed_batch(trainer)
@@ -165,8 +165,8 @@ def test_shd_and_kd_vanish_when_student_is_the_teacher(tmp_path):
 
 
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    side = trainer.acc.unwrap_model(trainer.side)
-    out = {f"model.{k}": v.clone() for k, v in side.student.state_dict().items()}
+    trained = trainer.acc.unwrap_model(trainer.trained)
+    out = {f"model.{k}": v.clone() for k, v in trained.student.state_dict().items()}
     out.update({f"ema.{k}": v.clone() for k, v in trainer.ema.state_dict().items()})
     for i, st in trainer.optimizer.state_dict()["state"].items():
         for k, v in st.items():
@@ -317,7 +317,7 @@ x, y = next(trainer._batches())
 gens = sample_generators(0, trainer._positions(0, x.shape[0]), trainer.device)
 st = trainer.compute_terms(x, y, gens, 0.5)
 acc.backward(st.total.mean())
-grads = {{n: p.grad.clone() for n, p in acc.unwrap_model(trainer.side).named_parameters() if p.grad is not None}}
+grads = {{n: p.grad.clone() for n, p in acc.unwrap_model(trainer.trained).named_parameters() if p.grad is not None}}
 assert acc.num_processes == {n}, acc.num_processes
 # What the loop logs: the loss averaged over the ranks, and every rank's alphas.
 logged = {{"mean": trainer._global_means({{"loss": st.total.mean().detach()}}, 1)["loss"],
@@ -377,7 +377,7 @@ def test_ema_sample_grid_and_tensorboard_logs(tmp_path):
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.acc.unwrap_model(trainer.side).student.state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.acc.unwrap_model(trainer.trained).student.state_dict().items()}
 
 
 @pytest.mark.parametrize("family", ["dit", "mdt"])
@@ -392,7 +392,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, family):
         reset_accelerate_state()
         cfg = make_cfg(tmp_path / f"a{accum}", "kd_shd", family, ["train.global_batch_size=8", f"train.grad_accum={accum}"])
         trainer = make_trainer(cfg, tmp_path / f"a{accum}")
-        student = trainer.acc.unwrap_model(trainer.side).student
+        student = trainer.acc.unwrap_model(trainer.trained).student
         seen: list[dict[str, torch.Tensor]] = []
         step = trainer.optimizer.step
 
@@ -418,7 +418,7 @@ def test_bf16_run_keeps_fp32_master_weights_and_a_frozen_teacher(tmp_path):
     teacher_before = torch.load(cfg.teacher.checkpoint, weights_only=True)
     trainer = train(cfg, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
     assert trainer.step == 2
-    student = trainer.acc.unwrap_model(trainer.side).student
+    student = trainer.acc.unwrap_model(trainer.trained).student
     assert all(p.dtype == torch.float32 for p in student.parameters())
     assert all(v.dtype == torch.float32 for v in trainer.ema.state_dict().values() if v.is_floating_point())
     # The teacher: eval mode, no grad, weights untouched by the run.
@@ -435,7 +435,7 @@ def test_bf16_run_keeps_fp32_master_weights_and_a_frozen_teacher(tmp_path):
 def test_non_finite_gradient_stops_before_the_update(tmp_path):
     cfg = make_cfg(tmp_path, "none", "dit", ["train.steps=3", "train.checkpoint_every=1"])
     trainer = make_trainer(cfg, tmp_path)
-    param = next(p for p in trainer.acc.unwrap_model(trainer.side).student.parameters() if p.requires_grad)
+    param = next(p for p in trainer.acc.unwrap_model(trainer.trained).student.parameters() if p.requires_grad)
     param.register_hook(lambda g: g * float("inf") if trainer.step == 1 else g)  # finite loss, inf gradient
     with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm at step 1.*No checkpoint is healthy "
                                                  r"\(not healthy: step_00000001\.pt\)"):
@@ -492,7 +492,7 @@ def test_image_folder_is_encoded_on_the_fly_with_the_vae(tmp_path):
     assert trainer.step == 2 and trainer.vae is not None
     x, _ = next(trainer._batches())  # (B, 3, 16, 16) pixels in [-1, 1]
     gens = sample_generators(0, [0, 1], trainer.device)
-    z = trainer._encode(x[:2], gens)
+    z = trainer.encode(x[:2], gens)
     assert z.shape == (2, 4, 8, 8)
     # The encoding is the posterior sample mean + std * noise(seeded per sample), times 0.18215.
     with torch.no_grad():
@@ -536,7 +536,7 @@ def test_tensorboard_has_every_term_alpha_stats_and_the_grid_leaves_weights_alon
 
 
 def test_paper_pair_configs_plan_the_published_mapping():
-    from types import SimpleNamespace
+    from shd_diffusion.training.heads import plan_distillation
 
     for name, (l_s, l_t, h_t, sizes) in {
         "mdtv2_s2_from_xl2": (12, 28, 16, [3, 3, 3, 3, 2, 2]),
@@ -548,7 +548,7 @@ def test_paper_pair_configs_plan_the_published_mapping():
         assert cfg.distill.mode == "kd_shd" and cfg.distill.shd_beta == 2.0
         with torch.device("meta"):
             student, teacher = build_model(cfg.student), build_model(cfg.teacher.model)
-        pairs, squeezers = Trainer._plan_distillation(SimpleNamespace(cfg=cfg, teacher=teacher), student)
+        pairs, squeezers = plan_distillation(student, teacher, cfg.distill)
         # Student layer j (1-indexed) <- teacher layer round(j L_t / L_s), halves up.
         assert pairs == [(j - 1, int(j * l_t / l_s + 0.5) - 1) for j in range(1, l_s + 1)], name
         assert all(sq.teacher_heads == h_t and sq.student_heads == 6 for sq in squeezers)
@@ -624,3 +624,16 @@ def test_train_compile_compiles_the_student_in_place(tmp_path, monkeypatch):
     # In place: the checkpoint keeps the plain parameter names (no "_orig_mod." prefix).
     state = torch.load(run_dir / "checkpoints" / "step_00000002.pt", weights_only=True)
     assert all(not k.startswith("_orig_mod") for k in state["model"])
+
+
+def test_grid_decoder_states(tmp_path, capsys):
+    from shd_diffusion.training.previews import GridDecoder
+
+    x = torch.randn(2, 1, 8, 8)
+    pixels = GridDecoder("animal_mnist", "unused", 1, torch.device("cpu"), None)
+    assert pixels.ready() and pixels.to_pixels(x) is x  # pixel data: nothing to decode
+    (tmp_path / "not_a_vae").mkdir()  # a local folder without an AutoencoderKL config
+    latents = GridDecoder("latents", str(tmp_path / "not_a_vae"), 4, torch.device("cpu"), None)
+    assert not latents.ready() and not latents.ready()  # off, and not retried
+    out = capsys.readouterr().out
+    assert out.count("sample grids are off: cannot load data.vae=") == 1, out

@@ -348,7 +348,7 @@ class MDTv2(DiffusionTransformerBase):
         enable_mask: bool = False,
         force_drop_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        mask_jitter: float | None = None,
+        mask_ratio_draw: float | None = None,
         mask_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict noise (and variance interpolation) for noisy latents.
@@ -360,8 +360,8 @@ class MDTv2(DiffusionTransformerBase):
                 ``generator``; needs ``mask_ratio``.
             force_drop_ids: (B,) 1 where the label must be replaced by the null class.
             generator: RNG for the label-dropout draw (train mode), then the mask draw.
-            mask_jitter: masked pass: U(0, 1) draw of the batch's extra mask ratio (ratio =
-                mask_ratio + 0.2 * jitter); None = from ``generator``.
+            mask_ratio_draw: masked pass: U(0, 1) draw of the batch's extra mask ratio (ratio =
+                mask_ratio + 0.2 * draw); None = from ``generator``.
             mask_noise: masked pass: (B, N) U(0, 1) per-token noise, the lowest K kept; None =
                 from ``generator``.
 
@@ -375,7 +375,7 @@ class MDTv2(DiffusionTransformerBase):
         if enable_mask:
             if self.mask_ratio is None:
                 raise ValueError("enable_mask=True needs a model built with mask_ratio (e.g. mask_ratio=0.3)")
-            h, mask, ids_restore, ids_keep = self._draw_mask(h, generator, mask_jitter, mask_noise)  # (B, K, D)
+            h, mask, ids_restore, ids_keep = self._draw_mask(h, generator, mask_ratio_draw, mask_noise)  # (B, K, D)
 
         skips = []
         for blk in self.en_inblocks:

@@ -1,0 +1,36 @@
+"""The training loop: teacher-student distillation (diffusion loss + KD + SHD) with exact resume.
+
+Files, one room each:
+  run       -- the run folder, launcher checks, run files and :func:`train` (the job)
+  trainer   -- :class:`Trainer`: building the models / optimizer / EMA, the step, the fit loop
+  heads     -- layer pairs, head squeezers and head matching
+  health    -- checkpoint health and the non-finite-loss stop
+  streams   -- per-sample and per-step generators keyed by stream position
+  logs      -- the interval's scalars and histograms
+  previews  -- EMA sample grids and attention / alpha figures during training
+  cli       -- the ``shd-train`` command line (``scripts/train_mdt_shd.py``)
+"""
+
+from ..objective import StepTerms
+from .health import NonFiniteLossError, RunHealth
+from .run import check_launch, make_accelerator, run_dir_for, train, worker_message, write_run_files
+from .streams import sample_generators, step_mask_ratio_draw
+from .trainer import StepOutcome, Trainer, build_model, load_model_weights
+
+__all__ = [
+    "Trainer",
+    "StepOutcome",
+    "StepTerms",
+    "NonFiniteLossError",
+    "RunHealth",
+    "train",
+    "run_dir_for",
+    "write_run_files",
+    "check_launch",
+    "make_accelerator",
+    "worker_message",
+    "build_model",
+    "load_model_weights",
+    "sample_generators",
+    "step_mask_ratio_draw",
+]
