@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .cli import BadInput
-from .fileio import atomic_path, fsync_path
+from .fileio import atomic_path, fsync_path, temp_globs
 
 __all__ = [
     "CheckpointError",
@@ -55,8 +55,8 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME_RE = re.compile(r"^step_(\d{8,})\.pt$")
-# Temp files of interrupted writes: fileio's ".step_*.pt.*.tmp" and the older ".tmp-step_*.tmp".
-_TMP_GLOBS = (".step_*.pt.*.tmp", ".tmp-step_*.tmp")
+# Temp files of interrupted writes: fileio's naming, and the older ".tmp-step_*.tmp".
+_TMP_GLOBS = (*temp_globs("step_*.pt"), ".tmp-step_*.tmp")
 # Health (see checkpoint_health): the median is taken over this many steps up to the checkpoint,
 # and this many steps up to it, plus the first step on its weights, must stay within the factor.
 HEALTH_WINDOW = 100

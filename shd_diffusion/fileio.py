@@ -66,16 +66,23 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_path(final.parent)  # the rename itself survives a crash
 
 
+def temp_globs(name_glob: str) -> tuple[str, str]:
+    """Glob patterns (relative to the folder) of :func:`atomic_path`'s temporary files for finals
+    whose names match ``name_glob``: ``.NAME.<random>.tmp`` plus the final suffix, and the same
+    without the suffix, as written before it was kept."""
+    suffix = Path(name_glob).suffix
+    return f".{name_glob}.*.tmp", f".{name_glob}.*.tmp{suffix}"
+
+
 def stale_temps(final: str | os.PathLike[str]) -> list[Path]:
     """Temporary files :func:`atomic_path` left beside ``final`` when its writer was killed.
 
-    Matches this module's naming (``.NAME.<random>.tmp`` plus the final suffix, and the same
-    without the suffix, as written before it was kept). Delete them only where nothing else may
-    be writing ``final`` at the moment (e.g. the rank that owns the file).
+    Delete them only where nothing else may be writing ``final`` at the moment (e.g. the rank
+    that owns the file).
     """
     final = Path(final)
-    pattern = os.path.join(glob.escape(str(final.parent)), f".{glob.escape(final.name)}.*.tmp")
-    return sorted({Path(p) for p in (*glob.glob(pattern), *glob.glob(pattern + glob.escape(final.suffix)))})
+    found = (p for pattern in temp_globs(glob.escape(final.name)) for p in final.parent.glob(pattern))
+    return sorted(set(found))
 
 
 def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:

@@ -20,26 +20,30 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE DiT and MDTv2 were trained 
 SD_VAE_SCALE_FACTOR = 0.18215  # makes SD-VAE latents roughly unit variance (LDM/DiT convention)
 
 
-def resolve_vae_spec(spec: str | Path | None, in_channels: int) -> str | None:
+def resolve_vae_spec(spec: str | Path | None, in_channels: int, setting: str = "--vae") -> str | None:
     """``"auto"``/None -> None for 1/3-channel pixel models, :data:`DEFAULT_VAE` for latents;
-    ``"none"`` -> None (refused for a latent model); anything else is returned as a string."""
+    ``"none"`` -> None (refused for a latent model); anything else is returned as a string.
+    ``setting`` is the flag or config key the user sets, named in every refusal."""
     spec = "auto" if spec is None else str(spec)
     if spec == "auto":
         return None if in_channels in (1, 3) else DEFAULT_VAE
     if spec == "none":
         if in_channels not in (1, 3):
-            raise BadInput(f"--vae none needs a pixel-space model (1 or 3 channels); this one has {in_channels}: pass a VAE")
+            raise BadInput(f"{setting} none needs a pixel-space model (1 or 3 channels); this one has {in_channels}: "
+                           f"set {setting} to a VAE")
         return None
     return spec
 
 
-def load_vae(spec: str | Path | None, in_channels: int, device: str | torch.device = "cpu") -> nn.Module | None:
+def load_vae(
+    spec: str | Path | None, in_channels: int, device: str | torch.device = "cpu", setting: str = "--vae"
+) -> nn.Module | None:
     """The frozen, eval-mode VAE for a model with ``in_channels`` channels, or None (pixel space).
 
     ``spec`` as :func:`resolve_vae_spec`. A folder or Hub id that cannot be loaded, or a VAE whose
     latent channels differ from the model's, is a :class:`~shd_diffusion.cli.BadInput` naming the fix.
     """
-    name = resolve_vae_spec(spec, in_channels)
+    name = resolve_vae_spec(spec, in_channels, setting)
     if name is None:
         return None
     from diffusers import AutoencoderKL  # heavy import, only for latent models
@@ -48,11 +52,12 @@ def load_vae(spec: str | Path | None, in_channels: int, device: str | torch.devi
         vae = AutoencoderKL.from_pretrained(name)
     except (OSError, ValueError) as err:  # missing folder, bad config, offline without a cached copy
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        how = f"{setting} PATH" if setting.startswith("--") else f"{setting}=PATH"  # a flag or a config key
         raise BadInput(
-            f"could not load the VAE {name!r} ({reason}): pass a local AutoencoderKL folder (--vae PATH), "
+            f"could not load the VAE {name!r} ({reason}): pass a local AutoencoderKL folder ({how}), "
             "or download the Hub id once with network access (it lands in the Hugging Face cache)"
         ) from None
     if vae.config.latent_channels != in_channels:
         raise BadInput(f"VAE {name!r} has {vae.config.latent_channels} latent channels, the model {in_channels}: "
-                       "pass a matching --vae")
+                       f"set {setting} to a matching VAE")
     return vae.to(device).eval().requires_grad_(False)

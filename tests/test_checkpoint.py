@@ -26,6 +26,7 @@ from shd_diffusion.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from shd_diffusion.fileio import atomic_path
 from shd_diffusion.optim import EMA, build_optimizer, build_scheduler
 
 
@@ -81,12 +82,17 @@ def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_hard_kill_temp_file_is_ignored_then_cleaned(tmp_path):
     first = save_checkpoint(_state(1.0), tmp_path, step=1)
-    # SIGKILL mid-write: no except clause runs, the half-written temp file stays.
-    stale = tmp_path / "checkpoints" / ".tmp-step_00000002.4242.abcd1234.tmp"
+    # SIGKILL mid-write: the writer's temp file is made and half written, and no cleanup runs
+    # (the context is entered and never left; `killed` stays referenced so nothing closes it).
+    killed = atomic_path(first.with_name("step_00000002.pt"))
+    stale = killed.__enter__()
     stale.write_bytes(first.read_bytes()[:500])
+    legacy = tmp_path / "checkpoints" / ".tmp-step_00000002.4242.abcd1234.tmp"  # the older naming
+    legacy.write_bytes(first.read_bytes()[:500])
     assert latest_checkpoint(tmp_path) == first
     save_checkpoint(_state(2.0), tmp_path, step=2)
-    assert not stale.exists()
+    assert not stale.exists() and not legacy.exists()
+    assert killed is not None
 
 
 def test_keep_last_prunes_but_never_the_new_file(tmp_path):

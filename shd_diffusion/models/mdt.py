@@ -292,21 +292,21 @@ class MDTv2(DiffusionTransformerBase):
         self,
         x: torch.Tensor,
         generator: torch.Generator | None,
-        mask_jitter: float | None = None,
+        mask_ratio_draw: float | None = None,
         mask_noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw this batch's mask ratio and per-sample keep sets, and drop the masked tokens.
 
-        ``mask_jitter`` (U(0, 1), one per batch) and ``mask_noise`` ((B, N) U(0, 1)) replace the
+        ``mask_ratio_draw`` (U(0, 1), one per batch) and ``mask_noise`` ((B, N) U(0, 1)) replace the
         generator's draws when given, so a caller can key them to the step and to each sample.
         """
         assert self.mask_ratio is not None
         b, n, _ = x.shape
-        if mask_jitter is None:
+        if mask_ratio_draw is None:
             # One ratio per batch; drawn on the CPU (or the generator's device) to avoid a GPU sync.
             where = generator.device if generator is not None else torch.device("cpu")
-            mask_jitter = float(rand_uniform((1,), generator, where))
-        ratio = self.mask_ratio + MASK_RATIO_JITTER * mask_jitter
+            mask_ratio_draw = float(rand_uniform((1,), generator, where))
+        ratio = self.mask_ratio + MASK_RATIO_JITTER * mask_ratio_draw
         num_keep = int(n * (1 - ratio))
         if mask_noise is None:
             mask_noise = rand_uniform((b, n), generator, x.device)  # (B, N)

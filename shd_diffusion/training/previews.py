@@ -51,7 +51,7 @@ class GridDecoder:
         """Whether grids can be decoded (loads the latent run's VAE on the first call)."""
         if self.needs_vae and not self.unavailable:
             try:
-                self.vae = load_vae(self._spec, self._in_channels, self._device)
+                self.vae = load_vae(self._spec, self._in_channels, self._device, setting="data.vae")
                 self.needs_vae = False
             except BadInput as err:
                 say(f"sample grids are off: cannot load data.vae={self._spec} to decode latents ({err})")

@@ -153,8 +153,9 @@ class Trainer:
 
         self._dataset = None  # built on first use (benchmarks drive compute_terms directly)
         # image_folder runs encode pixels to latents on the fly with data.vae.
-        self.vae = load_vae(cfg.data.vae, student.config.in_channels, self.device) \
-            if cfg.data.kind == "image_folder" else None
+        self.vae = None
+        if cfg.data.kind == "image_folder":
+            self.vae = load_vae(cfg.data.vae, student.config.in_channels, self.device, setting="data.vae")
         self.grid_decoder = previews.GridDecoder(cfg.data.kind, cfg.data.vae, student.config.in_channels,
                                                  self.device, self.vae)
         self.step = 0
