@@ -772,12 +772,7 @@ def score(
     stored = read_stored_stats(Path(ref), keys) if kind == "adm_npz" and not recompute_ref_stats else None
     sfid_reason = _sfid_unavailable(kind, stored, has_stored)
 
-    weights = inspect_weights(inception_weights) if inception_weights is not None else None
-    names = [POOL, LOGITS] if weights is None or weights.logits_available else [POOL]
-    extractor = load_feature_extractor(inception_weights, device=device, features=names)
-    if weights is None:  # torch-fidelity's own download: hash the file torch.hub cached
-        weights = inspect_weights(default_weights_path())
-
+    extractor, weights, names = _feature_extractor(inception_weights, device)
     ref_stats, ref_info = reference_stats(
         ref, extractor, weights, cache_dir, sample_hw, needs, batch_size, device, names,
         allow_size_mismatch, progress,
@@ -802,8 +797,6 @@ def score(
     ref_info["stored_stats"] = sorted(k for k in keys if k in ("mu", "sigma", "mu_s", "sigma_s"))
     settings = {"pr_k": pr_k, "is_splits": is_splits, "kid_subsets": kid_subsets,
                 "kid_subset_size": kid_subset_size, "seed": seed, "recompute_ref_stats": recompute_ref_stats}
-    ref_images = f"pool3 features of the {num_ref} reference images of {ref}" + (
-        " (arr_0)" if kind == "adm_npz" else f" (from {ref_stats.source})" if kind == "stats" else "")
     return {
         "fid": fid, "fid_protocol": protocol, "sfid": sfid, "sfid_unavailable_reason": sfid_reason,
         "is_mean": is_mean, "is_std": is_std, "is_unavailable_reason": is_reason,
@@ -812,9 +805,22 @@ def score(
         "image_hw": [int(sample_hw[0]), int(sample_hw[1])],
         "samples": str(Path(samples).resolve()), "ref": ref_info,
         **_provenance(weights, protocol, fid_ref, sfid_reason, f"stored mu_s/sigma_s of {ref}", is_reason,
-                      ref_images, settings),
+                      _ref_images_desc(kind, ref, ref_stats), settings),
         "settings": settings,
     }
+
+
+def _feature_extractor(
+    inception_weights: str | os.PathLike | None, device: str
+) -> tuple[torch.nn.Module, WeightsInfo, list[str]]:
+    """The Inception extractor, its weights' info and its feature names (logits only when the
+    weights have them). ``None`` = torch-fidelity's own download, hashed where torch.hub cached it."""
+    weights = inspect_weights(inception_weights) if inception_weights is not None else None
+    names = [POOL, LOGITS] if weights is None or weights.logits_available else [POOL]
+    extractor = load_feature_extractor(inception_weights, device=device, features=names)
+    if weights is None:
+        weights = inspect_weights(default_weights_path())
+    return extractor, weights, names
 
 
 def _inception_score(feats: dict[str, np.ndarray], weights: WeightsInfo, splits: int) -> tuple:
@@ -824,6 +830,12 @@ def _inception_score(feats: dict[str, np.ndarray], weights: WeightsInfo, splits:
     if len(feats[POOL]) < splits:
         return None, None, f"{len(feats[POOL])} samples < is_splits={splits}"
     return (*metrics.inception_score(feats[LOGITS], splits=splits), None)
+
+
+def _ref_images_desc(kind: str, ref: str | os.PathLike, ref_stats: RefStats) -> str:
+    """What precision/recall and KID compare against, for the provenance."""
+    where = " (arr_0)" if kind == "adm_npz" else f" (from {ref_stats.source})" if kind == "stats" else ""
+    return f"pool3 features of the {len(ref_stats.features)} reference images of {ref}{where}"
 
 
 def _provenance(weights: WeightsInfo, protocol: str, fid_ref: str, sfid_reason: str | None, sfid_ref: str,
