@@ -46,21 +46,20 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sampling.sample import (  # noqa: E402
+from sampling.sample import parse_model_arg  # noqa: E402
+from shd_diffusion.attention import attention_layers, attention_probs, output_projection, project_qkv  # noqa: E402
+from shd_diffusion.diffusion import create_diffusion  # noqa: E402
+from shd_diffusion.models.registry import MODEL_NAMES, create_model  # noqa: E402
+from shd_diffusion.models.sources import load_model  # noqa: E402
+from shd_diffusion.sampler import (  # noqa: E402
     COMPILE_MODES,
-    DEFAULT_VAE,
     GuidedDenoiser,
     Sampler,
-    _parse_model_arg,
-    load_model,
-    load_vae,
     resolve_guidance_channels,
     resolve_guidance_schedule,
     to_uint8_images,
 )
-from shd_diffusion.attention import attention_layers, attention_probs, output_projection, project_qkv  # noqa: E402
-from shd_diffusion.diffusion import create_diffusion  # noqa: E402
-from shd_diffusion.models.registry import MODEL_NAMES, create_model  # noqa: E402
+from shd_diffusion.vae import DEFAULT_VAE, load_vae  # noqa: E402
 
 VARIANTS = ("upstream", "fused_fp32", "ours")
 
@@ -228,7 +227,7 @@ def time_vae_decode(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="DiT-S/2", choices=MODEL_NAMES, metavar="NAME", help="registry name")
-    p.add_argument("--model-arg", action="append", default=[], type=_parse_model_arg, metavar="KEY=VALUE", help="constructor override (repeatable)")
+    p.add_argument("--model-arg", action="append", default=[], type=parse_model_arg, metavar="KEY=VALUE", help="constructor override (repeatable)")
     p.add_argument("--checkpoint", help="weights to load (else a perturbed random init)")
     p.add_argument("--init-noise", type=float, default=0.02, help="std of the perturbation of a random init")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (the model sees 2x with CFG)")

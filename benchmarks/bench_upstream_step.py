@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sampling import explicit_attention  # noqa: E402
 
-from sampling.sample import _parse_model_arg  # noqa: E402
+from sampling.sample import parse_model_arg  # noqa: E402
 from shd_diffusion.diffusion import create_diffusion  # noqa: E402
 from shd_diffusion.models.registry import MODEL_NAMES, create_model  # noqa: E402
 from shd_diffusion.optim import build_optimizer  # noqa: E402
@@ -107,7 +107,7 @@ def bench(args: argparse.Namespace, batch: int, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="MDTv2-S/2", choices=MODEL_NAMES, metavar="NAME", help="registry name")
-    p.add_argument("--model-arg", action="append", default=[], type=_parse_model_arg, metavar="KEY=VALUE",
+    p.add_argument("--model-arg", action="append", default=[], type=parse_model_arg, metavar="KEY=VALUE",
                    help="constructor override (repeatable), e.g. hidden_size=64 for a smoke run")
     p.add_argument("--batch", type=int, default=256, help="batch (halved on out-of-memory; default 256)")
     p.add_argument("--input-size", type=int, default=32, help="latent side (default: 32 = ImageNet 256)")

@@ -4,7 +4,7 @@
     python -m sampling.score samples.npz --ref ref.npz --inception-weights weights/inception_fid_helper.pth
 
 The output has no logits layer (fc is zero-filled, recorded in ``<out>.json``): FID, KID, precision
-and recall work; IS is reported as unavailable. See ``sampling/inception.py`` for the format.
+and recall work; IS is reported as unavailable. See ``shd_diffusion/evaluation/inception.py`` for the format.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from sampling.inception import convert_fid_helper_inception, sha256_file  # noqa: E402
+from shd_diffusion.evaluation.inception import convert_fid_helper_inception, sha256_file  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,102 +1,13 @@
 #!/usr/bin/env python
-"""The embedded SHD demo in one command: teacher -> students (none / kd / kd_shd) -> samples -> scores.
-
-    python scripts/demo.py                      # CPU size, ~20 min on 2 cores -> results/demo/results.md
-    python scripts/demo.py --size gpu --out results/demo_gpu      # the same study at scale, one GPU
-    python scripts/demo.py --dry-run            # print the resolved settings and configs
-    python scripts/demo.py --train-teacher      # train the teacher from scratch instead of the committed one
-    python scripts/demo.py --teacher-only       # sample + score the teacher alone (its FID / precision / recall)
-
-Rerunning the same command reuses every finished stage (teacher, students, samples, scores) and
-resumes an interrupted one. The pipeline lives in shd_diffusion/demo.py.
-"""
+"""The embedded SHD demo in one command (``--help`` for the options); the code is shd_diffusion/demo/."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from shd_diffusion.demo.cli import build_parser, main
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI; size-dependent defaults are listed per size in the help."""
-    from shd_diffusion.demo import DEFAULT_INCEPTION_WEIGHTS, SIZES
-
-    def per_size(field: str) -> str:
-        return "default per size: " + ", ".join(f"{k} {getattr(v, field)}" for k, v in SIZES.items())
-
-    p = argparse.ArgumentParser(
-        prog="python scripts/demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder (default: results/demo)")
-    p.add_argument("--size", choices=list(SIZES), default="cpu",
-                   help="cpu: ~20 min on 2 cores; gpu: hours on one GPU; tiny: smoke test (default: cpu)")
-    p.add_argument("--modes", type=_words, default=None,
-                   help="comma-separated distill.mode per student (default: none,kd,kd_shd)")
-    p.add_argument("--seeds", type=_ints, default=None, help="comma-separated student seeds (" + per_size("seeds") + ")")
-    p.add_argument("--num-samples", type=int, default=None, help="samples per run (" + per_size("num_samples") + ")")
-    p.add_argument("--num-ref", type=int, default=None,
-                   help="reference images from the training set, 0 = all 10,000 (" + per_size("num_ref") + ")")
-    p.add_argument("--sampling-steps", type=int, default=None, help="respaced DDPM steps (" + per_size("sampling_steps") + ")")
-    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (" + per_size("cfg_scale") + ")")
-    p.add_argument("--inception-weights", type=Path, default=None,
-                   help=f"converted offline Inception, made once if missing (default: {DEFAULT_INCEPTION_WEIGHTS})")
-    p.add_argument("--train-teacher", action="store_true", default=None,
-                   help="train the teacher from scratch (configs/demo_teacher.yaml) instead of starting from the "
-                        "committed one in shd_diffusion/assets/demo_teacher (cpu size; gpu and tiny always train)")
-    p.add_argument("--teacher-only", action="store_true",
-                   help="only sample and score the teacher (-> <out>/teacher_scores.json, samples_teacher.png)")
-    p.add_argument("--export-teacher", type=Path, default=None, metavar="CHECKPOINT",
-                   help="write a teacher run's checkpoint as the committed demo teacher, then exit")
-    p.add_argument("--train-time", type=float, default=None, metavar="SECONDS",
-                   help="with --export-teacher: the wall time its training took, recorded in teacher.json")
-    p.add_argument("--device", default="auto", help="sampling/scoring device: auto, cpu or cuda (default: auto)")
-    p.add_argument("--config-dir", type=Path, default=REPO / "configs", help="YAML configs (default: <repo>/configs)")
-    p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved settings and configs, then exit")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from shd_diffusion.config import ConfigError
-    from shd_diffusion.demo import DemoError, describe, export_teacher, resolve_settings, run_demo, score_teacher
-
-    try:
-        if args.export_teacher is not None:
-            print(json.dumps(export_teacher(args.export_teacher, train_time_s=args.train_time), indent=2))
-            return 0
-        settings = resolve_settings(
-            args.size, modes=args.modes, seeds=args.seeds, num_samples=args.num_samples, num_ref=args.num_ref,
-            sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, train_teacher=args.train_teacher,
-        )
-        if args.dry_run:
-            print(describe(settings, args.out, args.config_dir))
-            return 0
-        if args.teacher_only:
-            print(json.dumps(score_teacher(settings, args.out, args.inception_weights, args.device, not args.no_progress,
-                                           args.config_dir), indent=2))
-            return 0
-        run_demo(settings, args.out, args.inception_weights, args.device, not args.no_progress, args.config_dir)
-    except (DemoError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

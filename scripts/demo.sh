@@ -2,7 +2,7 @@
 # The README's main job: on a fresh CPU machine, set up the environment exactly like .ci/run and run
 # the embedded SHD demo (teacher -> students none / kd / kd_shd -> samples -> FID/PR/KID -> report).
 #
-#   bash scripts/demo.sh                         # CPU size, ~20 min on 2 cores -> results/demo/results.md
+#   bash scripts/demo.sh                         # CPU size -> results/demo/results.md
 #   bash scripts/demo.sh --size gpu --out results/demo_gpu     # one GPU, hours
 #
 # Arguments go to scripts/demo.py (see `bash scripts/demo.sh --help`). The venv ($SHD_VENV, default

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .fileio import atomic_path
+from .sampler import to_uint8_images
 
 __all__ = [
     "save_png",
@@ -42,7 +43,7 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 10) -> None:
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
     grid = make_grid(x, nrow=nrow, padding=2, pad_value=128)  # (3, H', W')
-    save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
+    save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)  # (H', W', 3)
 
 
 def class_columns(labels: np.ndarray, count: int, num_classes: int = 10) -> np.ndarray:
@@ -56,17 +57,17 @@ def class_columns(labels: np.ndarray, count: int, num_classes: int = 10) -> np.n
 def to_rgb_uint8(x: torch.Tensor) -> np.ndarray:
     """One (C, H, W) image or latent as uint8 (H, W, 3) for a figure.
 
-    1 or 3 channels are read as pixels in [-1, 1] (DiT's rounding); other channel counts
-    (latents) show their first three channels, each stretched to its own range.
+    1 or 3 channels are read as pixels in [-1, 1] (:func:`shd_diffusion.sampler.to_uint8_images`,
+    DiT's rounding); other channel counts (latents) show their first three channels, each
+    stretched to its own range.
     """
     x = x.detach().float().cpu()
     if x.shape[0] in (1, 3):
-        pixels = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)  # +128, truncated = round half up
-    else:
-        c = x[:3]
-        lo, hi = c.amin(dim=(1, 2), keepdim=True), c.amax(dim=(1, 2), keepdim=True)
-        pixels = ((c - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8)  # (3, H, W)
-    return pixels.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy()  # (H, W, 3)
+        return to_uint8_images(x[None])[0]  # (H, W, 3): the samples' own conversion
+    c = x[:3]
+    lo, hi = c.amin(dim=(1, 2), keepdim=True), c.amax(dim=(1, 2), keepdim=True)  # (3, 1, 1) each
+    pixels = ((c - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8)  # (3, H, W)
+    return pixels.permute(1, 2, 0).contiguous().numpy()  # (H, W, 3)
 
 
 # A perceptual dark-to-bright ramp (black, purple, red, orange, pale yellow) for attention maps.
@@ -77,7 +78,7 @@ def _colormap(v: np.ndarray) -> np.ndarray:
     """Values in [0, 1] -> uint8 RGB (..., 3) along :data:`_RAMP`."""
     pos = np.clip(v, 0, 1) * (len(_RAMP) - 1)
     lo = np.floor(pos).astype(int).clip(0, len(_RAMP) - 2)
-    frac = (pos - lo)[..., None]
+    frac = (pos - lo)[..., None]  # (..., 1): blends the two RGB stops
     return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).round().astype(np.uint8)
 
 

@@ -22,7 +22,7 @@ import pytest
 from cli_cases import assert_refused, call, refused_without_side_effects, snapshot
 
 from sampling.sample import main
-from sampling.shards import shard_path
+from shd_diffusion.shards import shard_path
 from shd_diffusion.cli import BadInput
 from shd_diffusion.models import create_model
 

@@ -20,9 +20,12 @@ import pytest
 import torch
 from cli_cases import assert_refused, call, refused_without_side_effects, snapshot
 
-from sampling import score as score_mod
-from sampling.inception import WeightsInfo
-from sampling.score import RefStats, ScoreError, main
+from sampling import score as score_cli
+from sampling.score import main
+from shd_diffusion.evaluation import scoring
+from shd_diffusion.evaluation.inception import WeightsInfo
+from shd_diffusion.evaluation.images import ScoreError
+from shd_diffusion.evaluation.scoring import RefStats
 
 N = 5  # images per set: enough for FID and k=3 precision/recall
 SHA = "f" * 64  # the fake weights' sha256
@@ -82,11 +85,11 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     mu, sigma = feats.mean(0).astype(np.float64), np.cov(feats, rowvar=False)
     RefStats(mu, sigma, feats, (8, 8), SHA, "synthetic").save(inp / "stats.npz")
     (inp / "w.pth").write_bytes(b"fake weights: never read")
-    real_inspect = score_mod.inspect_weights
+    real_inspect = scoring.inspect_weights
     fake = WeightsInfo(str(inp / "w.pth"), SHA, False, "fake weights have no logits")
-    monkeypatch.setattr(score_mod, "inspect_weights",
+    monkeypatch.setattr(scoring, "inspect_weights",
                         lambda p: fake if Path(p) == inp / "w.pth" else real_inspect(p))
-    monkeypatch.setattr(score_mod, "load_feature_extractor", lambda *a, **k: _NoForward())
+    monkeypatch.setattr(scoring, "load_feature_extractor", lambda *a, **k: _NoForward())
     return {"in": inp, "out": tmp_path / "out", "images": images, "stats": (mu, sigma)}
 
 
@@ -168,7 +171,7 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     ("ref-not-a-png", lambda w: _argv(w, ref=_made(w, "pngs", lambda p: (_png_folder(p), (p / "z.png").write_text("")))),
      ("z.png", "corrupt or truncated")),
     ("ref-empty-folder", lambda w: _argv(w, ref=_made(w, "none", Path.mkdir)), ("none", "has no .png/.jpg/.jpeg images")),
-    ("ref-stats-file-incomplete", lambda w: _argv(w, ref=_npz(w, "r.npz", format=np.array(score_mod.STATS_FORMAT))),
+    ("ref-stats-file-incomplete", lambda w: _argv(w, ref=_npz(w, "r.npz", format=np.array(scoring.STATS_FORMAT))),
      ("r.npz", "unreadable", "pass the reference images")),
     ("ref-other-weights", lambda w: _argv(w, ref=_made(w, "o.npz", RefStats(
         *w["stats"], np.zeros((N, 4), np.float32), (8, 8), "0" * 64, "x").save)),
@@ -285,8 +288,8 @@ def _enospc(*args: object, **kwargs: object) -> None:
 def test_full_disk_keeps_the_scores(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """--json cannot be written after scoring (the disk filled): the report goes to stdout, exit 2,
     no partial file. A cache write that fails only costs the cache."""
-    monkeypatch.setattr(score_mod, "load_feature_extractor", lambda *a, **k: _PixelFeatures())
-    monkeypatch.setattr(score_mod, "atomic_write_text", _enospc)
+    monkeypatch.setattr(scoring, "load_feature_extractor", lambda *a, **k: _PixelFeatures())
+    monkeypatch.setattr(score_cli, "atomic_write_text", _enospc)
     monkeypatch.setattr(RefStats, "save", _enospc)
     argv = _argv(world, ref=_adm(world, "a.npz"))  # arr_0 only: its statistics are computed, then cached
     outcome = call(main, argv)
@@ -299,7 +302,7 @@ def test_full_disk_keeps_the_scores(world: dict, monkeypatch: pytest.MonkeyPatch
 
 def test_recompute_is_the_way_past_bad_stored_stats(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The refusal of malformed stored statistics advises --recompute-ref-stats: that must work."""
-    monkeypatch.setattr(score_mod, "load_feature_extractor", lambda *a, **k: _PixelFeatures())
+    monkeypatch.setattr(scoring, "load_feature_extractor", lambda *a, **k: _PixelFeatures())
     ref = _adm(world, "r.npz", mu=np.ones(7), sigma=np.eye(7))
     assert_refused(call(main, _argv(world, ref=ref)), "--recompute-ref-stats")
     outcome = call(main, _argv(world, ref=ref) + ["--recompute-ref-stats"])

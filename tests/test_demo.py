@@ -19,6 +19,8 @@ from PIL import Image
 
 from conftest import reset_accelerate_state
 from shd_diffusion import demo
+from shd_diffusion.demo import teacher as demo_teacher
+from shd_diffusion.models.sources import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("none", "kd", "kd_shd")
@@ -106,8 +108,8 @@ def test_samples_follow_the_sampling_rules(run):
 
 def test_reference_is_the_stated_class_balanced_subset(run):
     out, _, _ = run
-    from sampling.sample import to_uint8_images
     from shd_diffusion.data import AnimalMNIST
+    from shd_diffusion.sampler import to_uint8_images
 
     ds = AnimalMNIST(image_size=32)
     labels = ds.labels.numpy()
@@ -201,8 +203,6 @@ def test_cpu_size_starts_from_the_committed_teacher(tmp_path):
 def test_committed_teacher_loads_and_matches_its_config():
     from safetensors.torch import load_file
 
-    from sampling.sample import load_model
-
     run = demo.committed_teacher()
     meta = json.loads((demo.TEACHER_ASSET / "teacher.json").read_text())
     weights = demo.TEACHER_ASSET / demo.TEACHER_WEIGHTS
@@ -216,18 +216,16 @@ def test_committed_teacher_loads_and_matches_its_config():
         mc.hidden_size, mc.depth, mc.num_heads, mc.patch_size)
     state = load_file(str(weights))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k in state)
-    assert demo._params(demo.TEACHER_ASSET) == meta["params"]
+    assert demo.count_params(demo.TEACHER_ASSET) == meta["params"]
 
 
 def test_missing_committed_teacher_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "TEACHER_ASSET", tmp_path / "demo_teacher")
+    monkeypatch.setattr(demo_teacher, "TEACHER_ASSET", tmp_path / "demo_teacher")
     with pytest.raises(demo.DemoError, match="--train-teacher"):
         demo.committed_teacher()
 
 
 def test_export_teacher_round_trip(run, tmp_path):
-    from sampling.sample import load_model
-
     out, _, _ = run
     ckpt = sorted(out.glob("runs/teacher-*/checkpoints/step_*.pt"))[-1]
     meta = demo.export_teacher(ckpt, tmp_path / "asset", train_time_s=12.34)
@@ -237,6 +235,31 @@ def test_export_teacher_round_trip(run, tmp_path):
     assert all(torch.equal(v, ref[k]) for k, v in exported.state_dict().items())
     cfg_text = (tmp_path / "asset" / "train_config.yaml").read_text()
     assert "steps: 2" in cfg_text and "mode: none" in cfg_text
+
+
+def test_export_teacher_swaps_the_folder_atomically(run, tmp_path, monkeypatch):
+    """The folder is written beside the target and swapped in; a failed export changes nothing."""
+    out, _, _ = run
+    ckpt = sorted(out.glob("runs/teacher-*/checkpoints/step_*.pt"))[-1]
+    dest = tmp_path / "asset"
+    demo.export_teacher(ckpt, dest, train_time_s=1.0)
+    (dest / "README.md").write_text("kept\n")  # a file the export does not write
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+
+    def broken(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(demo_teacher, "count_params", broken)  # fails after the weights are written
+    with pytest.raises(OSError, match="disk full"):
+        demo.export_teacher(ckpt, dest, train_time_s=2.0)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asset"]  # no temporary folder left behind
+    monkeypatch.undo()
+
+    meta = demo.export_teacher(ckpt, dest, train_time_s=2.0)
+    assert meta["train_time_s"] == 2.0 and json.loads((dest / "teacher.json").read_text()) == meta
+    assert (dest / "README.md").read_text() == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asset"]
 
 
 def test_demo_runs_from_the_committed_teacher(run, tmp_path):

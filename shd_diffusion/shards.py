@@ -21,8 +21,9 @@ A shard file is ``np.savez`` (uncompressed) with
 
 It is written through :func:`shd_diffusion.fileio.atomic_path` (a temporary name in the same
 folder, fsync, rename), so a shard file either exists complete or not at all; a killed job leaves
-at most a hidden ``.shard_*.npz.*.tmp`` file, which is ignored and later removed. Everything here
-is pure file/array logic: no torch.
+at most a hidden ``.shard_*.npz.*.tmp`` file, which is ignored and later removed.
+:func:`run_shards` fills a folder from any :class:`ImageSampler` (:class:`shd_diffusion.sampler.Sampler`);
+everything here is file/array logic: no torch.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from shd_diffusion.cli import BadInput
-from shd_diffusion.fileio import atomic_path, atomic_write_text
+from .cli import BadInput
+from .console import say
+from .fileio import atomic_path, atomic_write_text
 
 __all__ = [
     "SHARD_DIR",
@@ -56,6 +59,9 @@ __all__ = [
     "read_manifest",
     "samples_filename",
     "assemble",
+    "ImageSampler",
+    "shard_manifest",
+    "run_shards",
 ]
 
 SHARD_DIR = "shards"
@@ -443,3 +449,109 @@ def assemble(
             with zf.open(_entry("arr_1.npy"), mode="w", force_zip64=True) as f:
                 np.lib.format.write_array(f, labels, allow_pickle=False)
     return final
+
+
+# --------------------------------------------------------------------------------------------
+# Filling a run folder
+# --------------------------------------------------------------------------------------------
+
+
+class ImageSampler(Protocol):
+    """What :func:`run_shards` needs from a sampler (:class:`shd_diffusion.sampler.Sampler`)."""
+
+    def sample(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, H, W, 3) images and int64 (n,) labels of the given image indices."""
+        ...
+
+    def stream_fields(self) -> dict[str, Any]:
+        """Manifest entries that define each image's randomness (seed scheme, loop, noise layout)."""
+        ...
+
+
+def _batches(indices: range, batch_size: int) -> Iterator[range]:
+    """Consecutive ranges of at most ``batch_size`` indices (batches never cross a shard)."""
+    for start in range(0, len(indices), batch_size):
+        yield indices[start : start + batch_size]
+
+
+def shard_manifest(
+    sampler: ImageSampler, settings: Mapping[str, Any], num_samples: int, shard_size: int, batch_size: int
+) -> dict[str, Any]:
+    """What a run folder must agree on: the pixel-defining settings, the sampler's
+    ``stream_fields()`` (seed scheme, loop, noise layout), N, shard and batch size.
+
+    The batch size is part of it because CPU and GPU matrix kernels pick their blocking by the
+    number of rows, so one image's pixels can differ in the last bits between batch sizes (a
+    uint8 level at a rounding boundary); the process count is not, as every image lands in the
+    same batch for any number of processes. ``batch_size`` is the effective one (capped at the
+    shard size).
+    """
+    return {**settings, **sampler.stream_fields(), "num_samples": num_samples, "shard_size": shard_size, "batch_size": min(batch_size, shard_size)}
+
+
+def run_shards(
+    sampler: ImageSampler,
+    out_dir: str | Path,
+    num_samples: int,
+    shard_size: int = 1000,
+    batch_size: int = 250,
+    rank: int = 0,
+    world_size: int = 1,
+    manifest: dict[str, Any] | None = None,
+    on_shard_done: Callable[[int], None] | None = None,
+    show_progress: bool = False,
+) -> list[int]:
+    """Sample this rank's unfinished shards of ``out_dir``, each written atomically when done.
+
+    Shards already on disk with the right indices are skipped, so rerunning the same command
+    after a crash (with any number of processes) finishes the set without duplicating or
+    dropping an index. A shard interrupted mid-way is recomputed from scratch.
+
+    Args:
+        sampler: produces images for a batch of indices.
+        out_dir: run directory (``out_dir/shards/``).
+        num_samples: N; indices 0..N-1.
+        shard_size: indices per shard (fixes the split independently of ``world_size``).
+        batch_size: images per sampling batch (capped at the shard size).
+        rank: this process (0-based). world_size: number of processes.
+        manifest: settings recorded in / checked against ``shards/manifest.json`` (the sampler's
+            stream fields, N, the shard size and the batch size are added, see
+            :func:`shard_manifest`); a mismatch raises ``ShardError`` before any work.
+        on_shard_done: called with the shard id after each shard is written (tests inject
+            failures here).
+        show_progress: tqdm bar (images, img/s, ETA) for this rank.
+
+    Returns:
+        The shard ids this call computed.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    write_manifest(out_dir, shard_manifest(sampler, manifest or {}, num_samples, shard_size, batch_size))
+    mine = shards_for_rank(num_shards(num_samples, shard_size), rank, world_size)
+    todo = [k for k in mine if not shard_is_complete(shard_path(out_dir, k), shard_range(k, num_samples, shard_size))]
+    if show_progress:
+        say(f"rank {rank}/{world_size}: {len(mine) - len(todo)} of my {len(mine)} shards already done, "
+            f"{len(todo)} to sample")
+    total = sum(len(shard_range(k, num_samples, shard_size)) for k in todo)
+    done = []
+    with tqdm(total=total, unit="img", disable=not show_progress, desc=f"sampling (rank {rank} of {world_size})", dynamic_ncols=True) as bar:
+        for k in todo:
+            path = shard_path(out_dir, k)
+            remove_stale_temps(path)  # this rank owns shard k: its old temp files are garbage
+            indices = shard_range(k, num_samples, shard_size)
+            images: np.ndarray | None = None
+            labels = np.empty(len(indices), dtype=np.int64)
+            offset = 0
+            for batch in _batches(indices, batch_size):
+                batch_images, batch_labels = sampler.sample(batch)  # (n, H, W, 3), (n,)
+                if images is None:  # image size is known only after the first decode
+                    images = np.empty((len(indices), *batch_images.shape[1:]), dtype=np.uint8)
+                images[offset : offset + len(batch)] = batch_images
+                labels[offset : offset + len(batch)] = batch_labels
+                offset += len(batch)
+                bar.update(len(batch))
+            write_shard(path, images, labels, np.arange(indices.start, indices.stop))
+            done.append(k)
+            if on_shard_done is not None:
+                on_shard_done(k)
+    return done

@@ -1,0 +1,104 @@
+"""The embedded SHD demo in one command: teacher -> students (none / kd / kd_shd) -> samples -> scores.
+
+    python scripts/demo.py                      # CPU size -> results/demo/results.md
+    python scripts/demo.py --size gpu --out results/demo_gpu      # the same study at scale, one GPU
+    python scripts/demo.py --dry-run            # print the resolved settings and configs
+    python scripts/demo.py --train-teacher      # train the teacher from scratch instead of the committed one
+    python scripts/demo.py --teacher-only       # sample + score the teacher alone (its FID / precision / recall)
+
+Rerunning the same command reuses every finished stage (teacher, students, samples, scores) and
+resumes an interrupted one. The pipeline lives in shd_diffusion/demo/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2`` -> (0, 1, 2)."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _words(text: str) -> tuple[str, ...]:
+    """``--modes none,kd`` -> ("none", "kd")."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; size-dependent defaults are listed per size in the help."""
+    from .settings import CONFIG_DIR, DEFAULT_INCEPTION_WEIGHTS, SIZES
+
+    def per_size(field: str) -> str:
+        return "default per size: " + ", ".join(f"{k} {getattr(v, field)}" for k, v in SIZES.items())
+
+    p = argparse.ArgumentParser(
+        prog="python scripts/demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder (default: results/demo)")
+    p.add_argument("--size", choices=list(SIZES), default="cpu",
+                   help="cpu: the committed teacher and small students on the CPU; gpu: hours on one GPU; "
+                        "study: one short GPU call; tiny: smoke test (default: cpu)")
+    p.add_argument("--modes", type=_words, default=None,
+                   help="comma-separated distill.mode per student (default: none,kd,kd_shd)")
+    p.add_argument("--seeds", type=_ints, default=None, help="comma-separated student seeds (" + per_size("seeds") + ")")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per run (" + per_size("num_samples") + ")")
+    p.add_argument("--num-ref", type=int, default=None,
+                   help="reference images from the training set, 0 = all 10,000 (" + per_size("num_ref") + ")")
+    p.add_argument("--sampling-steps", type=int, default=None, help="respaced DDPM steps (" + per_size("sampling_steps") + ")")
+    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (" + per_size("cfg_scale") + ")")
+    p.add_argument("--inception-weights", type=Path, default=None,
+                   help=f"converted offline Inception, made once if missing (default: {DEFAULT_INCEPTION_WEIGHTS})")
+    p.add_argument("--train-teacher", action="store_true", default=None,
+                   help="train the teacher from scratch (configs/demo_teacher.yaml) instead of starting from the "
+                        "committed one in shd_diffusion/assets/demo_teacher (cpu size; gpu and tiny always train)")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="only sample and score the teacher (-> <out>/teacher_scores.json, samples_teacher.png)")
+    p.add_argument("--export-teacher", type=Path, default=None, metavar="CHECKPOINT",
+                   help="write a teacher run's checkpoint as the committed demo teacher, then exit")
+    p.add_argument("--train-time", type=float, default=None, metavar="SECONDS",
+                   help="with --export-teacher: the wall time its training took, recorded in teacher.json")
+    p.add_argument("--device", default="auto", help="sampling/scoring device: auto, cpu or cuda (default: auto)")
+    p.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="YAML configs (default: <repo>/configs)")
+    p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved settings and configs, then exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python scripts/demo.py`` (and ``shd-demo``): 0 when done, 2 for bad input."""
+    args = build_parser().parse_args(argv)
+    from ..cli import BadInput
+    from ..config import ConfigError
+    from .pipeline import describe, run_demo, score_teacher
+    from .settings import DemoError, resolve_settings
+    from .teacher import export_teacher
+
+    try:
+        if args.export_teacher is not None:
+            print(json.dumps(export_teacher(args.export_teacher, train_time_s=args.train_time), indent=2))
+            return 0
+        settings = resolve_settings(
+            args.size, modes=args.modes, seeds=args.seeds, num_samples=args.num_samples, num_ref=args.num_ref,
+            sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, train_teacher=args.train_teacher,
+        )
+        if args.dry_run:
+            print(describe(settings, args.out, args.config_dir))
+            return 0
+        if args.teacher_only:
+            print(json.dumps(score_teacher(settings, args.out, args.inception_weights, args.device, not args.no_progress,
+                                           args.config_dir), indent=2))
+            return 0
+        run_demo(settings, args.out, args.inception_weights, args.device, not args.no_progress, args.config_dir)
+    except (DemoError, ConfigError, BadInput) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

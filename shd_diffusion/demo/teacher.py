@@ -1,0 +1,176 @@
+"""The committed demo teacher (package data): a finished run that needs no training.
+
+``shd_diffusion/assets/demo_teacher`` is a ``save_pretrained`` folder of the EMA weights plus the
+training config it was trained with (``train_config.yaml``) and ``teacher.json`` (step, sha256,
+parameter count, train time). :func:`export_teacher` writes such a folder from a teacher run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..fileio import fsync_path
+from .files import relative
+from .settings import DemoError
+
+__all__ = [
+    "TEACHER_ASSET",
+    "TEACHER_WEIGHTS",
+    "TrainedRun",
+    "checkpoint_key",
+    "checkpoint_step",
+    "committed_teacher",
+    "count_params",
+    "export_teacher",
+]
+
+TEACHER_ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"
+TEACHER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class TrainedRun:
+    """A finished training run."""
+
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    train_time_s: float | None  # cumulative wall time of the demo's training sessions (None: trained elsewhere)
+    reused: bool
+    params: int = 0
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a training checkpoint ``step_{step:08d}.pt``."""
+    return int(Path(path).stem.split("_", 1)[1])
+
+
+def checkpoint_key(path: Path, out: Path) -> str:
+    """What identifies a checkpoint in the cache keys: its path relative to ``out``, or for the
+    committed teacher its weights' sha256 (so the keys do not depend on where the checkout lies)."""
+    if Path(path).resolve() == TEACHER_ASSET.resolve():
+        digest = hashlib.sha256((TEACHER_ASSET / TEACHER_WEIGHTS).read_bytes()).hexdigest()
+        return f"committed demo teacher sha256:{digest}"
+    return relative(path, out)
+
+
+def count_params(checkpoint: Path) -> int:
+    """Floating-point parameters of a checkpoint's EMA weights, or of a ``save_pretrained`` folder."""
+    from ..checkpoint import load_checkpoint
+
+    if Path(checkpoint).is_dir():  # a save_pretrained folder (the committed teacher): one set of weights
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(checkpoint) / TEACHER_WEIGHTS))
+    else:
+        state = load_checkpoint(checkpoint)["ema"]
+    return int(sum(v.numel() for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                   and not k.endswith("relative_position_index")))
+
+
+def committed_teacher() -> TrainedRun:
+    """The committed demo teacher (:data:`TEACHER_ASSET`) as a finished run; nothing is trained.
+
+    Raises:
+        DemoError: the asset is missing (a package installed without its data).
+    """
+    meta_path = TEACHER_ASSET / "teacher.json"
+    if not (TEACHER_ASSET / TEACHER_WEIGHTS).is_file() or not meta_path.is_file():
+        raise DemoError(f"the committed demo teacher is missing from {TEACHER_ASSET}: reinstall the package "
+                        "from a checkout (it is package data) or train one with --train-teacher")
+    meta = json.loads(meta_path.read_text())
+    return TrainedRun(TEACHER_ASSET, TEACHER_ASSET, int(meta["step"]), meta["train_time_s"], True)
+
+
+def export_teacher(checkpoint: Path, dest: Path | None = None, train_time_s: float | None = None) -> dict[str, Any]:
+    """Write a teacher run's checkpoint as the committed demo teacher into ``dest`` (default
+    :data:`TEACHER_ASSET`), atomically: the folder is written beside ``dest``, then swapped in.
+
+    ``dest`` gets the EMA weights as a ``save_pretrained`` folder (``config.json`` +
+    :data:`TEACHER_WEIGHTS`), the run's resolved ``config.yaml`` with ``train.steps`` set to the
+    checkpoint's step (``train_config.yaml``) and ``teacher.json``: step, sha256, parameter count and
+    ``train_time_s``, the wall time of the training sessions as the caller measured it (None: not
+    recorded; a run folder does not keep it across resumes). Other files already in ``dest``
+    (the asset's README.md) are kept.
+
+    Returns:
+        The content of ``teacher.json``.
+    """
+    from ..config import dump_yaml, load_config
+    from ..models.sources import load_model
+    from ..train_config import ExperimentConfig
+
+    checkpoint = Path(checkpoint)
+    dest = TEACHER_ASSET if dest is None else Path(dest)
+    run_dir = checkpoint.parents[1]  # run/checkpoints/step_*.pt
+    step = checkpoint_step(checkpoint)
+    cfg = load_config(ExperimentConfig, run_dir / "config.yaml", [f"train.steps={step}"])
+    if cfg.distill.mode != "none":
+        raise DemoError(f"{checkpoint}: the demo teacher is trained from scratch (distill.mode none), got {cfg.distill.mode}")
+    model = load_model(checkpoint, use_ema=True)
+    cfg.train.output_dir, cfg.train.run_name = "runs", run_dir.name
+    meta: dict[str, Any] = {}
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder), safe_serialization=True)  # config.json + TEACHER_WEIGHTS
+        (folder / "train_config.yaml").write_text(dump_yaml(cfg))
+        meta.update({
+            "step": step,
+            "source": relative(checkpoint, Path.cwd()),
+            "train_time_s": None if train_time_s is None else round(float(train_time_s), 1),
+            "weights_sha256": hashlib.sha256((folder / TEACHER_WEIGHTS).read_bytes()).hexdigest(),
+            "params": count_params(folder),
+        })
+        (folder / "teacher.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    _replace_folder(dest, write)
+    return meta
+
+
+def _replace_folder(dest: Path, write: Callable[[Path], None]) -> None:
+    """Fill a new folder beside ``dest`` with ``write``, fsync it, then swap it in for ``dest``.
+
+    A reader sees the old folder or the complete new one. The swap is two renames (POSIX has no
+    portable folder exchange): a crash between them leaves the old folder as ``.<name>.old-*``.
+    Files of the old folder that ``write`` does not produce are copied over first.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder a normal new folder's mode
+    old: Path | None = None
+    try:
+        write(tmp)
+        if dest.is_dir():
+            for kept in dest.iterdir():
+                if kept.is_file() and not (tmp / kept.name).exists():
+                    shutil.copy2(kept, tmp / kept.name)
+        for path in tmp.iterdir():
+            fsync_path(path)
+        fsync_path(tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+            os.replace(dest, old)  # onto the empty placeholder folder
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            if old is not None:
+                os.replace(old, dest)  # put the old folder back
+                old = None
+            raise
+        fsync_path(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
