@@ -47,10 +47,15 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 10) -> None:
 
 
 def class_columns(labels: np.ndarray, count: int, num_classes: int = 10) -> np.ndarray:
-    """Positions that lay images out with one class per column (row r, column c: r-th of class c)."""
+    """Positions that lay images out with one class per column (row r, column c: r-th of class c).
+
+    When some class has no image (fewer images than classes), the first ``count`` images in order.
+    """
     per = max(1, count // num_classes)
     rows = [np.flatnonzero(labels == c)[:per] for c in range(num_classes)]
     per = min(len(r) for r in rows)
+    if per == 0:
+        return np.arange(min(count, len(labels)))
     return np.stack([r[:per] for r in rows], axis=1).reshape(-1)  # (per * C,) row-major
 
 

@@ -28,6 +28,7 @@ everything here is file/array logic: no torch.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import zipfile
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .cli import BadInput
 from .console import say
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, stale_temps
 
 __all__ = [
     "SHARD_DIR",
@@ -212,7 +213,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     final = Path(path)
     removed = []
     # atomic_path's temporary names, and those of earlier versions of this module.
-    for tmp in [*final.parent.glob(f".{final.name}.*.tmp"), *final.parent.glob(f"{final.name}.tmp-*")]:
+    for tmp in [*stale_temps(final), *final.parent.glob(f"{glob.escape(final.name)}.tmp-*")]:
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed

@@ -2,7 +2,7 @@
 
 A tiny random VAE saved locally stands in for sd-vae-ft-ema; nothing is downloaded. The
 sampler side of each comparison is this package's: ``GaussianDiffusion.p_sample_step`` driven by
-``sampling.sample.GuidedDenoiser``, fed the noise the diffusers pipeline draws.
+``shd_diffusion.sampler.GuidedDenoiser``, fed the noise the diffusers pipeline draws.
 """
 
 from __future__ import annotations

@@ -55,3 +55,15 @@ def test_rgb_conversion_of_pixels_and_latents():
     latent = torch.arange(4 * 2 * 2, dtype=torch.float32).reshape(4, 2, 2)
     rgb = figures.to_rgb_uint8(latent)  # first three channels, each stretched to 0..255
     assert rgb.shape == (2, 2, 3) and rgb[0, 0].tolist() == [0, 0, 0] and rgb[1, 1].tolist() == [255, 255, 255]
+
+
+def test_class_columns_lays_out_one_class_per_column_and_copes_with_fewer_images_than_classes(tmp_path):
+    labels = np.arange(40) % 10  # 4 images per class
+    pos = figures.class_columns(labels, count=20)
+    assert pos.shape == (20,)
+    assert (labels[pos].reshape(2, 10) == np.arange(10)).all()  # row r, column c: class c
+    few = np.array([3, 1, 4, 1, 5])  # 5 images, most classes absent (the demo's tiny sizes)
+    assert figures.class_columns(few, count=100).tolist() == [0, 1, 2, 3, 4]
+    images = np.zeros((5, 8, 8, 3), dtype=np.uint8)
+    figures.save_grid(images[figures.class_columns(few, count=100)], tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -389,7 +389,7 @@ def test_resume_after_kill_matches_uninterrupted_run(pixel_model, tmp_path):
     with pytest.raises(Killed):
         run_shards(sampler, out, 10, 3, 2, rank=1, world_size=2, manifest={"tag": "t"}, on_shard_done=die_after_two)
     # Leftovers of a writer killed mid-shard: a temp file, and an unreadable (truncated) shard.
-    stray = shard_path(out, 0).with_name(".shard_000000.npz.dead999.tmp")  # fileio.atomic_path's naming
+    stray = shard_path(out, 0).with_name(".shard_000000.npz.dead999.tmp.npz")  # fileio.atomic_path's naming
     stray.write_bytes(b"partial")
     shard_path(out, 2).write_bytes(b"PK\x03\x04truncated")
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..vae import SD_VAE_SCALE_FACTOR  # noqa: F401  old home; training and sampling.sample still import it from here
 from .animal_mnist import ANIMAL_MNIST_CLASSES, AnimalMNIST, animal_mnist_dir
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, center_crop_adm
 from .items import DatasetError, flip_from_seed

@@ -1,0 +1,82 @@
+"""The house's rules, read from the code: arrows run one way and every console command resolves.
+
+scripts -> application (training, demo, export; the ``sampling`` commands) -> core. A core module
+that imported an application module, or anything in ``shd_diffusion`` that imported the top-level
+``sampling`` package, would make the arrows run both ways.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; the commands are also checked by CI there
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "shd_diffusion"
+APPLICATION = ("shd_diffusion.training", "shd_diffusion.demo", "shd_diffusion.export")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+            name = ".".join([*base, node.module] if node.module else base)
+            found.add(name)
+            found.update(f"{name}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def test_the_package_never_imports_the_sampling_commands():
+    offenders = {_module_name(p): sorted(n for n in _imports(p) if _within(n, "sampling"))
+                 for p in PACKAGE.rglob("*.py")}
+    assert {m: n for m, n in offenders.items() if n} == {}
+
+
+def test_core_modules_import_no_application_module():
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        if any(_within(module, app) for app in APPLICATION):
+            continue
+        bad = sorted(n for n in _imports(path) for app in APPLICATION if _within(n, app))
+        if bad:
+            offenders[module] = bad
+    assert offenders == {}
+
+
+def test_the_rule_sees_an_upward_import(tmp_path, monkeypatch):
+    """The checker itself: a relative import of the trainer from a core module is caught."""
+    fake = PACKAGE / "shd" / "_probe_layout.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from ..training import Trainer\n")
+    assert "shd_diffusion.training.Trainer" in _imports(fake)
+
+
+def _console_scripts() -> dict[str, str]:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["scripts"]
+
+
+@pytest.mark.parametrize("name", sorted(_console_scripts()))
+def test_every_console_command_resolves_to_a_function(name):
+    module, _, attr = _console_scripts()[name].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
