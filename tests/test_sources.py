@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from shd_diffusion.cli import BadInput
 from shd_diffusion.models import (
-    CheckpointError,
+    WeightsError,
     DiT,
     create_model,
     from_diffusers,
@@ -112,11 +112,11 @@ def test_to_diffusers_round_trips_both_timestep_conventions(tmp_path):
 
 
 def test_from_diffusers_refuses_what_dit_cannot_express():
-    with pytest.raises(CheckpointError, match="block 1 has its own norm1.emb"):
+    with pytest.raises(WeightsError, match="block 1 has its own norm1.emb"):
         from_diffusers(random_diffusers_dit(tied=False))
-    with pytest.raises(CheckpointError, match="out_channels=6"):
+    with pytest.raises(WeightsError, match="out_channels=6"):
         from_diffusers(random_diffusers_dit(out_channels=6))
-    with pytest.raises(CheckpointError, match="mlp_ratio"):
+    with pytest.raises(WeightsError, match="mlp_ratio"):
         to_diffusers(DiT(**DIT_ARCH, mlp_ratio=2.0))
 
 
@@ -180,9 +180,9 @@ def test_load_weights_adopts_a_diffusers_teacher_of_the_configured_size(tmp_path
     x, t, y = inputs()
     with torch.no_grad():
         assert_close(teacher(x, t, y), ref_model(x, timestep=t, class_labels=y).sample)
-    with pytest.raises(CheckpointError, match=r"differs in depth=2 \(model: 3\)"):
+    with pytest.raises(WeightsError, match=r"differs in depth=2 \(model: 3\)"):
         load_weights(create_model("DiT-S/2", **{**DIT_ARCH, "depth": 3}), tmp_path / "dit")
-    with pytest.raises(CheckpointError, match="but the model is a MDTv2"):
+    with pytest.raises(WeightsError, match="but the model is a MDTv2"):
         load_weights(create_model("MDTv2-S/2", **{**DIT_ARCH, "depth": 4, "decode_layer": 2}), tmp_path / "dit")
 
 

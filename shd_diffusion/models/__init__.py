@@ -13,7 +13,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see below
 from shd_diffusion.models.diffusers_dit import from_diffusers_model, to_diffusers
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
-    CheckpointError,
+    WeightsError,
     describe_architecture,
     extract_state_dict,
     infer_architecture,
@@ -41,7 +41,7 @@ __all__ = [
     "matching_model_names",
     "describe_architecture",
     "load_official_state_dict",
-    "CheckpointError",
+    "WeightsError",
     "from_diffusers",
     "from_diffusers_model",
     "to_diffusers",

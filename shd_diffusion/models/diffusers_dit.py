@@ -29,7 +29,7 @@ from diffusers import DiTTransformer2DModel
 
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.dit_transformer_freq_shift import DiTTransformer2DModelFreqShift
-from shd_diffusion.models.loading import CheckpointError
+from shd_diffusion.models.loading import WeightsError
 
 __all__ = ["DIFFUSERS_DIT_CLASSES", "dit_kwargs_from_diffusers_config", "from_diffusers_model", "to_diffusers"]
 
@@ -60,19 +60,19 @@ def dit_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any
     """:class:`DiT` constructor keywords equivalent to a ``DiTTransformer2DModel`` config.
 
     Raises:
-        CheckpointError: a setting :class:`DiT` cannot reproduce (named, with its value).
+        WeightsError: a setting :class:`DiT` cannot reproduce (named, with its value).
     """
     required = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "norm_elementwise_affine": False,
                 "attention_bias": True}
     for key, want in required.items():
         if config.get(key, want) != want:
-            raise CheckpointError(f"diffusers DiT config has {key}={config[key]!r}; only {want!r} converts to DiT")
+            raise WeightsError(f"diffusers DiT config has {key}={config[key]!r}; only {want!r} converts to DiT")
     if config.get("num_embeds_ada_norm") is None:
-        raise CheckpointError("diffusers DiT config has num_embeds_ada_norm=None: not class-conditional, no DiT equivalent")
+        raise WeightsError("diffusers DiT config has num_embeds_ada_norm=None: not class-conditional, no DiT equivalent")
     heads, in_ch = int(config["num_attention_heads"]), int(config["in_channels"])
     out_ch = int(config.get("out_channels") or in_ch)
     if out_ch not in (in_ch, 2 * in_ch):
-        raise CheckpointError(f"diffusers DiT config has out_channels={out_ch} for in_channels={in_ch}: expected {in_ch} or {2 * in_ch}")
+        raise WeightsError(f"diffusers DiT config has out_channels={out_ch} for in_channels={in_ch}: expected {in_ch} or {2 * in_ch}")
     return {
         "input_size": int(config["sample_size"]),
         "patch_size": int(config["patch_size"]),
@@ -96,7 +96,7 @@ def _check_shared_embedders(state: Mapping[str, torch.Tensor], depth: int) -> No
         for name, ref in first.items():
             other = state.get(f"transformer_blocks.{i}.{_EMB}{name}")
             if other is None or not torch.equal(other, ref):
-                raise CheckpointError(
+                raise WeightsError(
                     f"diffusers DiT block {i} has its own {_EMB}{name} (differs from block 0's): DiT shares one timestep "
                     "and label embedder, so this model has no exact DiT equivalent"
                 )
@@ -122,7 +122,7 @@ def _dit_state(transformer: DiTTransformer2DModel, depth: int) -> dict[str, torc
         used.add(src)
     left = sorted(set(state) - used)
     if left:
-        raise CheckpointError(f"diffusers DiT has weights DiT has no place for: {', '.join(left[:5])}")
+        raise WeightsError(f"diffusers DiT has weights DiT has no place for: {', '.join(left[:5])}")
     return out
 
 
@@ -136,7 +136,7 @@ def from_diffusers_model(transformer: DiTTransformer2DModel) -> DiT:
         A float32 :class:`DiT` in eval mode whose forward equals the transformer's.
 
     Raises:
-        CheckpointError: a setting or weight layout DiT cannot reproduce.
+        WeightsError: a setting or weight layout DiT cannot reproduce.
     """
     kwargs = dit_kwargs_from_diffusers_config(transformer.config)
     dit = DiT(**kwargs)
@@ -152,13 +152,13 @@ def to_diffusers(dit: DiT) -> DiTTransformer2DModel:
     the original DiT features becomes :class:`DiTTransformer2DModelFreqShift` (a subclass).
 
     Raises:
-        CheckpointError: a DiT that the diffusers class cannot express (MLP ratio, no null class).
+        WeightsError: a DiT that the diffusers class cannot express (MLP ratio, no null class).
     """
     cfg = dit.config
     if float(cfg.mlp_ratio) != 4.0:
-        raise CheckpointError(f"DiT has mlp_ratio={cfg.mlp_ratio}; DiTTransformer2DModel's MLP is 4x wide")
+        raise WeightsError(f"DiT has mlp_ratio={cfg.mlp_ratio}; DiTTransformer2DModel's MLP is 4x wide")
     if float(cfg.class_dropout_prob) <= 0:
-        raise CheckpointError("DiT has no null class (class_dropout_prob=0); DiTTransformer2DModel always has one")
+        raise WeightsError("DiT has no null class (class_dropout_prob=0); DiTTransformer2DModel always has one")
     common = dict(
         num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
         in_channels=cfg.in_channels, out_channels=dit.out_channels, num_layers=cfg.depth,

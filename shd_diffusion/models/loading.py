@@ -24,11 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from shd_diffusion.checkpoint import CheckpointError as RunCheckpointError
+from shd_diffusion.checkpoint import CheckpointError
 from shd_diffusion.models.registry import MODEL_CONFIGS
 
 __all__ = [
-    "CheckpointError",
+    "WeightsError",
     "load_checkpoint_file",
     "extract_state_dict",
     "infer_architecture",
@@ -46,8 +46,8 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")
 MAX_LISTED_KEYS = 5
 
 
-class CheckpointError(RunCheckpointError, ValueError):
-    """A checkpoint (file, folder or Hub id) that cannot be used; the message names cause and fix.
+class WeightsError(CheckpointError, ValueError):
+    """Model weights (file, folder or Hub id) that cannot be used; the message names cause and fix.
 
     A ``ValueError`` for library callers, and a kind of the run checkpoint's error (so a
     :class:`~shd_diffusion.cli.BadInput`, exit code 2, for the entry points): one ``except`` catches both.
@@ -68,25 +68,25 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: empty, not a checkpoint, pickles other objects, or holds no tensor dict.
+        WeightsError: empty, not a checkpoint, pickles other objects, or holds no tensor dict.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {p}")
     if p.stat().st_size == 0:
-        raise CheckpointError(f"{p} is empty (0 bytes): an interrupted copy or download? Fetch the file again")
+        raise WeightsError(f"{p} is empty (0 bytes): an interrupted copy or download? Fetch the file again")
     if p.suffix == ".safetensors":
         try:
             return dict(load_safetensors(str(p), device="cpu"))
         except SafetensorError as err:
-            raise CheckpointError(f"{p} is not a valid safetensors file ({err}): fetch or export it again") from None
+            raise WeightsError(f"{p} is not a valid safetensors file ({err}): fetch or export it again") from None
     obj = _torch_load_weights_only(p)
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
+        raise WeightsError(f"{p} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
     try:
         extract_state_dict(obj)  # fail here, with the file name at hand, if there are no weights
     except ValueError as err:
-        raise CheckpointError(f"{p}: {err}") from None
+        raise WeightsError(f"{p}: {err}") from None
     return obj
 
 
@@ -100,18 +100,18 @@ def _torch_load_weights_only(p: Path) -> Any:
         # unknown origin; report only the refused global.
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if zipfile.is_zipfile(p) and found:
-            raise CheckpointError(
+            raise WeightsError(
                 f"{p} is not a weights-only checkpoint: it pickles other objects ({found.group(1)}), and "
                 "unpickling those can run code. Re-save just the state dict from a trusted environment, "
                 "e.g. torch.save(ckpt['ema'], path), or convert it to safetensors"
             ) from None
-        raise CheckpointError(
+        raise WeightsError(
             f"{p} is not a torch checkpoint (neither torch.save's zip format nor a tensor-only legacy "
             "file): check the path, or re-save the weights with torch.save(state_dict, path)"
         ) from None
     except Exception as err:  # noqa: BLE001 - corrupt bytes can make the unpickler raise anything
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise CheckpointError(
+        raise WeightsError(
             f"{p} is not a readable torch checkpoint (truncated or corrupt: {type(err).__name__}: {first}): "
             "fetch or write it again"
         ) from None
@@ -139,7 +139,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]
         ``{name: tensor}`` with DDP / compile prefixes removed.
 
     Raises:
-        CheckpointError: no tensor dict found; the message lists the top-level entries.
+        WeightsError: no tensor dict found; the message lists the top-level entries.
     """
     state: Any = checkpoint
     for key in WRAPPER_KEYS:
@@ -149,7 +149,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]
     non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not state or non_tensors:
         entries = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(checkpoint.items())[:10])
-        raise CheckpointError(
+        raise WeightsError(
             "checkpoint is not a tensor dict: expected a state dict or a dict with an 'ema' or 'model' "
             f"state dict; top-level entries: {entries or 'none'}"
         )
@@ -268,7 +268,7 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) ->
         ``model``, with the weights loaded.
 
     Raises:
-        CheckpointError: missing, unexpected or mis-shaped keys; the message names them (first few and
+        WeightsError: missing, unexpected or mis-shaped keys; the message names them (first few and
             a count), says what architecture the checkpoint has and which registry config fits.
     """
     state = extract_state_dict(state_dict)
@@ -297,7 +297,7 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) ->
                 f"the checkpoint has decode_layer={arch['decode_layer']} but the model was built with "
                 f"decode_layer={model_decode}: rebuild the model with decode_layer={arch['decode_layer']}",
             )
-        raise CheckpointError(
+        raise WeightsError(
             f"checkpoint does not fit {type(model).__name__}: " + ". ".join(hints) + ". Details: " + "; ".join(problems)
         )
     model.load_state_dict(state, strict=True)

@@ -29,7 +29,7 @@ from torch import nn
 from shd_diffusion.models.diffusers_dit import DIFFUSERS_DIT_CLASSES, from_diffusers_model
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
-    CheckpointError,
+    WeightsError,
     describe_architecture,
     extract_state_dict,
     infer_architecture,
@@ -80,7 +80,7 @@ def parse_hub_id(text: str | os.PathLike[str]) -> HubRef | None:
     return HubRef(m.group("repo"), m.group("rev"), path.strip("/") if path else None)
 
 
-class SourceNotFound(CheckpointError, FileNotFoundError):
+class SourceNotFound(WeightsError, FileNotFoundError):
     """Neither an existing path nor a Hub id (a ``FileNotFoundError`` for library callers)."""
 
 
@@ -108,23 +108,23 @@ def _download(ref: HubRef) -> Path:
             patterns = [p + "diffusion_pytorch_model*.bin*" for p in prefixes]
             root = Path(huggingface_hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
     except errors.LocalEntryNotFoundError as err:
-        raise CheckpointError(
+        raise WeightsError(
             f"Hub source {ref} is not in the local Hugging Face cache and the Hub cannot be reached "
             f"(offline mode {'on' if huggingface_hub.constants.is_offline_mode() else 'off'}, cache "
             f"{huggingface_hub.constants.HF_HUB_CACHE}): "
             f"download it once with network access (hf download {ref.repo_id}) or pass a local path"
         ) from err
     except errors.RepositoryNotFoundError as err:
-        raise CheckpointError(f"Hub repository {ref.repo_id} does not exist or needs a token (set HF_TOKEN)") from err
+        raise WeightsError(f"Hub repository {ref.repo_id} does not exist or needs a token (set HF_TOKEN)") from err
     except errors.RevisionNotFoundError as err:
-        raise CheckpointError(f"Hub repository {ref.repo_id} has no revision {ref.revision!r}: check the @revision") from err
+        raise WeightsError(f"Hub repository {ref.repo_id} has no revision {ref.revision!r}: check the @revision") from err
     except errors.EntryNotFoundError as err:
-        raise CheckpointError(f"Hub repository {ref.repo_id} has no file {ref.path!r}: check the :path") from err
+        raise WeightsError(f"Hub repository {ref.repo_id} has no file {ref.path!r}: check the :path") from err
     except errors.HfHubHTTPError as err:
-        raise CheckpointError(f"could not fetch {ref} from the Hub ({str(err).splitlines()[0]})") from err
+        raise WeightsError(f"could not fetch {ref} from the Hub ({str(err).splitlines()[0]})") from err
     local = root / ref.path if ref.path else root
     if not local.exists():
-        raise CheckpointError(f"Hub repository {ref.repo_id} has no folder {ref.path!r} with a model: check the :path")
+        raise WeightsError(f"Hub repository {ref.repo_id} has no folder {ref.path!r} with a model: check the :path")
     return local
 
 
@@ -133,20 +133,20 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
 
     Raises:
         FileNotFoundError: not an existing path and not a Hub id.
-        CheckpointError: a Hub id that does not resolve; a folder without a model config.
+        WeightsError: a Hub id that does not resolve; a folder without a model config.
     """
     path = Path(source)
     if not path.exists():
         check_source(source)
         try:
             path = _download(parse_hub_id(source))  # type: ignore[arg-type]
-        except CheckpointError as err:
-            raise CheckpointError(f"{source} is not a local path; as a Hub id: {err}") from err.__cause__
+        except WeightsError as err:
+            raise WeightsError(f"{source} is not a local path; as a Hub id: {err}") from err.__cause__
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "model_index.json").is_file():
             path = path / PIPELINE_SUBFOLDER
         if not (path / "config.json").is_file():
-            raise CheckpointError(
+            raise WeightsError(
                 f"{path} has no config.json: a model folder (save_pretrained / DiTTransformer2DModel) or a pipeline "
                 "folder with transformer/ was expected; for a file, point at the file itself"
             )
@@ -158,7 +158,7 @@ def _folder_class(folder: Path) -> str:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{folder}/config.json is not valid JSON ({err}): fetch or export the folder again") from None
+        raise WeightsError(f"{folder}/config.json is not valid JSON ({err}): fetch or export the folder again") from None
     return str(config.get("_class_name")) if isinstance(config, dict) else "?"
 
 
@@ -169,7 +169,7 @@ def _folder_kind(folder: Path) -> str:
         return "diffusers_dit"
     if name in _package_classes():
         return "package"
-    raise CheckpointError(
+    raise WeightsError(
         f"{folder} holds a {name}, not a DiT / MDTv2 model: pass a DiTTransformer2DModel folder, a pipeline "
         "folder whose transformer/ is one, a DiT/MDTv2 save_pretrained folder, or a checkpoint file"
     )
@@ -184,12 +184,12 @@ def load_diffusers_dit(source: str | os.PathLike[str]) -> Any:
     """The diffusers ``DiTTransformer2DModel`` (or freq-shift subclass) a source holds, float32."""
     folder = resolve_source(source)
     if folder.is_file() or _folder_kind(folder) != "diffusers_dit":
-        raise CheckpointError(f"{source} is not a diffusers DiTTransformer2DModel folder")
+        raise WeightsError(f"{source} is not a diffusers DiTTransformer2DModel folder")
     cls = DIFFUSERS_DIT_CLASSES[_folder_class(folder)]
     try:
         return cls.from_pretrained(folder).float().eval()
     except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"cannot load the diffusers DiT in {folder} ({str(err).splitlines()[0][:300]}): fetch it again") from None
+        raise WeightsError(f"cannot load the diffusers DiT in {folder} ({str(err).splitlines()[0][:300]}): fetch it again") from None
 
 
 def from_diffusers(model_or_path: DiTTransformer2DModel | str | os.PathLike[str]) -> DiT:
@@ -248,7 +248,7 @@ def load_model_with_info(
         kind, cls_name = _folder_kind(path), _folder_class(path)
         family = "DiT" if kind == "diffusers_dit" else cls_name
         if model_name is not None and not model_name.startswith(family + "-"):
-            raise CheckpointError(f"model {model_name} does not match {source}, which holds a {family}: drop the model name")
+            raise WeightsError(f"model {model_name} does not match {source}, which holds a {family}: drop the model name")
         ignored = "" if use_ema else " (--no-use-ema ignored: the folder holds one set of weights)"
         if kind == "diffusers_dit":
             model = from_diffusers_model(load_diffusers_dit(path))
@@ -285,7 +285,7 @@ def _architecture(
     student = config.get("student") if isinstance(config, Mapping) else None
     if not isinstance(student, Mapping) or "name" not in student:
         arch = describe_architecture(infer_architecture(extract_state_dict(raw)))
-        raise CheckpointError(f"{source} does not name its architecture: pass --model ({arch})")
+        raise WeightsError(f"{source} does not name its architecture: pass --model ({arch})")
     stored = {k: v for k, v in student.items() if k != "name" and v is not None}
     return str(student["name"]), {**stored, **kwargs}
 
@@ -294,7 +294,7 @@ def _create(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
     try:
         return create_model(name, **kwargs)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"cannot build {name} with {dict(kwargs)}: {err}") from None
+        raise WeightsError(f"cannot build {name} with {dict(kwargs)}: {err}") from None
 
 
 def _which_weights(raw: Mapping[str, Any], use_ema: bool) -> str:
@@ -330,7 +330,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], use_ema: bool
         checked, with diffusers' timestep features and MLP norm eps, which ``model`` lacks).
 
     Raises:
-        CheckpointError: the weights do not fit ``model``; the message names the mismatch and
+        WeightsError: the weights do not fit ``model``; the message names the mismatch and
             what the source holds.
     """
     path = resolve_source(source)
@@ -340,7 +340,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], use_ema: bool
         diff = [f"{k}={theirs[k]} (model: {ours.get(k)})" for k in _DIT_ARCH_FIELDS if ours.get(k) != theirs[k]]
         if type(model).__name__ != "DiT" or diff:
             held = ", ".join(f"{k}={theirs[k]}" for k in _DIT_ARCH_FIELDS)
-            raise CheckpointError(
+            raise WeightsError(
                 f"{source} holds a diffusers DiT({held}) but the model is a {type(model).__name__}"
                 + (f" that differs in {', '.join(diff)}" if diff and type(model).__name__ == "DiT" else "")
                 + ": configure a DiT with these sizes"
@@ -350,7 +350,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], use_ema: bool
         _folder_kind(path)  # refuses folders of other model classes, naming the class
         found = sorted(path.glob("*.safetensors"))
         if not found:
-            raise CheckpointError(f"{path} has a config.json but no *.safetensors weights: export the folder again")
+            raise WeightsError(f"{path} has a config.json but no *.safetensors weights: export the folder again")
         state: Any = load_checkpoint_file(found[0])
     else:
         state = load_checkpoint_file(path)
@@ -358,6 +358,6 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], use_ema: bool
             state = state["model"]
     try:
         load_official_state_dict(model, state)
-    except CheckpointError as err:
-        raise CheckpointError(f"{source}: {err}") from None
+    except WeightsError as err:
+        raise WeightsError(f"{source}: {err}") from None
     return model
