@@ -11,12 +11,11 @@ Default optimizer: ``"adan"`` = timm's ``Adan``. Chosen by measurement
   decay when weight_decay > 0), its moments start at the second gradient with a real first
   difference ``g2 - g1`` instead of 0, and its bias corrections count the skipped step. That is
   not the upstream MDTv2 recipe.
-* Speed (``benchmarks/bench_optim.py``; CPU, 2 shared threads, MDTv2-S/2-shaped 38.5M parameters
-  in 175 tensors; median step, two runs on a quiet machine): timm Adan 80-90 ms with its CPU
-  default (per-tensor; its foreach path is 145-148 ms there), adan-pytorch 136-156 ms, AdamW
-  63-66 ms (reference). timm's ``foreach=None`` picks foreach on CUDA and per-tensor on CPU,
-  where torch's foreach ops are a slower fallback; adan-pytorch has only a Python loop. No GPU
-  figure yet: run the benchmark on one.
+* Speed (``benchmarks/bench_optim.py``; figures in the README's "Measured results"): on the CPU
+  timm's Adan is the fastest Adan (its per-tensor default; its foreach path is slower there),
+  adan-pytorch is slower still (a Python loop only), and both cost more than AdamW. timm's
+  ``foreach=None`` picks foreach on CUDA and per-tensor on CPU, where torch's foreach ops are a
+  slower fallback. No GPU figure yet: run the benchmark on one.
 
 Betas in our configs are ALWAYS the official convention ``(0.98, 0.92, 0.99)`` (decay rates of
 the averages); :func:`build_optimizer` converts them to adan-pytorch's ``1 - beta`` convention.
