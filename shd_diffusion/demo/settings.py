@@ -49,7 +49,7 @@ class DemoSettings:
 
 
 SIZES: dict[str, DemoSettings] = {
-    # 2 CPU cores: the committed teacher, 3 students x 2000 steps, 4 x 250 samples, 500 refs (not re-timed).
+    # 2 CPU cores: the committed teacher, 3 students x 1000 steps, 4 x 250 samples, 500 refs.
     "cpu": DemoSettings(size="cpu", teacher_config="demo_teacher.yaml", student_config="demo_student.yaml"),
     # One GPU, hours: teacher to convergence, 3 seeds per mode, 5k samples, FID against all 10k images.
     "gpu": DemoSettings(
