@@ -27,7 +27,7 @@ interrupted demo is finished by running the same command again:
 Sizes (``--size``):
 
 * ``cpu`` (default): the committed MDTv2 teacher (96 wide / 6 layers / 12 heads), students 48 wide
-  / 4 layers / 6 heads, patch 4 (64 tokens), 3 x 1000 student steps at batch 32, 250 samples per
+  / 4 layers / 6 heads, patch 4 (64 tokens), 3 x 600 student steps at batch 32, 250 samples per
   run (50 steps, CFG 3.8 power-cosine) against 500 training images. ``--train-teacher``: the
   teacher from scratch first (1500 steps). Not timed at this size.
 * ``gpu``: ``bash scripts/demo.sh --size gpu --out results/demo_gpu`` on one GPU. Teacher 384 wide /

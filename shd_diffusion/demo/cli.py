@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from ..cli import add_debug_flag, run_main
 
 __all__ = ["build_parser", "main"]
 
@@ -70,35 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="YAML configs (default: <repo>/configs)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and configs, then exit")
+    add_debug_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python scripts/demo.py`` (and ``shd-demo``): 0 when done, 2 for bad input."""
     args = build_parser().parse_args(argv)
-    from ..cli import BadInput
-    from ..config import ConfigError
+    return run_main(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> None:
+    """The command's work; its result goes to stdout, progress through ``console.say``."""
     from .pipeline import describe, run_demo, score_teacher
-    from .settings import DemoError, resolve_settings
+    from .settings import resolve_settings
     from .teacher import export_teacher
 
-    try:
-        if args.export_teacher is not None:
-            print(json.dumps(export_teacher(args.export_teacher, train_time_s=args.train_time), indent=2))
-            return 0
-        settings = resolve_settings(
-            args.size, modes=args.modes, seeds=args.seeds, num_samples=args.num_samples, num_ref=args.num_ref,
-            sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, train_teacher=args.train_teacher,
-        )
-        if args.dry_run:
-            print(describe(settings, args.out, args.config_dir))
-            return 0
-        if args.teacher_only:
-            print(json.dumps(score_teacher(settings, args.out, args.inception_weights, args.device, not args.no_progress,
-                                           args.config_dir), indent=2))
-            return 0
+    if args.export_teacher is not None:
+        print(json.dumps(export_teacher(args.export_teacher, train_time_s=args.train_time), indent=2))
+        return
+    settings = resolve_settings(
+        args.size, modes=args.modes, seeds=args.seeds, num_samples=args.num_samples, num_ref=args.num_ref,
+        sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, train_teacher=args.train_teacher,
+    )
+    if args.dry_run:
+        print(describe(settings, args.out, args.config_dir))
+    elif args.teacher_only:
+        print(json.dumps(score_teacher(settings, args.out, args.inception_weights, args.device, not args.no_progress,
+                                       args.config_dir), indent=2))
+    else:
         run_demo(settings, args.out, args.inception_weights, args.device, not args.no_progress, args.config_dir)
-    except (DemoError, ConfigError, BadInput) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0

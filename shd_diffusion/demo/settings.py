@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cli import BadInput
+
 __all__ = ["CONFIG_DIR", "DEFAULT_INCEPTION_WEIGHTS", "DemoError", "DemoSettings", "SIZES", "resolve_settings"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # <repo>/configs in a checkout
@@ -16,7 +18,7 @@ DEFAULT_INCEPTION_WEIGHTS = (
 )
 
 
-class DemoError(RuntimeError):
+class DemoError(BadInput, RuntimeError):
     """The demo cannot continue; the message names the problem and the fix."""
 
 
@@ -49,7 +51,7 @@ class DemoSettings:
 
 
 SIZES: dict[str, DemoSettings] = {
-    # 2 CPU cores: the committed teacher, 3 students x 1000 steps, 4 x 250 samples, 500 refs.
+    # 2 CPU cores: the committed teacher, 3 students x 600 steps, 4 x 250 samples, 500 refs.
     "cpu": DemoSettings(size="cpu", teacher_config="demo_teacher.yaml", student_config="demo_student.yaml"),
     # One GPU, hours: teacher to convergence, 3 seeds per mode, 5k samples, FID against all 10k images.
     "gpu": DemoSettings(

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
+from shd_diffusion.console import say
 from shd_diffusion.models.diffusers_dit import DIFFUSERS_DIT_CLASSES, from_diffusers_model
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
@@ -223,14 +224,14 @@ def load_model(
         use_ema: take the ``ema`` weights of a dict that has them (else ``model``). A folder or a
             bare state dict holds one set of weights, used either way (``verbose`` says so).
         overrides: ``create_model`` keywords for non-default shapes (files only).
-        verbose: print which weights were loaded (pass ``is_main``).
+        verbose: say which weights were loaded (printed on the main process only).
 
     Returns:
         The model in eval mode with gradients off, on the CPU.
     """
     model, info = load_model_with_info(source, model_name, use_ema, overrides)
-    if verbose:  # the caller passes its is-main-process flag
-        print(info["message"], flush=True)
+    if verbose:
+        say(info["message"])
     return model
 
 
