@@ -29,8 +29,12 @@ def short_hash(obj: Any) -> str:
 
 
 def relative(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` when inside it, else absolute (what the reports show)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return str(Path(path).resolve())
+    """``path`` relative to ``root``, else to the working directory (the committed teacher from the
+    repository root), else absolute: what the reports show, so they carry no machine's paths."""
+    resolved = Path(path).resolve()
+    for base in (Path(root), Path.cwd()):
+        try:
+            return str(resolved.relative_to(base.resolve()))
+        except ValueError:
+            continue
+    return str(resolved)
