@@ -97,24 +97,38 @@ def atomic_write_text(final: str | os.PathLike[str], text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike[str], replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; on success it becomes ``final`` atomically.
 
-    ``final`` must be absent or an empty folder (a rename replaces nothing else). Every file
-    written into the yielded folder is fsynced before the rename. On any error the temporary
-    folder is removed and ``final`` is untouched.
+    ``final`` must be absent or an empty folder (a rename replaces nothing else), unless
+    ``replace``: then an existing ``final`` is first renamed aside and removed after the swap
+    (POSIX has no portable folder exchange, so a crash between the two renames leaves it as
+    ``.NAME.old-*``). Every file written into the yielded folder is fsynced before the rename. On
+    any error the temporary folder is removed and ``final`` is as it was.
     """
     final = Path(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     _new_file_mode(tmp, 0o777)  # mkdtemp makes 0700
+    old: Path | None = None
     try:
         yield tmp
         for folder, _, files in os.walk(tmp):
             for name in files:
                 fsync_path(os.path.join(folder, name))
             fsync_path(folder)
-        os.replace(tmp, final)  # POSIX rename: replaces an empty folder, refuses a non-empty one
+        if replace and final.exists():
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            os.replace(final, old)  # onto the empty placeholder folder
+        try:
+            os.replace(tmp, final)  # POSIX rename: replaces an empty folder, refuses a non-empty one
+        except BaseException:
+            if old is not None:
+                os.replace(old, final)  # put the old folder back
+                old = None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import stat
 
 import pytest
@@ -57,6 +58,36 @@ def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
             (tmp / "b.txt").write_text("new")
     assert sorted(p.name for p in final.rglob("*")) == ["a.txt", "sub"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_atomic_dir_replace_swaps_out_a_full_folder_or_leaves_it(tmp_path, monkeypatch):
+    final = tmp_path / "asset"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):  # a failed write: the old folder stays as it was
+        with atomic_dir(final, replace=True) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("crash")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asset"]
+    assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
+    real_replace = os.replace
+
+    def fail_second_rename(src, dst):  # the swap's second rename fails: the old folder is put back
+        if Path(src).name.endswith(".tmp"):
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_second_rename)
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_dir(final, replace=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asset"]
+    assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
+    with atomic_dir(final, replace=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asset"]  # the old folder is removed
 
 
 def test_stale_temps_finds_the_temp_of_a_killed_writer(tmp_path):

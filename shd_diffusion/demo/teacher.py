@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..fileio import fsync_path
+from ..fileio import atomic_dir
 from .files import relative
 from .settings import DemoError
 
@@ -118,59 +116,20 @@ def export_teacher(checkpoint: Path, dest: Path | None = None, train_time_s: flo
         raise DemoError(f"{checkpoint}: the demo teacher is trained from scratch (distill.mode none), got {cfg.distill.mode}")
     model = load_model(checkpoint, use_ema=True)
     cfg.train.output_dir, cfg.train.run_name = "runs", run_dir.name
-    meta: dict[str, Any] = {}
 
-    def write(folder: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(dest, replace=True) as folder:
         model.save_pretrained(str(folder), safe_serialization=True)  # config.json + TEACHER_WEIGHTS
         (folder / "train_config.yaml").write_text(dump_yaml(cfg))
-        meta.update({
+        meta = {
             "step": step,
             "source": relative(checkpoint, Path.cwd()),
             "train_time_s": None if train_time_s is None else round(float(train_time_s), 1),
             "weights_sha256": hashlib.sha256((folder / TEACHER_WEIGHTS).read_bytes()).hexdigest(),
             "params": count_params(folder),
-        })
+        }
         (folder / "teacher.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    _replace_folder(dest, write)
+        for kept in dest.iterdir() if dest.is_dir() else ():  # files this export does not write (README.md)
+            if kept.is_file() and not (folder / kept.name).exists():
+                shutil.copy2(kept, folder / kept.name)
     return meta
-
-
-def _replace_folder(dest: Path, write: Callable[[Path], None]) -> None:
-    """Fill a new folder beside ``dest`` with ``write``, fsync it, then swap it in for ``dest``.
-
-    A reader sees the old folder or the complete new one. The swap is two renames (POSIX has no
-    portable folder exchange): a crash between them leaves the old folder as ``.<name>.old-*``.
-    Files of the old folder that ``write`` does not produce are copied over first.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder a normal new folder's mode
-    old: Path | None = None
-    try:
-        write(tmp)
-        if dest.is_dir():
-            for kept in dest.iterdir():
-                if kept.is_file() and not (tmp / kept.name).exists():
-                    shutil.copy2(kept, tmp / kept.name)
-        for path in tmp.iterdir():
-            fsync_path(path)
-        fsync_path(tmp)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
-            os.replace(dest, old)  # onto the empty placeholder folder
-        try:
-            os.replace(tmp, dest)
-        except BaseException:
-            if old is not None:
-                os.replace(old, dest)  # put the old folder back
-                old = None
-            raise
-        fsync_path(dest.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
