@@ -19,9 +19,10 @@ Two captures:
 - :func:`capture_attention` (figures, analysis): exports the (B, H, N, M) maps themselves
   (:class:`CaptureProcessor`, explicit softmax).
 
-Precision: exported maps are always float32. Their logits and softmax run with autocast disabled,
-because under ``torch.autocast`` even ``q.float() @ k.float()`` is cast back down to bf16/fp16.
-The projections (and so q, k, v) keep whatever precision the caller runs in.
+Precision: exported maps are float32, or float64 for a float64 model
+(:func:`shd_diffusion.precision.compute_dtype`). Their logits and softmax run with autocast
+disabled, because under ``torch.autocast`` even ``q.float() @ k.float()`` is cast back down to
+bf16/fp16. The projections (and so q, k, v) keep whatever precision the caller runs in.
 
 Unsupported diffusers features (joint attention with ``add_k_proj``/``add_v_proj``, spatial or
 group norms, 2-D/3-D diffusers-style masks) raise ``NotImplementedError`` instead of being ignored.
@@ -36,6 +37,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shd_diffusion.precision import compute_dtype
 
 __all__ = [
     "Attention",
@@ -154,11 +157,15 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _fp32_logits(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """``q k^T * scale + bias`` in float32; call with autocast disabled (see :func:`_autocast_off`)."""
-    logits = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, N, M)
+def _map_logits(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """``q k^T * scale + bias`` in float32 (float64 for float64 q, k); call with autocast disabled.
+
+    See :func:`_autocast_off`.
+    """
+    dtype = compute_dtype(q, k)
+    logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale  # (B, H, N, M)
     if bias is not None:
-        logits = logits + bias.float()
+        logits = logits + bias.to(dtype)
     return logits
 
 
@@ -169,7 +176,9 @@ def attention_probs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Explicit ``softmax((q k^T * scale + bias) / temperature)`` in float32, also under autocast.
+    """Explicit ``softmax((q k^T * scale + bias) / temperature)`` in float32 (float64 for float64 q, k).
+
+    Also under autocast.
 
     Args:
         q: (B, H, N, d) queries. k: (B, H, M, d) keys.
@@ -178,10 +187,10 @@ def attention_probs(
         temperature: T_a >= 1 softens the distribution (paper eq. 10).
 
     Returns:
-        (B, H, N, M) float32 probabilities; each row sums to 1.
+        (B, H, N, M) probabilities, float32 or float64; each row sums to 1.
     """
     with _autocast_off(q.device):
-        logits = _fp32_logits(q, k, scale, bias)  # (B, H, N, M)
+        logits = _map_logits(q, k, scale, bias)  # (B, H, N, M)
         if temperature != 1.0:
             logits = logits / temperature
         return logits.softmax(dim=-1)
@@ -199,7 +208,7 @@ class SDPAProcessor:
     memory-efficient kernel, the one that takes a bias, rejects a bias of another dtype ("invalid
     dtype for bias"), and rounding the bias to bf16 costs no more than the bf16 rounding of q and
     k that enter the same logits. The fused CUDA kernels accumulate logits and softmax in float32.
-    Maps that must be float32 come from :class:`CaptureProcessor`.
+    Maps in float32 (or float64) come from :class:`CaptureProcessor`.
     """
 
     def __call__(
@@ -220,7 +229,7 @@ class SDPAProcessor:
 class AttentionStore:
     """What :class:`CaptureProcessor` exports, one list entry per captured layer call.
 
-    All exported tensors are float32, whatever the model's dtype or autocast state.
+    All exported tensors are float32 (float64 for a float64 model), whatever the autocast state.
 
     Attributes:
         maps: (B, H, N, M) probabilities at the capture temperature T_a. For a student they keep
@@ -263,8 +272,8 @@ class AttentionStore:
 class CaptureProcessor:
     """Attention that also records its per-head probabilities into an :class:`AttentionStore`.
 
-    Logits and softmax are computed in float32 with autocast disabled, so the maps are float32
-    even under bf16 autocast. The module output is computed from the same probabilities at T = 1
+    Logits and softmax are computed in float32 (float64 for a float64 model) with autocast
+    disabled, so the maps are float32 even under bf16 autocast. The module output is computed from the same probabilities at T = 1
     (cast to the dtype of v), so it equals the fused path up to float rounding; the temperature
     only affects what is exported.
 
@@ -297,10 +306,11 @@ class CaptureProcessor:
     ) -> torch.Tensor:
         _require_no_grad(self.export_values, "capture_attention")
         q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
-        bias = _logits_bias(attention_mask, torch.float32)
+        dtype = compute_dtype(q, k)
+        bias = _logits_bias(attention_mask, dtype)
         scale = _scale(attn, q.shape[-1])
         with _autocast_off(q.device):
-            logits = _fp32_logits(q, k, scale, bias)  # (B, H, N, M) float32
+            logits = _map_logits(q, k, scale, bias)  # (B, H, N, M) in dtype
             probs = logits.softmax(dim=-1)  # (B, H, N, M), T = 1: drives the module output
             soft = probs if self.temperature == 1.0 else (logits / self.temperature).softmax(dim=-1)
         out = probs.to(v.dtype) @ v  # (B, H, N, d), in the precision the projections ran in
@@ -309,9 +319,9 @@ class CaptureProcessor:
         if self.export_values:
             store.maps.append(soft.detach())
             store.probs.append(probs.detach())
-            store.values.append(v.detach().float())
-            store.out_weights.append(output_projection(attn).weight.detach().float())
-            store.outputs.append(out.detach().float())
+            store.values.append(v.detach().to(dtype))
+            store.out_weights.append(output_projection(attn).weight.detach().to(dtype))
+            store.outputs.append(out.detach().to(dtype))
         else:
             store.maps.append(soft)
             store.probs.append(probs)

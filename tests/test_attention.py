@@ -16,6 +16,8 @@ from shd_diffusion.attention import (
 )
 from shd_diffusion.models import create_model
 
+pytestmark = pytest.mark.numerics  # rerun on every CPU vector path (test_vector_paths)
+
 # Float32 SDPA vs explicit softmax(QK^T)V: different summation order only.
 OUT_ATOL = 1e-5
 # bf16 autocast vs float32, same weights: q, k, v carry bf16 rounding (2^-9 relative) from the

@@ -16,7 +16,7 @@ from shd_diffusion.models.mdt import RelPosAttention, gather_rows
 from shd_diffusion.training import train
 from test_training import _state, make_accelerator, make_cfg
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+pytestmark = [pytest.mark.usefixtures("fresh_accelerate"), pytest.mark.numerics]  # numerics: see test_vector_paths
 
 
 @pytest.fixture

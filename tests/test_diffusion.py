@@ -19,6 +19,8 @@ from shd_diffusion.diffusion import (
 )
 from shd_diffusion.diffusion.sampling import add_step_noise
 
+pytestmark = pytest.mark.numerics  # rerun on every CPU vector path (test_vector_paths)
+
 T = 1000
 
 

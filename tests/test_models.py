@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from shd_diffusion.attention import SDPAProcessor, capture_attention
+from shd_diffusion.attention import SDPAProcessor, attention_probs, capture_attention, capture_qk
 from shd_diffusion.models import (
     MODEL_NAMES,
     DiT,
@@ -27,21 +27,28 @@ from shd_diffusion.models import (
 from shd_diffusion.models.layers import AdaLNZeroBlock, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, guided_output
 from shd_diffusion.models.mdt import RelativePositionBias, power_cosine_cfg_scale, random_masking
 
+pytestmark = pytest.mark.numerics  # rerun on every CPU vector path (test_vector_paths)
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "official"
 # CI sets this so that a missing fixture fails instead of silently skipping the parity tests.
 REQUIRE_FIXTURES = "SHD_REQUIRE_FIXTURES"
 
-# Parity tolerances against the official code. The fixture models have well-conditioned random
-# weights (README beside the fixtures): the same weights evaluated in float64 differ from the
-# stored float32 results by at most 5.2e-7 of max |output| (outputs and CFG outputs) and 1.1e-6
-# absolute on the maps, so a correct float32 run should land within about twice that on any CPU
-# (measured here: outputs 0 to 5.2e-7, maps up to 6.3e-7). A LayerNorm eps of 1e-5 instead of
-# upstream's 1e-6 moves the outputs by 1.9e-6 to 3.7e-6 relative and the maps by 7.7e-6
-# (measured), which these bounds catch; layout, order, bias or schedule mistakes are orders of
-# magnitude larger.
-OUT_RTOL = 1.5e-6  # max |ours - official| / max |official|, outputs and CFG outputs
-MAP_ATOL = 4e-6  # max abs difference of attention probabilities
+# Parity with the official code (README beside the fixtures).
+# float64: a model moved with ``.double()`` computes everything in float64 (timestep features,
+# guidance, captured maps), so a faithful re-implementation meets the ``*64`` keys to rounding:
+# measured 0 to 8e-16 (outputs, CFG outputs, relative to max |output|) and up to 2e-15 (maps,
+# absolute), on AVX-512 and under ATEN_CPU_CAPABILITY=default and =avx2. A LayerNorm eps of 1e-5,
+# a timestep frequency shift of 1 or a fourth guided channel moves them by 1e-6 or more
+# (test_float64_parity_catches_wrong_constants).
+PARITY64_TOL = 1e-10
+# float32: the stored float32 results carry the reference machine's rounding of ``exp`` in the
+# timestep features (``t * f`` with t up to 999 multiplies one ulp by t), 2.2e-6 to 4.7e-6 of the
+# output's maximum away from float64; a float32 run on another CPU lands up to 2.9e-6 away from
+# them (measured here, AVX-512 and the default vector path). 1e-5 is what any CPU can promise: this
+# test checks loading, layout and dtype handling in float32; the float64 test checks the constants.
+OUT_RTOL = 1e-5  # max |ours - official| / max |official|, outputs and CFG outputs
+MAP_ATOL = 1e-5  # max abs difference of attention probabilities
 # Same math, two attention implementations (fused SDPA vs explicit softmax), moderate weights.
 PATH_ATOL = 1e-5
 # Their parameter gradients: measured max difference 6e-9 (DiT) and 0 (MDT) against gradients up
@@ -71,12 +78,13 @@ def fixture(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def official_model(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def official_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The official fixture's model, loaded from its state dict and moved to ``dtype``."""
     config, tensors = fixture(name)
     cls = {"dit_tiny": DiT, "mdtv2_tiny": MDTv2}[name]
     state = {k.removeprefix("state_dict."): v for k, v in tensors.items() if k.startswith("state_dict.")}
     model = load_official_state_dict(cls(**config), state).eval()
-    return model, tensors
+    return (model.double() if dtype == torch.float64 else model), tensors
 
 
 def randomize_(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
@@ -105,26 +113,96 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["dit_tiny", "mdtv2_tiny"])
-def test_official_parity(name: str) -> None:
-    model, ref = official_model(name)
+# The CFG call each fixture was made with (its metadata says the same).
+FIXTURE_CFG = {
+    "dit_tiny": {"cfg_scale": 4.0},
+    "mdtv2_tiny": {"cfg_scale": 3.8, "diffusion_steps": 1000, "scale_pow": 4.0},
+}
+
+
+def parity_results(model: nn.Module, ref: dict[str, torch.Tensor], name: str, **cfg_overrides) -> dict:
+    """What parity compares: outputs, CFG outputs and the maps of both captures, in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    x, t, y = ref["input.x"].to(dtype), ref["input.t"], ref["input.y"]
     with torch.no_grad():
-        out = model(ref["input.x"], ref["input.t"], ref["input.y"])
-        if name == "dit_tiny":
-            cfg_kwargs = {"cfg_scale": 4.0}
-        else:
-            cfg_kwargs = {"cfg_scale": 3.8, "diffusion_steps": 1000, "scale_pow": 4.0}
-        cfg = model.forward_with_cfg(ref["cfg_input.x"], ref["cfg_input.t"], ref["cfg_input.y"], **cfg_kwargs)
+        out = model(x, t, y)
+        cfg_x = ref["cfg_input.x"].to(dtype)
+        cfg = model.forward_with_cfg(cfg_x, ref["cfg_input.t"], ref["cfg_input.y"], **{**FIXTURE_CFG[name], **cfg_overrides})
         with capture_attention(model) as store:
-            captured_out = model(ref["input.x"], ref["input.t"], ref["input.y"])
-    assert rel_err(out, ref["output.eps_sigma"]) < OUT_RTOL
-    assert rel_err(captured_out, ref["output.eps_sigma"]) < OUT_RTOL
-    assert rel_err(cfg, ref["cfg_output"]) < OUT_RTOL
-    map_keys = sorted(k for k in ref if k.startswith("attention_maps."))
-    assert len(store.maps) == len(map_keys) == len(model.attention_layers())
-    for key, got in zip(map_keys, store.maps):
-        assert got.shape == ref[key].shape, key
-        assert (got - ref[key]).abs().max().item() < MAP_ATOL, key
+            captured_out = model(x, t, y)
+        with capture_qk(model) as qk:
+            model(x, t, y)
+    # capture_qk records what enters the softmax; its maps are recomputed as SHD does.
+    qk_maps = [attention_probs(q, k, q.shape[-1] ** -0.5, bias) for q, k, bias in zip(qk.queries, qk.keys, qk.biases)]
+    return {"out": out, "captured_out": captured_out, "cfg": cfg, "maps": store.maps, "qk_maps": qk_maps}
+
+
+def parity_errors(got: dict, ref: dict[str, torch.Tensor], suffix: str) -> dict[str, float]:
+    """Largest errors against the fixture's keys (``suffix`` "64" for the float64 references)."""
+    map_keys = sorted(k for k in ref if k.startswith(f"attention_maps{suffix}."))
+    assert len(got["maps"]) == len(got["qk_maps"]) == len(map_keys)
+    errors = {
+        "out": rel_err(got["out"], ref[f"output{suffix}.eps_sigma"]),
+        "captured_out": rel_err(got["captured_out"], ref[f"output{suffix}.eps_sigma"]),
+        "cfg": rel_err(got["cfg"], ref[f"cfg_output{suffix}"]),
+    }
+    for kind in ("maps", "qk_maps"):
+        for key, m in zip(map_keys, got[kind]):
+            assert m.shape == ref[key].shape, key
+        errors[kind] = max((m - ref[k]).abs().max().item() for k, m in zip(map_keys, got[kind]))
+    return errors
+
+
+@pytest.mark.parametrize("name", ["dit_tiny", "mdtv2_tiny"])
+def test_official_parity_float64(name: str) -> None:
+    model, ref = official_model(name, torch.float64)
+    got = parity_results(model, ref, name)
+    for kind in ("out", "captured_out", "cfg", "maps", "qk_maps"):
+        values = got[kind] if isinstance(got[kind], list) else [got[kind]]
+        assert all(v.dtype == torch.float64 for v in values), kind  # nothing falls back to float32
+    assert len(got["maps"]) == len(model.attention_layers())
+    errors = parity_errors(got, ref, "64")
+    assert max(errors.values()) < PARITY64_TOL, errors
+
+
+@pytest.mark.parametrize("name", ["dit_tiny", "mdtv2_tiny"])
+def test_official_parity_float32(name: str) -> None:
+    model, ref = official_model(name)
+    got = parity_results(model, ref, name)
+    assert all(m.dtype == torch.float32 for m in got["maps"] + got["qk_maps"]) and got["cfg"].dtype == torch.float32
+    errors = parity_errors(got, ref, "")
+    assert max(errors["out"], errors["captured_out"], errors["cfg"]) < OUT_RTOL, errors
+    assert max(errors["maps"], errors["qk_maps"]) < MAP_ATOL, errors
+
+
+def _layernorm_eps(model: nn.Module, eps: float) -> dict:
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = eps
+    return {}
+
+
+def _frequency_shift(model: nn.Module) -> dict:
+    model.t_embedder.freq_shift = 1
+    return {}
+
+
+WRONG_CONSTANTS = {
+    "layernorm_eps_1e-5": lambda model: _layernorm_eps(model, 1e-5),
+    "timestep_freq_shift_1": _frequency_shift,
+    "four_guided_channels": lambda model: {"guidance_channels": 4},
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(WRONG_CONSTANTS))
+@pytest.mark.parametrize("name", ["dit_tiny", "mdtv2_tiny"])
+def test_float64_parity_catches_wrong_constants(name: str, mistake: str) -> None:
+    # The mistakes float32 parity cannot see on every CPU (they move results by ~2e-6): in float64
+    # each misses the references by at least four orders of magnitude more than PARITY64_TOL.
+    model, ref = official_model(name, torch.float64)
+    cfg_overrides = WRONG_CONSTANTS[mistake](model)
+    errors = parity_errors(parity_results(model, ref, name, **cfg_overrides), ref, "64")
+    assert max(errors.values()) > 1e4 * PARITY64_TOL, errors
 
 
 @pytest.mark.parametrize("name", ["dit_tiny", "mdtv2_tiny"])
@@ -267,6 +345,10 @@ def test_timestep_embedding_layout() -> None:
     assert emb[1, 0].item() == pytest.approx(math.cos(1.0), abs=1e-7)  # f_0 = 1
     assert emb[1, half].item() == pytest.approx(math.sin(1.0), abs=1e-7)
     assert emb[1, half - 1].item() == pytest.approx(math.cos(10000.0 ** (-(half - 1) / half)), abs=1e-7)
+    # float64 (a model moved with .double()): the same features to float64 rounding.
+    emb64 = TimestepEmbedder.timestep_embedding(t, 256, dtype=torch.float64)
+    assert emb64.dtype == torch.float64
+    torch.testing.assert_close(emb64, torch.cat([args.cos(), args.sin()], dim=1), atol=1e-12, rtol=0)
     odd = TimestepEmbedder.timestep_embedding(t, 7)
     assert odd.shape == (4, 7) and (odd[:, -1] == 0).all()
     torch.testing.assert_close(odd[:, :6], TimestepEmbedder.timestep_embedding(t, 6))

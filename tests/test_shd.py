@@ -35,7 +35,8 @@ from shd_diffusion.shd import (
 F64 = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only contend (conftest)
+# tiny tensors: threads only contend (conftest); numerics: rerun on every CPU vector path (test_vector_paths)
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.numerics]
 
 
 def make_teacher(seed, b=2, h=4, n=6, d=3, dim=8, dtype=F64, sharp=2.0):

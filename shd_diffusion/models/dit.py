@@ -8,7 +8,6 @@ be captured with :func:`shd_diffusion.attention.capture_attention`.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Callable
 
@@ -29,33 +28,7 @@ from shd_diffusion.models.layers import (
     unpatchify,
 )
 
-__all__ = ["DiT", "ShiftedTimestepEmbedder", "DIT_CONFIGS"]
-
-
-class ShiftedTimestepEmbedder(TimestepEmbedder):
-    """Timestep embedder with diffusers' frequency denominator ``half - freq_shift``.
-
-    Same features as :class:`TimestepEmbedder` (``[cos, sin]``, float32, same operation order)
-    except that the exponent is divided by ``half - freq_shift`` instead of ``half``; with
-    ``freq_shift=1`` this is what diffusers' ``DiTTransformer2DModel`` computes, bit for bit.
-    """
-
-    def __init__(self, hidden_size: int, freq_shift: int, frequency_embedding_size: int = 256) -> None:
-        super().__init__(hidden_size, frequency_embedding_size)
-        if not 0 <= freq_shift < frequency_embedding_size // 2:
-            raise ValueError(f"freq_shift must be in [0, {frequency_embedding_size // 2}), got {freq_shift}")
-        self.freq_shift = int(freq_shift)
-
-    def timestep_embedding(self, t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:  # type: ignore[override]
-        """(B,) timesteps -> (B, dim) float32 features ``[cos(t f), sin(t f)]``."""
-        half = dim // 2
-        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)  # (half,)
-        freqs = torch.exp(exponent / (half - self.freq_shift))  # (half,)
-        args = t.reshape(-1, 1).float() * freqs.reshape(1, -1)  # (B, half)
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
-        return emb
+__all__ = ["DiT", "DIT_CONFIGS"]
 
 
 class DiT(DiffusionTransformerBase):
@@ -102,7 +75,7 @@ class DiT(DiffusionTransformerBase):
         self.num_heads = num_heads
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size) if freq_shift == 0 else ShiftedTimestepEmbedder(hidden_size, freq_shift)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos table, kept as a frozen Parameter (not a buffer) because that is how the
         # official checkpoints store it.
@@ -166,7 +139,7 @@ class DiT(DiffusionTransformerBase):
                 comparable FID); None guides all eps channels.
 
         Returns:
-            (2B, C_out, H, W) guided output, float32 (see :func:`guided_output`).
+            (2B, C_out, H, W) guided output, float32 or float64 (see :func:`guided_output`).
         """
         out = self.forward(cfg_pair_batch(x), t, y)  # (2B, C_out, H, W)
         return guided_output(out, float(cfg_scale), self.in_channels, guidance_channels)

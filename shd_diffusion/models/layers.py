@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from shd_diffusion.attention import Attention
+from shd_diffusion.precision import compute_dtype
 
 __all__ = [
     "modulate",
@@ -112,14 +113,23 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar diffusion timesteps -> (B, D) vectors: sinusoidal features, then a 2-layer MLP.
 
+    The features are computed in float32, as upstream, or in float64 when the MLP is float64
+    (:func:`shd_diffusion.precision.compute_dtype`): float32 ``t * f`` with t up to 999 carries
+    one ulp of ``exp`` times t, which differs between CPUs.
+
     Args:
         hidden_size: D.
         frequency_embedding_size: number of sinusoidal features (256 upstream).
+        freq_shift: divide the frequency exponent by ``half - freq_shift`` instead of ``half``;
+            1 is what diffusers' ``DiTTransformer2DModel`` computes, bit for bit.
     """
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0) -> None:
         super().__init__()
+        if not 0 <= freq_shift < frequency_embedding_size // 2:
+            raise ValueError(f"freq_shift must be in [0, {frequency_embedding_size // 2}), got {freq_shift}")
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = int(freq_shift)
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -127,22 +137,29 @@ class TimestepEmbedder(nn.Module):
         )
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def timestep_embedding(
+        t: torch.Tensor,
+        dim: int,
+        max_period: float = 10000.0,
+        freq_shift: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """GLIDE/ADM sinusoidal features ``[cos(t * f), sin(t * f)]`` (cos first, as upstream).
 
         Args:
             t: (B,) timesteps, may be fractional.
             dim: feature count.
             max_period: sets the lowest frequency.
+            freq_shift: exponent denominator ``dim // 2 - freq_shift`` (0 upstream, 1 diffusers).
+            dtype: float32 (upstream) or float64.
 
         Returns:
-            (B, dim) float32 features.
+            (B, dim) features in ``dtype``.
         """
         half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )  # (half,)
-        args = t.reshape(-1, 1).float() * freqs.reshape(1, -1)  # (B, half)
+        exponent = -math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device)  # (half,)
+        freqs = torch.exp(exponent / (half - freq_shift))  # (half,)
+        args = t.reshape(-1, 1).to(dtype) * freqs.reshape(1, -1)  # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
         if dim % 2:
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
@@ -150,8 +167,11 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t: (B,) -> (B, D)."""
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        weight = self.mlp[0].weight
+        freq = self.timestep_embedding(
+            t, self.frequency_embedding_size, freq_shift=self.freq_shift, dtype=compute_dtype(weight)
+        )  # (B, frequency_embedding_size)
+        return self.mlp(freq.to(weight.dtype))
 
 
 def rand_uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -360,8 +380,9 @@ def guided_output(
     ``guidance_channels`` channels are guided; the rest (the variance channels, and upstream's
     unguided 4th latent channel) are passed through per sample.
 
-    The mix runs in float32 (also under autocast): a bf16 difference scaled by ~4 loses the
-    low bits of eps, and a bf16 scale would already be off (3.8 -> 3.797).
+    The mix runs in float32 (also under autocast; float64 for a float64 model): a bf16
+    difference scaled by ~4 loses the low bits of eps, and a bf16 scale would already be off
+    (3.8 -> 3.797).
 
     Args:
         model_out: (2B, C_out, H, W) model output, any float dtype.
@@ -370,17 +391,18 @@ def guided_output(
         guidance_channels: guide channels ``[:guidance_channels]``; None guides all eps channels.
 
     Returns:
-        (2B, C_out, H, W) float32 guided output.
+        (2B, C_out, H, W) guided output, float32 (float64 for a float64 ``model_out``).
     """
     if model_out.shape[0] % 2:
         raise ValueError(f"CFG needs an even batch (conditional half + null half), got {model_out.shape[0]}")
     k = eps_channels if guidance_channels is None else int(guidance_channels)
     if not 0 < k <= eps_channels:
         raise ValueError(f"guidance_channels must be in [1, {eps_channels}] or None, got {guidance_channels}")
-    model_out = model_out.float()  # elementwise ops are not autocast ops, so this stays float32
+    dtype = compute_dtype(model_out)
+    model_out = model_out.to(dtype)  # elementwise ops are not autocast ops, so this stays in dtype
     eps, rest = model_out[:, :k], model_out[:, k:]  # (2B, k, H, W), (2B, C_out - k, H, W)
     cond, uncond = eps.chunk(2, dim=0)  # each (B, k, H, W)
     if isinstance(scale, torch.Tensor):
-        scale = scale.to(device=eps.device, dtype=torch.float32).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        scale = scale.to(device=eps.device, dtype=dtype).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
     half = uncond + scale * (cond - uncond)
     return torch.cat([torch.cat([half, half], dim=0), rest], dim=1)  # (2B, C_out, H, W)

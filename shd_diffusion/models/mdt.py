@@ -33,6 +33,7 @@ from shd_diffusion.models.layers import (
     guided_output,
     unpatchify,
 )
+from shd_diffusion.precision import compute_dtype
 
 __all__ = [
     "MDTv2",
@@ -176,7 +177,11 @@ def random_masking(
 
 
 def power_cosine_cfg_scale(
-    t: torch.Tensor, cfg_scale: float, diffusion_steps: int = 1000, scale_pow: float = 4.0
+    t: torch.Tensor,
+    cfg_scale: float,
+    diffusion_steps: int = 1000,
+    scale_pow: float = 4.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """MDTv2's guidance schedule ``(s - 1) * (1 - cos(pi * (1 - t/T)^pow)) / 2 + 1``.
 
@@ -187,11 +192,12 @@ def power_cosine_cfg_scale(
         cfg_scale: s, the scale reached at t = 0.
         diffusion_steps: T.
         scale_pow: the power (4 upstream).
+        dtype: float32 (upstream) or float64 (a float64 model's guidance).
 
     Returns:
-        (B,) float32 per-sample guidance scales.
+        (B,) per-sample guidance scales in ``dtype``.
     """
-    ramp = (1 - torch.cos(math.pi * (1 - t.float() / diffusion_steps) ** scale_pow)) / 2
+    ramp = (1 - torch.cos(math.pi * (1 - t.to(dtype) / diffusion_steps) ** scale_pow)) / 2
     return (cfg_scale - 1) * ramp + 1
 
 
@@ -420,13 +426,14 @@ class MDTv2(DiffusionTransformerBase):
                 guides all eps channels.
 
         Returns:
-            (2B, C_out, H, W) guided output, float32 (see :func:`guided_output`); with
+            (2B, C_out, H, W) guided output, float32 or float64 (see :func:`guided_output`); with
             ``cfg_scale=None``, ``forward(x, t, y)`` unchanged.
         """
         if cfg_scale is None:
             return self.forward(x, t, y)
         out = self.forward(cfg_pair_batch(x), t, y)  # (2B, C_out, H, W)
-        scale = power_cosine_cfg_scale(t[: len(x) // 2], cfg_scale, diffusion_steps, scale_pow)  # (B,)
+        half_t = t[: len(x) // 2]  # (B,)
+        scale = power_cosine_cfg_scale(half_t, cfg_scale, diffusion_steps, scale_pow, compute_dtype(out))  # (B,)
         return guided_output(out, scale, self.in_channels, guidance_channels)
 
 

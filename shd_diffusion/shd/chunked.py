@@ -36,10 +36,11 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..precision import compute_dtype
 from .groups import SqueezeMode, resolve_groups
 from .loss import LossKind
 from .solve import _check_ridge
-from .squeeze import Blocks, _compute_dtype, _put_heads, is_identity, mode_alphas
+from .squeeze import Blocks, _put_heads, is_identity, mode_alphas
 
 __all__ = ["shd_term", "head_similarity_qk", "auto_chunk_size", "DEFAULT_BLOCK_BYTES"]
 
@@ -359,7 +360,7 @@ def shd_term(
     t_bias = _as_4d_bias(teacher_bias, "teacher_bias", b, h_t, n)
     chunk = _check_chunk(chunk_size, n, auto_chunk_size(b, h_t, h_s, n))
     resolved = resolve_groups(h_t, h_s, mode, groups, generator_seed)
-    dtype = _compute_dtype(student_q, teacher_q)
+    dtype = compute_dtype(student_q, teacher_q)
     spec = _Spec(resolved, float(temperature), chunk, loss, eps, d_s**-0.5, d_t**-0.5, dtype)
     if teacher_out is not None and teacher_out.shape != teacher_q.shape:
         raise ValueError(f"teacher_out {tuple(teacher_out.shape)} must be (B, H_t, N, d_t) = {tuple(teacher_q.shape)}")
@@ -422,7 +423,7 @@ def head_similarity_qk(q: Tensor, k: Tensor, bias: Tensor | None = None, chunk_s
     b, h, n, d = q.shape
     t_bias = _as_4d_bias(bias, "bias", b, h, n)
     chunk = _check_chunk(chunk_size, n, auto_chunk_size(b, h, h, n))
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     gram = torch.zeros(b, h, h, dtype=dtype, device=q.device)  # (B, H, H): <A_a, A_b> per sample
     with torch.autocast(q.device.type, enabled=False):
         for r0, r1 in _row_blocks(n, chunk):

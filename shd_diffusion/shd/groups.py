@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..precision import compute_dtype
+
 __all__ = [
     "SqueezeMode",
     "default_groups",
@@ -219,18 +221,18 @@ def head_similarity(attn: Tensor) -> Tensor:
     because alpha is per sample (two heads that agree on every sample squeeze with no loss; mean
     maps can agree by accident). Summed, not averaged, so calibration can run in chunks: add the
     chunks' results, divide by the sample count, and pass that to :func:`cluster_heads`.
-    Computed in float32 with autocast off.
+    Computed in float32 (float64 for float64 maps) with autocast off.
 
     Args:
         attn: (B, H, N, M) attention probabilities.
 
     Returns:
-        (H, H) float32.
+        (H, H) float32 or float64.
     """
     if attn.ndim != 4:
         raise ValueError(f"attn must be (B, H, N, M), got shape {tuple(attn.shape)}")
     with torch.autocast(attn.device.type, enabled=False):
-        flat = F.normalize(attn.float().flatten(2), dim=-1)  # (B, H, N*M)
+        flat = F.normalize(attn.to(compute_dtype(attn)).flatten(2), dim=-1)  # (B, H, N*M)
         return (flat @ flat.transpose(1, 2)).sum(0)  # (H, H)
 
 

@@ -7,6 +7,8 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from ..precision import compute_dtype
+
 __all__ = ["LossKind", "LossReduction", "shd_loss"]
 
 LossKind = Literal["kl", "mse"]
@@ -63,7 +65,7 @@ def shd_loss(
                 f"layer {l}: student maps {tuple(s.shape)} and squeezed teacher maps {tuple(t.shape)} "
                 "must both be (B, H_s, N, M); squeeze the teacher to the student's head count first"
             )
-        dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(s)
         s = s.to(dtype)
         t = t.detach().to(dtype)
         if kind == "kl":

@@ -15,15 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..precision import compute_dtype
 from .groups import SqueezeMode, resolve_groups, validate_groups
 from .solve import _check_ridge, _group_terms, _solve_alphas
 
 __all__ = ["squeeze_heads", "apply_alphas", "squeeze_objective", "HeadSqueezer", "squeeze_layers"]
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16/fp16 inputs solve in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _head_weights(out_proj_weight: Tensor, num_teacher_heads: int, head_dim: int, dtype: torch.dtype) -> Tensor:
@@ -298,7 +294,7 @@ def squeeze_heads(
             f"head_outputs {tuple(head_outputs.shape)} must be (B, H_t, N, d) = "
             f"{(b, num_teacher_heads, n, values.shape[-1])}: the per-head attention outputs A_i V_i"
         )
-    dtype = _compute_dtype(attn, values, out_proj_weight)
+    dtype = compute_dtype(attn, values, out_proj_weight)
     ridge = _check_ridge(ridge, dtype)
     resolved = resolve_groups(num_teacher_heads, num_heads, mode, groups, generator_seed)
     if is_identity(resolved, num_teacher_heads):
@@ -358,7 +354,7 @@ def squeeze_objective(
     """
     _check_squeeze_inputs(attn, values, out_proj_weight)
     num_teacher_heads, d = attn.shape[1], values.shape[-1]
-    dtype = _compute_dtype(attn, values, out_proj_weight, alphas)
+    dtype = compute_dtype(attn, values, out_proj_weight, alphas)
     w_heads = _head_weights(out_proj_weight, num_teacher_heads, d, dtype)
     out = []
     for group in groups:
