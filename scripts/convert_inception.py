@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from shd_diffusion.evaluation.inception import convert_fid_helper_inception, sha256_file  # noqa: E402
+from shd_diffusion.evaluation.inception import convert_fid_helper_inception  # noqa: E402
+from shd_diffusion.fileio import sha256_file  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

