@@ -1,8 +1,8 @@
 """Typed configuration: dataclasses + YAML files + dotted command-line overrides.
 
 A config is a tree of dataclasses. :func:`load_config` reads a YAML file, applies overrides such
-as ``train.lr=1e-4`` or ``shd.layers=[0,2,4]`` (values parsed as YAML), and builds the dataclass
-tree. Unknown keys and values of the wrong type raise :class:`ConfigError` naming the dotted key,
+as ``optim.lr=1e-4`` or ``distill.layer_map=[0,2,4]`` (values parsed as YAML), and builds the
+dataclass tree. Unknown keys and values of the wrong type raise :class:`ConfigError` naming the dotted key,
 before any work starts. YAML is parsed with ``yaml.safe_load``: a config file cannot run code.
 """
 

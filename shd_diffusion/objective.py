@@ -5,7 +5,9 @@ and a batch, and returns named per-sample terms -- student diffusion loss (MDTv2
 masked pass), output KD, SHD, feature distillation -- plus their weighted sum. The weights
 (``distill.kd_weight`` = lambda_kd, ``distill.shd_beta`` = beta, ``distill.feature_weight``) are
 applied in one place, :func:`weighted_total`; the training loop only averages over the batch,
-back-propagates and logs. Adding a term touches this file only.
+back-propagates and logs every named term it is given. Adding a term: compute it here, weigh it
+in :func:`weighted_total`, and give its weight a field in ``DistillConfig`` (``train_config.py``);
+a term that needs new modules (a projector) also adds them to :class:`TrainedModules`.
 
 SHD runs on captured q, k (:func:`~shd_diffusion.attention.capture_qk`): both forwards stay on
 fused attention, and each layer pair's term is :func:`~shd_diffusion.shd.shd_term` over blocks of
