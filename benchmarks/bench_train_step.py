@@ -18,7 +18,7 @@ images (measure it on the same GPU with ``benchmarks/bench_upstream_step.py``; t
 not fit, it is halved until it does and the batch used is reported.
 
 ``kd_shd_maps`` runs KD + SHD on whole captured (B, H, N, N) maps, the path before issue 9 (kept as
-the test oracle ``tests/test_objective.py::MapObjective``), so one run gives the new path's cost
+the reference ``shd_diffusion.objective.WholeMapObjective``), so one run gives the new path's cost
 against the old one (``vs_maps_path``; issue 9's target at N = 256: <= 1.0):
 
     python benchmarks/bench_train_step.py --batch 4 --precision fp32 --modes kd,kd_shd,kd_shd_maps --warmup 1 --iters 3 \
@@ -35,7 +35,6 @@ import itertools
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Iterator
 import torch
 
 from shd_diffusion.config import load_config
+from shd_diffusion.objective import WholeMapObjective
 from shd_diffusion.train_config import ExperimentConfig
 from shd_diffusion.training import Trainer, build_model, make_accelerator
 
@@ -66,10 +66,7 @@ def _trainer(args: argparse.Namespace, mode: str, batch: int, teacher_ckpt: Path
     cfg = load_config(ExperimentConfig, None, overrides)
     trainer = Trainer(cfg, workdir / mode, acc or make_accelerator(cfg, workdir, log=False))
     if mode.endswith("_maps"):  # the whole-map SHD path this package ran before issue 9 (the test oracle)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from test_objective import MapObjective
-
-        trainer.objective.__class__ = MapObjective
+        trainer.objective = WholeMapObjective.like(trainer.objective)
     dev = trainer.device
     gen = torch.Generator(device=dev).manual_seed(0)
     x0 = torch.randn(batch, 4, args.input_size, args.input_size, device=dev, generator=gen)

@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from . import shd as shd_math
-from .attention import AttentionStore, capture_qk
+from .attention import AttentionStore, capture_attention, capture_qk
 from .diffusion import GaussianDiffusion
 from .distill import FeatureProjectors, capture_block_outputs, feature_loss, kd_loss, self_correlation_loss
 from .train_config import DistillConfig
 
-__all__ = ["StepTerms", "TrainedModules", "DistillationObjective", "weighted_total", "per_sample", "noised"]
+__all__ = [
+    "StepTerms", "TrainedModules", "DistillationObjective", "WholeMapObjective", "weighted_total", "per_sample", "noised",
+]
 
 # A capture: model -> context manager yielding the store its forward fills.
 Capture = Callable[[nn.Module], ContextManager[AttentionStore]]
@@ -206,6 +208,41 @@ class DistillationObjective:
             return feature_loss(s_feats, t_sel, _unwrap(trained).projectors)
         return self_correlation_loss(s_feats, t_sel)
 
+
+
+class WholeMapObjective(DistillationObjective):
+    """The same objective with SHD on whole (B, H, N, N) maps: captured, squeezed and compared whole.
+
+    The path training ran before the row-block term: O(N^2) memory per distilled layer. Kept as
+    the reference the row-block path is tested against (tests/test_objective.py) and timed against
+    (``benchmarks/bench_train_step.py --modes kd_shd_maps``); training uses the base class.
+    """
+
+    @classmethod
+    def like(cls, objective: DistillationObjective) -> "WholeMapObjective":
+        """The whole-map twin of ``objective``: same config, diffusion, teacher, layer pairs and settings."""
+        o = objective
+        return cls(o.cfg, o.diffusion, o.teacher, o.layer_pairs, is_mdt=o.is_mdt, min_snr=o.min_snr,
+                   drop_prob=o.drop_prob, num_tokens=o.num_tokens)
+
+    def student_capture(self, model: nn.Module) -> ContextManager[AttentionStore]:
+        return capture_attention(model, self.cfg.temperature, [j for j, _ in self.layer_pairs])
+
+    def teacher_capture(self, model: nn.Module) -> ContextManager[AttentionStore]:
+        return capture_attention(model, self.cfg.temperature, sorted({i for _, i in self.layer_pairs}),
+                                 export_values=True)
+
+    def shd_terms(self, s: AttentionStore, t: AttentionStore, squeezers: Sequence[shd_math.HeadSqueezer]
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """L_SHD per sample (B,) (before beta) and alphas per pair, from whole maps."""
+        slots = [t.layer_indices.index(i) for _, i in self.layer_pairs]
+        soft = None if self.cfg.temperature == 1.0 else [t.maps[k] for k in slots]
+        targets, alphas = shd_math.squeeze_layers(
+            squeezers, [t.probs[k] for k in slots], [t.values[k] for k in slots],
+            [t.out_weights[k] for k in slots], soft, [t.outputs[k] for k in slots])
+        maps = [s.maps[s.layer_indices.index(j)] for j, _ in self.layer_pairs]
+        loss = shd_math.shd_loss(maps, targets, beta=1.0, kind=self.cfg.loss, reduction=self.cfg.reduction)
+        return loss, alphas
 
 def _unwrap(trained: nn.Module) -> nn.Module:
     """The :class:`TrainedModules` inside a DDP (or compiled) wrapper."""

@@ -10,37 +10,17 @@ import torch
 from shd_diffusion.profiling import cpu_peak_bytes as peak_bytes
 
 from shd_diffusion import shd
-from shd_diffusion.attention import capture_attention
-from shd_diffusion.objective import DistillationObjective, weighted_total
+from shd_diffusion.objective import WholeMapObjective, weighted_total
 from shd_diffusion.train_config import DistillConfig
 from test_training import fixed_batch, make_cfg, make_trainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
-class MapObjective(DistillationObjective):
-    """The path before issue 9, kept as the oracle: whole (B, H, N, N) maps, squeezed, shd_loss."""
-
-    def student_capture(self, model):
-        return capture_attention(model, self.cfg.temperature, [j for j, _ in self.layer_pairs])
-
-    def teacher_capture(self, model):
-        return capture_attention(model, self.cfg.temperature, sorted({i for _, i in self.layer_pairs}),
-                                 export_values=True)
-
-    def shd_terms(self, s, t, squeezers):
-        slots = [t.layer_indices.index(i) for _, i in self.layer_pairs]
-        soft = None if self.cfg.temperature == 1.0 else [t.maps[k] for k in slots]
-        targets, alphas = shd.squeeze_layers(squeezers, [t.probs[k] for k in slots], [t.values[k] for k in slots],
-                                             [t.out_weights[k] for k in slots], soft, [t.outputs[k] for k in slots])
-        maps = [s.maps[s.layer_indices.index(j)] for j, _ in self.layer_pairs]
-        return shd.shd_loss(maps, targets, beta=1.0, kind=self.cfg.loss, reduction=self.cfg.reduction), alphas
-
-
-def one_step(trainer, x, y, objective_cls=None):
+def one_step(trainer, x, y, whole_maps=False):
     """Student weights before and after one train_step on a fixed batch, and that batch's terms."""
-    if objective_cls is not None:
-        trainer.objective.__class__ = objective_cls
+    if whole_maps:
+        trainer.objective = WholeMapObjective.like(trainer.objective)
     student = trainer.acc.unwrap_model(trainer.trained).student
     before = {k: v.detach().clone() for k, v in student.state_dict().items()}
     gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(x))]
@@ -72,7 +52,7 @@ def test_train_step_update_equals_the_whole_map_path(tmp_path, family, extra):
     x, y, _ = fixed_batch(new)
     w0, w_new, st_new = one_step(new, x, y)
     cfg_old = make_cfg(tmp_path / "old", "kd_shd", family, extra)
-    _, w_old, st_old = one_step(make_trainer(cfg_old, tmp_path / "old"), x, y, MapObjective)
+    _, w_old, st_old = one_step(make_trainer(cfg_old, tmp_path / "old"), x, y, whole_maps=True)
     torch.testing.assert_close(st_new.terms["shd"], st_old.terms["shd"], rtol=1e-5, atol=0)
     for a, b in zip(st_new.alphas, st_old.alphas):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
