@@ -117,7 +117,7 @@ def _write_mdt(model: MDTv2, vae: Any, folder: Path) -> dict[str, Any]:
     return {"transformer_class": "MDTv2", "custom_code": False, **notes}
 
 
-def _load_section(model: DiT | MDTv2, notes: dict[str, Any], where: str) -> list[str]:
+def _load_section(model: DiT | MDTv2, notes: dict[str, Any], where: str, vae: str | None) -> list[str]:
     """The card's "Load" section: code that runs as written on this export (a test runs it)."""
     classes = int(model.config.num_classes)
     labels = list(range(min(4, classes)))  # image i of sampling.sample has label i % classes
@@ -128,11 +128,13 @@ def _load_section(model: DiT | MDTv2, notes: dict[str, Any], where: str) -> list
              f'pipe = ClassConditionalPipeline.from_pretrained("{where}"{remote})',
              f"images = pipe(class_labels={labels}, guidance_scale=3.8, num_inference_steps=250, seed=0).images", "```", "",
              "`ClassConditionalPipeline` runs this package's sampler: these are the images 0.."
-             f"{len(labels) - 1} (labels i % {classes}) of `python -m sampling.sample --seed 0 --steps 250 --cfg-scale 3.8` "
-             "on the exported checkpoint" + (" (up to float rounding: diffusers' DiT kernels)" if isinstance(model, DiT) else "")
+             f"{len(labels) - 1} (labels i % {classes}) of `python -m sampling.sample --seed 0 --steps 250 --cfg-scale 3.8 "
+             f"--precision fp32{f' --vae {vae}' if vae else ''}` on the exported checkpoint"
+             + (" (up to float rounding: diffusers' DiT kernels)" if isinstance(model, DiT) else "")
              + f". It {clip}, guides the first 3 eps channels (all of a pixel model's) with "
              + ("MDTv2's power-cosine schedule scale_t = (s - 1) (1 - cos(pi (1 - t/1000)^4)) / 2 + 1"
-                if isinstance(model, MDTv2) else "a constant scale") + " and samples with the learned-range variance.", ""]
+                if isinstance(model, MDTv2) else "a constant scale")
+             + f" and samples with {'the learned-range' if model.config.learn_sigma else 'a fixed'} variance.", ""]
     if notes["pipeline"] != "DiTPipeline":
         if isinstance(model, DiT):
             lines += ["diffusers' `DiTPipeline` does not load this export: it needs a VAE (latent models only).", ""]
@@ -169,7 +171,7 @@ def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics
         f"- VAE: `{vae}`" if vae else "- pixel-space model (no VAE)",
         f"- architecture: `{json.dumps({k: v for k, v in model.config.items() if not k.startswith('_')})}`", "",
     ]
-    lines += _load_section(model, notes, where)
+    lines += _load_section(model, notes, where, vae)
     if metrics:
         lines += ["## Scores", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None]

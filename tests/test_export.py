@@ -267,7 +267,7 @@ def test_model_card_code_runs_as_written(kind, tmp_path, vae_dir, modules_cache)
         exec(compile(code, f"{out}/README.md", "exec"), scopes[-1])  # noqa: S102 - the card's own code
         assert len(scopes[-1]["images"]) == min(4, 1000 if kind.endswith("1000") else 10)
     if kind == "demo-teacher":  # the card's claim: images 0..3 of sampling.sample --seed 0 --steps 250 --cfg-scale 3.8
-        assert "--seed 0 --steps 250 --cfg-scale 3.8" in card
+        assert "sampling.sample --seed 0 --steps 250 --cfg-scale 3.8 --precision fp32`" in card
         images_ref = cli_sampler(source, 250, 3.8, 0, None).sample(range(4))[0]
         assert np.array_equal(pixels(scopes[0]["images"]), images_ref)
 
