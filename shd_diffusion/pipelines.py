@@ -69,16 +69,16 @@ class LabelledModel(nn.Module):
         super().__init__()
         self.transformer = transformer
         cfg = transformer.config
-        self.ours = hasattr(transformer, "attention_layers")  # DiT / MDTv2 of this package
+        self.native = hasattr(transformer, "attention_layers")  # DiT / MDTv2 of this package
         self.in_channels = int(cfg.in_channels)
-        self.input_size = int(cfg.input_size if self.ours else cfg.sample_size)
-        self.num_classes = int(cfg.num_classes if self.ours else cfg.num_embeds_ada_norm)
-        self.learn_sigma = bool(cfg.learn_sigma) if self.ours else int(cfg.out_channels or 0) == 2 * self.in_channels
-        own_null = int(transformer.null_class) if self.ours else self.num_classes  # diffusers: label dropout -> row N
+        self.input_size = int(cfg.input_size if self.native else cfg.sample_size)
+        self.num_classes = int(cfg.num_classes if self.native else cfg.num_embeds_ada_norm)
+        self.learn_sigma = bool(cfg.learn_sigma) if self.native else int(cfg.out_channels or 0) == 2 * self.in_channels
+        own_null = int(transformer.null_class) if self.native else self.num_classes  # diffusers: label dropout -> row N
         self.null_class = own_null if null_class is None else int(null_class)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.ours:
+        if self.native:
             return self.transformer(x, t, y)
         return self.transformer(x, timestep=t, class_labels=y).sample
 
