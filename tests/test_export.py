@@ -222,9 +222,15 @@ def test_exported_pipeline_is_the_sampler(kind, tmp_path, vae_dir, modules_cache
         assert not np.array_equal(pixels(unclipped(**run).images), images_ref)
 
 
-def test_pipeline_refuses_labels_outside_the_model(tmp_path):
+def test_pipeline_generator_outputs_and_refusals(tmp_path):
     out = export(DEMO_TEACHER, tmp_path / "export")
     pipe = ClassConditionalPipeline.from_pretrained(out)
+    run = dict(class_labels=[3, 1], num_inference_steps=3)
+    a = pipe(**run, generator=torch.Generator().manual_seed(1), output_type="pt").images  # (2, 1, 32, 32) in [0, 1]
+    b = pipe(**run, generator=torch.Generator().manual_seed(1), output_type="np").images  # (2, 32, 32, 1)
+    assert torch.equal(a.permute(0, 2, 3, 1), torch.from_numpy(b)) and 0 <= a.min() and a.max() <= 1
+    c = pipe(**run, generator=torch.Generator().manual_seed(2), output_type="pt").images
+    assert not torch.equal(a, c)  # the generator seeds the images
     with pytest.raises(ValueError, match=r"class label 207 is outside this model's classes 0\.\.9"):
         pipe(class_labels=[207], num_inference_steps=2)
     with pytest.raises(ValueError, match="seed or generator"):
