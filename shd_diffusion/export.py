@@ -15,8 +15,13 @@
   (power-cosine guidance, learned-range DDPM); ``DIR/transformer`` is the model's own
   ``save_pretrained`` folder. Loading needs this package installed.
 
-Both get a model card (``README.md``) and ``export.json``. The folder is written under a
-temporary name and renamed at the end; a non-empty target is refused.
+Both get a model card (``README.md``, whose code runs as written) and ``export.json`` (source,
+weights, step, VAE, pixel or latent space, the sampler settings the pipeline uses). The folder is
+written under a temporary name and renamed at the end (files 0644 under umask 022); a non-empty
+target is refused, a full disk is one ``error:`` line and leaves no folder, and the hidden
+temporary folder of a killed export to the same target is removed by the next run.
+
+A pixel-space DiT gets a ``ClassConditionalPipeline`` folder too (``DiTPipeline`` needs a VAE).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import nn
 
 from shd_diffusion.cli import BadInput, add_debug_flag, run_main
 from shd_diffusion.console import say
-from shd_diffusion.fileio import atomic_dir, atomic_write_text
+from shd_diffusion.fileio import atomic_dir, atomic_write_text, os_errors_of_safetensors, remove_stale_temps
 from shd_diffusion.models import DiT, MDTv2, parse_hub_id, to_diffusers
 from shd_diffusion.models import dit_transformer_freq_shift as freq_shift_module
 from shd_diffusion.models.sources import load_model_with_info
@@ -67,8 +72,31 @@ def _model_index(pipeline: str, transformer: list[str], vae: bool, extra: dict[s
     return index
 
 
+def _sampler_config(model: DiT | MDTv2, vae: Any) -> dict[str, Any]:
+    """What ``ClassConditionalPipeline`` needs to sample as ``sampling.sample`` does by default:
+    each family's guidance schedule, the null class, and x_0 clipping for pixel-space models."""
+    schedule = "power-cosine" if isinstance(model, MDTv2) else "constant"
+    return {"guidance_schedule": schedule, "scale_pow": 4.0, "guidance_channels": 3, "null_class": int(model.null_class),
+            "clip_denoised": vae is None}
+
+
+def _write_common(model: DiT | MDTv2, vae: Any, folder: Path, transformer: list[str], variance: str) -> dict[str, Any]:
+    """Scheduler, VAE and ``model_index.json``: a ``DiTPipeline`` folder for a latent DiT (that
+    pipeline needs a VAE), a ``ClassConditionalPipeline`` folder otherwise; returns notes for the card."""
+    ddpm_scheduler(variance).save_pretrained(folder / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(folder / "vae")
+    if isinstance(model, DiT) and vae is not None:  # DiTPipeline warns about unknown keys: none added
+        index = _model_index("DiTPipeline", transformer, True)
+    else:
+        index = _model_index("ClassConditionalPipeline", transformer, vae is not None, _sampler_config(model, vae))
+    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
+    return {"pipeline": index["_class_name"], "space": "latent" if vae is not None else "pixel",
+            "sampler": _sampler_config(model, vae)}
+
+
 def _write_dit(model: DiT, vae: Any, folder: Path) -> dict[str, Any]:
-    """DiTPipeline folder for a DiT student; returns notes for the card."""
+    """DiT student: ``transformer/`` is a diffusers DiT folder; returns notes for the card."""
     transformer = to_diffusers(model)
     transformer.save_pretrained(folder / "transformer")
     cls = type(transformer).__name__
@@ -78,23 +106,53 @@ def _write_dit(model: DiT, vae: Any, folder: Path) -> dict[str, Any]:
         module = Path(freq_shift_module.__file__)
         shutil.copy(module, folder / "transformer" / module.name)
         entry = [module.stem, cls]
-    ddpm_scheduler(DIT_PIPELINE_VARIANCE).save_pretrained(folder / "scheduler")
-    if vae is not None:
-        vae.save_pretrained(folder / "vae")
-    atomic_write_text(folder / "model_index.json", json.dumps(_model_index("DiTPipeline", entry, vae is not None), indent=2) + "\n")
-    return {"transformer_class": cls, "custom_code": cls != "DiTTransformer2DModel", "pipeline": "DiTPipeline"}
+    notes = _write_common(model, vae, folder, entry, DIT_PIPELINE_VARIANCE)
+    return {"transformer_class": cls, "custom_code": cls != "DiTTransformer2DModel", **notes}
 
 
 def _write_mdt(model: MDTv2, vae: Any, folder: Path) -> dict[str, Any]:
-    """ClassConditionalPipeline folder for an MDTv2 student; returns notes for the card."""
+    """MDTv2 student: ``transformer/`` is the model's own ``save_pretrained`` folder; returns notes."""
     model.save_pretrained(folder / "transformer")
-    ddpm_scheduler("learned_range").save_pretrained(folder / "scheduler")
-    if vae is not None:
-        vae.save_pretrained(folder / "vae")
-    extra = {"guidance_schedule": "power-cosine", "scale_pow": 4.0, "guidance_channels": 3, "null_class": int(model.null_class)}
-    index = _model_index("ClassConditionalPipeline", ["shd_diffusion.models", "MDTv2"], vae is not None, extra)
-    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
-    return {"transformer_class": "MDTv2", "custom_code": False, "pipeline": "ClassConditionalPipeline"}
+    notes = _write_common(model, vae, folder, ["shd_diffusion.models", "MDTv2"], "learned_range")
+    return {"transformer_class": "MDTv2", "custom_code": False, **notes}
+
+
+def _load_section(model: DiT | MDTv2, notes: dict[str, Any], where: str, vae: str | None) -> list[str]:
+    """The card's "Load" section: code that runs as written on this export (a test runs it)."""
+    classes = int(model.config.num_classes)
+    labels = list(range(min(4, classes)))  # image i of sampling.sample has label i % classes
+    remote = ", trust_remote_code=True" if notes["custom_code"] else ""
+    clip = "clips the predicted x_0 to [-1, 1] (pixel-space model)" if notes["sampler"]["clip_denoised"] else "does not clip x_0 (latent model)"
+    lines = ["## Load", "", "```python",
+             "from shd_diffusion.pipelines import ClassConditionalPipeline  # pip install shd_diffusion",
+             f'pipe = ClassConditionalPipeline.from_pretrained("{where}"{remote})',
+             f"images = pipe(class_labels={labels}, guidance_scale=3.8, num_inference_steps=250, seed=0).images", "```", "",
+             "`ClassConditionalPipeline` runs this package's sampler: these are the images 0.."
+             f"{len(labels) - 1} (labels i % {classes}) of `python -m sampling.sample --seed 0 --steps 250 --cfg-scale 3.8 "
+             f"--precision fp32{f' --vae {vae}' if vae else ''}` on the exported checkpoint"
+             + (" (up to float rounding: diffusers' DiT kernels)" if isinstance(model, DiT) else "")
+             + f". It {clip}, guides the first 3 eps channels (all of a pixel model's) with "
+             + ("MDTv2's power-cosine schedule scale_t = (s - 1) (1 - cos(pi (1 - t/1000)^4)) / 2 + 1"
+                if isinstance(model, MDTv2) else "a constant scale")
+             + f" and samples with {'the learned-range' if model.config.learn_sigma else 'a fixed'} variance.", ""]
+    if notes["pipeline"] != "DiTPipeline":
+        if isinstance(model, DiT):
+            lines += ["diffusers' `DiTPipeline` does not load this export: it needs a VAE (latent models only).", ""]
+        return lines
+    scale = 4.0 if classes == 1000 else 1.0  # DiTPipeline's null class is 1000
+    lines += ["It also loads in diffusers' `DiTPipeline`:", "", "```python", "from diffusers import DiTPipeline",
+              f'pipe = DiTPipeline.from_pretrained("{where}"{remote})',
+              f"images = pipe(class_labels={labels}, guidance_scale={scale}, num_inference_steps=250).images", "```", "",
+              "`DiTPipeline` guides all latent channels with a constant scale, uses class 1000 as the null class, and "
+              "drops the learned variance (its scheduler here uses the fixed-large variance), so its images differ from "
+              "this package's sampler. Scores below come from this package's sampler.", ""]
+    if classes != 1000:
+        lines += [f"This model has {classes} classes: `DiTPipeline` guidance (null class 1000) fails for it, hence "
+                  "`guidance_scale=1.0` there; `ClassConditionalPipeline` guides with the model's own null class.", ""]
+    if notes["custom_code"]:
+        lines += ["The student uses the original DiT timestep features, which `DiTTransformer2DModel` cannot express; "
+                  "`transformer/dit_transformer_freq_shift.py` (a 30-line subclass) adds them, hence `trust_remote_code`.", ""]
+    return lines
 
 
 def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics: dict[str, Any] | None, vae: str | None,
@@ -112,32 +170,8 @@ def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics
         if teacher else "- teacher: unknown (the checkpoint stores no training config)",
         f"- VAE: `{vae}`" if vae else "- pixel-space model (no VAE)",
         f"- architecture: `{json.dumps({k: v for k, v in model.config.items() if not k.startswith('_')})}`", "",
-        "## Load", "", "```python",
     ]
-    if notes["pipeline"] == "DiTPipeline":
-        remote = ", trust_remote_code=True" if notes["custom_code"] else ""
-        lines += ["from diffusers import DiTPipeline", f'pipe = DiTPipeline.from_pretrained("{where}"{remote})',
-                  "images = pipe(class_labels=[207], guidance_scale=4.0, num_inference_steps=250).images", "# like this package's sampler (learned variance, guidance on 3 channels):",
-                  "from shd_diffusion.pipelines import ClassConditionalPipeline",
-                  f'pipe = ClassConditionalPipeline.from_pretrained("{where}", guidance_schedule="constant", null_class={model.null_class}{remote})']
-    else:
-        lines += ["from shd_diffusion.pipelines import ClassConditionalPipeline  # pip install shd_diffusion",
-                  f'pipe = ClassConditionalPipeline.from_pretrained("{where}")',
-                  "images = pipe(class_labels=[207], guidance_scale=3.8, num_inference_steps=250).images"]
-    lines += ["```", ""]
-    if notes["pipeline"] == "DiTPipeline":
-        lines += ["`DiTPipeline` guides all latent channels with a constant scale, uses class 1000 as the null class, and "
-                  "drops the learned variance (its scheduler here uses the fixed-large variance); this package's sampler "
-                  "(and `ClassConditionalPipeline`) uses the learned-range variance and guides the first 3 channels, as the "
-                  "DiT and MDT papers do. Scores below come from this package's sampler.", ""]
-        if int(model.config.num_classes) != 1000:
-            lines += [f"This model has {model.config.num_classes} classes: `DiTPipeline` guidance (null class 1000) fails "
-                      "for it; use `guidance_scale=1` there, or `ClassConditionalPipeline`.", ""]
-        if notes["custom_code"]:
-            lines += ["The student uses the original DiT timestep features, which `DiTTransformer2DModel` cannot express; "
-                      "`transformer/dit_transformer_freq_shift.py` (a 30-line subclass) adds them, hence `trust_remote_code`.", ""]
-    else:
-        lines += ["Guidance follows MDTv2: scale_t = (s - 1) (1 - cos(pi (1 - t/1000)^4)) / 2 + 1 on the first 3 eps channels.", ""]
+    lines += _load_section(model, notes, where, vae)
     if metrics:
         lines += ["## Scores", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None]
@@ -195,7 +229,9 @@ def export(
     in_channels = int(model.config.in_channels)
     vae_model = load_vae(vae, in_channels)
     vae_name = resolve_vae_spec(vae, in_channels)  # None for a pixel-space model
-    with atomic_dir(out) as tmp:
+    for stale in remove_stale_temps(out):  # a killed export's hidden folder (nothing else writes `out`)
+        say(f"removed {stale}, left by an interrupted export")
+    with os_errors_of_safetensors(out), atomic_dir(out) as tmp:  # a full disk: one error line, no folder
         notes = (_write_dit if isinstance(model, DiT) else _write_mdt)(model, vae_model, tmp)
         atomic_write_text(tmp / "README.md", _card(model, info, notes, scores, vae_name, push_to_hub or str(out)))
         meta = {"source": info["source"], "weights": info["weights"], "step": info.get("step"), "vae": vae_name, **notes}

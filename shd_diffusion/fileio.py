@@ -13,6 +13,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,9 +57,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=f".tmp{final.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
-    _new_file_mode(tmp, 0o666)  # mkstemp makes 0600
     try:
         yield tmp
+        _new_file_mode(tmp, 0o666)  # mkstemp makes 0600, and so do writers that replace the file (safetensors)
         fsync_path(tmp)  # data on disk before the rename makes it visible
         os.replace(tmp, final)
     except BaseException:
@@ -86,6 +87,42 @@ def stale_temps(final: str | os.PathLike[str]) -> list[Path]:
     return sorted(set(found))
 
 
+def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
+    """Delete what :func:`atomic_path` or :func:`atomic_dir` left beside ``final`` when its writer
+    was killed (temporary files and folders; see :func:`stale_temps` for when that is safe).
+
+    Returns:
+        The removed paths.
+    """
+    found = stale_temps(final)
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+@contextlib.contextmanager
+def os_errors_of_safetensors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise a safetensors writer's I/O failure as the ``OSError`` it wraps, naming ``path``.
+
+    safetensors reports a full disk as ``SafetensorError("Error while serializing: I/O error: No
+    space left on device (os error 28)")``; as an OSError it becomes the entry points' one
+    ``error:`` line (:func:`shd_diffusion.cli.run_main`).
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from err
+
+
 def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``final`` atomically."""
     with atomic_path(final) as tmp:
@@ -104,8 +141,9 @@ def atomic_dir(final: str | os.PathLike[str], replace: bool = False) -> Iterator
     ``final`` must be absent or an empty folder (a rename replaces nothing else), unless
     ``replace``: then an existing ``final`` is first renamed aside and removed after the swap
     (POSIX has no portable folder exchange, so a crash between the two renames leaves it as
-    ``.NAME.old-*``). Every file written into the yielded folder is fsynced before the rename. On
-    any error the temporary folder is removed and ``final`` is as it was.
+    ``.NAME.old-*``). Every file written into the yielded folder gets a plain new file's mode
+    (0644 under umask 022) and is fsynced before the rename. On any error the temporary folder is
+    removed and ``final`` is as it was; a killed writer's folder is found by :func:`stale_temps`.
     """
     final = Path(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
@@ -115,7 +153,9 @@ def atomic_dir(final: str | os.PathLike[str], replace: bool = False) -> Iterator
         yield tmp
         for folder, _, files in os.walk(tmp):
             for name in files:
+                _new_file_mode(Path(folder, name), 0o666)  # writers like safetensors make 0600
                 fsync_path(os.path.join(folder, name))
+            _new_file_mode(Path(folder), 0o777)
             fsync_path(folder)
         if replace and final.exists():
             old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))

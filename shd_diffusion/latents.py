@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .data import LATENT_FORMAT, LATENT_INDEX, DatasetError, ImageFolderDataset
-from .fileio import atomic_path, atomic_write_text, stale_temps
+from .fileio import atomic_path, atomic_write_text, os_errors_of_safetensors, remove_stale_temps
 from .vae import SD_VAE_SCALE_FACTOR, load_vae, resolve_vae_spec
 
 __all__ = [
@@ -130,15 +130,15 @@ def _check_plan(path: Path, found: dict[str, Any], plan: dict[str, Any]) -> None
 
 def _remove_stale_temps(path: Path) -> None:
     """Delete temp files of an interrupted write of ``path`` (only its owning rank calls this)."""
-    for tmp in [*stale_temps(path), path.with_name(path.name + ".tmp")]:  # fileio's, and this module's older name
-        tmp.unlink(missing_ok=True)
+    remove_stale_temps(path)  # fileio's temporary names
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # this module's older name
 
 
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file so that ``path`` exists only when complete (temp + fsync + rename)."""
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
+    with os_errors_of_safetensors(path), atomic_path(path) as tmp:  # 0644 like every output, a full disk as OSError
         save_file(tensors, str(tmp), metadata=metadata)
 
 

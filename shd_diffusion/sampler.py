@@ -377,7 +377,16 @@ class Sampler:
         """
         labels = class_labels(indices, self.num_classes, self.label_rule, self.seed)  # (n,)
         x_T, gens = self.initial_noise(indices)
-        y = torch.as_tensor(labels, device=self.device)
+        return self.denoise(x_T, torch.as_tensor(labels, device=self.device), gens), labels
+
+    @torch.no_grad()
+    def denoise(self, x_T: torch.Tensor, y: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+        """The reverse diffusion from given x_T (n, C, h, w), labels y (n,) and per-image generators
+        (the loop :meth:`sample_latents` runs; ``ClassConditionalPipeline`` runs it too).
+
+        Returns:
+            (n, C, h, w) final samples x_0.
+        """
         if self.method == "ddim":
             z = self.diffusion.ddim_sample_loop(
                 self.denoiser, x_T, model_kwargs={"y": y}, generators=gens, eta=self.ddim_eta,
@@ -388,7 +397,7 @@ class Sampler:
                 self.denoiser, x_T, model_kwargs={"y": y}, generators=gens, clip_denoised=self.clip_denoised,
                 noise_block=self.noise_block,
             )  # (n, C, h, w)
-        return z, labels
+        return z
 
     @torch.no_grad()
     def sample(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

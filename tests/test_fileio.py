@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 import stat
 
 import pytest
+import torch
 
-from shd_diffusion.fileio import atomic_dir, atomic_path, atomic_write_text, stale_temps
+from shd_diffusion.fileio import atomic_dir, atomic_path, atomic_write_text, remove_stale_temps, stale_temps
+from shd_diffusion.latents import _write_atomic
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_crash_mid_write_leaves_neither_target_nor_temp(tmp_path):
@@ -99,3 +108,50 @@ def test_stale_temps_finds_the_temp_of_a_killed_writer(tmp_path):
         # While the writer runs its temp is exactly what a killed writer would leave.
         assert stale_temps(final) == sorted([tmp, tmp_path / ".shard_[1].npz.old1.tmp"])
     assert stale_temps(final) == [tmp_path / ".shard_[1].npz.old1.tmp"]
+
+
+def test_remove_stale_temps_removes_a_killed_writers_files_and_folders_only(tmp_path):
+    final = tmp_path / "export"
+    folder = Path(tempfile.mkdtemp(dir=tmp_path, prefix=".export.", suffix=".tmp"))  # atomic_dir's name
+    (folder / "sub").mkdir()
+    (folder / "sub" / "w.safetensors").write_bytes(b"half")
+    fd, file = tempfile.mkstemp(dir=tmp_path, prefix=".export.", suffix=".tmp")  # atomic_path's name
+    os.close(fd)
+    keep = [tmp_path / ".export2.abc.tmp", tmp_path / "export.tmp", tmp_path / ".export.json"]
+    for path in keep:
+        path.write_text("not ours")
+    assert sorted(remove_stale_temps(final)) == sorted([folder, Path(file)])
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_latent_shards_get_the_mode_of_every_other_output(tmp_path, umask):
+    """safetensors writes its own temporary file (mode 0600) and renames it over atomic_path's."""
+    old = os.umask(umask)
+    try:
+        _write_atomic(tmp_path / "shard.safetensors", {"x": torch.zeros(3)}, {"k": "v"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shard.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["shard.safetensors"]
+
+
+def test_a_failed_safetensors_write_is_the_os_error_it_wraps(tmp_path):
+    """A real I/O failure inside safetensors (a file-size limit: EFBIG, as ENOSPC would be) comes
+    out as an OSError naming the shard, and leaves no file; run in a child for the limit."""
+    code = f"""
+import json, resource, signal, sys, torch
+from shd_diffusion.latents import _write_atomic
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    _write_atomic(sys.argv[1], {{"x": torch.zeros(100000)}}, {{}})
+except OSError as err:
+    print(json.dumps([err.errno, err.filename]))
+"""
+    path = tmp_path / "shard.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [errno.EFBIG, str(path)]
+    assert list(tmp_path.iterdir()) == []
