@@ -40,6 +40,7 @@ import yaml
 from shd_diffusion.cli import BadInput, add_debug_flag, check_writable_dir, run_main
 from shd_diffusion.console import say
 from shd_diffusion.diffusion import create_diffusion
+from shd_diffusion.models.loading import weights_sha256
 from shd_diffusion.models.sources import load_model
 from shd_diffusion.sampler import (
     COMPILE_MODES,
@@ -217,7 +218,10 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _build_sampler(args: argparse.Namespace, device: torch.device, is_main: bool) -> tuple[Sampler, dict[str, Any]]:
     """The sampler the arguments describe, and the settings that define its pixels (the manifest)."""
-    model = load_model(args.checkpoint, args.model, args.use_ema, dict(args.model_arg), verbose=is_main).to(device)
+    model = load_model(args.checkpoint, args.model, args.use_ema, dict(args.model_arg), verbose=is_main)
+    # The sampled weights by content: other weights at the same path must not resume this folder.
+    weights = weights_sha256(model.state_dict())
+    model = model.to(device)
     cfg = model.config
     vae = load_vae(args.vae, cfg.in_channels, device)
     schedule = resolve_guidance_schedule(args.guidance_schedule, model)
@@ -252,6 +256,7 @@ def _build_sampler(args: argparse.Namespace, device: torch.device, is_main: bool
         "model": args.model or type(model).__name__,
         "model_args": dict(args.model_arg),
         "use_ema": args.use_ema,
+        "weights_sha256": weights,
         "vae": resolve_vae_spec(args.vae, cfg.in_channels) or "none",
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,
