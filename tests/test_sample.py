@@ -694,6 +694,8 @@ def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, fresh_a
     """A killed run whose checkpoint was replaced in place: resuming would put two models in one
     .npz. The manifest records the weights by content, so the rerun is refused and writes nothing;
     with the original weights back it resumes to the uninterrupted result."""
+    import json
+
     from cli_cases import snapshot
 
     from shd_diffusion.models.loading import weights_sha256
@@ -721,6 +723,14 @@ def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, fresh_a
     ckpt.write_bytes(original)
     assert main([*argv, "--out", str(out)]) == 0
     assert (out / "samples_4x8x8x3.npz").read_bytes() == (ref / "samples_4x8x8x3.npz").read_bytes()
+
+    # A folder sampled before the weights were recorded cannot prove which weights made its shards.
+    manifest = read_manifest(out)
+    del manifest["weights_sha256"]
+    (out / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "weights_sha256: None -> " in capsys.readouterr().err
 
 
 def test_weights_hash_is_by_content_not_by_layout(pixel_model, tmp_path):
