@@ -16,7 +16,9 @@ software stack). The batch size itself can change the last bits: matrix kernels 
 blocking by the number of rows, on CPU as on GPU (measured on CPU with demo-sized models,
 batch 2 vs 3: final samples up to 4e-5 apart, enough to move a pixel across a uint8 rounding
 boundary now and then). So the batch size is recorded in the manifest, and a resume with
-another one is refused.
+another one is refused. The weights are recorded by content (``weights_sha256`` of the state dict
+actually sampled, :func:`shd_diffusion.models.loading.weights_sha256`), not only by path: other
+weights put at the same path are refused on resume, so one ``.npz`` never mixes two models.
 
 ``--compile`` wraps the model in ``torch.compile(mode=--compile-mode)``; ``reduce-overhead`` (and
 ``max-autotune``) replay CUDA graphs, which removes the per-kernel launch cost that dominates small
@@ -150,6 +152,9 @@ def _check_args(args: argparse.Namespace) -> None:
         return
     if not args.checkpoint or not args.out:
         raise BadInput("--checkpoint and --out are required (or --assemble DIR to only assemble)")
+    if args.model_arg and Path(args.checkpoint).is_dir():
+        raise BadInput(f"--model-arg applies to checkpoint files only: the folder {args.checkpoint} names its own "
+                       "architecture in config.json; drop --model-arg")
     if args.ddim_eta != 0.0 and args.sampler != "ddim":
         raise BadInput(f"--ddim-eta {args.ddim_eta} needs --sampler ddim")
     if not math.isfinite(args.ddim_eta) or args.ddim_eta < 0:

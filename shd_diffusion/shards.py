@@ -2,7 +2,7 @@
 
 Layout of a sampling run directory ``DIR``::
 
-    DIR/shards/manifest.json      what is being sampled (N, shard size, model, seed, ...)
+    DIR/shards/manifest.json      what is being sampled (N, shard size, the weights' sha256, seed, ...)
     DIR/shards/shard_000000.npz   images [0, S), written atomically
     DIR/shards/shard_000001.npz   images [S, 2S)
     ...

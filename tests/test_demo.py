@@ -373,3 +373,25 @@ def test_demo_preflight_accepts_the_valid_command(tmp_path, monkeypatch):
     _no_work(monkeypatch)
     with pytest.raises(AssertionError, match="work started"):
         _cli().main([*GOOD, "--out", str(tmp_path / "o"), "--inception-weights", str(tmp_path / "w" / "inc.pth")])
+
+
+def test_unfinished_samples_never_resume_from_other_weights(tmp_path):
+    """A demo sample folder is named by the checkpoint's path; its manifest also holds the weights'
+    hash, so weights replaced at that path before the folder was finished are refused."""
+    from shd_diffusion.models import create_model
+    from shd_diffusion.shards import ShardError, shard_path
+
+    arch = dict(input_size=8, hidden_size=16, depth=2, num_heads=2, num_classes=10, in_channels=1)
+    s = demo.resolve_settings("tiny", num_samples=4, num_ref=4, sampling_steps=2, shard_size=2, sample_batch_size=2)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    torch.manual_seed(0)
+    create_model("DiT-S/2", **arch).save_pretrained(ckpt)
+    samples, reused = demo.ensure_samples(ckpt, "run", s, out, torch.device("cpu"), progress=False)
+    assert not reused
+    samples.unlink()
+    shard_path(samples.parent, 1).unlink()  # as if killed before the second shard
+    torch.manual_seed(1)
+    create_model("DiT-S/2", **arch).save_pretrained(ckpt)  # other weights, same path
+    with pytest.raises(ShardError, match="weights_sha256.*mix two models"):
+        demo.ensure_samples(ckpt, "run", s, out, torch.device("cpu"), progress=False)
+    assert not shard_path(samples.parent, 1).exists()

@@ -153,12 +153,14 @@ def ensure_samples(
     """Sample ``s.num_samples`` images from a run's EMA weights into ``out/samples/<run>-<hash>/``.
 
     Uses the sharded sampler (resumable: finished shards are kept). The folder hash covers the
-    checkpoint (relative to ``out``) and every setting that changes the pixels.
+    checkpoint (relative to ``out``) and every setting that changes the pixels; the shard manifest
+    also records the weights' sha256, so an unfinished folder never resumes from other weights.
 
     Returns:
         (path of the assembled ``samples_{N}x{H}x{W}x3.npz``, reused).
     """
     from ..diffusion import create_diffusion
+    from ..models.loading import weights_sha256
     from ..models.sources import load_model
     from ..sampler import GuidedDenoiser, Sampler, resolve_guidance_channels, resolve_guidance_schedule, stream_fields
     from ..shards import assemble, run_shards
@@ -180,7 +182,11 @@ def ensure_samples(
     found = sorted(folder.glob(f"samples_{s.num_samples}x*x3.npz"))
     if found:
         return found[0], True
-    model = load_model(checkpoint, use_ema=True).to(device)
+    model = load_model(checkpoint, use_ema=True)
+    # In the shard manifest, not the folder name: a resume from other weights is refused, and
+    # finished folders keep their names (and their reports' paths).
+    manifest["weights_sha256"] = weights_sha256(model.state_dict())
+    model = model.to(device)
     mc = model.config
     schedule = resolve_guidance_schedule(s.guidance_schedule, model)
     manifest["guidance_schedule"] = schedule  # record what "auto" meant
