@@ -16,7 +16,9 @@ software stack). The batch size itself can change the last bits: matrix kernels 
 blocking by the number of rows, on CPU as on GPU (measured on CPU with demo-sized models,
 batch 2 vs 3: final samples up to 4e-5 apart, enough to move a pixel across a uint8 rounding
 boundary now and then). So the batch size is recorded in the manifest, and a resume with
-another one is refused.
+another one is refused. The weights are recorded by content (``weights_sha256`` of the state dict
+actually sampled, :func:`shd_diffusion.models.loading.weights_sha256`), not only by path: other
+weights put at the same path are refused on resume, so one ``.npz`` never mixes two models.
 
 ``--compile`` wraps the model in ``torch.compile(mode=--compile-mode)``; ``reduce-overhead`` (and
 ``max-autotune``) replay CUDA graphs, which removes the per-kernel launch cost that dominates small
@@ -40,6 +42,7 @@ import yaml
 from shd_diffusion.cli import BadInput, add_debug_flag, check_writable_dir, run_main
 from shd_diffusion.console import say
 from shd_diffusion.diffusion import create_diffusion
+from shd_diffusion.models.loading import weights_sha256
 from shd_diffusion.models.sources import load_model
 from shd_diffusion.sampler import (
     COMPILE_MODES,
@@ -149,6 +152,9 @@ def _check_args(args: argparse.Namespace) -> None:
         return
     if not args.checkpoint or not args.out:
         raise BadInput("--checkpoint and --out are required (or --assemble DIR to only assemble)")
+    if args.model_arg and Path(args.checkpoint).is_dir():
+        raise BadInput(f"--model-arg applies to checkpoint files only: the folder {args.checkpoint} names its own "
+                       "architecture in config.json; drop --model-arg")
     if args.ddim_eta != 0.0 and args.sampler != "ddim":
         raise BadInput(f"--ddim-eta {args.ddim_eta} needs --sampler ddim")
     if not math.isfinite(args.ddim_eta) or args.ddim_eta < 0:
@@ -217,7 +223,10 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _build_sampler(args: argparse.Namespace, device: torch.device, is_main: bool) -> tuple[Sampler, dict[str, Any]]:
     """The sampler the arguments describe, and the settings that define its pixels (the manifest)."""
-    model = load_model(args.checkpoint, args.model, args.use_ema, dict(args.model_arg), verbose=is_main).to(device)
+    model = load_model(args.checkpoint, args.model, args.use_ema, dict(args.model_arg), verbose=is_main)
+    # The sampled weights by content: other weights at the same path must not resume this folder.
+    weights = weights_sha256(model.state_dict())
+    model = model.to(device)
     cfg = model.config
     vae = load_vae(args.vae, cfg.in_channels, device)
     schedule = resolve_guidance_schedule(args.guidance_schedule, model)
@@ -252,6 +261,7 @@ def _build_sampler(args: argparse.Namespace, device: torch.device, is_main: bool
         "model": args.model or type(model).__name__,
         "model_args": dict(args.model_arg),
         "use_ema": args.use_ema,
+        "weights_sha256": weights,
         "vae": resolve_vae_spec(args.vae, cfg.in_channels) or "none",
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,

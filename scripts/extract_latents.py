@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--both-flips", action="store_true", help="also store latents of mirrored images")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored latent dtype")
     p.add_argument("--scale-factor", type=float, default=SD_VAE_SCALE_FACTOR, help="latent multiplier")
-    p.add_argument("--device", default=None, help="default: this process's device (cuda if available)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: this process's device, cuda if available)")
     p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per process")
     add_debug_flag(p)
@@ -63,11 +63,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise BadInput(f"--max-shards must be > 0 (or left out for all), got {args.max_shards}")
     if not math.isfinite(args.scale_factor) or args.scale_factor <= 0:
         raise BadInput(f"--scale-factor must be a finite number > 0, got {args.scale_factor}")
-    if args.device is not None:
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            raise BadInput(f"--device {args.device!r} is not a device: use e.g. cpu, cuda or cuda:1") from None
+    if args.device is not None:  # a device this machine has (the scorer's rule: auto, cpu, cuda[:N])
+        from shd_diffusion.evaluation.scoring import resolve_device
+
+        args.device = resolve_device(args.device)
     check_writable_dir(args.out, "--out")
 
 

@@ -2,7 +2,7 @@
 
 Layout of a sampling run directory ``DIR``::
 
-    DIR/shards/manifest.json      what is being sampled (N, shard size, model, seed, ...)
+    DIR/shards/manifest.json      what is being sampled (N, shard size, the weights' sha256, seed, ...)
     DIR/shards/shard_000000.npz   images [0, S), written atomically
     DIR/shards/shard_000001.npz   images [S, 2S)
     ...
@@ -252,11 +252,19 @@ def check_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> b
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        why = "".join(_CHANGE_REASONS.get(k, "") for k in changed)
         raise ShardError(
-            f"{path} was written with other settings ({diff}); resume with the original "
+            f"{path} was written with other settings ({diff}){why}; resume with the original "
             "settings or sample into a new --out"
         )
     return True
+
+
+# Why a change of these manifest keys is refused, when the key name alone does not say it.
+_CHANGE_REASONS = {
+    "weights_sha256": ": the model's weights differ by content (replaced at the same path, or a folder "
+    "sampled before weights were recorded), so its shards would mix two models",
+}
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:

@@ -113,6 +113,8 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     ("checkpoint-random-bytes", lambda w: _ckpt(w, _file(w, "junk.pt", random.Random(1).randbytes(64) + b"\x00" * 64)), ("junk.pt",)),
     ("checkpoint-truncated-zip", lambda w: _ckpt(w, _file(w, "cut.pt", b"PK\x03\x04" + b"\x00" * 30)), ("cut.pt",)),
     ("checkpoint-folder-without-model", lambda w: _ckpt(w, str(w["in"])), ("has no config.json",)),
+    ("model-arg-with-a-folder", lambda w: _new(w, "--model-arg", "input_size=16"), ("--model-arg", "drop --model-arg")),
+    ("checkpoint-empty-string", lambda w: _ckpt(w, ""), ("--checkpoint and --out are required",)),
     # --- numbers
     ("cfg-below-one", lambda w: _new(w, "--cfg-scale", "0.5"), ("--cfg-scale", ">= 1", "0.5")),
     ("cfg-nan", lambda w: _new(w, "--cfg-scale", "nan"), ("--cfg-scale", "finite")),

@@ -160,6 +160,16 @@ def test_corrupt_image_in_a_later_shard_keeps_the_finished_ones(world: dict, fre
     assert sorted(p.name for p in (world["out"] / "lat").iterdir()) == ["shard_00000.safetensors"]
 
 
+@pytest.mark.parametrize("device, needles", [("cuda", ("--device cuda", "not available", "--device cpu")),
+                                             ("cuda:1", ("--device cuda:1", "not available"))])
+def test_extract_on_a_missing_gpu_is_one_line(world: dict, monkeypatch: pytest.MonkeyPatch, device: str,
+                                              needles: tuple[str, ...], fresh_accelerate) -> None:
+    # A machine without a GPU (simulated, so the row runs on every machine): before, a RuntimeError
+    # traceback from the first tensor moved to the device.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(EXTRACT.main, world, lambda w: _extract(w, "--device", device), needles)
+
+
 def test_extract_control_and_debug(world: dict, fresh_accelerate) -> None:
     assert call(EXTRACT.main, _extract(world)).code == 0  # the table's base command is valid
     assert (world["out"] / "lat" / "index.json").is_file()

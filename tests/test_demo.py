@@ -276,3 +276,122 @@ def test_demo_runs_from_the_committed_teacher(run, tmp_path):
     assert not list((tmp_path / "out" / "runs").glob("teacher-*"))  # nothing trained for the teacher
     assert res["runs"][0]["steps"] == 2 and math.isfinite(res["teacher"]["scores"]["fid"])
     assert "the committed teacher: not trained by this demo" in (tmp_path / "out" / "results.md").read_text()
+
+
+# ------------------------------------------------------------------ refusals before any work
+
+
+def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every stage that does work (training, the committed teacher, references, Inception
+    conversion, loading a model to export) fail the test if it is reached."""
+    from shd_diffusion.demo import pipeline
+    from shd_diffusion.models import sources
+
+    def reached(*args, **kwargs):
+        raise AssertionError("work started before the bad input was refused")
+
+    for name in ("ensure_trained", "committed_teacher", "ensure_reference", "ensure_inception_weights"):
+        monkeypatch.setattr(pipeline, name, reached)
+    monkeypatch.setattr(sources, "load_model", reached)
+
+
+def _inception_file(tmp: Path, kind: str) -> str:
+    path = tmp / "in" / f"inception_{kind}.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "bytes":
+        path.write_bytes(b"\x00not a torch file" * 8)
+    elif kind == "foreign":  # a readable weights-only state dict that is not torch-fidelity's network
+        torch.save({"fc.weight": torch.zeros(3, 2), "conv.weight": torch.ones(1)}, path)
+    return str(path)
+
+
+def _teacher_file(tmp: Path, where: str) -> str:
+    """A file for --export-teacher that training did not write where the export expects it."""
+    path = tmp / "in" / where
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": 1}, path)
+    return str(path)
+
+
+GOOD = ["--size", "tiny", "--no-progress", "--device", "cpu"]
+DEMO_CASES = [
+    ("cfg-nan", ["--cfg-scale", "nan"], ["--cfg-scale", "finite"]),
+    ("cfg-inf", ["--cfg-scale", "inf"], ["--cfg-scale", "finite"]),
+    ("cfg-below-one", ["--cfg-scale", "0.5"], ["--cfg-scale", ">= 1"]),
+    ("sampling-steps-zero", ["--sampling-steps", "0"], ["--sampling-steps", ">= 1"]),
+    ("sampling-steps-above-1000", ["--sampling-steps", "1001"], ["--sampling-steps 1001", "1000"]),
+    ("num-samples-negative", ["--num-samples", "-5"], ["--num-samples", ">= 1"]),
+    ("num-samples-three", ["--num-samples", "3"], [">= 4 samples"]),
+    ("num-ref-negative", ["--num-ref", "-1"], ["reference images", "-1"]),
+    ("num-ref-two", ["--num-ref", "2"], [">= 4 reference images"]),
+    ("seed-negative", ["--seeds", "0,-1"], ["--seeds", "-1"]),
+    ("seed-too-large", ["--seeds", str(2**63)], ["--seeds", "2^63"]),
+    ("seed-repeated", ["--seeds", "1,1"], ["without repeats"]),
+    ("device-bogus", ["--device", "gpu0"], ["--device", "gpu0"]),
+    ("inception-unreadable", ["--inception-weights", "{bytes}"], ["inception_bytes.pth", "not a readable"]),
+    ("inception-foreign", ["--inception-weights", "{foreign}"], ["inception_foreign.pth", "do not fit"]),
+    ("inception-under-a-file", ["--inception-weights", "{bytes}/x.pth"], ["--inception-weights", "is a file"]),
+    ("out-is-a-file", ["--out", "{bytes}"], ["--out", "is a file"]),
+    ("config-dir-missing", ["--config-dir", "{tmp}/nope"], ["nope", "not found"]),
+    ("teacher-only-bad-inception", ["--teacher-only", "--inception-weights", "{bytes}"], ["inception_bytes.pth"]),
+    ("train-time-without-export", ["--train-time", "5"], ["--train-time", "--export-teacher"]),
+    ("export-teacher-missing", ["--export-teacher", "{tmp}/nope.pt"], ["nope.pt", "no such file"]),
+    ("export-teacher-bare-file", ["--export-teacher", "{flat}"], ["flat.pt", "RUN/checkpoints/step_"]),
+    ("export-teacher-misnamed", ["--export-teacher", "{misnamed}"], ["last.pt", "RUN/checkpoints/step_"]),
+    ("export-teacher-no-config", ["--export-teacher", "{noconfig}"], ["RUN/config.yaml", "has none"]),
+    ("export-teacher-train-time-nan", ["--export-teacher", "{noconfig}", "--train-time", "nan"], ["--train-time", "finite"]),
+]
+if not torch.cuda.is_available():
+    DEMO_CASES.append(("device-cuda-without-gpu", ["--device", "cuda"], ["--device cuda", "not available"]))
+
+
+@pytest.mark.parametrize("extra, needles", [c[1:] for c in DEMO_CASES], ids=[c[0] for c in DEMO_CASES])
+def test_demo_refuses_bad_input_before_any_work(tmp_path, monkeypatch, extra, needles):
+    """Every flag is checked up front: one ``error:`` line, exit 2, no stage started, nothing written
+    (before, bad Inception weights were found only after every student was trained and sampled)."""
+    from cli_cases import call, snapshot
+
+    _no_work(monkeypatch)
+    names = {"tmp": str(tmp_path), "bytes": _inception_file(tmp_path, "bytes"),
+             "foreign": _inception_file(tmp_path, "foreign"), "flat": _teacher_file(tmp_path, "flat.pt"),
+             "misnamed": _teacher_file(tmp_path, "run/checkpoints/last.pt"),
+             "noconfig": _teacher_file(tmp_path, "bare/checkpoints/step_00000002.pt")}
+    argv = [*GOOD, "--out", str(tmp_path / "o"), "--inception-weights", str(tmp_path / "w" / "inc.pth"),
+            *(e.format(**names) for e in extra)]
+    before = snapshot(tmp_path)
+    outcome = call(_cli().main, argv)
+    assert outcome.code == 2, outcome.stderr
+    lines = outcome.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in outcome.stderr, outcome.stderr
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])
+    assert snapshot(tmp_path) == before and not (tmp_path / "o").exists()
+
+
+def test_demo_preflight_accepts_the_valid_command(tmp_path, monkeypatch):
+    # The control of the table: the same base command passes every check and reaches the first stage.
+    _no_work(monkeypatch)
+    with pytest.raises(AssertionError, match="work started"):
+        _cli().main([*GOOD, "--out", str(tmp_path / "o"), "--inception-weights", str(tmp_path / "w" / "inc.pth")])
+
+
+def test_unfinished_samples_never_resume_from_other_weights(tmp_path):
+    """A demo sample folder is named by the checkpoint's path; its manifest also holds the weights'
+    hash, so weights replaced at that path before the folder was finished are refused."""
+    from shd_diffusion.models import create_model
+    from shd_diffusion.shards import ShardError, shard_path
+
+    arch = dict(input_size=8, hidden_size=16, depth=2, num_heads=2, num_classes=10, in_channels=1)
+    s = demo.resolve_settings("tiny", num_samples=4, num_ref=4, sampling_steps=2, shard_size=2, sample_batch_size=2)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    torch.manual_seed(0)
+    create_model("DiT-S/2", **arch).save_pretrained(ckpt)
+    samples, reused = demo.ensure_samples(ckpt, "run", s, out, torch.device("cpu"), progress=False)
+    assert not reused
+    samples.unlink()
+    shard_path(samples.parent, 1).unlink()  # as if killed before the second shard
+    torch.manual_seed(1)
+    create_model("DiT-S/2", **arch).save_pretrained(ckpt)  # other weights, same path
+    with pytest.raises(ShardError, match="weights_sha256.*mix two models"):
+        demo.ensure_samples(ckpt, "run", s, out, torch.device("cpu"), progress=False)
+    assert not shard_path(samples.parent, 1).exists()

@@ -681,3 +681,70 @@ def test_cli_end_to_end(pixel_model, tmp_path, fresh_accelerate):
     assert main(argv) == 0  # resumes: recomputes the one missing shard
     assert (out / "samples_5x8x8x3.npz").read_bytes() == first
     assert main(["--assemble", str(out)]) == 0
+
+
+def _save_training_checkpoint(model: nn.Module, path: Path) -> None:
+    """``model`` (a :func:`tiny` DiT) as this package's training checkpoint, raw and EMA weights."""
+    arch = dict(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=NUM_CLASSES, in_channels=1)
+    state = model.state_dict()
+    torch.save({"ema": state, "model": {k: v + 1 for k, v in state.items()}, "config": {"student": {"name": "DiT-S/2", **arch}}}, path)
+
+
+def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, fresh_accelerate, capsys):
+    """A killed run whose checkpoint was replaced in place: resuming would put two models in one
+    .npz. The manifest records the weights by content, so the rerun is refused and writes nothing;
+    with the original weights back it resumes to the uninterrupted result."""
+    import json
+
+    from cli_cases import snapshot
+
+    from shd_diffusion.models.loading import weights_sha256
+    from shd_diffusion.shards import read_manifest
+
+    first, other = tiny(), _randomise(tiny(), seed=1)
+    ckpt, out, ref = tmp_path / "ckpt.pt", tmp_path / "out", tmp_path / "ref"
+    _save_training_checkpoint(first, ckpt)
+    argv = ["--checkpoint", str(ckpt), "--num-samples", "4", "--steps", "2", "--shard-size", "2",
+            "--batch-size", "2", "--vae", "none"]
+    assert main([*argv, "--out", str(ref)]) == 0  # the uninterrupted run
+    assert read_manifest(ref)["weights_sha256"] == weights_sha256(first.state_dict())
+    assert main([*argv, "--out", str(out)]) == 0
+    shard_path(out, 1).unlink()  # as if killed before its second shard
+    (out / "samples_4x8x8x3.npz").unlink()
+    original = ckpt.read_bytes()
+    _save_training_checkpoint(other, ckpt)  # replaced in place, same path, same shapes
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert "weights_sha256" in err and "mix two models" in err and "new --out" in err
+    assert snapshot(out) == before  # nothing appended
+    ckpt.write_bytes(original)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert (out / "samples_4x8x8x3.npz").read_bytes() == (ref / "samples_4x8x8x3.npz").read_bytes()
+
+    # A folder sampled before the weights were recorded cannot prove which weights made its shards.
+    manifest = read_manifest(out)
+    del manifest["weights_sha256"]
+    (out / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "weights_sha256: None -> " in capsys.readouterr().err
+
+
+def test_weights_hash_is_by_content_not_by_layout(pixel_model, tmp_path):
+    """Same weights from a training checkpoint, a bare state dict or a save_pretrained folder:
+    one hash; one changed entry changes it."""
+    from shd_diffusion.models.loading import weights_sha256
+
+    state = pixel_model.state_dict()
+    _save_training_checkpoint(pixel_model, tmp_path / "train.pt")
+    pixel_model.save_pretrained(tmp_path / "folder")
+    hashes = {weights_sha256(load_model(p).state_dict()) for p in (tmp_path / "train.pt", tmp_path / "folder")}
+    assert hashes == {weights_sha256(state)}
+    changed = {k: v.clone() for k, v in state.items()}
+    name = next(iter(changed))
+    changed[name].view(-1)[0] += 1e-6
+    assert weights_sha256(changed) != weights_sha256(state)
+    assert weights_sha256(dict(reversed(list(state.items())))) == weights_sha256(state)  # key order does not count

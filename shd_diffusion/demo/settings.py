@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,23 @@ def resolve_settings(size: str = "cpu", **changes: Any) -> DemoSettings:
     if unknown:
         raise DemoError(f"unknown demo setting(s) {unknown}; known: {sorted(known)}")
     s = dataclasses.replace(SIZES[size], **{k: v for k, v in changes.items() if v is not None})
+    _check(s)
+    return s
+
+
+# Settings counted in images, steps or subsets: each must be at least 1.
+_COUNTS = ("num_samples", "sampling_steps", "sample_batch_size", "shard_size", "inception_batch_size", "kid_subsets",
+           "kid_subset_size", "alpha_batch", "grid_images")
+MAX_SEED = 2**63  # seeds are int64 (torch generators, the per-index seed hash)
+
+
+def _check(s: DemoSettings) -> None:
+    """Refuse every setting that is wrong on its own, in the words of the demo's flags (before any work).
+
+    Raises:
+        DemoError: naming the setting, the value and the allowed range.
+    """
+    from ..sampler import DIFFUSION_STEPS
     from ..train_config import MODES
 
     bad = [m for m in s.modes if m not in MODES]
@@ -130,13 +148,33 @@ def resolve_settings(size: str = "cpu", **changes: Any) -> DemoSettings:
         raise DemoError(f"--modes {','.join(s.modes)}: unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     if len(set(s.modes)) != len(s.modes) or len(set(s.seeds)) != len(s.seeds) or not s.seeds:
         raise DemoError(f"--modes and --seeds must be non-empty and without repeats, got {s.modes} / {s.seeds}")
-    for name in ("num_samples", "sampling_steps", "sample_batch_size", "shard_size", "inception_batch_size",
-                 "kid_subsets", "alpha_batch", "grid_images"):
+    for name, value in [*((f, getattr(s, f)) for f in _COUNTS), ("num_ref", s.num_ref), ("sample_seed", s.sample_seed),
+                        ("attention_timestep", s.attention_timestep), *(("seeds", v) for v in s.seeds)]:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DemoError(f"{_flag(name)} must be an integer, got {value!r}")
+    for name in _COUNTS:
         if getattr(s, name) < 1:
-            raise DemoError(f"{name} must be >= 1, got {getattr(s, name)}")
+            raise DemoError(f"{_flag(name)} must be >= 1, got {getattr(s, name)}")
+    if s.sampling_steps > DIFFUSION_STEPS:
+        raise DemoError(f"--sampling-steps {s.sampling_steps}: respacing keeps at most the models' {DIFFUSION_STEPS} steps")
+    if not 0 <= s.attention_timestep < DIFFUSION_STEPS:
+        raise DemoError(f"attention_timestep must be in [0, {DIFFUSION_STEPS}), got {s.attention_timestep}")
+    for name, seed in [("sample_seed", s.sample_seed), *(("seeds", v) for v in s.seeds)]:
+        if not 0 <= seed < MAX_SEED:
+            raise DemoError(f"{_flag(name)} must be in [0, 2^63), got {seed}")
     # Precision/recall needs k + 1 = 4 images on each side; FID's covariance 2.
-    if s.num_samples < 4 or (s.num_ref and s.num_ref < 4):
-        raise DemoError(f"need >= 4 samples and >= 4 reference images (precision/recall k=3), got {s.num_samples} / {s.num_ref}")
-    if s.cfg_scale < 1.0:
-        raise DemoError(f"cfg_scale must be >= 1 (1 = no guidance), got {s.cfg_scale}")
-    return s
+    if s.num_samples < 4 or s.num_ref < 0 or 0 < s.num_ref < 4:
+        raise DemoError(f"need >= 4 samples and >= 4 reference images (0 = all; precision/recall k=3), "
+                        f"got {s.num_samples} / {s.num_ref}")
+    if isinstance(s.cfg_scale, bool) or not isinstance(s.cfg_scale, (int, float)) or not math.isfinite(s.cfg_scale) \
+            or s.cfg_scale < 1.0:
+        raise DemoError(f"--cfg-scale must be a finite number >= 1 (1 = no guidance), got {s.cfg_scale}")
+    if s.guidance_schedule not in ("auto", "constant", "power-cosine"):
+        raise DemoError(f"guidance_schedule {s.guidance_schedule!r}: use auto, constant or power-cosine")
+
+
+def _flag(name: str) -> str:
+    """How the user set a setting: its command-line flag, or the setting's own name."""
+    flags = {"num_samples": "--num-samples", "num_ref": "--num-ref", "sampling_steps": "--sampling-steps",
+             "cfg_scale": "--cfg-scale", "seeds": "--seeds"}
+    return flags.get(name, name)

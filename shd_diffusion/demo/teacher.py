@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "committed_teacher",
     "count_params",
     "export_teacher",
+    "teacher_run_of",
 ]
 
 TEACHER_ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"
@@ -89,6 +91,30 @@ def committed_teacher() -> TrainedRun:
     return TrainedRun(TEACHER_ASSET, TEACHER_ASSET, int(meta["step"]), meta["train_time_s"], True)
 
 
+def teacher_run_of(checkpoint: Path) -> tuple[Path, int]:
+    """The run folder and step of a teacher run's checkpoint ``RUN/checkpoints/step_N.pt``.
+
+    Only a file that training wrote (listed by :func:`shd_diffusion.checkpoint.list_checkpoints`)
+    next to its ``RUN/config.yaml`` is accepted: the export reads the run's config from there.
+
+    Raises:
+        DemoError: any other path, naming the shape expected.
+    """
+    from ..checkpoint import CHECKPOINT_DIR, list_checkpoints
+
+    path = Path(checkpoint).resolve()
+    shape = f"--export-teacher {checkpoint}: expected a teacher run's checkpoint RUN/{CHECKPOINT_DIR}/step_NNNNNNNN.pt"
+    if not path.is_file():
+        raise DemoError(f"{shape}, and there is no such file")
+    run_dir = path.parent.parent
+    steps = {p.resolve(): step for step, p in list_checkpoints(run_dir)} if path.parent.name == CHECKPOINT_DIR else {}
+    if path not in steps:
+        raise DemoError(f"{shape} as training writes it; pick one from a run folder's {CHECKPOINT_DIR}/")
+    if not (run_dir / "config.yaml").is_file():
+        raise DemoError(f"{shape} with RUN/config.yaml beside it; {run_dir} has none: export from the run folder itself")
+    return run_dir, steps[path]
+
+
 def export_teacher(checkpoint: Path, dest: Path | None = None, train_time_s: float | None = None) -> dict[str, Any]:
     """Write a teacher run's checkpoint as the committed demo teacher into ``dest`` (default
     :data:`TEACHER_ASSET`), atomically: the folder is written beside ``dest``, then swapped in.
@@ -109,8 +135,9 @@ def export_teacher(checkpoint: Path, dest: Path | None = None, train_time_s: flo
 
     checkpoint = Path(checkpoint)
     dest = TEACHER_ASSET if dest is None else Path(dest)
-    run_dir = checkpoint.parents[1]  # run/checkpoints/step_*.pt
-    step = checkpoint_step(checkpoint)
+    if train_time_s is not None and not (math.isfinite(train_time_s) and train_time_s >= 0):
+        raise DemoError(f"--train-time must be a finite number of seconds >= 0, got {train_time_s}")
+    run_dir, step = teacher_run_of(checkpoint)
     cfg = load_config(ExperimentConfig, run_dir / "config.yaml", [f"train.steps={step}"])
     if cfg.distill.mode != "none":
         raise DemoError(f"{checkpoint}: the demo teacher is trained from scratch (distill.mode none), got {cfg.distill.mode}")

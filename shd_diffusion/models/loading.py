@@ -9,6 +9,7 @@ checkpoint dict holding it under ``ema`` (preferred) or ``model``, with or witho
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import math
 import os
@@ -29,6 +30,8 @@ from shd_diffusion.models.registry import MODEL_CONFIGS
 
 __all__ = [
     "WeightsError",
+    "check_finite_weights",
+    "weights_sha256",
     "load_checkpoint_file",
     "extract_state_dict",
     "infer_architecture",
@@ -52,6 +55,43 @@ class WeightsError(CheckpointError, ValueError):
     A ``ValueError`` for library callers, and a kind of the run checkpoint's error (so a
     :class:`~shd_diffusion.cli.BadInput`, exit code 2, for the entry points): one ``except`` catches both.
     """
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], source: Any) -> None:
+    """Refuse weights with a NaN or infinite entry, naming the tensors.
+
+    Such weights sample black or noise images, distil garbage and export a broken pipeline while
+    every command exits 0; the one check every loader of :mod:`.sources` applies to what it loaded.
+
+    Args:
+        state: the loaded model's state dict (parameters and buffers).
+        source: how the user named the weights (for the message).
+
+    Raises:
+        WeightsError: some floating-point tensor is not finite.
+    """
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise WeightsError(
+            f"{source} holds non-finite weights (NaN or inf) in {_listing(bad)}: a diverged or corrupted "
+            "checkpoint; use an earlier checkpoint of the run or fetch the file again"
+        )
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """Hex sha256 of a state dict's content: every tensor's name, dtype, shape and bytes, by name.
+
+    What a result computed from a model depends on, whatever the file layout (a training
+    checkpoint's optimizer state, a folder's config formatting or a Hub cache path do not count).
+    Bytes are the tensors' in-memory (little-endian) representation, so the hash is the same on
+    every CPU and for the same weights stored in any format.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # (numel * itemsize,) raw bytes, not copied
+    return digest.hexdigest()
 
 
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:

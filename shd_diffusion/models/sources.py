@@ -31,6 +31,7 @@ from shd_diffusion.models.diffusers_dit import DIFFUSERS_DIT_CLASSES, from_diffu
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
     WeightsError,
+    check_finite_weights,
     describe_architecture,
     extract_state_dict,
     infer_architecture,
@@ -258,7 +259,7 @@ def load_model_with_info(
             model = _package_classes()[cls_name].from_pretrained(path)
             info["message"] = f"loaded {cls_name} weights from save_pretrained folder {source}{ignored}"
         info["weights"] = "the folder's weights"
-        return model.eval().requires_grad_(False), info
+        return _finite(model, source).eval().requires_grad_(False), info
 
     raw = load_checkpoint_file(path)
     name, kwargs = _architecture(raw, model_name, overrides, source)
@@ -268,7 +269,13 @@ def load_model_with_info(
     load_official_state_dict(model, state)
     info.update(weights=_which_weights(raw, use_ema), config=raw.get("config"), step=raw.get("step"))
     info["message"] = f"loaded {name} from {source}: {info['weights']}"
-    return model.eval().requires_grad_(False), info
+    return _finite(model, source).eval().requires_grad_(False), info
+
+
+def _finite(model: nn.Module, source: Any) -> nn.Module:
+    """``model``, after refusing non-finite weights (every loader here returns through this)."""
+    check_finite_weights(model.state_dict(), source)
+    return model
 
 
 def _architecture(
@@ -346,7 +353,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], use_ema: bool
                 + (f" that differs in {', '.join(diff)}" if diff and type(model).__name__ == "DiT" else "")
                 + ": configure a DiT with these sizes"
             )
-        return converted.to(next(model.parameters()).device)
+        return _finite(converted, source).to(next(model.parameters()).device)
     if path.is_dir():
         _folder_kind(path)  # refuses folders of other model classes, naming the class
         found = sorted(path.glob("*.safetensors"))
@@ -361,4 +368,4 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], use_ema: bool
         load_official_state_dict(model, state)
     except WeightsError as err:
         raise WeightsError(f"{source}: {err}") from None
-    return model
+    return _finite(model, source)
