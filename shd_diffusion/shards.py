@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from .cli import BadInput
 from .console import say
-from .fileio import atomic_path, atomic_write_text, stale_temps
+from .fileio import atomic_path, atomic_write_text
+from .fileio import remove_stale_temps as fileio_remove_stale_temps
 
 __all__ = [
     "SHARD_DIR",
@@ -211,12 +212,10 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
         The removed paths.
     """
     final = Path(path)
-    removed = []
-    # atomic_path's temporary names, and those of earlier versions of this module.
-    for tmp in [*stale_temps(final), *final.parent.glob(f"{glob.escape(final.name)}.tmp-*")]:
+    legacy = list(final.parent.glob(f"{glob.escape(final.name)}.tmp-*"))  # an earlier version of this module
+    for tmp in legacy:
         tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
+    return [*fileio_remove_stale_temps(final), *legacy]
 
 
 # --------------------------------------------------------------------------------------------

@@ -262,6 +262,25 @@ def test_export_teacher_swaps_the_folder_atomically(run, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["asset"]
 
 
+def test_export_teacher_onto_a_full_disk_raises_an_os_error(run, tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as its own SafetensorError; the teacher export re-raises the OSError
+    (what run_main turns into one error line) and leaves the previous folder as it was."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    out, _, _ = run
+    ckpt = sorted(out.glob("runs/teacher-*/checkpoints/step_*.pt"))[-1]
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match="No space left") as err:
+        demo.export_teacher(ckpt, tmp_path / "asset", train_time_s=1.0)
+    assert err.value.errno == 28 and not isinstance(err.value, SafetensorError)
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary folder
+
+
 def test_demo_runs_from_the_committed_teacher(run, tmp_path):
     """The default path: no teacher training; tiny students at the committed teacher's 64 tokens."""
     _, weights, _ = run

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, os_errors_of_safetensors
 from .files import relative
 from .settings import DemoError
 
@@ -146,7 +146,8 @@ def export_teacher(checkpoint: Path, dest: Path | None = None, train_time_s: flo
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(dest, replace=True) as folder:
-        model.save_pretrained(str(folder), safe_serialization=True)  # config.json + TEACHER_WEIGHTS
+        with os_errors_of_safetensors(folder / TEACHER_WEIGHTS):  # a full disk: one error line, not a traceback
+            model.save_pretrained(str(folder), safe_serialization=True)  # config.json + TEACHER_WEIGHTS
         (folder / "train_config.yaml").write_text(dump_yaml(cfg))
         meta = {
             "step": step,
