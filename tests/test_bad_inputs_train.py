@@ -217,6 +217,19 @@ def test_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_previous_one
     assert torch.load(run_dir / "checkpoints" / "step_00000001.pt", weights_only=True)["step"] == 1
 
 
+def test_out_of_gpu_memory_in_a_step_is_one_line_with_the_fixes(files, monkeypatch):
+    # The memory estimate is a lower bound: a batch it lets through can still run out on a GPU.
+    from shd_diffusion.training import Trainer
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "compute_terms", out_of_memory)
+    outcome = call(train_script.main, _argv(files, "distill.mode=none", "train.run_name=oom"))
+    assert_refused(outcome, "out of GPU memory at step 1 with a micro-batch of 4 images", "train.grad_accum",
+                   "train.grad_checkpointing=true", code=2)
+
+
 def test_debug_shows_the_traceback_and_the_plain_run_does_not(files):
     args = [sys.executable, str(REPO / "scripts" / "train_mdt_shd.py"), "--dry-run", "student.num_heads=0"]
     plain = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)

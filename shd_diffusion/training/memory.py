@@ -63,8 +63,9 @@ def check_batch_fits(student: nn.Module, micro_batch: int, processes: int, train
     free, where = available_bytes(device)
     if need <= free:
         return
-    fixes = "lower train.global_batch_size, or raise train.grad_accum (micro-batch = global batch / " \
-            "(processes x grad_accum))" + ("" if train_cfg.grad_checkpointing else ", or set train.grad_checkpointing=true")
+    fixes = "raise train.grad_accum (micro-batch = global batch / (processes x grad_accum))" + (
+        "" if train_cfg.grad_checkpointing else ", set train.grad_checkpointing=true") + \
+        " or lower train.global_batch_size"
     raise BadInput(
         f"train.global_batch_size={train_cfg.global_batch_size} cannot fit: a micro-batch of {micro_batch} images "
         f"needs at least {need / _GIB:.1f} GiB for the student's forward + backward ({per_image / 2**20:.2f} MiB "

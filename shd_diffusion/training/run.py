@@ -160,6 +160,8 @@ def train(
             trainer.fit(max_steps=max_steps, progress=progress)
         except DatasetError as err:  # e.g. a corrupt image met by a DataLoader worker
             raise DatasetError(worker_message(err)) from err
+        except torch.OutOfMemoryError as err:  # the estimate is a lower bound: a batch it lets through may not fit
+            raise BadInput(out_of_memory_message(cfg, trainer)) from err
         # Tear down together: a rank that destroys its gloo group while a peer is still working
         # can abort in C++ ("terminate called without an active exception").
         acc.wait_for_everyone()
@@ -175,6 +177,15 @@ def _start_trackers(acc: Any, cfg: ExperimentConfig, run_dir: Path) -> None:
     tensorboard = cfg.train.log_with == "tensorboard"
     acc.init_trackers("tensorboard" if tensorboard else "shd_diffusion", config=flat_hparams(to_dict(cfg)),
                       init_kwargs={} if tensorboard else {"wandb": {"name": run_dir.name, "dir": str(run_dir)}})
+
+
+def out_of_memory_message(cfg: ExperimentConfig, trainer: Trainer) -> str:
+    """What to do when a step ran out of GPU memory (checkpoints already written are kept)."""
+    return (f"out of GPU memory at step {trainer.step + 1} with a micro-batch of {trainer.micro_batch} images "
+            f"(train.global_batch_size={cfg.train.global_batch_size} / (processes x train.grad_accum="
+            f"{cfg.train.grad_accum})): raise train.grad_accum or set train.grad_checkpointing=true (both may change "
+            "on a resume: rerun to continue from the last checkpoint), or start a new run with a lower "
+            "train.global_batch_size")
 
 
 def worker_message(err: BaseException) -> str:
