@@ -8,8 +8,10 @@ live in ``checkpoints/after_step_*/``: kept, never pruned, never picked by ``--r
 
 The training loop's side (for its owner): save from the main process only; poll
 :class:`PreemptionHandler` once per step and, under DDP, all-reduce the flag so every rank stops
-at the same step; on start, ``latest_checkpoint`` -> ``load_checkpoint`` ->
-``check_resume_compatible`` -> restore model / EMA / optimizer / scheduler / RNG.
+at the same step; on start, ``latest_checkpoint`` -> ``load_checkpoint`` -> the resume checks
+(``check_resume_compatible`` / ``config_changes``; the trainer's policy, with the teacher's and the
+data's content, is :mod:`shd_diffusion.training.resume`) -> restore model / EMA / optimizer /
+scheduler / RNG.
 """
 
 from __future__ import annotations

@@ -794,6 +794,15 @@ def test_fingerprints_change_with_the_data_and_not_with_a_move(tmp_path):
         return LatentDataset(root).fingerprint()
 
     same = latents(tmp_path / "lat_a", [0, 1])
+    # A model folder's hash: its files' names and contents, not where it lies; hidden files skipped.
+    from shd_diffusion.training.resume import source_sha256
+
+    folder = source_sha256(tmp_path / "lat_a")
+    shutil.copytree(tmp_path / "lat_a", tmp_path / "lat_copy")
+    (tmp_path / "lat_copy" / ".lock").write_text("x")
+    assert source_sha256(tmp_path / "lat_copy") == folder
+    (tmp_path / "lat_copy" / "index.json").write_text("{}")
+    assert source_sha256(tmp_path / "lat_copy") != folder
     assert latents(tmp_path / "lat_b", [0, 1]) == same
     assert latents(tmp_path / "lat_c", [1, 0]) != same  # relabelled: same shapes, same sizes
 
