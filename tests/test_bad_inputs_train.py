@@ -128,7 +128,8 @@ CASES = [
      ["cannot resume", "training data changed", "animal_other", "original data", "train.run_name"]),
     # The objective, the EMA and the optimizer's betas: refused, a run trained on two is described by neither.
     ("resume_changed_shd_beta", ["distill.mode=kd_shd", "train.run_name=trained_kd", "train.steps=1",
-                                 "distill.shd_beta=0.5"], {}, ["distill.shd_beta changed from 2.0 to 0.5", "train.run_name"]),
+                                 "distill.shd_beta=0.5"], {},
+     ["distill.shd_beta changed from 2.0 to 0.5", "train.run_name"]),
     ("resume_changed_temperature", ["distill.mode=kd_shd", "train.run_name=trained_kd", "train.steps=1",
                                     "distill.temperature=2"], {}, ["distill.temperature changed from 1.0 to 2.0"]),
     ("resume_changed_ema_decay", ["distill.mode=none", "train.run_name=trained", "train.ema_decay=0.5"], {},
