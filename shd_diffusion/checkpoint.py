@@ -8,8 +8,10 @@ live in ``checkpoints/after_step_*/``: kept, never pruned, never picked by ``--r
 
 The training loop's side (for its owner): save from the main process only; poll
 :class:`PreemptionHandler` once per step and, under DDP, all-reduce the flag so every rank stops
-at the same step; on start, ``latest_checkpoint`` -> ``load_checkpoint`` ->
-``check_resume_compatible`` -> restore model / EMA / optimizer / scheduler / RNG.
+at the same step; on start, ``latest_checkpoint`` -> ``load_checkpoint`` -> the resume checks
+(``check_resume_compatible`` / ``config_changes``; the trainer's policy, with the teacher's and the
+data's content, is :mod:`shd_diffusion.training.resume`) -> restore model / EMA / optimizer /
+scheduler / RNG.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "check_resume_compatible",
+    "config_changes",
+    "show_value",
     "PreemptionHandler",
 ]
 
@@ -472,7 +476,22 @@ def _lookup(config: Any, dotted: str) -> Any:
     return _plain(node, dotted)
 
 
-def _show(value: Any) -> str:
+def config_changes(saved: Mapping[str, Any] | Any, current: Mapping[str, Any] | Any,
+                   fields: Iterable[str]) -> list[tuple[str, Any, Any]]:
+    """``(field, old, new)`` for each dotted field whose plain value differs (missing on one side counts).
+
+    A missing value is shown as ``<missing>`` by :func:`show_value`.
+    """
+    changes = []
+    for field in fields:
+        old, new = _lookup(saved, field), _lookup(current, field)
+        if old != new:  # _plain already turned tuples into lists, so (2, 2) == [2, 2]
+            changes.append((field, old, new))
+    return changes
+
+
+def show_value(value: Any) -> str:
+    """A config value for a message: its repr, or ``<missing>`` for a field one side lacks."""
     return "<missing>" if value is _MISSING else repr(value)
 
 
@@ -489,13 +508,11 @@ def check_resume_compatible(saved: Mapping[str, Any] | Any, current: Mapping[str
     Raises:
         ValueError: naming the first changed field, its old and new value, and the fix.
     """
-    for field in fixed_fields:
-        old, new = _lookup(saved, field), _lookup(current, field)
-        if old != new:  # _plain already turned tuples into lists, so (2, 2) == [2, 2]
-            raise ValueError(
-                f"cannot resume: {field} changed from {_show(old)} to {_show(new)}; "
-                "start a new run directory or revert the change"
-            )
+    for field, old, new in config_changes(saved, current, fixed_fields)[:1]:
+        raise ValueError(
+            f"cannot resume: {field} changed from {show_value(old)} to {show_value(new)}; revert it, or "
+            "start a new run (another train.run_name, or an empty folder)"
+        )
 
 
 # ----------------------------------------------------------------------------- preemption

@@ -1,9 +1,10 @@
 """The experiment schema of ``scripts/train_mdt_shd.py``: one dataclass per config section.
 
 Every field has a default and a comment; YAML files under ``configs/`` set what differs. Fields
-marked *shape* define tensor shapes; they and the other fields a checkpoint depends on (head
-groups, data stream, optimizer) are listed in :data:`RESUME_FIXED_FIELDS`: a resumed run refuses
-to start when one of them changed.
+marked *shape* define tensor shapes; they and the other fields a checkpoint depends on (objective,
+head groups, data stream, optimizer) are listed in :data:`RESUME_FIXED_FIELDS`: a resumed run
+refuses to start when one of them changed. The others may change on a resume, with a record
+(:data:`RESUME_CHANGEABLE_FIELDS`), or are paths checked by content (:data:`RESUME_CONTENT_FIELDS`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ __all__ = [
     "TrainConfig",
     "ExperimentConfig",
     "RESUME_FIXED_FIELDS",
+    "RESUME_CHANGEABLE_FIELDS",
+    "RESUME_CONTENT_FIELDS",
     "MODES",
 ]
 
@@ -219,16 +222,45 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # loop, checkpoints, logging
 
 
-# Changing any of these invalidates a checkpoint: the weights' shapes, the projectors, the saved
-# head groups and layer pairs, the optimizer state or the data stream. Loss weights, T_a, the lr,
-# the step counts, and the process count / train.grad_accum split of the same global batch (a
-# requeue onto other GPUs; step s always consumes stream positions [s G, (s + 1) G)) may change.
-_MODEL_SHAPE = ("name", "input_size", "patch_size", "in_channels", "num_classes", "hidden_size", "depth",
-                "num_heads", "decode_layer", "learn_sigma")
+# What a resume does with each config field (tests/test_training.py checks that every field is in
+# exactly one list). The principle: a run folder's config.yaml plus its history.jsonl must describe
+# how every step of the run was trained, so what defines the weights, the objective or the data
+# stream is fixed, and what only says how, how long or where it runs may change with a record.
+_MODEL_FIELDS = ("name", "input_size", "patch_size", "in_channels", "num_classes", "hidden_size", "depth",
+                 "num_heads", "decode_layer", "mask_ratio", "class_dropout_prob", "learn_sigma")
 RESUME_FIXED_FIELDS: list[str] = [
-    *(f"student.{k}" for k in _MODEL_SHAPE),
-    *(f"teacher.model.{k}" for k in _MODEL_SHAPE),
-    "distill.mode", "distill.squeeze", "distill.groups", "distill.seed", "distill.layer_map",
-    "distill.student_layers", "distill.calibration_batches", "distill.max_group_size",
-    "data.kind", "data.image_size", "train.global_batch_size", "train.seed", "optim.name",
+    # Shapes, and the student's objective (MDT mask ratio, label dropout): the weights' meaning.
+    *(f"student.{k}" for k in _MODEL_FIELDS),
+    *(f"teacher.model.{k}" for k in _MODEL_FIELDS),
+    "teacher.use_ema",  # which of the teacher file's weights are the teacher
+    # The objective: a run trained on two losses is described by neither config (the issue's
+    # shd_beta / temperature case); the head groups and layer pairs are saved with the weights.
+    "distill.mode", "distill.kd_weight", "distill.shd_beta", "distill.temperature", "distill.loss",
+    "distill.reduction", "distill.squeeze", "distill.groups", "distill.layer_map", "distill.student_layers",
+    "distill.feature_weight", "distill.seed", "distill.calibration_batches", "distill.max_group_size",
+    # The data stream: step s consumes stream positions [s G, (s + 1) G) of (seed, data, G).
+    "data.kind", "data.image_size", "data.vae", "train.global_batch_size", "train.seed",
+    # The EMA and the loss weights are part of what is trained; Adan's / AdamW's betas and eps
+    # come back from the optimizer state on load, so a changed value would be silently ignored.
+    "train.ema_decay", "train.loss_weighting", "optim.name", "optim.betas", "optim.eps",
 ]
+"""Refused on resume when changed, naming the field (start a new run, or revert)."""
+
+RESUME_CHANGEABLE_FIELDS: list[str] = [
+    # Length: train.steps may rise to extend a run (below the steps already done is refused).
+    "train.steps",
+    # The lr schedule and clipping: lowering them is the fix after a divergence; they take effect.
+    "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.max_grad_norm",
+    # How a step is computed, not what: the split of the same global batch (like the process
+    # count, a requeue onto other GPUs), precision, compilation, recomputation, SHD's row blocks.
+    "train.grad_accum", "train.precision", "train.tf32", "train.compile", "train.grad_checkpointing",
+    "distill.chunk_size", "data.num_workers",
+    # Bookkeeping: cadence of checkpoints, logs, previews and figures; the health judgement; where.
+    "train.checkpoint_every", "train.keep_last", "train.log_every", "train.sample_every", "train.figure_every",
+    "train.log_with", "train.healthy_factor", "train.output_dir", "train.run_name",
+]
+"""Accepted on resume when changed: each change is said in one line and appended to history.jsonl."""
+
+RESUME_CONTENT_FIELDS: list[str] = ["teacher.checkpoint", "data.path"]
+"""Paths that may move: what is checked is their content (the teacher's sha256, the data's
+fingerprint, stored in every checkpoint); a new path with the same content is recorded."""

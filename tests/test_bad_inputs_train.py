@@ -9,8 +9,10 @@ before. Divergence (exit 3), a full disk and ``--debug`` have their own tests be
 from __future__ import annotations
 
 import errno
+import gzip
 import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -44,12 +46,33 @@ def files(tmp_path_factory) -> dict[str, Path]:
     held.mkdir(parents=True)
     torch.save({"step": 1}, held / "step_00000001.pt")  # a folder that already holds a checkpoint
     files = {"root": root, "teacher": root / "teacher_dit.pt"}
-    # A real one-step run, to resume with a changed shape.
-    done = call(train_script.main, _argv(files, "distill.mode=none", "train.steps=1", "train.run_name=trained",
-                                         "train.log_with=none"))
-    assert done.code == 0, done.stderr
-    reset_accelerate_state()
+    # The same teacher architecture with other weights, and the demo data with one pixel changed:
+    # what a resume must tell apart by content, whatever their paths.
+    state = torch.load(files["teacher"], weights_only=True)
+    torch.save({k: v * 1.01 for k, v in state.items()}, root / "teacher_other.pt")
+    write_animal_mnist(root / "animal_other", pixel=(17, 14, 14))
+    # Real runs to resume with changed settings: two steps without a teacher, one step of KD + SHD.
+    for extra in (["distill.mode=none", "train.steps=2", "train.run_name=trained"],
+                  ["distill.mode=kd_shd", "train.steps=1", "train.run_name=trained_kd"]):
+        done = call(train_script.main, _argv(files, *extra, "train.log_with=none"))
+        assert done.code == 0, done.stderr
+        reset_accelerate_state()
     return files
+
+
+def write_animal_mnist(folder: Path, pixel: tuple[int, int, int]) -> None:
+    """A copy of the installed Animal-MNIST files with one pixel (image, row, column) inverted."""
+    from shd_diffusion.data import animal_mnist_dir
+    from shd_diffusion.data.animal_mnist import _load_gzip_array
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        array = _load_gzip_array(animal_mnist_dir() / name, "reinstall")
+        if array.ndim == 3:
+            array = array.copy()
+            array[pixel] = 255 - array[pixel]
+        with gzip.open(folder / name, "wb") as f:
+            pickle.dump(array, f, protocol=4)  # protocol 5 would pickle other globals than the loader allows
 
 
 def _argv(files: dict[str, Path], *extra: str) -> list[str]:
@@ -97,6 +120,27 @@ CASES = [
      ["cannot resume", "student.depth changed from 2 to 3"]),
     ("resume_changed_seed", ["distill.mode=none", "train.seed=1", "train.run_name=trained"], {},
      ["train.seed changed"]),
+    # What the run depends on by content (issue 18): other teacher weights or data of the same shapes.
+    ("resume_swapped_teacher", ["distill.mode=kd_shd", "train.run_name=trained_kd", "train.steps=1",
+                                "teacher.checkpoint={root}/teacher_other.pt"], {},
+     ["cannot resume", "the teacher changed", "teacher_other.pt", "original teacher", "train.run_name"]),
+    ("resume_changed_data", ["distill.mode=none", "train.run_name=trained", "data.path={root}/animal_other"], {},
+     ["cannot resume", "training data changed", "animal_other", "original data", "train.run_name"]),
+    # The objective, the EMA and the optimizer's betas: refused, a run trained on two is described by neither.
+    ("resume_changed_shd_beta", ["distill.mode=kd_shd", "train.run_name=trained_kd", "train.steps=1",
+                                 "distill.shd_beta=0.5"], {},
+     ["distill.shd_beta changed from 2.0 to 0.5", "train.run_name"]),
+    ("resume_changed_temperature", ["distill.mode=kd_shd", "train.run_name=trained_kd", "train.steps=1",
+                                    "distill.temperature=2"], {}, ["distill.temperature changed from 1.0 to 2.0"]),
+    ("resume_changed_ema_decay", ["distill.mode=none", "train.run_name=trained", "train.ema_decay=0.5"], {},
+     ["train.ema_decay changed from 0.9 to 0.5"]),
+    ("resume_changed_betas", ["distill.mode=none", "train.run_name=trained", "optim.betas=[0.9,0.9,0.9]"], {},
+     ["optim.betas changed from None to [0.9, 0.9, 0.9]"]),
+    ("resume_steps_below_done", ["distill.mode=none", "train.run_name=trained", "train.steps=1"], {},
+     ["train.steps=1 is below the 2 steps already done", "step_00000002.pt", "--resume step=N"]),
+    # A batch that cannot fit is refused before a run folder exists (it used to be killed for memory).
+    ("batch_cannot_fit", ["train.global_batch_size=100000000"], {},
+     ["train.global_batch_size=100000000 cannot fit", "GiB", "train.grad_accum"]),
     ("resume_none_into_held", ["train.run_name=held", "--resume", "none"], {}, ["--resume none", "already holds"]),
     ("output_dir_is_file", ["train.output_dir={root}/a_file"], {}, ["a_file", "is a file"]),
     ("data_path_empty", ["data.path="], {}, ["data.path is empty"]),
@@ -172,6 +216,19 @@ def test_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_previous_one
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["step_00000001.pt"], names  # the previous checkpoint is kept, no temp file left
     assert torch.load(run_dir / "checkpoints" / "step_00000001.pt", weights_only=True)["step"] == 1
+
+
+def test_out_of_gpu_memory_in_a_step_is_one_line_with_the_fixes(files, monkeypatch):
+    # The memory estimate is a lower bound: a batch it lets through can still run out on a GPU.
+    from shd_diffusion.training import Trainer
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "compute_terms", out_of_memory)
+    outcome = call(train_script.main, _argv(files, "distill.mode=none", "train.run_name=oom"))
+    assert_refused(outcome, "out of GPU memory at step 1 with a micro-batch of 4 images", "train.grad_accum",
+                   "train.grad_checkpointing=true", code=2)
 
 
 def test_debug_shows_the_traceback_and_the_plain_run_does_not(files):

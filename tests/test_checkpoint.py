@@ -182,8 +182,8 @@ def test_check_resume_compatible_names_the_field():
     with pytest.raises(ValueError) as err:
         check_resume_compatible(saved, current, fields)
     assert str(err.value) == (
-        "cannot resume: model.hidden_size changed from 384 to 256; "
-        "start a new run directory or revert the change"
+        "cannot resume: model.hidden_size changed from 384 to 256; revert it, or "
+        "start a new run (another train.run_name, or an empty folder)"
     )
     # Tuple vs list is not a change; non-shape fields (lr) are not checked.
     check_resume_compatible(saved, {"model": _ModelCfg(), "train": {"lr": 5e-4}}, fields)

@@ -637,3 +637,193 @@ def test_grid_decoder_states(tmp_path, capsys):
     assert not latents.ready() and not latents.ready()  # off, and not retried
     out = capsys.readouterr().out
     assert out.count("sample grids are off: cannot load data.vae=") == 1, out
+
+
+# ----------------------------------------------------------------------------- what a resume checks (issue 18)
+
+def _flat_fields(tree: dict, prefix: str = "") -> list[str]:
+    """Dotted names of a config dict's leaves (lists are values, not branches)."""
+    out = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out += _flat_fields(value, name + ".") if isinstance(value, dict) else [name]
+    return out
+
+
+def test_every_config_field_has_exactly_one_resume_rule():
+    # A new field must be classified: refused, accepted with a record, or checked by content.
+    from shd_diffusion.config import to_dict
+    from shd_diffusion.train_config import RESUME_CHANGEABLE_FIELDS, RESUME_CONTENT_FIELDS, RESUME_FIXED_FIELDS
+
+    rules = [*RESUME_FIXED_FIELDS, *RESUME_CHANGEABLE_FIELDS, *RESUME_CONTENT_FIELDS]
+    assert len(rules) == len(set(rules)), sorted(f for f in rules if rules.count(f) > 1)
+    assert sorted(rules) == sorted(_flat_fields(to_dict(ExperimentConfig())))
+
+
+def _train(cfg: ExperimentConfig, run_dir: Path, **kwargs) -> Trainer:
+    reset_accelerate_state()
+    return train(cfg, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=False), **kwargs)
+
+
+def _history(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def test_resume_accepts_and_records_a_longer_run_and_a_new_lr(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "t"
+    first = _train(make_cfg(tmp_path, "none", "dit", ["train.steps=1"]), run_dir)
+    changed = make_cfg(tmp_path, "none", "dit", ["train.steps=3", "optim.lr=5e-4", "train.log_every=2"])
+    capsys.readouterr()
+    resumed = _train(changed, run_dir)
+    assert resumed.step == 3
+    out = capsys.readouterr().out
+    for line in ("train.steps changed from 1 to 3", "optim.lr changed from 0.001 to 0.0005",
+                 "train.log_every changed from 1 to 2"):
+        assert f"resume: {line} (allowed on a resume; recorded in history.jsonl)" in out, out
+    start, resume = _history(run_dir)
+    assert (start["step"], start["resumed_from"], start["changed"]) == (0, None, {})
+    assert (resume["step"], resume["resumed_from"]) == (1, "step_00000001.pt")
+    assert resume["changed"] == {"train.steps": [1, 3], "optim.lr": [1e-3, 5e-4], "train.log_every": [1, 2]}
+    assert start["data_fingerprint"] == resume["data_fingerprint"] == first.dataset.fingerprint()
+    assert start["teacher_sha256"] is None
+    assert "steps: 3" in (run_dir / "config.yaml").read_text()  # this start's config, the history says the rest
+    saved = torch.load(run_dir / "checkpoints" / "step_00000003.pt", weights_only=True)
+    assert saved["identity"] == {"teacher_sha256": None, "data_fingerprint": first.dataset.fingerprint()}
+
+
+def test_resume_checks_the_teacher_by_content_not_by_path(tmp_path, capsys):
+    from shd_diffusion.fileio import sha256_file
+
+    cfg = make_cfg(tmp_path, "kd", "dit", ["train.steps=1"])
+    run_dir = tmp_path / "runs" / "t"
+    _train(cfg, run_dir)
+    original = Path(cfg.teacher.checkpoint)
+    saved = torch.load(run_dir / "checkpoints" / "step_00000001.pt", weights_only=True)
+    assert saved["identity"]["teacher_sha256"] == sha256_file(original)
+
+    # The teacher moved (same bytes): accepted, and the new path is recorded.
+    moved = tmp_path / "moved" / "teacher.pt"
+    moved.parent.mkdir()
+    moved.write_bytes(original.read_bytes())
+    cfg_moved = make_cfg(tmp_path, "kd", "dit", ["train.steps=2", f"teacher.checkpoint={moved}"])
+    assert _train(cfg_moved, run_dir).step == 2
+    assert _history(run_dir)[-1]["changed"]["teacher.checkpoint"] == [str(original), str(moved)]
+
+    # Other weights of the same shapes at the same path (the issue's swap): refused, nothing written.
+    state = torch.load(moved, weights_only=True)
+    torch.save({k: -v for k, v in state.items()}, moved)
+    before = (run_dir / "history.jsonl").read_text()
+    cfg_swapped = make_cfg(tmp_path, "kd", "dit", ["train.steps=3", f"teacher.checkpoint={moved}"])
+    with pytest.raises(ValueError, match=r"cannot resume: the teacher changed: teacher.checkpoint=\S*teacher.pt "
+                                         r"has sha256 [0-9a-f]{16}, the run was trained with [0-9a-f]{16}"):
+        _train(cfg_swapped, run_dir)
+    assert (run_dir / "history.jsonl").read_text() == before
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["step_00000001.pt", "step_00000002.pt"]
+
+
+def test_resume_checks_the_data_by_content(tmp_path):
+    from test_bad_inputs_train import write_animal_mnist
+
+    data = tmp_path / "data"
+    write_animal_mnist(data, pixel=(0, 0, 0))
+    run_dir = tmp_path / "runs" / "t"
+    _train(make_cfg(tmp_path, "none", "dit", ["train.steps=1", f"data.path={data}"]), run_dir)
+    # The same files rewritten with one other pixel (same shapes, same path): refused.
+    write_animal_mnist(data, pixel=(9999, 27, 27))
+    with pytest.raises(ValueError, match=r"cannot resume: the training data changed: data.path=\S+data "
+                                         r"\(data.kind=animal_mnist\) has fingerprint"):
+        _train(make_cfg(tmp_path, "none", "dit", ["train.steps=2", f"data.path={data}"]), run_dir)
+
+
+def test_a_checkpoint_from_before_content_checks_still_resumes(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "t"
+    _train(make_cfg(tmp_path, "none", "dit", ["train.steps=1"]), run_dir)
+    path = run_dir / "checkpoints" / "step_00000001.pt"
+    state = torch.load(path, weights_only=True)
+    del state["identity"]  # as written before issue 18
+    torch.save(state, path)
+    # A changed data path cannot be verified against it: refused.
+    from test_bad_inputs_train import write_animal_mnist
+
+    write_animal_mnist(tmp_path / "data", pixel=(0, 0, 0))
+    with pytest.raises(ValueError, match=r"data.path changed from None to \S+data.*predates content checks"):
+        _train(make_cfg(tmp_path, "none", "dit", ["train.steps=2", f"data.path={tmp_path / 'data'}"]), run_dir)
+    # Same paths: resumed, saying that the content was not verified; the next checkpoint records it.
+    capsys.readouterr()
+    assert _train(make_cfg(tmp_path, "none", "dit", ["train.steps=2"]), run_dir).step == 2
+    assert "step_00000001.pt predates content checks" in capsys.readouterr().out
+    assert "identity" in torch.load(run_dir / "checkpoints" / "step_00000002.pt", weights_only=True)
+
+
+def test_fingerprints_change_with_the_data_and_not_with_a_move(tmp_path):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from shd_diffusion.data import ImageFolderDataset, LatentDataset
+
+    def image_folder(root: Path) -> str:
+        return ImageFolderDataset(root, image_size=8).fingerprint()
+
+    for k, name in enumerate(("cat", "dog")):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / "img" / name / "a.png")
+    base = image_folder(tmp_path / "img")
+    shutil.copytree(tmp_path / "img", tmp_path / "img_moved")
+    assert image_folder(tmp_path / "img_moved") == base  # a moved folder is the same data
+    (tmp_path / "img" / "dog" / "a.png").rename(tmp_path / "img" / "dog" / "b.png")
+    assert image_folder(tmp_path / "img") != base  # renamed
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8)).save(
+        tmp_path / "img_moved" / "cat" / "a.png")
+    assert image_folder(tmp_path / "img_moved") != base  # replaced by a file of another size
+
+    def latents(root: Path, labels: list[int], count: int = 2) -> str:
+        import json
+
+        root.mkdir()
+        save_file({"latents": torch.zeros(count, 4, 2, 2), "labels": torch.tensor(labels[:count])},
+                  str(root / "shard_00000.safetensors"))
+        index = {"format": "shd_latents/1", "image_size": 16, "scale_factor": 0.18215, "both_flips": False,
+                 "latent_shape": [4, 2, 2], "classes": ["a", "b"], "num_images": count,
+                 "shards": [{"name": "shard_00000.safetensors", "count": count}]}
+        (root / "index.json").write_text(json.dumps(index))
+        return LatentDataset(root).fingerprint()
+
+    same = latents(tmp_path / "lat_a", [0, 1])
+    # A model folder's hash: its files' names and contents, not where it lies; hidden files skipped.
+    from shd_diffusion.training.resume import source_sha256
+
+    folder = source_sha256(tmp_path / "lat_a")
+    shutil.copytree(tmp_path / "lat_a", tmp_path / "lat_copy")
+    (tmp_path / "lat_copy" / ".lock").write_text("x")
+    assert source_sha256(tmp_path / "lat_copy") == folder
+    (tmp_path / "lat_copy" / "index.json").write_text("{}")
+    assert source_sha256(tmp_path / "lat_copy") != folder
+    assert latents(tmp_path / "lat_b", [0, 1]) == same
+    assert latents(tmp_path / "lat_c", [1, 0]) != same  # relabelled: same shapes, same sizes
+
+
+def test_memory_bound_is_below_the_measured_peak_and_refuses_a_huge_batch(tmp_path):
+    # The refusal must never hit a batch that fits: the bound stays below what a step really uses.
+    from shd_diffusion.cli import BadInput
+    from shd_diffusion.profiling import cpu_peak_bytes
+    from shd_diffusion.training.memory import activation_bytes_per_image, check_batch_fits
+
+    for family in ("dit", "mdt"):
+        cfg = make_cfg(tmp_path / family, "none", family, ["train.global_batch_size=8"])
+        trainer = make_trainer(cfg, tmp_path / family)
+        x0, y, gens = fixed_batch(trainer, n=4)
+
+        def step():
+            trainer.acc.backward(trainer.compute_terms(x0, y, gens(), 0.5).total.mean())
+
+        bound = activation_bytes_per_image(trainer.student, "fp32", False) * 4
+        peak = cpu_peak_bytes(step)
+        assert 0 < bound < peak, family
+        with pytest.raises(BadInput, match=r"global_batch_size=8 cannot fit: a micro-batch of 1000000000000 images"):
+            check_batch_fits(trainer.student, 10**12, 1, cfg.train, torch.device("cpu"))
+        check_batch_fits(trainer.student, 256, 1, cfg.train, torch.device("cpu"))

@@ -7,11 +7,12 @@ function of ``sample_seed`` (:func:`flip_from_seed`); a bare index is the un-aug
 
 from __future__ import annotations
 
-from typing import Union
+import hashlib
+from typing import Iterable, Union
 
 from ..cli import BadInput
 
-__all__ = ["DatasetError", "SampleKey", "flip_from_seed", "split_key"]
+__all__ = ["DatasetError", "SampleKey", "flip_from_seed", "split_key", "content_digest"]
 
 # A dataset key: a bare index (no augmentation) or the sampler's (index, sample_seed) pair.
 SampleKey = Union[int, tuple[int, int]]
@@ -50,3 +51,16 @@ def split_key(key: SampleKey, length: int) -> tuple[int, int | None]:
         # IndexError (not DatasetError) keeps Python's sequence iteration protocol working.
         raise IndexError(f"index {index} out of range for a dataset of {length} items")
     return index, seed
+
+
+def content_digest(parts: Iterable[bytes]) -> str:
+    """Hex sha256 of ``parts`` in order, each prefixed by its length (so part boundaries count).
+
+    The one hash behind every dataset's ``fingerprint()``, the identity a training checkpoint
+    stores so that a resume on other data is refused.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()

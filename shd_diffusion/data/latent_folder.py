@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .items import DatasetError, SampleKey, flip_from_seed, split_key
+from .items import DatasetError, SampleKey, content_digest, flip_from_seed, split_key
 
 __all__ = ["LATENT_FORMAT", "LATENT_INDEX", "LatentDataset"]
 
@@ -119,6 +119,17 @@ class LatentDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def fingerprint(self) -> str:
+        """Hash of ``index.json`` (the extraction's plan, which holds the source images' listing
+        hash and the VAE), each shard's name and size, and every label: cheap for terabytes.
+
+        Detects another extraction, a shard replaced by one of another size and changed labels;
+        latent values rewritten in place at the same size are not detected (nothing is read).
+        """
+        shards = [f"{name}\t{(self.root / name).stat().st_size}".encode() for name in self.shard_names]
+        index = json.dumps(self.index, sort_keys=True).encode()  # the parsed index: formatting does not count
+        return content_digest([b"latents", index, *shards, self.labels.numpy().tobytes()])
 
     def __getstate__(self) -> dict[str, Any]:
         # safetensors handles cannot be pickled (spawned workers); each process reopens its own.

@@ -24,6 +24,7 @@ from ..data import DatasetError, build_dataset
 from ..fileio import atomic_write_text
 from ..train_config import ExperimentConfig
 from .logs import flat_hparams
+from .resume import append_history
 from .trainer import Trainer
 
 __all__ = ["run_dir_for", "write_run_files", "check_launch", "make_accelerator", "train", "worker_message"]
@@ -125,9 +126,10 @@ def train(
     """Build a :class:`Trainer`, resume if asked, and train. Returns the trainer (for tests).
 
     Everything that can be refused is checked before the first file is written: the launcher,
-    the run folder, the models and the teacher, the resumed checkpoint and the data. Only then
-    are later checkpoints set aside (a resume from an earlier step), the config written and the
-    trackers started.
+    the run folder, the models, the batch's memory and the teacher, the data, and the resumed
+    checkpoint (:func:`~shd_diffusion.training.resume.check_resume`). Only then are later
+    checkpoints set aside (a resume from an earlier step), the config written, this start
+    appended to ``history.jsonl`` and the trackers started.
     """
     # TF32 for the float32 matmuls (SHD's squeeze; bf16 autocast covers the rest), as upstream.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
@@ -140,15 +142,17 @@ def train(
     trainer = None
     try:
         with _setup_errors():
-            trainer = Trainer(cfg, run_dir, acc)
-            trainer.resume(resume)  # refuses an incompatible run folder before anything is written
+            trainer = Trainer(cfg, run_dir, acc)  # refuses a batch that cannot fit in memory
             trainer.check_data_fits_student(dataset)  # here, not at the first step
             trainer._dataset = dataset
+            trainer.resume(resume)  # refuses an incompatible run folder before anything is written
         if acc.is_main_process:
             moved = set_aside_later(run_dir, trainer.step)
             if moved is not None:
                 say(f"checkpoints after step {trainer.step} moved to {moved} (kept, not resumed)")
             write_run_files(run_dir, cfg)
+            append_history(run_dir, trainer.step, trainer.resumed_from and trainer.resumed_from.name,
+                           trainer.resume_changes, trainer.identity)
         acc.wait_for_everyone()
         if acc.log_with:
             _start_trackers(acc, cfg, run_dir)
@@ -156,6 +160,8 @@ def train(
             trainer.fit(max_steps=max_steps, progress=progress)
         except DatasetError as err:  # e.g. a corrupt image met by a DataLoader worker
             raise DatasetError(worker_message(err)) from err
+        except torch.OutOfMemoryError as err:  # the estimate is a lower bound: a batch it lets through may not fit
+            raise BadInput(out_of_memory_message(cfg, trainer)) from err
         # Tear down together: a rank that destroys its gloo group while a peer is still working
         # can abort in C++ ("terminate called without an active exception").
         acc.wait_for_everyone()
@@ -171,6 +177,15 @@ def _start_trackers(acc: Any, cfg: ExperimentConfig, run_dir: Path) -> None:
     tensorboard = cfg.train.log_with == "tensorboard"
     acc.init_trackers("tensorboard" if tensorboard else "shd_diffusion", config=flat_hparams(to_dict(cfg)),
                       init_kwargs={} if tensorboard else {"wandb": {"name": run_dir.name, "dir": str(run_dir)}})
+
+
+def out_of_memory_message(cfg: ExperimentConfig, trainer: Trainer) -> str:
+    """What to do when a step ran out of GPU memory (checkpoints already written are kept)."""
+    return (f"out of GPU memory at step {trainer.step + 1} with a micro-batch of {trainer.micro_batch} images "
+            f"(train.global_batch_size={cfg.train.global_batch_size} / (processes x train.grad_accum="
+            f"{cfg.train.grad_accum})): raise train.grad_accum or set train.grad_checkpointing=true (both may change "
+            "on a resume: rerun to continue from the last checkpoint), or start a new run with a lower "
+            "train.global_batch_size")
 
 
 def worker_message(err: BaseException) -> str:

@@ -21,7 +21,6 @@ from ..checkpoint import (
     CheckpointError,
     PreemptionHandler,
     capture_rng_state,
-    check_resume_compatible,
     latest_checkpoint,
     load_checkpoint,
     resolve_resume,
@@ -35,14 +34,16 @@ from ..data import build_dataset, make_loader
 from ..diffusion import GaussianDiffusion, create_diffusion
 from ..distill import FeatureProjectors
 from ..models import create_model
-from ..models.sources import load_weights, parse_hub_id
+from ..models.sources import load_weights, parse_hub_id, resolve_source
 from ..objective import DistillationObjective, StepTerms, TrainedModules, noised, per_sample
 from ..optim import EMA, build_optimizer, build_scheduler
-from ..train_config import RESUME_FIXED_FIELDS, ExperimentConfig, ModelConfig
+from ..train_config import ExperimentConfig, ModelConfig
 from ..vae import SD_VAE_SCALE_FACTOR, load_vae
 from . import heads, previews
 from .health import RunHealth
 from .logs import log_interval
+from .memory import check_batch_fits
+from .resume import Change, check_resume, source_sha256
 from .streams import sample_generators, step_mask_ratio_draw
 
 __all__ = ["Trainer", "StepOutcome", "build_model", "load_model_weights"]
@@ -56,19 +57,24 @@ def build_model(mc: ModelConfig) -> nn.Module:
     return create_model(mc.name, **mc.overrides())
 
 
+def teacher_source(path: str | Path) -> str | Path:
+    """What ``teacher.checkpoint`` names: a run folder's latest checkpoint, else the path or Hub id itself."""
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet")
+        return latest
+    return p if p.exists() else str(path)
+
+
 def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = True) -> nn.Module:
     """Teacher weights from a run folder (its latest checkpoint) or any source of the one loader.
 
     See :func:`shd_diffusion.models.sources.load_weights` for files, folders and Hub ids; returns
     the model to use (a converted DiT for a diffusers source).
     """
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        latest = latest_checkpoint(p)
-        if latest is None:
-            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet")
-        p = latest
-    return load_weights(model, p if p.exists() else str(path), use_ema=use_ema)
+    return load_weights(model, teacher_source(path), use_ema=use_ema)
 
 
 @dataclass
@@ -117,11 +123,15 @@ class Trainer:
         self.drop_prob = float(student.config.class_dropout_prob)
 
         self.teacher: nn.Module | None = self._build_teacher() if dc.uses_teacher else None
-        # Validate layer pairs and head groups before any weight I/O (errors come first).
+        # Validate layer pairs, head groups and the batch's memory before any weight I/O (errors come first).
         self.layer_pairs, self.squeezers = heads.plan_distillation(student, self.teacher, dc)
+        check_batch_fits(student, self.micro_batch, world, tc, self.device)
+        self.teacher_sha256: str | None = None  # the loaded teacher's content, stored in every checkpoint
         if self.teacher is not None:
-            self.teacher = load_model_weights(self.teacher, cfg.teacher.checkpoint, use_ema=cfg.teacher.use_ema)
+            source = teacher_source(cfg.teacher.checkpoint)
+            self.teacher = load_weights(self.teacher, source, use_ema=cfg.teacher.use_ema)
             self.teacher.eval().requires_grad_(False)
+            self.teacher_sha256 = source_sha256(resolve_source(source))
         if tc.compile:
             student.compile()  # in place: parameter names (checkpoints, EMA) stay unprefixed
 
@@ -160,6 +170,9 @@ class Trainer:
                                                  self.device, self.vae)
         self.step = 0
         self.health = RunHealth(tc.healthy_factor)
+        self._data_fingerprint: str | None = None
+        self.resumed_from: Path | None = None
+        self.resume_changes: list[Change] = []  # accepted config changes of the resume (for the history)
 
     # ---------------------------------------------------------------- setup helpers
     def _build_teacher(self) -> nn.Module:
@@ -206,17 +219,28 @@ class Trainer:
             "config": to_dict(self.cfg),
             "rng": capture_rng_state(),
             "health": self.health.state_dict(),
+            "identity": self.identity,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a training checkpoint of this package, refusing one from an incompatible config."""
+    @property
+    def identity(self) -> dict[str, str | None]:
+        """What the run depends on by content: the teacher file's sha256 and the data's fingerprint."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = self.dataset.fingerprint()
+        return {"teacher_sha256": self.teacher_sha256, "data_fingerprint": self._data_fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any], name: str = "the checkpoint") -> None:
+        """Restore a training checkpoint of this package, refusing one that :func:`check_resume` refuses.
+
+        The accepted config changes are kept in ``self.resume_changes`` (for the run's history).
+        """
         missing = [k for k in CHECKPOINT_KEYS if k not in state]
         if missing:
             raise CheckpointError(
                 f"not a training checkpoint of this package (no {', '.join(missing)}): --resume takes a "
                 "run folder's checkpoints/step_*.pt; plain weights belong in teacher.checkpoint"
             )
-        check_resume_compatible(state["config"], to_dict(self.cfg), RESUME_FIXED_FIELDS)
+        self.resume_changes = check_resume(state, self.cfg, self.identity, name)
         trained = self.acc.unwrap_model(self.trained)
         trained.student.load_state_dict(state["model"])
         if trained.projectors is not None:
@@ -298,7 +322,8 @@ class Trainer:
         path = resolve_resume(self.run_dir, resume)
         if path is None:
             return False
-        self.load_state_dict(load_checkpoint(path))
+        self.load_state_dict(load_checkpoint(path), path.name)
+        self.resumed_from = path
         say(f"resumed from {path} at step {self.step}")
         return True
 

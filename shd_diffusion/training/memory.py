@@ -1,0 +1,74 @@
+"""Refuse a batch that cannot fit in memory before any run file is written.
+
+Without this a huge ``train.global_batch_size`` is killed by the kernel's out-of-memory killer
+(no message, no exception) after the run folder was written. The estimate is a *lower bound* on
+what one process must hold, so it refuses only batches that certainly cannot fit; batches it
+lets through may still be too large (the real peak is several times the bound).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cli import BadInput
+
+__all__ = ["activation_bytes_per_image", "available_bytes", "check_batch_fits"]
+
+_GIB = 2**30
+
+
+def activation_bytes_per_image(student: nn.Module, precision: str, grad_checkpointing: bool) -> int:
+    """A lower bound on the bytes one training image costs the student's forward + backward.
+
+    Each transformer block must keep, for its backward, at least q, k, v (3 N D values), the
+    attention output (N D) and the MLP's hidden layer (4 N D): 8 N D values in the autocast dtype
+    (2 bytes for bf16, 4 for fp32). With gradient checkpointing it keeps at least its input, N D
+    float32 values. Add the image itself (C H W float32). Attention maps, the MLP's activation
+    output, optimizer state, the teacher and the allocator's overhead are left out on purpose.
+    """
+    cfg = student.config
+    tokens = int(student.x_embedder.num_patches)  # N
+    per_value = 2 if precision == "bf16" else 4
+    per_block = tokens * cfg.hidden_size * (4 if grad_checkpointing else 8 * per_value)
+    image = cfg.in_channels * cfg.input_size * cfg.input_size * 4
+    return cfg.depth * per_block + image
+
+
+def available_bytes(device: torch.device) -> tuple[int, str]:
+    """Free memory on ``device`` now, and its name for messages (CUDA: the device's free memory)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"GPU {torch.cuda.get_device_name(device)}"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "this machine's RAM"
+
+
+def check_batch_fits(student: nn.Module, micro_batch: int, processes: int, train_cfg: Any,
+                     device: torch.device) -> None:
+    """Refuse, in one line, a micro-batch whose lower-bound activation memory exceeds what is free.
+
+    On a CPU every process of the machine shares its RAM, so the bound is multiplied by the
+    process count; on a GPU each process has its own device.
+
+    Raises:
+        BadInput: naming ``train.global_batch_size``, the bound, the free memory and the fixes.
+    """
+    per_image = activation_bytes_per_image(student, train_cfg.precision, train_cfg.grad_checkpointing)
+    sharing = processes if device.type != "cuda" else 1
+    need = per_image * micro_batch * sharing
+    free, where = available_bytes(device)
+    if need <= free:
+        return
+    fixes = "raise train.grad_accum (micro-batch = global batch / (processes x grad_accum))" + (
+        "" if train_cfg.grad_checkpointing else ", set train.grad_checkpointing=true") + \
+        " or lower train.global_batch_size"
+    raise BadInput(
+        f"train.global_batch_size={train_cfg.global_batch_size} cannot fit: a micro-batch of {micro_batch} images "
+        f"needs at least {need / _GIB:.1f} GiB for the student's forward + backward ({per_image / 2**20:.2f} MiB "
+        f"per image{f' x {sharing} processes' if sharing > 1 else ''}, a lower bound), but {where} has "
+        f"{free / _GIB:.1f} GiB free: {fixes}"
+    )
