@@ -214,6 +214,7 @@ def test_debug_shows_the_traceback(world: dict) -> None:
         main(_new(world, "--cfg-scale", "nan", "--debug"))
 
 
+@pytest.mark.slow
 def test_real_entry_point_prints_one_line(world: dict) -> None:
     cmd = [sys.executable, "-m", "sampling.sample", *_ckpt(world, str(world["in"] / "nope.pt"))]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -178,6 +178,7 @@ def test_extract_control_and_debug(world: dict, fresh_accelerate) -> None:
 
 
 @pytest.mark.parametrize("name", ["inspect_checkpoint", "extract_latents"])
+@pytest.mark.slow
 def test_real_entry_points_print_one_line(world: dict, name: str) -> None:
     nope = str(world["in"] / "nope")
     args = [nope + ".pt"] if name == "inspect_checkpoint" else _extract(world, "--data", nope)

@@ -231,6 +231,7 @@ def test_out_of_gpu_memory_in_a_step_is_one_line_with_the_fixes(files, monkeypat
                    "train.grad_checkpointing=true", code=2)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback_and_the_plain_run_does_not(files):
     args = [sys.executable, str(REPO / "scripts" / "train_mdt_shd.py"), "--dry-run", "student.num_heads=0"]
     plain = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)

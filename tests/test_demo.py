@@ -57,6 +57,7 @@ def _mtimes(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for pat in patterns for p in sorted(out.glob(pat))}
 
 
+@pytest.mark.slow
 def test_every_output_exists_and_results_cover_every_mode(run):
     out, weights, _ = run
     for name in ["results.md", "results.json", "reference_grid.png", "figures/attention_teacher.png",
@@ -93,6 +94,7 @@ def test_every_output_exists_and_results_cover_every_mode(run):
     assert "IS unavailable" in md and "| setting | this demo | paper (ImageNet 256) |" in md
 
 
+@pytest.mark.slow
 def test_samples_follow_the_sampling_rules(run):
     out, _, _ = run
     res = json.loads((out / "results.json").read_text())
@@ -106,6 +108,7 @@ def test_samples_follow_the_sampling_rules(run):
     assert Image.open(out / "samples_kd_shd_s0.png").size == (10 * 34 + 2, 36)
 
 
+@pytest.mark.slow
 def test_reference_is_the_stated_class_balanced_subset(run):
     out, _, _ = run
     from shd_diffusion.data import AnimalMNIST
@@ -131,6 +134,7 @@ def test_reference_indices_rule():
     np.testing.assert_array_equal(demo.reference_indices(labels, 0), np.arange(70))
 
 
+@pytest.mark.slow
 def test_alpha_statistics_and_figures(run):
     out, _, _ = run
     res = json.loads((out / "results.json").read_text())
@@ -147,6 +151,7 @@ def test_alpha_statistics_and_figures(run):
     assert w > 19 * 48 and h > 4 * 48  # x_t + 12 heads + 6 squeezed maps per row, 4 layer rows
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_stage(run):
     out, _, argv = run
     before = _mtimes(out)
@@ -158,6 +163,7 @@ def test_rerun_reuses_every_stage(run):
     assert res["teacher"]["reused"] is True
 
 
+@pytest.mark.slow
 def test_changed_sampling_resamples_but_keeps_training(run):
     out, _, argv = run
     ckpts = {k: v for k, v in _mtimes(out).items() if k.startswith("runs/")}
@@ -225,6 +231,7 @@ def test_missing_committed_teacher_names_the_fix(tmp_path, monkeypatch):
         demo.committed_teacher()
 
 
+@pytest.mark.slow
 def test_export_teacher_round_trip(run, tmp_path):
     out, _, _ = run
     ckpt = sorted(out.glob("runs/teacher-*/checkpoints/step_*.pt"))[-1]
@@ -237,6 +244,7 @@ def test_export_teacher_round_trip(run, tmp_path):
     assert "steps: 2" in cfg_text and "mode: none" in cfg_text
 
 
+@pytest.mark.slow
 def test_export_teacher_swaps_the_folder_atomically(run, tmp_path, monkeypatch):
     """The folder is written beside the target and swapped in; a failed export changes nothing."""
     out, _, _ = run
@@ -262,6 +270,7 @@ def test_export_teacher_swaps_the_folder_atomically(run, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["asset"]
 
 
+@pytest.mark.slow
 def test_export_teacher_onto_a_full_disk_raises_an_os_error(run, tmp_path, monkeypatch):
     """safetensors reports ENOSPC as its own SafetensorError; the teacher export re-raises the OSError
     (what run_main turns into one error line) and leaves the previous folder as it was."""
@@ -281,6 +290,7 @@ def test_export_teacher_onto_a_full_disk_raises_an_os_error(run, tmp_path, monke
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary folder
 
 
+@pytest.mark.slow
 def test_demo_runs_from_the_committed_teacher(run, tmp_path):
     """The default path: no teacher training; tiny students at the committed teacher's 64 tokens."""
     _, weights, _ = run

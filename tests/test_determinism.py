@@ -57,6 +57,7 @@ def test_masked_bias_gradient_is_bitwise_repeatable(two_threads):
     assert all(torch.equal(grad(), first) for _ in range(20))
 
 
+@pytest.mark.slow
 def test_two_identical_mdt_runs_are_bitwise_equal(tmp_path, two_threads):
     extra = ["train.steps=4", "optim.warmup_steps=2", "train.global_batch_size=16", "student.num_heads=4"]
     states = []

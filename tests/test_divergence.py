@@ -34,6 +34,7 @@ def test_lr_1e6_names_no_poisoned_checkpoint(tmp_path):
     assert saved and _max_weight(saved[-1]) > 1e5  # the poisoned weights are there, and were not named
 
 
+@pytest.mark.slow
 def test_resume_from_the_last_healthy_checkpoint_continues_exactly(tmp_path):
     ok = ["optim.lr=1e-3", "train.steps=6"]
     assert call(train_script.main, _argv(tmp_path, "ref", *ok)).code == 0  # the uninterrupted run

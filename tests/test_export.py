@@ -193,6 +193,7 @@ KINDS = ["demo-teacher", "demo-student", "mdt-latent", "dit-latent", "dit-pixel"
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_exported_pipeline_is_the_sampler(kind, tmp_path, vae_dir, modules_cache):
     """Same seed, labels, steps and scale: the pipeline's images are ``sampling.sample``'s.
 
@@ -257,6 +258,7 @@ CARD_KINDS = ["demo-teacher", "mdt-latent", "dit-latent", "dit-pixel", "dit-late
 
 
 @pytest.mark.parametrize("kind", CARD_KINDS)
+@pytest.mark.slow
 def test_model_card_code_runs_as_written(kind, tmp_path, vae_dir, modules_cache):
     if kind == "dit-latent-1000":  # ImageNet's class count, original timestep features: custom code
         source, latent = save_training_checkpoint(randomised(DiT(**DIT_ARCH), 1, 0.05), "DiT-S/2", DIT_ARCH, tmp_path / "s.pt"), True

@@ -91,6 +91,7 @@ def test_report_scales_a_one_pair_squeeze_run_to_12_layers(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash + coreutils timeout")
+@pytest.mark.slow
 def test_smoke_mode_runs_every_part(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}

@@ -783,6 +783,7 @@ def test_mdt_forward_with_cfg_without_scale_is_plain_forward() -> None:
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.slow
 def test_torch_compile_matches_eager(checkpointing: bool) -> None:
     # What the trainer does with train.compile: module.compile() in place, then normal calls,
     # attention capture included (capture + checkpointing graph-breaks at capturing blocks).

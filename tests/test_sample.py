@@ -352,6 +352,7 @@ def test_identical_for_one_and_two_processes(pixel_model, tmp_path):
     assert one.read_bytes() == two.read_bytes()  # same arrays, and a byte-reproducible archive
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_processes(pixel_model, tmp_path, fresh_accelerate):
     ckpt = tmp_path / "ckpt"
     pixel_model.save_pretrained(ckpt)

@@ -99,6 +99,7 @@ def runs(converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.skipif(not HAS_FID_HELPER, reason=NO_FID_HELPER)
+@pytest.mark.slow
 def test_converted_weights_match_torchscript_pool3(converted: Path) -> None:
     from torch_fidelity.interpolate_compat_tensorflow import (
         interpolate_bilinear_2d_like_tensorflow1x,
@@ -303,6 +304,7 @@ def test_kid_unbiased_and_exact() -> None:
 # ----------------------------------------------------------------------------- scoring end to end
 
 
+@pytest.mark.slow
 def test_score_fid_self_zero_and_brighter_positive(runs: dict) -> None:
     first, third = runs["first"], runs["third"]
     assert abs(first["fid"]) < 1e-6  # --recompute-ref-stats against its own images
@@ -330,6 +332,7 @@ def _fid_low_rank(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (xa**2).sum() + (xb**2).sum() - 2 * nuclear)
 
 
+@pytest.mark.slow
 def test_adm_reference_uses_stored_stats_unless_recompute(runs: dict, converted: Path) -> None:
     """Default: FID / sFID against the stored mu/sigma, mu_s/sigma_s; --recompute-ref-stats: against
     the arr_0 images. The oracle features come from a separate forward with this test's own hook."""
@@ -368,11 +371,13 @@ def test_adm_reference_uses_stored_stats_unless_recompute(runs: dict, converted:
     assert "(adm-stored-stats)" in runs["stderr"].strip().splitlines()[-1]  # the summary names it
 
 
+@pytest.mark.slow
 def test_json_to_stdout_is_pure_json(runs: dict) -> None:
     assert json.loads(runs["stdout"]) == json.loads(json.dumps(runs["second"]))  # the whole of stdout
     assert runs["stderr"].strip().splitlines()[-1].startswith("FID ")  # the summary moved to stderr
 
 
+@pytest.mark.slow
 def test_score_reports_is_unavailable_with_converted_weights(runs: dict, converted: Path) -> None:
     first = runs["first"]
     assert first["is_mean"] is None and first["is_std"] is None
@@ -381,6 +386,7 @@ def test_score_reports_is_unavailable_with_converted_weights(runs: dict, convert
     assert first["weights"] == {"path": str(converted.resolve()), "sha256": sha, "logits_available": False}
 
 
+@pytest.mark.slow
 def test_reference_cache_reused_and_keyed_by_weights(runs: dict, converted: Path, tmp_path: Path) -> None:
     assert runs["first"]["ref"]["cache_hit"] is False
     assert runs["second"]["ref"]["cache_hit"] is True
@@ -401,6 +407,7 @@ def test_reference_cache_reused_and_keyed_by_weights(runs: dict, converted: Path
         score(runs["dir"] / "samples.npz", tmp_path / "stats.npz", converted, cache_dir=tmp_path, progress=False, **KID)
 
 
+@pytest.mark.slow
 def test_sample_and_reference_size_mismatch(runs: dict, converted: Path, tmp_path: Path) -> None:
     np.savez(tmp_path / "small.npz", np.zeros((N_IMAGES, 16, 16, 3), dtype=np.uint8))
     # Reference statistics come from the cache: no Inception forward before the check.
@@ -408,6 +415,7 @@ def test_sample_and_reference_size_mismatch(runs: dict, converted: Path, tmp_pat
         score(tmp_path / "small.npz", runs["dir"] / "ref.npz", converted, cache_dir=runs["dir"] / "cache", **KID)
 
 
+@pytest.mark.slow
 def test_kid_subset_larger_than_a_set_is_an_error(runs: dict, converted: Path, tmp_path: Path) -> None:
     ref, cache = runs["dir"] / "ref.npz", runs["dir"] / "cache"
     # Default 1000 > 5 samples: refused before any Inception forward, naming sizes and the flag.

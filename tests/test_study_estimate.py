@@ -129,6 +129,7 @@ def test_an_unknown_size_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash + coreutils timeout")
+@pytest.mark.slow
 def test_gpu_study_smoke_runs_every_mode_with_two_seeds(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OUT": str(out), "STUDY_WORK": str(work), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}

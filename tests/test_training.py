@@ -283,6 +283,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_script_dry_run_and_config_errors(tmp_path):
     ok = run_script("--config", str(REPO / "configs" / "mdtv2_s2_from_xl2.yaml"), "--dry-run", "distill.shd_beta=0.25")
     assert ok.returncode == 0, ok.stderr
@@ -335,6 +336,7 @@ acc.end_training()
 """
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process_gradients(tmp_path):
     # make the teacher once, so both launches load the same file
     make_cfg(tmp_path, "kd_shd", "dit")
@@ -555,6 +557,7 @@ def test_paper_pair_configs_plan_the_published_mapping():
         assert [len(g) for g in squeezers[0].resolved] == sizes, name
 
 
+@pytest.mark.slow
 def test_script_requeue_resumes_in_the_same_folder_and_bad_data_is_one_line(tmp_path):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text("{}\n")  # everything comes from the overrides
@@ -577,6 +580,7 @@ def test_script_requeue_resumes_in_the_same_folder_and_bad_data_is_one_line(tmp_
     assert len(bad.stderr.strip().splitlines()) == 1 and "nowhere" in bad.stderr, bad.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_two_process_launch_checkpoints_and_resumes(tmp_path):
     # What a cluster does on preemption: SIGTERM to the launcher, which forwards it to its workers.
     cfg_path = tmp_path / "tiny.yaml"
@@ -723,6 +727,7 @@ def test_resume_checks_the_teacher_by_content_not_by_path(tmp_path, capsys):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["step_00000001.pt", "step_00000002.pt"]
 
 
+@pytest.mark.slow
 def test_resume_checks_the_data_by_content(tmp_path):
     from test_bad_inputs_train import write_animal_mnist
 
@@ -737,6 +742,7 @@ def test_resume_checks_the_data_by_content(tmp_path):
         _train(make_cfg(tmp_path, "none", "dit", ["train.steps=2", f"data.path={data}"]), run_dir)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_content_checks_still_resumes(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "t"
     _train(make_cfg(tmp_path, "none", "dit", ["train.steps=1"]), run_dir)

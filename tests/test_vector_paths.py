@@ -36,6 +36,7 @@ def test_torch_runs_on_the_vector_path_asked_for() -> None:
 
 @pytest.mark.skipif(CAPABILITY in os.environ, reason=f"{CAPABILITY} is set: this is a rerun already")
 @pytest.mark.parametrize("capability", ["default", "avx2"])
+@pytest.mark.slow
 def test_numerics_hold_on_other_vector_paths(capability: str) -> None:
     env = {**os.environ, CAPABILITY: capability}
     command = [sys.executable, "-m", "pytest", "-q", "-m", "numerics", "-p", "no:cacheprovider", str(TESTS)]
