@@ -698,30 +698,33 @@ def test_resume_accepts_and_records_a_longer_run_and_a_new_lr(tmp_path, capsys):
 
 
 def test_resume_checks_the_teacher_by_content_not_by_path(tmp_path, capsys):
-    from shd_diffusion.fileio import sha256_file
+    from safetensors.torch import save_file
+
+    from shd_diffusion.models.loading import weights_sha256
 
     cfg = make_cfg(tmp_path, "kd", "dit", ["train.steps=1"])
     run_dir = tmp_path / "runs" / "t"
     _train(cfg, run_dir)
     original = Path(cfg.teacher.checkpoint)
     saved = torch.load(run_dir / "checkpoints" / "step_00000001.pt", weights_only=True)
-    assert saved["identity"]["teacher_sha256"] == sha256_file(original)
+    state = torch.load(original, weights_only=True)  # the teacher file: a plain state dict
+    assert saved["identity"]["teacher_sha256"] == weights_sha256(state)
 
-    # The teacher moved (same bytes): accepted, and the new path is recorded.
-    moved = tmp_path / "moved" / "teacher.pt"
+    # The same weights moved and stored in another format: accepted, and the new path is recorded.
+    moved = tmp_path / "moved" / "teacher.safetensors"
     moved.parent.mkdir()
-    moved.write_bytes(original.read_bytes())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(moved))
     cfg_moved = make_cfg(tmp_path, "kd", "dit", ["train.steps=2", f"teacher.checkpoint={moved}"])
     assert _train(cfg_moved, run_dir).step == 2
     assert _history(run_dir)[-1]["changed"]["teacher.checkpoint"] == [str(original), str(moved)]
 
     # Other weights of the same shapes at the same path (the issue's swap): refused, nothing written.
-    state = torch.load(moved, weights_only=True)
-    torch.save({k: -v for k, v in state.items()}, moved)
+    save_file({k: -v.contiguous() for k, v in state.items()}, str(moved))
     before = (run_dir / "history.jsonl").read_text()
     cfg_swapped = make_cfg(tmp_path, "kd", "dit", ["train.steps=3", f"teacher.checkpoint={moved}"])
-    with pytest.raises(ValueError, match=r"cannot resume: the teacher changed: teacher.checkpoint=\S*teacher.pt "
-                                         r"has sha256 [0-9a-f]{16}, the run was trained with [0-9a-f]{16}"):
+    with pytest.raises(ValueError, match=r"cannot resume: the teacher changed: teacher.checkpoint=\S*teacher"
+                                         r".safetensors holds weights [0-9a-f]{16}, the run was trained with "
+                                         r"[0-9a-f]{16}"):
         _train(cfg_swapped, run_dir)
     assert (run_dir / "history.jsonl").read_text() == before
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["step_00000001.pt", "step_00000002.pt"]
@@ -800,15 +803,6 @@ def test_fingerprints_change_with_the_data_and_not_with_a_move(tmp_path):
         return LatentDataset(root).fingerprint()
 
     same = latents(tmp_path / "lat_a", [0, 1])
-    # A model folder's hash: its files' names and contents, not where it lies; hidden files skipped.
-    from shd_diffusion.training.resume import source_sha256
-
-    folder = source_sha256(tmp_path / "lat_a")
-    shutil.copytree(tmp_path / "lat_a", tmp_path / "lat_copy")
-    (tmp_path / "lat_copy" / ".lock").write_text("x")
-    assert source_sha256(tmp_path / "lat_copy") == folder
-    (tmp_path / "lat_copy" / "index.json").write_text("{}")
-    assert source_sha256(tmp_path / "lat_copy") != folder
     assert latents(tmp_path / "lat_b", [0, 1]) == same
     assert latents(tmp_path / "lat_c", [1, 0]) != same  # relabelled: same shapes, same sizes
 

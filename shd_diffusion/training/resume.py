@@ -1,7 +1,8 @@
 """What a resume checks: the config, the steps done, and the teacher and data by content.
 
-A training checkpoint stores its config and, since issue 18, ``identity``: the teacher file's
-sha256 and the dataset's fingerprint (:meth:`fingerprint` of each dataset class). On a resume,
+A training checkpoint stores its config and, since issue 18, ``identity``: the loaded teacher
+weights' hash (:func:`shd_diffusion.models.loading.weights_sha256`, the hash sampling manifests
+use) and the dataset's fingerprint (:meth:`fingerprint` of each dataset class). On a resume,
 :func:`check_resume` refuses, in one line naming the setting and the fix,
 
 * a changed field of :data:`~shd_diffusion.train_config.RESUME_FIXED_FIELDS`,
@@ -20,7 +21,6 @@ unchanged path is accepted with a line saying its content was not verified.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,27 +28,16 @@ from typing import Any, Mapping
 from ..checkpoint import config_changes, show_value
 from ..config import to_dict
 from ..console import say
-from ..data.items import content_digest
-from ..fileio import atomic_write_text, sha256_file
+from ..fileio import atomic_write_text
 from ..train_config import RESUME_CHANGEABLE_FIELDS, RESUME_CONTENT_FIELDS, RESUME_FIXED_FIELDS, ExperimentConfig
 
-__all__ = ["HISTORY_FILE", "Change", "source_sha256", "check_resume", "append_history"]
+__all__ = ["HISTORY_FILE", "Change", "check_resume", "append_history"]
 
 HISTORY_FILE = "history.jsonl"
 _NEW_RUN = "or start a new run (another train.run_name, or an empty folder)"
 
 # (dotted field, value in the checkpoint, value now)
 Change = tuple[str, Any, Any]
-
-
-def source_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a weights file, or of a model folder's files (name and content of each, hidden ones skipped)."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    return content_digest(f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}".encode() for p in files)
 
 
 def check_resume(saved: Mapping[str, Any], cfg: ExperimentConfig, identity: Mapping[str, str | None],
@@ -101,8 +90,8 @@ def _check_identity(saved: Mapping[str, Any] | None, now: Mapping[str, str | Non
         return
     old_teacher, new_teacher = saved.get("teacher_sha256"), now.get("teacher_sha256")
     if old_teacher != new_teacher:
-        raise ValueError(f"cannot resume: the teacher changed: teacher.checkpoint={cfg.teacher.checkpoint} has "
-                         f"sha256 {str(new_teacher)[:16]}, the run was trained with {str(old_teacher)[:16]} "
+        raise ValueError(f"cannot resume: the teacher changed: teacher.checkpoint={cfg.teacher.checkpoint} holds "
+                         f"weights {str(new_teacher)[:16]}, the run was trained with {str(old_teacher)[:16]} "
                          f"({checkpoint}); point teacher.checkpoint at the original teacher, {_NEW_RUN}")
     old_data, new_data = saved.get("data_fingerprint"), now.get("data_fingerprint")
     if old_data != new_data:

@@ -34,7 +34,8 @@ from ..data import build_dataset, make_loader
 from ..diffusion import GaussianDiffusion, create_diffusion
 from ..distill import FeatureProjectors
 from ..models import create_model
-from ..models.sources import load_weights, parse_hub_id, resolve_source
+from ..models.loading import weights_sha256
+from ..models.sources import load_weights, parse_hub_id
 from ..objective import DistillationObjective, StepTerms, TrainedModules, noised, per_sample
 from ..optim import EMA, build_optimizer, build_scheduler
 from ..train_config import ExperimentConfig, ModelConfig
@@ -43,7 +44,7 @@ from . import heads, previews
 from .health import RunHealth
 from .logs import log_interval
 from .memory import check_batch_fits
-from .resume import Change, check_resume, source_sha256
+from .resume import Change, check_resume
 from .streams import sample_generators, step_mask_ratio_draw
 
 __all__ = ["Trainer", "StepOutcome", "build_model", "load_model_weights"]
@@ -131,7 +132,7 @@ class Trainer:
             source = teacher_source(cfg.teacher.checkpoint)
             self.teacher = load_weights(self.teacher, source, use_ema=cfg.teacher.use_ema)
             self.teacher.eval().requires_grad_(False)
-            self.teacher_sha256 = source_sha256(resolve_source(source))
+            self.teacher_sha256 = weights_sha256(self.teacher.state_dict())  # as loaded: any format, any path
         if tc.compile:
             student.compile()  # in place: parameter names (checkpoints, EMA) stay unprefixed
 
