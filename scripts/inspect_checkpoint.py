@@ -22,6 +22,7 @@ from shd_diffusion.models import (
     load_checkpoint_file,
     load_official_state_dict,
 )
+from shd_diffusion.models.loading import WeightsError, check_finite_weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     """Inspect one checkpoint; returns the process exit code.
 
     Returns:
-        0; 1 when the checkpoint does not fit ``--model`` (the check's answer, printed); 2 after
+        0; 1 when the weights hold NaN or inf or do not fit ``--model`` (the check's answer,
+        printed); 2 after
         one ``error:`` line for bad input (``--debug`` shows the traceback).
     """
     args = parse_args(argv)
@@ -75,6 +77,11 @@ def _inspect(args: argparse.Namespace) -> int:
         for key, value in state.items():
             print(f"  {key:70s} {str(tuple(value.shape)):>20s} {str(value.dtype).removeprefix('torch.')}")
     print(describe_architecture(infer_architecture(state)))
+    try:
+        check_finite_weights(state, args.path)
+    except WeightsError as err:
+        print(f"unusable: {err}")  # what sampling, export and training would refuse
+        return 1
     if model is not None:
         try:
             load_official_state_dict(model, state)

@@ -845,3 +845,12 @@ def test_inspect_checkpoint_script(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main([str(path), "--model", "DiT-S/2", "--input-size", "8"]) == 0
     text = capsys.readouterr().out
     assert "weights from the 'ema' entry" in text and "loads strictly into DiT-S/2, input_size=8" in text
+
+    # A NaN is what sampling, export and training refuse: the inspection says so, naming the tensor.
+    ema = {k: torch.zeros(()).expand(s) for k, s in shapes.items()}
+    ema["blocks.1.attn.qkv.bias"] = torch.full(shapes["blocks.1.attn.qkv.bias"], float("nan"))
+    torch.save({"ema": ema}, path)
+    assert main([str(path), "--model", "DiT-S/2", "--input-size", "8"]) == 1
+    text = capsys.readouterr().out
+    assert "unusable" in text and "non-finite" in text and "blocks.1.attn.qkv.bias" in text
+    assert "loads strictly" not in text
