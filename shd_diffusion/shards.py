@@ -231,7 +231,8 @@ def check_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> b
         manifest: JSON-serialisable settings; must contain ``num_samples`` and ``shard_size``.
 
     Returns:
-        True when the folder has a matching manifest, False when it has none yet.
+        True when the folder has a matching manifest, False when it has none yet. A changed
+        ``checkpoint`` path matches when both manifests record the same ``weights_sha256``.
 
     Raises:
         ShardError: the folder holds a manifest with different settings (names the keys), or one
@@ -249,6 +250,12 @@ def check_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> b
     old = read_manifest(out_dir)
     new = json.loads(json.dumps(dict(manifest)))  # normalise (tuples -> lists) for comparison
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if "checkpoint" in changed and old.get("weights_sha256") is not None and "weights_sha256" not in changed:
+        # Where the weights were read from, not what they are: the same weights by content (a
+        # requeued job whose checkpoint was copied elsewhere) sample the same pixels.
+        changed.remove("checkpoint")
+        say(f"resume: the checkpoint moved ({old['checkpoint']} -> {new.get('checkpoint')}); its weights are the "
+            "same by content (weights_sha256), so the folder resumes")
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         why = "".join(_CHANGE_REASONS.get(k, "") for k in changed)

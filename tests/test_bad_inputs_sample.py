@@ -150,7 +150,6 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
      ("shard_size: 2 -> 4",)),
     ("resume-other-labels", lambda w: _resume(w, "--labels", "uniform"), ("labels: 'balanced' -> 'uniform'",)),
     ("resume-other-precision", lambda w: _resume(w, "--precision", "bf16"), ("precision: 'fp32' -> 'bf16'",)),
-    ("resume-other-checkpoint", lambda w: _resume(w, "--checkpoint", str(w["ckpt"])), ("checkpoint: ",)),
     ("resume-other-clip", lambda w: _resume(w, "--clip-denoised", "off"), ("clip_denoised: True -> False",)),
     ("resume-other-ema", lambda w: _resume(w, "--no-use-ema"), ("use_ema: True -> False",)),
     ("manifest-not-json", lambda w: _manifest(w, b"{not json"), ("manifest.json", "not valid JSON")),

@@ -694,7 +694,7 @@ def _save_training_checkpoint(model: nn.Module, path: Path) -> None:
 def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, fresh_accelerate, capsys):
     """A killed run whose checkpoint was replaced in place: resuming would put two models in one
     .npz. The manifest records the weights by content, so the rerun is refused and writes nothing;
-    with the original weights back it resumes to the uninterrupted result."""
+    with the original weights back, even at another path, it resumes to the uninterrupted result."""
     import json
 
     from cli_cases import snapshot
@@ -721,8 +721,16 @@ def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, fresh_a
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert "weights_sha256" in err and "mix two models" in err and "new --out" in err
     assert snapshot(out) == before  # nothing appended
-    ckpt.write_bytes(original)
+    # The original weights back, copied to another path (a requeued job's local copy): the same
+    # model by content, so the folder resumes to the uninterrupted result.
+    moved = tmp_path / "moved" / "ckpt.pt"
+    moved.parent.mkdir()
+    moved.write_bytes(original)
+    ckpt.unlink()
+    argv[1] = str(moved)
+    capsys.readouterr()
     assert main([*argv, "--out", str(out)]) == 0
+    assert "the checkpoint moved" in capsys.readouterr().out
     assert (out / "samples_4x8x8x3.npz").read_bytes() == (ref / "samples_4x8x8x3.npz").read_bytes()
 
     # A folder sampled before the weights were recorded cannot prove which weights made its shards.
