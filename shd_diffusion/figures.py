@@ -158,17 +158,24 @@ def outside_unit_interval(a: np.ndarray, tol: float = 1e-6) -> float:
     return float(np.mean((a < -tol) | (a > 1 + tol))) if a.size else 0.0
 
 
+# One colour per teacher head (cycled past 8): the alphas of one head across samples, as the paper's Fig. 2.
+HEAD_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                (227, 119, 194), (127, 127, 127)]
+
+
 def draw_alpha_histograms(
     alphas: list[np.ndarray], titles: list[str], lo: float = -0.5, hi: float = 1.5, bins: int = 40,
     heading: str = "",
 ) -> Any:
-    """Paper Fig. 2 style: one histogram per layer of the alphas, [0, 1] shaded.
+    """Paper Fig. 2 style: per layer, one histogram line per teacher head of its alphas, [0, 1] shaded.
 
-    Values outside [lo, hi] are counted in the end bins (the panel text gives the share outside
-    [0, 1]).
+    Pooling the heads would hide what alpha does: in a pair the two heads' alphas are a and 1 - a,
+    so a pooled histogram is symmetric about 0.5 by construction. Each head's line (its colour in
+    :data:`HEAD_COLOURS`) shows how much that head weighs in its group across samples. Values
+    outside [lo, hi] are counted in the end bins (the panel text gives the share outside [0, 1]).
 
     Args:
-        alphas: per layer, a flat array of alpha values.
+        alphas: per layer, (B, H_t) alphas (samples x teacher heads); a flat array counts as one head.
         titles: per layer panel title.
     """
     from PIL import Image, ImageDraw
@@ -181,21 +188,25 @@ def draw_alpha_histograms(
     if heading:
         draw.text((pad, 6), heading, fill="black")
     for k, (a, title) in enumerate(zip(alphas, titles)):
+        a = np.asarray(a).reshape(-1, 1) if np.ndim(a) == 1 else np.asarray(a)  # (B, H_t)
         ox = pad + (k % ncol) * (pw + pad)
         oy = head + pad + (k // ncol) * (ph + pad)
         ax_l, ax_r, ax_t, ax_b = ox + 30, ox + pw - 10, oy + 34, oy + ph - 22
-        counts, edges = np.histogram(np.clip(a, lo, hi), bins=bins, range=(lo, hi))
-        frac = counts / max(1, counts.sum())
+        per_head = [np.histogram(np.clip(a[:, h], lo, hi), bins=bins, range=(lo, hi)) for h in range(a.shape[1])]
+        fracs = [counts / max(1, counts.sum()) for counts, _ in per_head]  # each head's own distribution
+        edges = per_head[0][1]
+        top = max(max(float(f.max()) for f in fracs), 1e-12)
 
         def xpix(v: float) -> float:
             return ax_l + (v - lo) / (hi - lo) * (ax_r - ax_l)
 
         draw.rectangle([xpix(0.0), ax_t, xpix(1.0), ax_b], fill=(232, 240, 250))  # the simplex range
-        top = max(float(frac.max()), 1e-12)
-        for i, f in enumerate(frac):
-            if f > 0:
-                draw.rectangle([xpix(edges[i]) + 1, ax_b - f / top * (ax_b - ax_t), xpix(edges[i + 1]) - 1, ax_b],
-                               fill=(60, 90, 160))
+        for h, frac in enumerate(fracs):
+            points = []
+            for i, f in enumerate(frac):  # a step outline, so overlapping heads stay readable
+                y = ax_b - f / top * (ax_b - ax_t)
+                points += [(xpix(edges[i]), y), (xpix(edges[i + 1]), y)]
+            draw.line([(xpix(lo), ax_b), *points, (xpix(hi), ax_b)], fill=HEAD_COLOURS[h % len(HEAD_COLOURS)], width=2)
         draw.line([ax_l, ax_b, ax_r, ax_b], fill="black")
         draw.line([ax_l, ax_t, ax_l, ax_b], fill="black")
         for tick in sorted({lo, 0.0, 0.5, 1.0, hi}):
@@ -203,7 +214,7 @@ def draw_alpha_histograms(
             draw.text((xpix(tick) - 8, ax_b + 5), f"{tick:g}", fill="black")
         outside = outside_unit_interval(a)
         draw.text((ox + 4, oy + 2), title, fill="black")
-        draw.text((ox + 4, oy + 16), f"n={a.size}  outside [0,1]: {100 * outside:.1f}%  peak bin {100 * top:.0f}%",
+        draw.text((ox + 4, oy + 16), f"{a.shape[1]} heads x {a.shape[0]}  outside [0,1]: {100 * outside:.1f}%",
                   fill="black")
     return fig
 

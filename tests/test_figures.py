@@ -49,6 +49,22 @@ def test_alpha_histogram_counts_the_share_outside_the_unit_interval():
     assert fig.size == (3 * (280 + 10) + 10, 24 + 170 + 2 * 10)  # 3 panels per row, one row
 
 
+def test_alpha_histograms_draw_one_line_per_teacher_head_where_its_alphas_lie():
+    # A pair of heads: head 0 weighs 0.2 in every sample, head 1 the rest (0.8). Pooled, the two
+    # would make one symmetric histogram; per head, each colour peaks over its own value.
+    alphas = np.stack([np.full(50, 0.2), np.full(50, 0.8)], axis=1)  # (B, H_t) = (50, 2)
+    fig = figures.draw_alpha_histograms([alphas], ["pair"], lo=0.0, hi=1.0, bins=10)
+    px = np.asarray(fig)  # (H, W, 3)
+    ax_l, ax_r, ax_t = 10 + 30, 10 + 280 - 10, 10 + 34  # the first panel's axes (no heading)
+
+    def peak_x(colour):
+        ys, xs = np.nonzero((px[ax_t - 1:ax_t + 2] == colour).all(-1))  # the rows of a 100 % bin
+        return (xs.mean() - ax_l) / (ax_r - ax_l)  # as a value in [lo, hi] = [0, 1]
+
+    assert abs(peak_x(figures.HEAD_COLOURS[0]) - 0.25) < 0.06  # the bin [0.2, 0.3)
+    assert abs(peak_x(figures.HEAD_COLOURS[1]) - 0.85) < 0.06  # the bin [0.8, 0.9)
+
+
 def test_rgb_conversion_of_pixels_and_latents():
     pixels = figures.to_rgb_uint8(torch.tensor([[[-1.0, 0.0, 1.0]]]))  # (1, 1, 3) grey pixels
     assert pixels.shape == (1, 3, 3) and pixels[0, :, 0].tolist() == [0, 128, 255]

@@ -128,8 +128,8 @@ def _alpha_figure(probe: _Probe, batch: np.ndarray, path: Path) -> list[dict[str
     for k in range(len(store.probs)):
         _, a = squeeze_heads(store.probs[k].float(), store.values[k].float(), store.out_weights[k].float(),
                              probe.heads_student, groups=probe.groups, project=False)  # (B, H_t) unconstrained
-        a = a.cpu().numpy().reshape(-1)  # (B * H_t,)
-        per_layer.append(a)
+        per_layer.append(a.cpu().numpy())  # (B, H_t): one histogram line per teacher head
+        a = per_layer[-1].reshape(-1)  # (B * H_t,) for the pooled statistics
         stats.append({
             "layer": k + 1, "supervises_student": k in probe.shd_layers, "n": int(a.size), "mean": float(a.mean()),
             "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
@@ -138,7 +138,7 @@ def _alpha_figure(probe: _Probe, batch: np.ndarray, path: Path) -> list[dict[str
     titles = [f"teacher layer {k + 1}{' (SHD target)' if k in probe.shd_layers else ''}" for k in range(len(per_layer))]
     sizes = sorted({len(gr) for gr in probe.groups})
     heading = (f"alpha of the {probe.heads_teacher} -> {probe.heads_student} squeeze (groups of {'/'.join(map(str, sizes))}), "
-               f"unconstrained eq. 6, batch {len(batch)}, t ~ U[0, 1000)")
+               f"unconstrained eq. 6, batch {len(batch)}, t ~ U[0, 1000); one line per teacher head")
     save_png(draw_alpha_histograms(per_layer, titles, heading=heading), path)
     return stats
 

@@ -120,8 +120,9 @@ def log_figures(trainer: Trainer, alphas: list[torch.Tensor]) -> dict[str, Any]:
     labels = [f"student {j + 1} <- teacher {i + 1}" for j, i in trainer.layer_pairs]
     images = {}
     if alphas:
-        heading = f"alpha per SHD layer pair at step {trainer.step} (batch of {alphas[0].shape[0]}, all ranks)"
-        fig = figures.draw_alpha_histograms([a.cpu().numpy().reshape(-1) for a in alphas], labels,
+        heading = (f"alpha per SHD layer pair at step {trainer.step} (batch of {alphas[0].shape[0]}, all ranks), "
+                   "one line per teacher head")
+        fig = figures.draw_alpha_histograms([a.cpu().numpy() for a in alphas], labels,  # each (B, H_t)
                                             lo=0.0, hi=1.0, heading=heading)
         images["figures/alpha_histograms"] = np.asarray(fig)
     images["figures/attention"] = np.asarray(_attention_panel(trainer, labels))
