@@ -250,12 +250,8 @@ def check_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> b
     old = read_manifest(out_dir)
     new = json.loads(json.dumps(dict(manifest)))  # normalise (tuples -> lists) for comparison
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if "checkpoint" in changed and old.get("weights_sha256") is not None and "weights_sha256" not in changed:
-        # Where the weights were read from, not what they are: the same weights by content (a
-        # requeued job whose checkpoint was copied elsewhere) sample the same pixels.
+    if _checkpoint_moved(old, new):
         changed.remove("checkpoint")
-        say(f"resume: the checkpoint moved ({old['checkpoint']} -> {new.get('checkpoint')}); its weights are the "
-            "same by content (weights_sha256), so the folder resumes")
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         why = "".join(_CHANGE_REASONS.get(k, "") for k in changed)
@@ -264,6 +260,13 @@ def check_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> b
             "settings or sample into a new --out"
         )
     return True
+
+
+def _checkpoint_moved(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Only where the weights were read from changed, not what they are: the same weights by
+    content (a requeued job whose checkpoint was copied elsewhere) sample the same pixels."""
+    same_weights = old.get("weights_sha256") is not None and old.get("weights_sha256") == new.get("weights_sha256")
+    return same_weights and old.get("checkpoint") != new.get("checkpoint")
 
 
 # Why a change of these manifest keys is refused, when the key name alone does not say it.
@@ -287,9 +290,13 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> P
         ShardError: see :func:`check_manifest`.
     """
     path = Path(out_dir) / SHARD_DIR / MANIFEST
-    if not check_manifest(out_dir, manifest):
+    new = json.loads(json.dumps(dict(manifest)))  # normalised as check_manifest compares it
+    if not check_manifest(out_dir, new):
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(json.loads(json.dumps(dict(manifest))), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+    elif _checkpoint_moved(old := read_manifest(out_dir), new):  # said here once, not by every check
+        say(f"resume: the checkpoint moved ({old['checkpoint']} -> {new['checkpoint']}); its weights are the "
+            "same by content (weights_sha256), so the folder resumes")
     return path
 
 
