@@ -50,6 +50,7 @@ from shd_diffusion.sampler import (
     SAMPLERS,
     GuidedDenoiser,
     Sampler,
+    resolve_clip_denoised,
     resolve_guidance_channels,
     resolve_guidance_schedule,
 )
@@ -232,7 +233,7 @@ def _build_sampler(args: argparse.Namespace, device: torch.device, is_main: bool
     schedule = resolve_guidance_schedule(args.guidance_schedule, model)
     channels = resolve_guidance_channels(args.guidance_channels, cfg.in_channels)
     autocast = _precision(args.precision, device)
-    clip = args.clip_denoised == "on" or (args.clip_denoised == "auto" and vae is None)
+    clip = resolve_clip_denoised(args.clip_denoised, pixel_space=vae is None)
     if args.shard_size % min(args.batch_size, args.shard_size):
         say(f"note: --shard-size {args.shard_size} is not a multiple of --batch-size {args.batch_size}: "
             "each shard ends with a smaller batch (slower; with --compile also a recompile)")

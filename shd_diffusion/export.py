@@ -44,6 +44,7 @@ from shd_diffusion.models import DiT, MDTv2, parse_hub_id, to_diffusers
 from shd_diffusion.models import dit_transformer_freq_shift as freq_shift_module
 from shd_diffusion.models.sources import load_model_with_info
 from shd_diffusion.pipelines import ddpm_scheduler
+from shd_diffusion.sampler import resolve_clip_denoised, resolve_guidance_schedule
 from shd_diffusion.vae import DEFAULT_VAE, load_vae, resolve_vae_spec
 
 __all__ = ["export", "build_parser", "main"]
@@ -73,11 +74,10 @@ def _model_index(pipeline: str, transformer: list[str], vae: bool, extra: dict[s
 
 
 def _sampler_config(model: DiT | MDTv2, vae: Any) -> dict[str, Any]:
-    """What ``ClassConditionalPipeline`` needs to sample as ``sampling.sample`` does by default:
-    each family's guidance schedule, the null class, and x_0 clipping for pixel-space models."""
-    schedule = "power-cosine" if isinstance(model, MDTv2) else "constant"
-    return {"guidance_schedule": schedule, "scale_pow": 4.0, "guidance_channels": 3, "null_class": int(model.null_class),
-            "clip_denoised": vae is None}
+    """What ``ClassConditionalPipeline`` needs to sample as ``sampling.sample`` does by default
+    (its ``auto`` choices resolved): the guidance schedule, the null class, x_0 clipping."""
+    return {"guidance_schedule": resolve_guidance_schedule("auto", model), "scale_pow": 4.0, "guidance_channels": 3,
+            "null_class": int(model.null_class), "clip_denoised": resolve_clip_denoised("auto", pixel_space=vae is None)}
 
 
 def _write_common(model: DiT | MDTv2, vae: Any, folder: Path, transformer: list[str], variance: str) -> dict[str, Any]:
@@ -86,13 +86,13 @@ def _write_common(model: DiT | MDTv2, vae: Any, folder: Path, transformer: list[
     ddpm_scheduler(variance).save_pretrained(folder / "scheduler")
     if vae is not None:
         vae.save_pretrained(folder / "vae")
+    sampler = _sampler_config(model, vae)
     if isinstance(model, DiT) and vae is not None:  # DiTPipeline warns about unknown keys: none added
         index = _model_index("DiTPipeline", transformer, True)
     else:
-        index = _model_index("ClassConditionalPipeline", transformer, vae is not None, _sampler_config(model, vae))
+        index = _model_index("ClassConditionalPipeline", transformer, vae is not None, sampler)
     atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
-    return {"pipeline": index["_class_name"], "space": "latent" if vae is not None else "pixel",
-            "sampler": _sampler_config(model, vae)}
+    return {"pipeline": index["_class_name"], "space": "latent" if vae is not None else "pixel", "sampler": sampler}
 
 
 def _write_dit(model: DiT, vae: Any, folder: Path) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def _load_section(model: DiT | MDTv2, notes: dict[str, Any], where: str, vae: st
                   "`guidance_scale=1.0` there; `ClassConditionalPipeline` guides with the model's own null class.", ""]
     if notes["custom_code"]:
         lines += ["The student uses the original DiT timestep features, which `DiTTransformer2DModel` cannot express; "
-                  "`transformer/dit_transformer_freq_shift.py` (a 30-line subclass) adds them, hence `trust_remote_code`.", ""]
+                  "`transformer/dit_transformer_freq_shift.py` (a small subclass) adds them, hence `trust_remote_code`.", ""]
     return lines
 
 

@@ -31,6 +31,7 @@ from shd_diffusion.sampler import (
     DIFFUSION_STEPS,
     GuidedDenoiser,
     Sampler,
+    resolve_clip_denoised,
     resolve_guidance_channels,
     resolve_guidance_schedule,
     to_uint8_images,
@@ -126,7 +127,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         cfg = self.config
         model = LabelledModel(self.transformer, cfg.null_class)
         schedule = resolve_guidance_schedule(cfg.guidance_schedule, self.transformer)
-        clip = self.vae is None if cfg.clip_denoised == "auto" else bool(cfg.clip_denoised)
+        clip = resolve_clip_denoised(cfg.clip_denoised, pixel_space=self.vae is None)
         channels = resolve_guidance_channels(cfg.guidance_channels, model.in_channels)
         denoiser = GuidedDenoiser(model, float(guidance_scale), schedule, cfg.scale_pow, channels)
         return Sampler(

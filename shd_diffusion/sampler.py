@@ -50,6 +50,7 @@ __all__ = [
     "SEED_SCHEME",
     "image_seeds",
     "class_labels",
+    "resolve_clip_denoised",
     "resolve_guidance_channels",
     "resolve_guidance_schedule",
     "GuidedDenoiser",
@@ -166,6 +167,16 @@ def resolve_guidance_schedule(spec: str, model: nn.Module) -> Schedule:
     if spec not in ("constant", "power-cosine"):
         raise ValueError(f"unknown guidance schedule {spec!r}: use auto, constant or power-cosine")
     return spec  # type: ignore[return-value]
+
+
+def resolve_clip_denoised(spec: str | bool, pixel_space: bool) -> bool:
+    """``--clip-denoised``: ``"auto"`` clamps predicted x_0 to [-1, 1] for pixel-space models only (a
+    latent's range is not [-1, 1]); ``"on"`` / True and ``"off"`` / False force it either way."""
+    if spec == "auto":
+        return pixel_space
+    if spec in ("on", "off") or isinstance(spec, bool):
+        return spec in ("on", True)
+    raise ValueError(f"clip_denoised must be auto, on or off, got {spec!r}")
 
 
 class GuidedDenoiser:

@@ -34,6 +34,7 @@ from shd_diffusion.sampler import (
     Sampler,
     class_labels,
     image_seeds,
+    resolve_clip_denoised,
     resolve_guidance_channels,
     resolve_guidance_schedule,
     to_uint8_images,
@@ -757,3 +758,14 @@ def test_weights_hash_is_by_content_not_by_layout(pixel_model, tmp_path):
     changed[name].view(-1)[0] += 1e-6
     assert weights_sha256(changed) != weights_sha256(state)
     assert weights_sha256(dict(reversed(list(state.items())))) == weights_sha256(state)  # key order does not count
+
+
+def test_clip_denoised_auto_clips_pixel_models_only():
+    # The one rule the sampler, the exported pipeline and the export's recorded settings share.
+    assert [resolve_clip_denoised("auto", pixel) for pixel in (True, False)] == [True, False]
+    for on in ("on", True):
+        assert resolve_clip_denoised(on, False) and resolve_clip_denoised(on, True)
+    for off in ("off", False):
+        assert not resolve_clip_denoised(off, True) and not resolve_clip_denoised(off, False)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        resolve_clip_denoised("yes", True)
