@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..checkpoint import config_changes, show_value
+from ..checkpoint import check_resume_compatible, config_changes, show_value
 from ..config import to_dict
 from ..console import say
 from ..fileio import atomic_write_text
@@ -57,11 +57,7 @@ def check_resume(saved: Mapping[str, Any], cfg: ExperimentConfig, identity: Mapp
         ValueError: one line naming the setting, the old and new value, and the fix.
     """
     current = to_dict(cfg)
-    fixed = config_changes(saved["config"], current, RESUME_FIXED_FIELDS)
-    if fixed:
-        field, old, new = fixed[0]
-        raise ValueError(f"cannot resume: {field} changed from {show_value(old)} to {show_value(new)}; revert it, "
-                         + _NEW_RUN)
+    check_resume_compatible(saved["config"], current, RESUME_FIXED_FIELDS)
     done = int(saved["step"])
     if cfg.train.steps < done:
         raise ValueError(f"cannot resume: train.steps={cfg.train.steps} is below the {done} steps already done "

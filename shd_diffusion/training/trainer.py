@@ -58,24 +58,19 @@ def build_model(mc: ModelConfig) -> nn.Module:
     return create_model(mc.name, **mc.overrides())
 
 
-def teacher_source(path: str | Path) -> str | Path:
-    """What ``teacher.checkpoint`` names: a run folder's latest checkpoint, else the path or Hub id itself."""
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        latest = latest_checkpoint(p)
-        if latest is None:
-            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet")
-        return latest
-    return p if p.exists() else str(path)
-
-
 def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = True) -> nn.Module:
     """Teacher weights from a run folder (its latest checkpoint) or any source of the one loader.
 
     See :func:`shd_diffusion.models.sources.load_weights` for files, folders and Hub ids; returns
     the model to use (a converted DiT for a diffusers source).
     """
-    return load_weights(model, teacher_source(path), use_ema=use_ema)
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet")
+        p = latest
+    return load_weights(model, p if p.exists() else str(path), use_ema=use_ema)
 
 
 @dataclass
@@ -129,8 +124,7 @@ class Trainer:
         check_batch_fits(student, self.micro_batch, world, tc, self.device)
         self.teacher_sha256: str | None = None  # the loaded teacher's content, stored in every checkpoint
         if self.teacher is not None:
-            source = teacher_source(cfg.teacher.checkpoint)
-            self.teacher = load_weights(self.teacher, source, use_ema=cfg.teacher.use_ema)
+            self.teacher = load_model_weights(self.teacher, cfg.teacher.checkpoint, use_ema=cfg.teacher.use_ema)
             self.teacher.eval().requires_grad_(False)
             self.teacher_sha256 = weights_sha256(self.teacher.state_dict())  # as loaded: any format, any path
         if tc.compile:
@@ -225,7 +219,7 @@ class Trainer:
 
     @property
     def identity(self) -> dict[str, str | None]:
-        """What the run depends on by content: the teacher file's sha256 and the data's fingerprint."""
+        """What the run depends on by content: the loaded teacher weights' hash and the data's fingerprint."""
         if self._data_fingerprint is None:
             self._data_fingerprint = self.dataset.fingerprint()
         return {"teacher_sha256": self.teacher_sha256, "data_fingerprint": self._data_fingerprint}
