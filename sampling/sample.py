@@ -47,6 +47,7 @@ from shd_diffusion.models.sources import load_model
 from shd_diffusion.sampler import (
     COMPILE_MODES,
     DIFFUSION_STEPS,
+    GUIDANCE_SCHEDULES,
     SAMPLERS,
     GuidedDenoiser,
     Sampler,
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddpm: ancestral steps (the paper's setting); ddim: DDIM over the same respaced steps")
     g.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM stochasticity with --sampler ddim (0 = deterministic given x_T)")
     g.add_argument("--cfg-scale", type=float, default=3.8, help="classifier-free guidance scale (1 = off)")
-    g.add_argument("--guidance-schedule", choices=["auto", "power-cosine", "constant"], default="auto",
+    g.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="auto",
                    help="auto: power-cosine for MDTv2, constant for DiT")
     g.add_argument("--scale-pow", type=float, default=4.0, help="power of the power-cosine schedule")
     g.add_argument("--guidance-channels", type=_guidance_channels_arg, default=3,

@@ -29,6 +29,7 @@ from torch import nn
 from shd_diffusion.diffusion import create_diffusion
 from shd_diffusion.sampler import (
     DIFFUSION_STEPS,
+    GUIDANCE_SCHEDULES,
     GuidedDenoiser,
     Sampler,
     resolve_clip_denoised,
@@ -41,7 +42,6 @@ __all__ = ["ClassConditionalPipeline", "ddpm_scheduler"]
 
 NUM_TRAIN_TIMESTEPS = DIFFUSION_STEPS
 BETA_START, BETA_END = 1e-4, 0.02  # the linear schedule of create_diffusion (ADM / DiT)
-GUIDANCE_SCHEDULES = ("auto", "power-cosine", "constant")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "SEED_SCHEME",
     "image_seeds",
     "class_labels",
+    "GUIDANCE_SCHEDULES",
     "resolve_clip_denoised",
     "resolve_guidance_channels",
     "resolve_guidance_schedule",
@@ -67,6 +68,7 @@ SAMPLERS = ("ddpm", "ddim")  # the diffusion's ancestral loop, or its DDIM loop
 
 LabelRule = Literal["balanced", "uniform"]
 Schedule = Literal["constant", "power-cosine"]
+GUIDANCE_SCHEDULES = ("auto", "power-cosine", "constant")  # what --guidance-schedule accepts
 Method = Literal["ddpm", "ddim"]
 
 # Distinct keys keep the label stream and the noise stream of one seed unrelated.
@@ -164,7 +166,7 @@ def resolve_guidance_schedule(spec: str, model: nn.Module) -> Schedule:
     """``"auto"`` -> ``"power-cosine"`` for MDTv2, ``"constant"`` for DiT (each upstream's choice)."""
     if spec == "auto":
         return "power-cosine" if isinstance(model, MDTv2) else "constant"
-    if spec not in ("constant", "power-cosine"):
+    if spec not in GUIDANCE_SCHEDULES:
         raise ValueError(f"unknown guidance schedule {spec!r}: use auto, constant or power-cosine")
     return spec  # type: ignore[return-value]
 

@@ -140,7 +140,7 @@ def _check(s: DemoSettings) -> None:
     Raises:
         DemoError: naming the setting, the value and the allowed range.
     """
-    from ..sampler import DIFFUSION_STEPS
+    from ..sampler import DIFFUSION_STEPS, GUIDANCE_SCHEDULES
     from ..train_config import MODES
 
     bad = [m for m in s.modes if m not in MODES]
@@ -169,7 +169,7 @@ def _check(s: DemoSettings) -> None:
     if isinstance(s.cfg_scale, bool) or not isinstance(s.cfg_scale, (int, float)) or not math.isfinite(s.cfg_scale) \
             or s.cfg_scale < 1.0:
         raise DemoError(f"--cfg-scale must be a finite number >= 1 (1 = no guidance), got {s.cfg_scale}")
-    if s.guidance_schedule not in ("auto", "constant", "power-cosine"):
+    if s.guidance_schedule not in GUIDANCE_SCHEDULES:
         raise DemoError(f"guidance_schedule {s.guidance_schedule!r}: use auto, constant or power-cosine")
 
 
