@@ -14,6 +14,11 @@ Encoding uses the posterior mean ``latent_dist.mean * scale_factor``, not a samp
 is deterministic (a re-extracted shard is identical), and the SD-VAE posterior std is small
 enough that one frozen sample (what DiT's feature extraction stores) only adds fixed noise.
 
+Text-conditioned folders (format ``shd_latents_text/1``, read by
+:class:`shd_diffusion.data.TextLatentDataset`) come from :func:`write_text_latents`: each shard
+holds ``latents`` (and ``latents_flip``) and ``cond.<key>`` (n, ...) per conditioning key, and
+``empty_prompt.safetensors`` holds the empty prompt's conditioning once. They resume the same way.
+
 Resuming: shards are written through :func:`shd_diffusion.fileio.atomic_path` (temporary name,
 fsync, rename), so a shard file exists only when complete. A rerun skips existing shards whose
 plan matches and refuses ones whose plan differs (naming the differing fields). ``out`` is
@@ -30,13 +35,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .data import LATENT_FORMAT, LATENT_INDEX, DatasetError, ImageFolderDataset
+from .data.conditioning import Conditioning, check_conditioning, stack_conditioning
+from .data.items import content_digest
+from .data.text_latent_folder import COND_PREFIX, EMPTY_PROMPT_FILE, LATENT_TEXT_FORMAT, cond_spec
+from .seeding import derive_seed
 from .fileio import atomic_path, atomic_write_text, os_errors_of_safetensors, remove_stale_temps
 from .vae import SD_VAE_SCALE_FACTOR, load_vae, resolve_vae_spec
 
@@ -47,6 +56,8 @@ __all__ = [
     "shard_name",
     "missing_shards",
     "write_index",
+    "write_text_latents",
+    "write_synthetic_text_latents",
 ]
 
 _PLAN_KEY = "shd_latents_plan"
@@ -56,7 +67,7 @@ LATENT_CHANNELS = 4  # SD-VAE latents, the input of the latent DiT / MDTv2 model
 
 @dataclass
 class ExtractReport:
-    """What one :func:`extract_latents` call did on its rank."""
+    """What one :func:`extract_latents` call did on its rank (or one :func:`write_text_latents` call)."""
 
     num_shards: int  # shards of the whole extraction (all ranks)
     written: list[int] = field(default_factory=list)  # shard ids encoded in this call
@@ -111,7 +122,8 @@ def _read_plan(path: Path) -> dict[str, Any]:
         raise DatasetError(f"cannot read latent shard {path}: {err}; delete it and resume") from err
     if _PLAN_KEY not in meta:
         raise DatasetError(
-            f"{path} was not written by extract_latents (no plan metadata); move it out of the folder"
+            f"{path} was not written by extract_latents or write_text_latents (no plan metadata); move it "
+            "out of the folder"
         )
     return json.loads(meta[_PLAN_KEY])
 
@@ -391,3 +403,215 @@ def write_index(out: str | Path) -> dict[str, Any]:
     }
     atomic_write_text(out / LATENT_INDEX, json.dumps(index, indent=1))
     return index
+
+
+# ---- text-conditioned folders ----------------------------------------------------------------
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw bytes of a tensor of any dtype (bf16 and bool included), for content hashing."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # (numel * itemsize,)
+
+
+def _as_batch(
+    cond: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]], n: int, out: Path
+) -> Conditioning:
+    """Conditioning as a dict of (n, ...) tensors, from per-sample dicts or an already stacked dict."""
+    where = f"conditioning for {out}"
+    batch = dict(cond) if isinstance(cond, Mapping) else stack_conditioning(cond, where)
+    for key, value in batch.items():
+        if value.ndim == 0 or value.shape[0] != n:
+            raise DatasetError(f"{where}: {key} holds {tuple(value.shape)}, expected {n} samples (one per latent)")
+    return batch
+
+
+def _text_plan(latents: torch.Tensor, flips: torch.Tensor | None, cond: Conditioning, empty: Conditioning, *,
+               source: str, image_size: int, scale_factor: float, shard_size: int) -> dict[str, Any]:
+    """Everything the shards of one text-conditioned folder must agree on, with a hash of the data."""
+    parts = [_tensor_bytes(latents), b"" if flips is None else _tensor_bytes(flips)]
+    for key in sorted(cond):
+        parts += [key.encode(), _tensor_bytes(cond[key]), _tensor_bytes(empty[key])]
+    n = latents.shape[0]
+    return {
+        "format": LATENT_TEXT_FORMAT,
+        "source": source,
+        "image_size": image_size,
+        "scale_factor": scale_factor,
+        "both_flips": flips is not None,
+        "dtype": str(latents.dtype).removeprefix("torch."),
+        "num_images": n,
+        "latent_shape": list(latents.shape[1:]),
+        "shard_size": shard_size,
+        "num_shards": math.ceil(n / shard_size),
+        "conditioning": cond_spec({k: v[0] for k, v in cond.items()}),
+        "data_sha256": content_digest(parts),
+    }
+
+
+def _check_text_latents(out: Path, latents: torch.Tensor, flips: torch.Tensor | None, shard_size: int) -> None:
+    """Refuse latents (and flips, shard size) that cannot make a folder, naming ``out`` and the fix."""
+    if latents.ndim != 4 or latents.shape[0] == 0 or str(latents.dtype).removeprefix("torch.") not in _DTYPES:
+        raise DatasetError(
+            f"latents for {out}: {tuple(latents.shape)} {latents.dtype}; give (N, C, h, w) float16/float32, N >= 1"
+        )
+    if flips is not None and (flips.shape != latents.shape or flips.dtype != latents.dtype):
+        raise DatasetError(f"latents_flip for {out}: {tuple(flips.shape)} {flips.dtype}; must match latents")
+    if shard_size < 1:
+        raise ValueError(f"shard_size ({shard_size}) must be >= 1")
+
+
+def _check_text_conditioning(out: Path, cond: Conditioning, empty: Mapping[str, torch.Tensor]) -> None:
+    """Refuse unknown keys, bad dims or masks, and an empty prompt unlike the samples, naming ``out``."""
+    check_conditioning({k: v[0] for k, v in cond.items()}, f"conditioning for {out}")
+    samples, empties = cond_spec({k: v[0] for k, v in cond.items()}), cond_spec(dict(empty))
+    if samples != empties:
+        raise DatasetError(
+            f"empty-prompt conditioning for {out} is {empties}, the samples' is {samples}: pass empty= the "
+            "empty prompt '' encoded with the same encoders, padding and dtype (every key, one sample's shape)"
+        )
+
+
+def _write_text_shard(out: Path, shard: int, plan: dict[str, Any], latents: torch.Tensor,
+                      flips: torch.Tensor | None, cond: Conditioning) -> None:
+    """Atomically write shard ``shard`` (its slice of every tensor) with the plan as metadata."""
+    first = shard * plan["shard_size"]
+    rows = slice(first, min(first + plan["shard_size"], plan["num_images"]))
+    tensors = {"latents": latents[rows].contiguous()}
+    if flips is not None:
+        tensors["latents_flip"] = flips[rows].contiguous()
+    tensors.update({COND_PREFIX + k: v[rows].contiguous() for k, v in cond.items()})  # each (n, ...)
+    meta = {_PLAN_KEY: json.dumps({**plan, "shard": shard, "count": rows.stop - rows.start})}
+    _remove_stale_temps(out / shard_name(shard))
+    _write_atomic(out / shard_name(shard), tensors, meta)
+
+
+def _write_text_index(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Check every shard and the empty prompt belong to ``plan``; write ``index.json`` last."""
+    shards = []
+    for shard in range(plan["num_shards"]):
+        found = _read_plan(out / shard_name(shard))
+        _check_plan(out / shard_name(shard), found, plan)
+        shards.append({"name": shard_name(shard), "count": found["count"]})
+    _check_plan(out / EMPTY_PROMPT_FILE, _read_plan(out / EMPTY_PROMPT_FILE), plan)
+    index = {**{k: v for k, v in plan.items() if k not in ("shard_size", "num_shards")}, "shards": shards}
+    atomic_write_text(out / LATENT_INDEX, json.dumps(index, indent=1))
+    return index
+
+
+def write_text_latents(
+    out: str | Path,
+    latents: torch.Tensor,
+    cond: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+    empty: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    image_size: int,
+    scale_factor: float = SD_VAE_SCALE_FACTOR,
+    shard_size: int = 10_000,
+    latents_flip: torch.Tensor | None = None,
+    max_shards: int | None = None,
+) -> ExtractReport:
+    """Write a text-conditioned latent folder; resumable and idempotent like :func:`extract_latents`.
+
+    Every file goes through :func:`~shd_diffusion.fileio.atomic_path`; existing shards whose plan
+    (which includes a hash of all the data) matches are skipped, others are refused naming the
+    differing fields. ``index.json`` is written last, once every shard exists.
+
+    Args:
+        out: the folder (created).
+        latents: (N, C, h, w) float16/float32 scaled VAE latents.
+        cond: per-sample dicts (``prompt_embeds`` (L, D), ``pooled_prompt_embeds`` (P,),
+            ``prompt_mask`` (L,) bool) or one dict of (N, ...) tensors; stored in their dtypes.
+        empty: the empty prompt's conditioning, same keys and per-sample shapes (CFG dropout).
+        source: what produced the data (encoder ids, caption file), recorded in the index.
+        image_size: pixel size the latents were encoded at.
+        scale_factor: latent multiplier the VAE used.
+        shard_size: samples per shard (the last may be smaller).
+        latents_flip: (N, C, h, w) latents of the mirrored images, or None.
+        max_shards: write at most this many missing shards in this call (None = all).
+
+    Returns:
+        An :class:`ExtractReport`; ``index`` is set once the folder is complete.
+
+    Raises:
+        DatasetError: unknown keys, samples of different shapes, an empty prompt that does not
+            match the samples, or existing shards of other data in ``out``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} is a file, not a folder for latent shards: choose another output folder")
+    _check_text_latents(out, latents, latents_flip, shard_size)
+    batch = _as_batch(cond, latents.shape[0], out)
+    _check_text_conditioning(out, batch, empty)
+    empty = {k: empty[k] for k in sorted(batch)}
+    plan = _text_plan(latents, latents_flip, batch, empty, source=source, image_size=image_size,
+                      scale_factor=scale_factor, shard_size=shard_size)
+    report = ExtractReport(num_shards=plan["num_shards"])
+    todo = _shards_to_encode(out, plan, 0, 1, max_shards, report)
+    out.mkdir(parents=True, exist_ok=True)
+    empty_path = out / EMPTY_PROMPT_FILE
+    if empty_path.exists():
+        _check_plan(empty_path, _read_plan(empty_path), plan)
+    else:
+        _remove_stale_temps(empty_path)
+        meta = {_PLAN_KEY: json.dumps({**plan, "shard": None, "count": 1})}
+        _write_atomic(empty_path, {COND_PREFIX + k: v.contiguous() for k, v in empty.items()}, meta)
+    for shard in todo:
+        _write_text_shard(out, shard, plan, latents, latents_flip, batch)
+        report.written.append(shard)
+    if not report.pending:
+        report.index = _write_text_index(out, plan)
+    return report
+
+
+def write_synthetic_text_latents(
+    out: str | Path,
+    *,
+    num_images: int = 10,
+    latent_shape: tuple[int, int, int] = (4, 8, 8),
+    seq_len: int = 6,
+    dim: int = 8,
+    pooled_dim: int | None = 4,
+    with_mask: bool = True,
+    both_flips: bool = False,
+    cond_dtype: torch.dtype = torch.float32,
+    shard_size: int = 4,
+    seed: int = 0,
+    max_shards: int | None = None,
+) -> ExtractReport:
+    """A small random text-conditioned folder (tests, smoke runs): a pure function of its arguments.
+
+    Latents and embeddings are standard normal; sample i's mask keeps its first ``1 + (i % seq_len)``
+    tokens and its padded embedding rows are zero (as padded prompts are masked); the empty prompt
+    keeps one token.
+
+    Args:
+        out: the folder.
+        num_images, latent_shape: N and (C, h, w).
+        seq_len, dim, pooled_dim: L, D and P (None: no ``pooled_prompt_embeds``).
+        with_mask: store ``prompt_mask``.
+        both_flips: also store (random) ``latents_flip``.
+        cond_dtype: dtype of the embeddings.
+        shard_size, max_shards: as in :func:`write_text_latents`.
+        seed: the data's seed.
+
+    Returns:
+        :func:`write_text_latents`'s report.
+    """
+    g = torch.Generator().manual_seed(derive_seed("synthetic-text-latents", seed))
+    latents = torch.randn(num_images, *latent_shape, generator=g)  # (N, C, h, w)
+    flips = torch.randn(num_images, *latent_shape, generator=g) if both_flips else None
+    lengths = 1 + torch.arange(num_images) % seq_len  # (N,) tokens kept per sample
+    mask = torch.arange(seq_len)[None, :] < lengths[:, None]  # (N, L)
+    embeds = torch.randn(num_images, seq_len, dim, generator=g) * mask[..., None]  # (N, L, D), padding zeroed
+    cond = {"prompt_embeds": embeds.to(cond_dtype)}
+    empty = {"prompt_embeds": torch.randn(seq_len, dim, generator=g).to(cond_dtype)}
+    if pooled_dim is not None:
+        cond["pooled_prompt_embeds"] = torch.randn(num_images, pooled_dim, generator=g).to(cond_dtype)
+        empty["pooled_prompt_embeds"] = torch.randn(pooled_dim, generator=g).to(cond_dtype)
+    if with_mask:
+        cond["prompt_mask"], empty["prompt_mask"] = mask, torch.arange(seq_len) < 1
+    image_size = 8 * latent_shape[1]  # the pixel size an SD-VAE (8x downsampling) latent of that side comes from
+    return write_text_latents(out, latents, cond, empty, source=f"synthetic seed={seed}", image_size=image_size,
+                              scale_factor=SD_VAE_SCALE_FACTOR, shard_size=shard_size, latents_flip=flips,
+                              max_shards=max_shards)

@@ -10,6 +10,9 @@ size, and a resumed run sees exactly the items the uninterrupted run would have 
 * :class:`ImageFolderDataset` (:mod:`.image_folder`) -- ImageNet-style ``root/<class>/<image>``, ADM center crop.
 * :class:`LatentDataset` (:mod:`.latent_folder`) -- VAE latents written by ``scripts/extract_latents.py``
   (see :mod:`shd_diffusion.latents` for the writer).
+* :class:`TextLatentDataset` (:mod:`.text_latent_folder`) -- latents with per-sample text-encoder
+  outputs: items are ``(x, cond dict)`` (:mod:`.conditioning`: stacking, CFG's
+  :func:`drop_conditioning`); written by :func:`shd_diffusion.latents.write_text_latents`.
 
 :func:`build_dataset` picks one by name; :func:`make_loader` wraps it in a DataLoader driven by
 :class:`InfiniteSampler`.
@@ -24,14 +27,22 @@ from torch.utils.data import Dataset
 from .animal_mnist import ANIMAL_MNIST_CLASSES, AnimalMNIST, animal_mnist_dir
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, center_crop_adm
 from .items import DatasetError, flip_from_seed
+from .conditioning import COND_KEYS, drop_conditioning, stack_conditioning
 from .latent_folder import LATENT_FORMAT, LATENT_INDEX, LatentDataset
 from .stream import InfiniteSampler, make_loader, sample_seed
+from .text_latent_folder import LATENT_TEXT_FORMAT, TextLatentDataset, collate_text_items
 
 __all__ = [
     "DatasetError",
     "AnimalMNIST",
     "ImageFolderDataset",
     "LatentDataset",
+    "TextLatentDataset",
+    "collate_text_items",
+    "stack_conditioning",
+    "drop_conditioning",
+    "COND_KEYS",
+    "LATENT_TEXT_FORMAT",
     "InfiniteSampler",
     "build_dataset",
     "make_loader",

@@ -14,14 +14,15 @@ from torch.utils.data import Dataset
 
 from .items import DatasetError, SampleKey, content_digest, flip_from_seed, split_key
 
-__all__ = ["LATENT_FORMAT", "LATENT_INDEX", "LatentDataset"]
+__all__ = ["LATENT_FORMAT", "LATENT_INDEX", "LatentDataset", "ShardHandles", "open_shard", "read_index"]
 
 # Latent shard folder layout, shared with the writer in shd_diffusion.latents.
 LATENT_FORMAT = "shd_latents/1"
 LATENT_INDEX = "index.json"
 
 
-def _open_shard(path: Path) -> Any:
+def open_shard(path: Path) -> Any:
+    """A safetensors handle of a latent shard; a missing or broken file is a named DatasetError."""
     from safetensors import safe_open
 
     try:
@@ -29,6 +30,48 @@ def _open_shard(path: Path) -> Any:
     except Exception as err:  # missing, truncated or not a safetensors file
         msg = f"cannot open latent shard {path}: {err}; delete it and resume the extraction"
         raise DatasetError(msg) from err
+
+
+def read_index(root: Path, expected_format: str) -> dict[str, Any]:
+    """The parsed ``index.json`` of a finished latent folder, refused unless of ``expected_format``."""
+    index_path = root / LATENT_INDEX
+    if not index_path.is_file():
+        raise DatasetError(
+            f"{index_path} not found: {root} is not a finished latent folder. Run (or resume) "
+            "scripts/extract_latents.py with --out pointing there"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetError(f"cannot parse {index_path}: {err}") from err
+    found = index.get("format") if isinstance(index, dict) else None
+    if found != expected_format:
+        raise DatasetError(f"{index_path}: format {found!r}, expected {expected_format!r}")
+    return index
+
+
+class ShardHandles:
+    """Lazily opened, per-process safetensors handles of a folder's shards.
+
+    DataLoader workers each open their own handles: a forked worker drops the inherited ones, and
+    pickling (spawned workers) drops them too, since safetensors handles cannot be pickled.
+    """
+
+    def __init__(self, root: Path, names: list[str]) -> None:
+        self.root, self.names = root, names
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}
+
+    def get(self, shard: int) -> Any:
+        """The handle of shard number ``shard``, opened on first use in this process."""
+        if os.getpid() != self._pid:  # forked worker: inherited handles must not be shared
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = open_shard(self.root / self.names[shard])
+        return self._handles[shard]
 
 
 class LatentDataset(Dataset):
@@ -55,19 +98,7 @@ class LatentDataset(Dataset):
     def __init__(self, root: str | Path, hflip: bool = True) -> None:
         self.root = Path(root)
         index_path = self.root / LATENT_INDEX
-        if not index_path.is_file():
-            raise DatasetError(
-                f"{index_path} not found: {self.root} is not a finished latent folder. Run (or resume) "
-                "scripts/extract_latents.py with --out pointing there"
-            )
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DatasetError(f"cannot parse {index_path}: {err}") from err
-        found = index.get("format") if isinstance(index, dict) else None
-        if found != LATENT_FORMAT:
-            raise DatasetError(f"{index_path}: format {found!r}, expected {LATENT_FORMAT!r}")
-        self.index = index
+        self.index = index = read_index(self.root, LATENT_FORMAT)
         self.image_size = int(index["image_size"])
         self.scale_factor = float(index["scale_factor"])
         self.both_flips = bool(index["both_flips"])
@@ -89,13 +120,12 @@ class LatentDataset(Dataset):
             )
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
             raise DatasetError(f"{self.root}: labels outside 0..{self.num_classes - 1}")
-        self._handles: dict[int, Any] = {}
-        self._pid = os.getpid()
+        self._shards = ShardHandles(self.root, self.shard_names)
 
     def _check_shard(self, name: str, count: int) -> torch.Tensor:
         """Validate one shard's keys and shapes against the index; return its labels (n,)."""
         path = self.root / name
-        handle = _open_shard(path)
+        handle = open_shard(path)
         keys = set(handle.keys())
         needed = {"latents", "labels"} | ({"latents_flip"} if self.both_flips else set())
         if not needed <= keys:
@@ -131,23 +161,10 @@ class LatentDataset(Dataset):
         index = json.dumps(self.index, sort_keys=True).encode()  # the parsed index: formatting does not count
         return content_digest([b"latents", index, *shards, self.labels.numpy().tobytes()])
 
-    def __getstate__(self) -> dict[str, Any]:
-        # safetensors handles cannot be pickled (spawned workers); each process reopens its own.
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
-
-    def _handle(self, shard: int) -> Any:
-        if os.getpid() != self._pid:  # forked worker: inherited handles must not be shared
-            self._handles, self._pid = {}, os.getpid()
-        if shard not in self._handles:
-            self._handles[shard] = _open_shard(self.root / self.shard_names[shard])
-        return self._handles[shard]
-
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = split_key(key, len(self))
         shard = bisect.bisect_right(self._starts, index) - 1
         local = index - self._starts[shard]
         name = "latents_flip" if self.both_flips and self.hflip and flip_from_seed(seed) else "latents"
-        x = self._handle(shard).get_slice(name)[local : local + 1]  # (1, C, h, w), read from the mmap
+        x = self._shards.get(shard).get_slice(name)[local : local + 1]  # (1, C, h, w), read from the mmap
         return x[0].float(), self.labels[index]

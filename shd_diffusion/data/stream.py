@@ -8,13 +8,14 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..seeding import derive_seed
 from .items import DatasetError
+from .text_latent_folder import collate_text_items
 
 __all__ = ["InfiniteSampler", "make_loader", "sample_seed"]
 
@@ -100,8 +101,11 @@ class InfiniteSampler(Sampler):
             local += 1
 
 
-def _stack_items(items: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(x, y)`` items into ``(x (B, C, H, W), y (B,) int64)``."""
+def _stack_items(items: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, Any]:
+    """Stack ``(x, y)`` items into ``(x (B, C, H, W), y (B,) int64)``; text items' ``y`` is a
+    conditioning dict, stacked into a dict of (B, ...) tensors."""
+    if items and isinstance(items[0][1], Mapping):
+        return collate_text_items(items)
     xs, ys = zip(*items)
     return torch.stack(xs), torch.stack([torch.as_tensor(y, dtype=torch.int64) for y in ys])
 
@@ -136,7 +140,8 @@ def make_loader(
         pin_memory: page-lock batches for faster host-to-GPU copies.
 
     Returns:
-        An iterator yielding ``(x (B, C, H, W), y (B,))`` tuples; item ``i`` of batch ``k`` is the
+        An iterator yielding ``(x (B, C, H, W), y (B,))`` tuples (``y`` a dict of (B, ...) tensors for
+        a :class:`~.text_latent_folder.TextLatentDataset`); item ``i`` of batch ``k`` is the
         dataset item at this rank's sampler key ``k * batch_size + i``.
 
     Raises:

@@ -6,9 +6,12 @@
 - :mod:`.schedules`: linear betas, ADM respacing (``space_timesteps``, ``respaced_betas``);
 - :mod:`.likelihood`: KL and discretized-Gaussian likelihood of the variational bound;
 - :mod:`.gaussian`: :class:`GaussianDiffusion` (tables, q, p, hybrid loss), ``create_diffusion``;
-- :mod:`.sampling`: the DDPM / DDIM steps and loops and their noise streams.
+- :mod:`.sampling`: the DDPM / DDIM steps and loops and their noise streams;
+- :mod:`.flow`: rectified flow (SD3 / FLUX): path, t sampling and shift, velocity losses, Euler
+  sampler, all pure functions (:class:`FlowConfig` holds the choices).
 """
 
+from shd_diffusion.diffusion.flow import FlowConfig
 from shd_diffusion.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from shd_diffusion.diffusion.likelihood import (
     approx_standard_normal_cdf,
@@ -31,4 +34,5 @@ __all__ = [
     "create_diffusion",
     "NOISE_BLOCK_STEPS",
     "ModelFn",
+    "FlowConfig",
 ]
