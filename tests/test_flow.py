@@ -75,11 +75,12 @@ def test_shift_formula_and_flux_mu():
     assert grid[0] == 1.0 and grid[-1] == 0.0 and (grid.diff() < 0).all()
 
 
-@pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_logit_normal_moments(shift):
-    # logit of the shifted time is logit(t) + log(s): the moments are known exactly.
+@pytest.mark.parametrize("shift, mu", [(1.0, None), (3.0, None), (1.0, 0.8)])
+def test_logit_normal_moments(shift, mu):
+    # logit of the shifted time is logit(t) + log(s) (s = exp(mu) for FLUX): the moments are known exactly.
     n, mean, std = 20_000, 0.3, 1.2
-    cfg = FlowConfig(logit_mean=mean, logit_std=std, shift=shift)
+    cfg = FlowConfig(logit_mean=mean, logit_std=std, shift=shift, mu=mu)
+    shift = cfg.effective_shift
     t = flow.sample_timesteps(cfg, gens_for(list(range(n))))
     logit = torch.log(t) - torch.log1p(-t)
     # 5 standard errors: sample mean's SE is std / sqrt(n), sample std's about std / sqrt(2 (n - 1)).

@@ -2,6 +2,7 @@
 conditioning stacking and CFG dropout, and the class-label format they must leave unchanged."""
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,8 @@ def test_round_trip_is_bitwise_and_resumes(tmp_path: Path) -> None:
         assert torch.equal(cond[k], torch.stack([s[k] for s in samples[:4]]))
     x2, cond2 = collate_text_items([ds[i] for i in range(4)])
     assert torch.equal(x2, x) and all(torch.equal(cond2[k], cond[k]) for k in cond)
+    copy = pickle.loads(pickle.dumps(ds))  # spawned DataLoader workers: open handles are not pickled
+    assert torch.equal(copy[7][0], latents[7]) and torch.equal(copy[7][1]["prompt_embeds"], samples[7]["prompt_embeds"])
 
 
 def test_fingerprint_and_refusals_of_other_data(tmp_path: Path) -> None:
@@ -125,6 +128,7 @@ def test_class_label_folders_load_and_fingerprint_as_before(tmp_path: Path) -> N
     # Golden value from the reader before text folders existed (commit ce0b7da) on this folder.
     assert ds.fingerprint() == "5a6a7b2907913cbc210b6f1a37c90b48fbcfbdf7d90ddab5395cba7e38d03c57"
     assert ds.labels.tolist() == [0, 1, 0, 1, 0] and ds[3][1].item() == 1
+    assert torch.equal(pickle.loads(pickle.dumps(ds))[4][0], ds[4][0])  # after a handle was opened
     x, y = next(make_loader(ds, batch_size=5, shuffle=False))
     assert x.shape == (5, 4, 2, 2) and y.tolist() == [0, 1, 0, 1, 0]
     with pytest.raises(DatasetError, match=r"format 'shd_latents/1', expected 'shd_latents_text/1'"):
