@@ -191,6 +191,23 @@ def test_outputs_and_gradients_bitwise_unchanged_by_the_capture(family):
         assert torch.equal(_run(model, inputs), ref.detach())
 
 
+@pytest.mark.numerics
+def test_other_dispatch_backends_are_recorded_once():
+    # diffusers' attention_backend() context picks another registered backend; "_native_math" ends in
+    # F.sdpa too, which must not give a second entry.
+    from diffusers.models.attention_dispatch import attention_backend
+
+    model, inputs = _build("flux")
+    with torch.no_grad():
+        ref = _run(model, inputs)
+        with attention_backend("_native_math"), capture_qk(model, export_values=True) as store:
+            out = _run(model, inputs)
+    assert torch.equal(out, ref) or (out - ref).abs().max().item() < 1e-12  # another kernel: float64 rounding only
+    assert store.layer_indices == [0, 1]
+    for q, k, v, o in zip(store.queries, store.keys, store.values, store.outputs):
+        assert ((_probs(q, k, None) @ v) - o).abs().max().item() <= REBUILD_ATOL
+
+
 # --------------------------------------------------------------------------------- layout
 
 
