@@ -24,6 +24,10 @@ Precision: exported maps are float32, or float64 for a float64 model
 disabled, because under ``torch.autocast`` even ``q.float() @ k.float()`` is cast back down to
 bf16/fp16. The projections (and so q, k, v) keep whatever precision the caller runs in.
 
+diffusers' text-to-image transformers (PixArt, SD3, FLUX.1/2, Qwen-Image) keep their own processors:
+:func:`capture_qk` hands them to :mod:`shd_diffusion.t2i_capture`, which records at the attention
+kernel; other diffusers classes except DiT are refused (:func:`~shd_diffusion.t2i_attention.t2i_spec`).
+
 Unsupported diffusers features (joint attention with ``add_k_proj``/``add_v_proj``, spatial or
 group norms, 2-D/3-D diffusers-style masks) raise ``NotImplementedError`` instead of being ignored.
 """
@@ -32,13 +36,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shd_diffusion.precision import compute_dtype
+from shd_diffusion.t2i_attention import t2i_spec
 
 __all__ = [
     "Attention",
@@ -46,6 +51,7 @@ __all__ = [
     "CaptureProcessor",
     "QKCaptureProcessor",
     "AttentionStore",
+    "Segment",
     "attention_layers",
     "capture_attention",
     "capture_qk",
@@ -225,6 +231,22 @@ class SDPAProcessor:
         return _finish(attn, out, hidden_states)
 
 
+class Segment(NamedTuple):
+    """One run of query rows of a captured entry that shares an out-projection (text-to-image models).
+
+    Attributes:
+        name: "image" or "text".
+        rows: the segment's query rows in the entry's token order (a slice of the S rows).
+        out_weight: (D, H*d) the weight, ``nn.Linear`` layout, that maps these rows' merged heads
+            into the residual stream (detached); None where the rows have no out-projection
+            (SD3's last block discards its text rows).
+    """
+
+    name: str
+    rows: slice
+    out_weight: torch.Tensor | None
+
+
 @dataclass
 class AttentionStore:
     """What :class:`CaptureProcessor` exports, one list entry per captured layer call.
@@ -246,7 +268,10 @@ class AttentionStore:
             ``q k^T / sqrt(d)``; a student's keep their graph, a teacher's are detached.
         biases: the additive logit bias each layer used, or None: MDT's relative-position bias as
             (1, H, N, N), once per layer and shared by the batch (:func:`capture_qk` only).
-        layer_indices: index of each entry's layer in :func:`attention_layers` order.
+        layer_indices: index of each entry's layer in :func:`attention_layers` order (text-to-image
+            models: in :func:`shd_diffusion.t2i_capture.t2i_attention_layers` order).
+        segments: per entry, the :class:`Segment` runs of its query rows, text-to-image models only
+            (:mod:`shd_diffusion.t2i_capture`); there ``out_weights`` holds the image segment's weight.
 
     :func:`capture_qk` fills ``values`` and ``outputs`` (at the model's precision, not upcast)
     and ``out_weights`` for a teacher, and never ``maps`` or ``probs``.
@@ -261,11 +286,12 @@ class AttentionStore:
     keys: list[torch.Tensor] = field(default_factory=list)
     biases: list[torch.Tensor | None] = field(default_factory=list)
     layer_indices: list[int] = field(default_factory=list)
+    segments: list[list[Segment]] = field(default_factory=list)
 
     def clear(self) -> None:
         """Drop everything captured so far (e.g. between two forwards in one context)."""
         for entries in (self.maps, self.probs, self.values, self.out_weights, self.outputs, self.queries,
-                        self.keys, self.biases, self.layer_indices):
+                        self.keys, self.biases, self.layer_indices, self.segments):
             entries.clear()
 
 
@@ -493,27 +519,55 @@ def capture_attention(
         yield store
 
 
-@contextlib.contextmanager
 def capture_qk(
     model: nn.Module, layers: Sequence[int] | None = None, export_values: bool = False
-) -> Iterator[AttentionStore]:
+) -> contextlib.AbstractContextManager[AttentionStore]:
     """Record q, k (teacher: also v, W_out) and the bias of the selected layers; forward stays fused.
 
     ``with capture_qk(student, layers) as s: student(x_t, t, y)`` leaves ``s.queries[i]``,
     ``s.keys[i]`` (B, H, N, d) and ``s.biases[i]`` for the i-th captured call, in execution order;
     the model's output and gradients are those of the fused path (:class:`QKCaptureProcessor`).
 
+    diffusers' text-to-image transformers (PixArt, SD3, FLUX.1/2, Qwen-Image) are captured at the
+    attention kernel instead, with their processors untouched (:mod:`shd_diffusion.t2i_capture`);
+    other diffusers classes except DiT are refused with the list of supported ones.
+
     Args:
-        model: a model of this package or a diffusers model built from ``Attention`` modules.
-        layers: indices into :func:`attention_layers` order (None = all; negative from the end).
+        model: a model of this package, diffusers' DiT, or a supported text-to-image transformer.
+        layers: indices into :func:`attention_layers` order (None = all; negative from the end);
+            text-to-image models: their self- and joint-attention modules in execution order.
         export_values: teacher mode; the forward must run under ``torch.no_grad()``.
 
-    Yields:
-        The :class:`AttentionStore` being filled.
+    Returns:
+        A context manager yielding the :class:`AttentionStore` being filled.
     """
+    if t2i_spec(model) is not None:
+        from shd_diffusion.t2i_capture import capture_t2i_qk  # imports this module: resolved at call time
+
+        return capture_t2i_qk(model, layers, export_values)
+    return _capture_qk_processors(model, layers, export_values)
+
+
+@contextlib.contextmanager
+def _capture_qk_processors(
+    model: nn.Module, layers: Sequence[int] | None, export_values: bool
+) -> Iterator[AttentionStore]:
+    """:func:`capture_qk` for this package's models and diffusers' DiT: swap in :class:`QKCaptureProcessor`."""
     store = AttentionStore()
     with _swapped(model, layers, lambda i: QKCaptureProcessor(store, i, export_values)):
         yield store
+
+
+def select_layers(n: int, layers: Sequence[int] | None) -> list[int]:
+    """Sorted distinct indices in range(n) of ``layers`` (None = all; negative count from the end)."""
+    if layers is None:
+        return list(range(n))
+    selected = set()
+    for i in layers:
+        if not -n <= int(i) < n:
+            raise IndexError(f"attention layer {i} out of range: the model has {n} attention layers")
+        selected.add(int(i) % n)
+    return sorted(selected)
 
 
 @contextlib.contextmanager
@@ -522,18 +576,9 @@ def _swapped(model: nn.Module, layers: Sequence[int] | None, make: Callable[[int
     modules = attention_layers(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules that accept processors")
-    n = len(modules)
-    if layers is None:
-        selected = list(range(n))
-    else:
-        selected = []
-        for i in layers:
-            if not -n <= int(i) < n:
-                raise IndexError(f"attention layer {i} out of range: the model has {n} attention layers")
-            selected.append(int(i) % n)
     originals = [(m, m.processor) for m in modules]
     try:
-        for i in sorted(set(selected)):
+        for i in select_layers(len(modules), layers):
             modules[i].set_processor(make(i))
         yield
     finally:

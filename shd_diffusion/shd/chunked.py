@@ -257,36 +257,41 @@ def _checkpointed_map_loss(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, t_q:
     return total / (n if spec.kind == "kl" else n * m)
 
 
-def _as_4d_bias(bias: Tensor | None, name: str, b: int, h: int, n: int) -> Tensor | None:
-    """``bias`` viewed as 4-D, after checking it broadcasts to (B, H, N, N)."""
+def _as_4d_bias(bias: Tensor | None, name: str, b: int, h: int, n: int, m: int | None = None) -> Tensor | None:
+    """``bias`` viewed as 4-D, after checking it broadcasts to (B, H, N, M) (M = N by default)."""
     if bias is None:
         return None
     shape = tuple(bias.shape)
+    full = (b, h, n, n if m is None else m)
     if bias.dtype == torch.bool or not bias.is_floating_point():
         raise TypeError(f"{name} must be an additive float logit bias, got dtype {bias.dtype}")
     padded = (1,) * (4 - len(shape)) + shape if len(shape) <= 4 else None
-    if padded is None or any(have not in (1, want) for have, want in zip(padded, (b, h, n, n))):
-        raise ValueError(f"{name} of shape {shape} does not broadcast to (B, H, N, N) = {(b, h, n, n)}")
+    if padded is None or any(have not in (1, want) for have, want in zip(padded, full)):
+        raise ValueError(f"{name} of shape {shape} does not broadcast to (B, H, N, M) = {full}")
     return bias.reshape(padded)
 
 
 def _check_term_inputs(s_q: Tensor, s_k: Tensor, t_q: Tensor, t_k: Tensor, t_v: Tensor, w: Tensor) -> None:
-    """One clear error for q/k/v/weight shapes that do not form one SHD layer pair."""
+    """One clear error for q/k/v/weight shapes that do not form one SHD layer pair.
+
+    Queries are N rows, keys and values M rows (M = N for self-attention; a text-to-image model's
+    image-query rows over the joint sequence have M > N).
+    """
     for name, x in (("student_q", s_q), ("student_k", s_k), ("teacher_q", t_q), ("teacher_k", t_k), ("teacher_v", t_v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(x.shape)}")
-    if s_k.shape != s_q.shape:
-        raise ValueError(f"student_k {tuple(s_k.shape)} must match student_q {tuple(s_q.shape)}: (B, H_s, N, d_s)")
-    if t_k.shape != t_q.shape or t_v.shape != t_q.shape:
+    if s_k.shape[:2] + s_k.shape[3:] != s_q.shape[:2] + s_q.shape[3:]:
+        raise ValueError(f"student_k {tuple(s_k.shape)} must match student_q {tuple(s_q.shape)}: (B, H_s, M, d_s)")
+    if t_v.shape != t_k.shape or t_k.shape[:2] + t_k.shape[3:] != t_q.shape[:2] + t_q.shape[3:]:
         raise ValueError(
             f"teacher_q {tuple(t_q.shape)}, teacher_k {tuple(t_k.shape)} and teacher_v {tuple(t_v.shape)} "
-            "must all be (B, H_t, N, d_t)"
+            "must be (B, H_t, N, d_t), (B, H_t, M, d_t) and (B, H_t, M, d_t)"
         )
     (b, h_s, n, _), (b_t, h_t, n_t, d_t) = s_q.shape, t_q.shape
-    if (b_t, n_t) != (b, n):
+    if (b_t, n_t, t_k.shape[2]) != (b, n, s_k.shape[2]):
         raise ValueError(
-            f"teacher (B, N) = {(b_t, n_t)} != student {(b, n)}: SHD needs the same batch and token grid "
-            "(same input_size/patch_size)"
+            f"teacher (B, N, M) = {(b_t, n_t, t_k.shape[2])} != student {(b, n, s_k.shape[2])}: SHD needs the same "
+            "batch and token grid (same input_size/patch_size)"
         )
     if h_s > h_t:
         raise ValueError(f"student has {h_s} heads > teacher {h_t}: SHD squeezes teacher heads, it cannot create new ones")
@@ -330,12 +335,14 @@ def shd_term(
     ``beta=1`` on whole maps; ``chunk_size=N`` is that computation in one block.
 
     Args:
-        student_q, student_k: (B, H_s, N, d_s), any float dtype (with their graph).
-        teacher_q, teacher_k, teacher_v: (B, H_t, N, d_t) (no graph needed).
+        student_q, student_k: (B, H_s, N, d_s), (B, H_s, M, d_s), any float dtype (with their graph);
+            M = N for self-attention, M > N for a text-to-image model's image rows over the joint
+            sequence (:func:`shd_diffusion.t2i_capture.shd_inputs`).
+        teacher_q, teacher_k, teacher_v: (B, H_t, N, d_t), (B, H_t, M, d_t), (B, H_t, M, d_t) (no graph needed).
         out_weight: (D, H_t * d_t) the teacher's out-projection weight (``nn.Linear`` layout).
         groups: teacher heads per student head ("lstsq"/"constant"); None = contiguous near-equal.
         temperature: T_a >= 1 of the distilled maps; alpha always comes from T = 1.
-        student_bias, teacher_bias: additive logit biases broadcastable to (B, H, N, N) (MDT's
+        student_bias, teacher_bias: additive logit biases broadcastable to (B, H, N, M) (MDT's
             relative-position bias, (1, H, N, N), shared by the batch).
         chunk_size: query rows per block (>= 1); None = :func:`auto_chunk_size`.
         loss: "kl" or "mse". mode: squeeze rule ("lstsq", "constant", "hard", "progressive").
@@ -355,10 +362,10 @@ def shd_term(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     b, h_s, n, d_s = student_q.shape
-    h_t, d_t = teacher_q.shape[1], teacher_q.shape[-1]
-    s_bias = _as_4d_bias(student_bias, "student_bias", b, h_s, n)
-    t_bias = _as_4d_bias(teacher_bias, "teacher_bias", b, h_t, n)
-    chunk = _check_chunk(chunk_size, n, auto_chunk_size(b, h_t, h_s, n))
+    h_t, d_t, m = teacher_q.shape[1], teacher_q.shape[-1], teacher_k.shape[-2]
+    s_bias = _as_4d_bias(student_bias, "student_bias", b, h_s, n, m)
+    t_bias = _as_4d_bias(teacher_bias, "teacher_bias", b, h_t, n, m)
+    chunk = _check_chunk(chunk_size, n, auto_chunk_size(b, h_t, h_s, max(n, m)))
     resolved = resolve_groups(h_t, h_s, mode, groups, generator_seed)
     dtype = compute_dtype(student_q, teacher_q)
     spec = _Spec(resolved, float(temperature), chunk, loss, eps, d_s**-0.5, d_t**-0.5, dtype)
