@@ -4,6 +4,7 @@ Modules, one responsibility each:
   attention  -- attention processors (fast SDPA path, map capture) and ``capture_attention``
   shd        -- head squeezing (alpha = argmin of paper eq. 6), layer mapping, the SHD loss
   models     -- DiT and MDTv2, a registry of named configs, official checkpoint loading
+  families   -- one spec per model family (what training, sampling and export do differently); family_of
   diffusion  -- Gaussian diffusion (learned variance, hybrid loss, respacing, sampling)
   config     -- typed dataclass configs from YAML + dotted overrides
 """

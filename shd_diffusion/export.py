@@ -22,6 +22,10 @@ target is refused, a full disk is one ``error:`` line and leaves no folder, and 
 temporary folder of a killed export to the same target is removed by the next run.
 
 A pixel-space DiT gets a ``ClassConditionalPipeline`` folder too (``DiTPipeline`` needs a VAE).
+
+What is family-specific (the ``transformer/`` writer, the scheduler's variance, the diffusers
+pipeline, the card's notes) is the family's :class:`~shd_diffusion.families.ExportSpec`
+(``shd_diffusion/families/dit.py``, ``mdt.py``); this module writes the rest the same way for all.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,9 +42,9 @@ from torch import nn
 
 from shd_diffusion.cli import BadInput, add_debug_flag, run_main
 from shd_diffusion.console import say
+from shd_diffusion.families import ExportSpec, FamilySpec, family_of, registered
 from shd_diffusion.fileio import atomic_dir, atomic_write_text, os_errors_of_safetensors, remove_stale_temps
-from shd_diffusion.models import DiT, MDTv2, parse_hub_id, to_diffusers
-from shd_diffusion.models import dit_transformer_freq_shift as freq_shift_module
+from shd_diffusion.models import parse_hub_id
 from shd_diffusion.models.sources import load_model_with_info
 from shd_diffusion.pipelines import ddpm_scheduler
 from shd_diffusion.sampler import resolve_clip_denoised, resolve_guidance_schedule
@@ -49,7 +52,11 @@ from shd_diffusion.vae import DEFAULT_VAE, load_vae, resolve_vae_spec
 
 __all__ = ["export", "build_parser", "main"]
 
-DIT_PIPELINE_VARIANCE = "fixed_large"  # DiTPipeline drops the variance channels; DiT's own non-learned choice
+# How the card describes each guidance schedule (resolve_guidance_schedule's values).
+SCHEDULE_TEXT = {
+    "power-cosine": "MDTv2's power-cosine schedule scale_t = (s - 1) (1 - cos(pi (1 - t/1000)^4)) / 2 + 1",
+    "constant": "a constant scale",
+}
 
 
 def _check_target(out: Path) -> None:
@@ -73,51 +80,35 @@ def _model_index(pipeline: str, transformer: list[str], vae: bool, extra: dict[s
     return index
 
 
-def _sampler_config(model: DiT | MDTv2, vae: Any) -> dict[str, Any]:
+def _sampler_config(model: nn.Module, family: FamilySpec, vae: Any) -> dict[str, Any]:
     """What ``ClassConditionalPipeline`` needs to sample as ``sampling.sample`` does by default
     (its ``auto`` choices resolved): the guidance schedule, the null class, x_0 clipping."""
     return {"guidance_schedule": resolve_guidance_schedule("auto", model), "scale_pow": 4.0, "guidance_channels": 3,
-            "null_class": int(model.null_class), "clip_denoised": resolve_clip_denoised("auto", pixel_space=vae is None)}
+            "null_class": family.null_class(model),
+            "clip_denoised": resolve_clip_denoised("auto", pixel_space=vae is None)}
 
 
-def _write_common(model: DiT | MDTv2, vae: Any, folder: Path, transformer: list[str], variance: str) -> dict[str, Any]:
-    """Scheduler, VAE and ``model_index.json``: a ``DiTPipeline`` folder for a latent DiT (that
-    pipeline needs a VAE), a ``ClassConditionalPipeline`` folder otherwise; returns notes for the card."""
-    ddpm_scheduler(variance).save_pretrained(folder / "scheduler")
+def _write(model: nn.Module, family: FamilySpec, vae: Any, folder: Path) -> dict[str, Any]:
+    """The whole folder: the family's ``transformer/``, then scheduler, VAE and ``model_index.json``
+    (a folder for the family's diffusers pipeline when it has one and the model is latent, e.g.
+    ``DiTPipeline``, which needs a VAE; a ``ClassConditionalPipeline`` folder otherwise). Returns notes."""
+    spec: ExportSpec = family.export
+    entry = spec.write_transformer(model, folder)
+    ddpm_scheduler(spec.scheduler_variance).save_pretrained(folder / "scheduler")
     if vae is not None:
         vae.save_pretrained(folder / "vae")
-    sampler = _sampler_config(model, vae)
-    if isinstance(model, DiT) and vae is not None:  # DiTPipeline warns about unknown keys: none added
-        index = _model_index("DiTPipeline", transformer, True)
+    sampler = _sampler_config(model, family, vae)
+    if spec.diffusers_pipeline and vae is not None:  # diffusers' pipeline warns about unknown keys: none added
+        index = _model_index(spec.diffusers_pipeline, entry.component, True)
     else:
-        index = _model_index("ClassConditionalPipeline", transformer, vae is not None, sampler)
+        index = _model_index("ClassConditionalPipeline", entry.component, vae is not None, sampler)
     atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
-    return {"pipeline": index["_class_name"], "space": "latent" if vae is not None else "pixel", "sampler": sampler}
+    return {"transformer_class": entry.component[1], "custom_code": entry.custom_code, "pipeline": index["_class_name"],
+            "space": "latent" if vae is not None else "pixel", "sampler": sampler}
 
 
-def _write_dit(model: DiT, vae: Any, folder: Path) -> dict[str, Any]:
-    """DiT student: ``transformer/`` is a diffusers DiT folder; returns notes for the card."""
-    transformer = to_diffusers(model)
-    transformer.save_pretrained(folder / "transformer")
-    cls = type(transformer).__name__
-    if cls == "DiTTransformer2DModel":
-        entry = ["diffusers", cls]
-    else:  # custom component: the class's own (self-contained) source file travels with it
-        module = Path(freq_shift_module.__file__)
-        shutil.copy(module, folder / "transformer" / module.name)
-        entry = [module.stem, cls]
-    notes = _write_common(model, vae, folder, entry, DIT_PIPELINE_VARIANCE)
-    return {"transformer_class": cls, "custom_code": cls != "DiTTransformer2DModel", **notes}
-
-
-def _write_mdt(model: MDTv2, vae: Any, folder: Path) -> dict[str, Any]:
-    """MDTv2 student: ``transformer/`` is the model's own ``save_pretrained`` folder; returns notes."""
-    model.save_pretrained(folder / "transformer")
-    notes = _write_common(model, vae, folder, ["shd_diffusion.models", "MDTv2"], "learned_range")
-    return {"transformer_class": "MDTv2", "custom_code": False, **notes}
-
-
-def _load_section(model: DiT | MDTv2, notes: dict[str, Any], where: str, vae: str | None) -> list[str]:
+def _load_section(model: nn.Module, family: FamilySpec, notes: dict[str, Any], where: str, vae: str | None
+                  ) -> list[str]:
     """The card's "Load" section: code that runs as written on this export (a test runs it)."""
     classes = int(model.config.num_classes)
     labels = list(range(min(4, classes)))  # image i of sampling.sample has label i % classes
@@ -130,14 +121,14 @@ def _load_section(model: DiT | MDTv2, notes: dict[str, Any], where: str, vae: st
              "`ClassConditionalPipeline` runs this package's sampler: these are the images 0.."
              f"{len(labels) - 1} (labels i % {classes}) of `python -m sampling.sample --seed 0 --steps 250 --cfg-scale 3.8 "
              f"--precision fp32{f' --vae {vae}' if vae else ''}` on the exported checkpoint"
-             + (" (up to float rounding: diffusers' DiT kernels)" if isinstance(model, DiT) else "")
+             + family.export.parity_note
              + f". It {clip}, guides the first 3 eps channels (all of a pixel model's) with "
-             + ("MDTv2's power-cosine schedule scale_t = (s - 1) (1 - cos(pi (1 - t/1000)^4)) / 2 + 1"
-                if isinstance(model, MDTv2) else "a constant scale")
+             + SCHEDULE_TEXT[notes["sampler"]["guidance_schedule"]]
              + f" and samples with {'the learned-range' if model.config.learn_sigma else 'a fixed'} variance.", ""]
     if notes["pipeline"] != "DiTPipeline":
-        if isinstance(model, DiT):
-            lines += ["diffusers' `DiTPipeline` does not load this export: it needs a VAE (latent models only).", ""]
+        if family.export.diffusers_pipeline:
+            lines += [f"diffusers' `{family.export.diffusers_pipeline}` does not load this export: it needs a VAE "
+                      "(latent models only).", ""]
         return lines
     scale = 4.0 if classes == 1000 else 1.0  # DiTPipeline's null class is 1000
     lines += ["It also loads in diffusers' `DiTPipeline`:", "", "```python", "from diffusers import DiTPipeline",
@@ -155,15 +146,15 @@ def _load_section(model: DiT | MDTv2, notes: dict[str, Any], where: str, vae: st
     return lines
 
 
-def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics: dict[str, Any] | None, vae: str | None,
-          where: str) -> str:
+def _card(model: nn.Module, family: FamilySpec, info: dict[str, Any], notes: dict[str, Any],
+          metrics: dict[str, Any] | None, vae: str | None, where: str) -> str:
     """The model card: what the model is, how it was trained, how to load it, its scores."""
     config = info.get("config") if isinstance(info.get("config"), dict) else None
     teacher = (config or {}).get("teacher") or {}
-    family = type(model).__name__
     lines = [
         "---", "library_name: diffusers", "tags: [class-conditional, image-generation, distillation, shd]", "---", "",
-        f"# {family} student distilled with Squeezing-Heads Distillation (SHD)" if teacher else f"# {family} exported by shd_diffusion", "",
+        f"# {family.name} student distilled with Squeezing-Heads Distillation (SHD)" if teacher
+        else f"# {family.name} exported by shd_diffusion", "",
         f"- exported from `{info['source']}` ({info['weights']})",
         f"- training steps: {info.get('step') if info.get('step') is not None else 'unknown (not stored in the checkpoint)'}",
         f"- teacher: {teacher.get('model', {}).get('name', 'unknown')} from `{teacher.get('checkpoint', 'unknown')}`"
@@ -171,7 +162,7 @@ def _card(model: nn.Module, info: dict[str, Any], notes: dict[str, Any], metrics
         f"- VAE: `{vae}`" if vae else "- pixel-space model (no VAE)",
         f"- architecture: `{json.dumps({k: v for k, v in model.config.items() if not k.startswith('_')})}`", "",
     ]
-    lines += _load_section(model, notes, where, vae)
+    lines += _load_section(model, family, notes, where, vae)
     if metrics:
         lines += ["## Scores", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None]
@@ -201,7 +192,7 @@ def export(
     metrics: str | None = None,
     push_to_hub: str | None = None,
 ) -> Path:
-    """Export a DiT / MDTv2 checkpoint to a diffusers folder (see the module docstring).
+    """Export a checkpoint to a diffusers folder (see the module docstring): families with an ExportSpec, DiT and MDTv2.
 
     Args:
         checkpoint: any source of :func:`shd_diffusion.models.sources.load_model`.
@@ -224,21 +215,32 @@ def export(
     model, info = load_model_with_info(checkpoint, use_ema=weights == "ema")
     if weights == "raw" and "raw training" not in info["weights"]:
         raise BadInput(f"--weights raw: {checkpoint} has no separate raw ('model') weights, only {info['weights']}; drop --weights raw")
-    if not isinstance(model, (DiT, MDTv2)):
-        raise BadInput(f"{checkpoint} holds a {type(model).__name__}; export handles DiT and MDTv2")
+    family = _exportable_family(model, checkpoint)
     in_channels = int(model.config.in_channels)
     vae_model = load_vae(vae, in_channels)
     vae_name = resolve_vae_spec(vae, in_channels)  # None for a pixel-space model
     for stale in remove_stale_temps(out):  # a killed export's hidden folder (nothing else writes `out`)
         say(f"removed {stale}, left by an interrupted export")
     with os_errors_of_safetensors(out), atomic_dir(out) as tmp:  # a full disk: one error line, no folder
-        notes = (_write_dit if isinstance(model, DiT) else _write_mdt)(model, vae_model, tmp)
-        atomic_write_text(tmp / "README.md", _card(model, info, notes, scores, vae_name, push_to_hub or str(out)))
+        notes = _write(model, family, vae_model, tmp)
+        atomic_write_text(tmp / "README.md", _card(model, family, info, notes, scores, vae_name, push_to_hub or str(out)))
         meta = {"source": info["source"], "weights": info["weights"], "step": info.get("step"), "vae": vae_name, **notes}
         atomic_write_text(tmp / "export.json", json.dumps(meta, indent=2, default=str) + "\n")
     if push_to_hub is not None:
         _upload(out, push_to_hub, f"Export {Path(str(checkpoint)).name}")
     return out
+
+
+def _exportable_family(model: nn.Module, checkpoint: Any) -> FamilySpec:
+    """The model's family, refused as bad input when no family covers it or it has no export."""
+    names = " and ".join(spec.name for spec in registered() if spec.export is not None)
+    try:
+        family = family_of(model)
+    except ValueError:
+        family = None
+    if family is None or family.export is None:
+        raise BadInput(f"{checkpoint} holds a {type(model).__name__}; export handles {names}")
+    return family
 
 
 def _upload(folder: Path, repo_id: str, message: str) -> None:

@@ -1,7 +1,8 @@
 """The distillation objective: the per-sample loss terms of one micro-batch (EDM ``loss.py`` style).
 
 :class:`DistillationObjective` takes the trained modules (:class:`TrainedModules`), the frozen teacher
-and a batch, and returns named per-sample terms -- student diffusion loss (MDTv2: unmasked and
+and a batch, and returns named per-sample terms -- student diffusion loss (plus the terms of the
+family's extra passes, :attr:`FamilySpec.extra_pass <shd_diffusion.families.FamilySpec>`: MDTv2's
 masked pass), output KD, SHD, feature distillation -- plus their weighted sum. The weights
 (``distill.kd_weight`` = lambda_kd, ``distill.shd_beta`` = beta, ``distill.feature_weight``) are
 applied in one place, :func:`weighted_total`; the training loop only averages over the batch,
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -29,8 +30,12 @@ from .diffusion import GaussianDiffusion
 from .distill import FeatureProjectors, capture_block_outputs, feature_loss, kd_loss, self_correlation_loss
 from .train_config import DistillConfig
 
+if TYPE_CHECKING:  # families import this module (per_sample); the objective only reads a spec
+    from .families import FamilySpec
+
 __all__ = [
-    "StepTerms", "TrainedModules", "DistillationObjective", "WholeMapObjective", "weighted_total", "per_sample", "noised",
+    "StepTerms", "DiffusionBatch", "TrainedModules", "DistillationObjective", "WholeMapObjective", "weighted_total",
+    "per_sample", "noised",
 ]
 
 # A capture: model -> context manager yielding the store its forward fills.
@@ -46,9 +51,29 @@ class StepTerms:
     alphas: list[torch.Tensor] = field(default_factory=list)  # per SHD layer (B, H_t)
 
 
-def weighted_total(terms: dict[str, torch.Tensor], dc: DistillConfig) -> torch.Tensor:
-    """The one place where the terms are weighted: sum of weight x term, per sample (B,)."""
-    weights = {"diffusion": 1.0, "diffusion_masked": 1.0, "kd": dc.kd_weight, "shd": dc.shd_beta,
+@dataclass(frozen=True)
+class DiffusionBatch:
+    """One micro-batch as the objective drew it: what a family's extra training pass works from
+    (:attr:`shd_diffusion.families.FamilySpec.extra_pass`)."""
+
+    x0: torch.Tensor  # (B, C, H, W) clean latents / pixels
+    t: torch.Tensor  # (B,) timesteps of the main pass
+    y: torch.Tensor  # (B,) labels
+    drop: torch.Tensor  # (B,) 1 = label dropped (CFG), the same for every pass and the teacher
+    gens: list[torch.Generator]  # one per sample; an extra pass draws after the main pass's draws
+    mask_ratio_draw: float  # this step's U(0, 1) draw (MDT's mask ratio), shared by the global batch
+    mse_weight: torch.Tensor | None  # (B,) eps-MSE weights (min-SNR), None = uniform
+    num_tokens: int  # N, the model's tokens per image
+
+
+def weighted_total(terms: dict[str, torch.Tensor], dc: DistillConfig, family_terms: Sequence[str] = ()
+                   ) -> torch.Tensor:
+    """The one place where the terms are weighted: sum of weight x term, per sample (B,).
+
+    ``family_terms``: the diffusion terms of the family's extra passes (``FamilySpec.extra_terms``),
+    weighted 1 like ``"diffusion"``. Any other unknown name is a KeyError.
+    """
+    weights = {"diffusion": 1.0, **dict.fromkeys(family_terms, 1.0), "kd": dc.kd_weight, "shd": dc.shd_beta,
                "feature": dc.feature_weight}
     total: torch.Tensor | None = None
     for name, value in terms.items():
@@ -116,16 +141,20 @@ class DistillationObjective:
         cfg: the ``distill`` section. diffusion: the training diffusion.
         teacher: the frozen teacher (eval mode, no grad), or None for ``distill.mode=none``.
         layer_pairs: (student layer, teacher layer) per distilled pair, in student-layer order.
-        is_mdt: run MDTv2's masked pass too. min_snr: Min-SNR-5 weights on the eps MSE.
-        drop_prob: label-dropout probability (CFG). num_tokens: N (MDT keep-set draws).
+        family: the student's family (its extra passes and their terms run after the main pass).
+        min_snr: Min-SNR-5 weights on the eps MSE.
+        drop_prob: label-dropout probability (CFG). num_tokens: N (what extra passes may draw per token).
     """
 
     def __init__(self, cfg: DistillConfig, diffusion: GaussianDiffusion, teacher: nn.Module | None,
-                 layer_pairs: Sequence[tuple[int, int]], *, is_mdt: bool, min_snr: bool, drop_prob: float,
+                 layer_pairs: Sequence[tuple[int, int]], *, family: FamilySpec, min_snr: bool, drop_prob: float,
                  num_tokens: int) -> None:
+        if family.objective != "diffusion":
+            raise NotImplementedError(f"family {family.name} trains with a {family.objective} objective, "
+                                      "which DistillationObjective does not implement")
         self.cfg, self.diffusion, self.teacher = cfg, diffusion, teacher
         self.layer_pairs = list(layer_pairs)
-        self.is_mdt, self.min_snr, self.drop_prob, self.num_tokens = is_mdt, min_snr, drop_prob, num_tokens
+        self.family, self.min_snr, self.drop_prob, self.num_tokens = family, min_snr, drop_prob, num_tokens
         self.shd_on = cfg.uses_shd and bool(self.layer_pairs)
         self.feat_on = cfg.feature_kind is not None and bool(self.layer_pairs)
 
@@ -159,8 +188,9 @@ class DistillationObjective:
                  mask_ratio_draw: float, squeezers: Sequence[shd_math.HeadSqueezer]) -> StepTerms:
         """Terms for clean inputs ``x0`` (B, C, H, W) and labels ``y`` (B,).
 
-        ``gens``: one generator per sample (timestep, noise, label drop, MDT keep set);
-        ``mask_ratio_draw``: this step's MDT mask-ratio draw; ``squeezers``: one per layer pair.
+        ``gens``: one generator per sample (timestep, noise, label drop, then the family's extra
+        passes: MDT's keep set); ``mask_ratio_draw``: this step's MDT mask-ratio draw;
+        ``squeezers``: one per layer pair.
         """
         dc, diff, dev = self.cfg, self.diffusion, x0.device
         t, noise, x_t = noised(diff, x0, gens)
@@ -171,15 +201,9 @@ class DistillationObjective:
         out, s_store, s_feats = trained(x_t, t, y, capture=self.student_capture if self.shd_on else None,
                                      feature_layers=s_layers if self.feat_on else None, force_drop_ids=drop)
         terms = {"diffusion": diff.training_losses(out.float(), x0, x_t, t, noise, mse_weight=weight)["loss"]}
-        if self.is_mdt:
-            # Masked pass: same t, independent noise (as upstream), random keep set per sample.
-            noise_m = per_sample(gens, lambda g: torch.randn(x0.shape[1:], generator=g, device=dev)).to(x0.dtype)
-            x_tm = diff.q_sample(x0, t, noise_m)
-            mask_noise = per_sample(gens, lambda g: torch.rand(self.num_tokens, generator=g, device=dev))  # (B, N)
-            out_m, _, _ = trained(x_tm, t, y, enable_mask=True, force_drop_ids=drop,
-                                  mask_ratio_draw=mask_ratio_draw, mask_noise=mask_noise)
-            terms["diffusion_masked"] = diff.training_losses(out_m.float(), x0, x_tm, t, noise_m,
-                                                             mse_weight=weight)["loss"]
+        if self.family.extra_pass is not None:  # MDTv2: the masked pass
+            batch = DiffusionBatch(x0, t, y, drop, gens, mask_ratio_draw, weight, self.num_tokens)
+            terms.update(self.family.extra_pass(trained, diff, batch))
         alphas: list[torch.Tensor] = []
         if self.teacher is not None:
             t_out, t_store, t_feats = self._teacher(x_t, t, y, drop)
@@ -189,7 +213,7 @@ class DistillationObjective:
                 terms["shd"], alphas = self.shd_terms(s_store, t_store, squeezers)
             if self.feat_on:
                 terms["feature"] = self._feature(trained, s_feats, t_feats)
-        return StepTerms(terms=terms, total=weighted_total(terms, dc), alphas=alphas)
+        return StepTerms(terms=terms, total=weighted_total(terms, dc, self.family.extra_terms), alphas=alphas)
 
     @torch.no_grad()
     def _teacher(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor
@@ -222,7 +246,7 @@ class WholeMapObjective(DistillationObjective):
     def like(cls, objective: DistillationObjective) -> "WholeMapObjective":
         """The whole-map twin of ``objective``: same config, diffusion, teacher, layer pairs and settings."""
         o = objective
-        return cls(o.cfg, o.diffusion, o.teacher, o.layer_pairs, is_mdt=o.is_mdt, min_snr=o.min_snr,
+        return cls(o.cfg, o.diffusion, o.teacher, o.layer_pairs, family=o.family, min_snr=o.min_snr,
                    drop_prob=o.drop_prob, num_tokens=o.num_tokens)
 
     def student_capture(self, model: nn.Module) -> ContextManager[AttentionStore]:

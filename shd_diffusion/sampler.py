@@ -19,8 +19,8 @@ reproducible:
 
 Classifier-free guidance runs the model once on ``[x, x]`` with labels ``[y, null]`` and applies
 :func:`shd_diffusion.models.layers.guided_output` (the function the models' ``forward_with_cfg``
-use): constant scale for DiT, MDTv2's power-cosine schedule for MDTv2, by default guiding only the
-first 3 eps channels like both upstreams. Only the conditional half is carried between steps
+use): by default the model family's schedule (constant for DiT, power-cosine for MDTv2; see
+:mod:`shd_diffusion.families`), guiding only the first 3 eps channels like both upstreams. Only the conditional half is carried between steps
 (upstream's null half is ignored by ``forward_with_cfg`` anyway), so noise is drawn for one row
 per image.
 """
@@ -37,7 +37,8 @@ from torch import nn
 
 from .diffusion import NOISE_BLOCK_STEPS, GaussianDiffusion
 from .models.layers import guided_output
-from .models.mdt import MDTv2, power_cosine_cfg_scale
+from .families import family_of
+from .models.mdt import power_cosine_cfg_scale
 from .seeding import derive_seeds
 from .vae import SD_VAE_SCALE_FACTOR
 
@@ -163,9 +164,10 @@ def resolve_guidance_channels(spec: int | str | None, eps_channels: int) -> int 
 
 
 def resolve_guidance_schedule(spec: str, model: nn.Module) -> Schedule:
-    """``"auto"`` -> ``"power-cosine"`` for MDTv2, ``"constant"`` for DiT (each upstream's choice)."""
+    """``"auto"`` -> the model family's schedule (:attr:`~shd_diffusion.families.FamilySpec.guidance_schedule`:
+    ``"power-cosine"`` for MDTv2, ``"constant"`` for DiT, each upstream's choice)."""
     if spec == "auto":
-        return "power-cosine" if isinstance(model, MDTv2) else "constant"
+        return family_of(model).guidance_schedule
     if spec not in GUIDANCE_SCHEDULES:
         raise ValueError(f"unknown guidance schedule {spec!r}: use auto, constant or power-cosine")
     return spec  # type: ignore[return-value]

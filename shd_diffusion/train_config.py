@@ -185,7 +185,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"  # autocast dtype of the forward passes
     seed: int = 0  # global seed: init, data order, noise, masks
     ema_decay: float = 0.9999  # EMA of student weights (used for sampling)
-    loss_weighting: Literal["auto", "uniform", "min_snr5"] = "auto"  # eps-MSE weights; auto = MDT's min-SNR-5 for MDTv2
+    loss_weighting: Literal["auto", "uniform", "min_snr5"] = "auto"  # eps-MSE weights; auto = the family's default (MDTv2: min-SNR-5)
     checkpoint_every: int = 10_000  # steps between checkpoints (also on SIGTERM/SIGUSR1)
     keep_last: int = 3  # checkpoints kept
     log_every: int = 100  # steps between scalar logs

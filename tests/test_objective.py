@@ -10,6 +10,7 @@ import torch
 from shd_diffusion.profiling import cpu_peak_bytes as peak_bytes
 
 from shd_diffusion import shd
+from shd_diffusion.families.mdt import MDT
 from shd_diffusion.objective import WholeMapObjective, weighted_total
 from shd_diffusion.train_config import DistillConfig
 from test_training import fixed_batch, make_cfg, make_trainer
@@ -68,7 +69,9 @@ def test_weights_apply_in_one_place():
     dc = DistillConfig(kd_weight=0.5, shd_beta=2.0, feature_weight=3.0)
     ones = torch.ones(2)
     terms = {"diffusion": ones, "diffusion_masked": 2 * ones, "kd": ones, "shd": ones, "feature": ones}
-    assert torch.equal(weighted_total(terms, dc), torch.full((2,), 1 + 2 + 0.5 + 2.0 + 3.0))
+    assert torch.equal(weighted_total(terms, dc, MDT.extra_terms), torch.full((2,), 1 + 2 + 0.5 + 2.0 + 3.0))
+    with pytest.raises(KeyError):  # a family term only counts for the family that declares it
+        weighted_total(terms, dc)
     with pytest.raises(KeyError):
         weighted_total({"diffusion": ones, "unknown": ones}, dc)
 

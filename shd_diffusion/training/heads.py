@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .. import shd as shd_math
-from ..attention import attention_layers, capture_qk
+from ..attention import capture_qk
+from ..families import family_of
 from ..train_config import DistillConfig
 
 __all__ = ["LayerPair", "solver_for_squeeze", "num_tokens", "plan_distillation", "regroup", "calibration_groups"]
@@ -33,8 +34,8 @@ def solver_for_squeeze(squeeze: str) -> str:
 
 
 def num_tokens(model: nn.Module) -> int:
-    """N, the model's token count per image."""
-    return int(model.x_embedder.num_patches)
+    """N, the model's token count per image (its family's :attr:`~shd_diffusion.families.FamilySpec.num_tokens`)."""
+    return family_of(model).num_tokens(model)
 
 
 def plan_distillation(student: nn.Module, teacher: nn.Module | None, dc: DistillConfig
@@ -48,7 +49,7 @@ def plan_distillation(student: nn.Module, teacher: nn.Module | None, dc: Distill
     """
     if teacher is None or not (dc.uses_shd or dc.feature_kind):
         return [], []
-    s_layers, t_layers = attention_layers(student), attention_layers(teacher)
+    s_layers, t_layers = family_of(student).attention_layers(student), family_of(teacher).attention_layers(teacher)
     mapping = shd_math.layer_mapping(len(s_layers), len(t_layers), dc.layer_map)
     chosen = range(len(s_layers)) if dc.student_layers is None else dc.student_layers
     for j in chosen:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..cli import BadInput
+from ..families import family_of
 
 __all__ = ["activation_bytes_per_image", "available_bytes", "check_batch_fits"]
 
@@ -30,7 +31,7 @@ def activation_bytes_per_image(student: nn.Module, precision: str, grad_checkpoi
     output, optimizer state, the teacher and the allocator's overhead are left out on purpose.
     """
     cfg = student.config
-    tokens = int(student.x_embedder.num_patches)  # N
+    tokens = family_of(student).num_tokens(student)  # N
     per_value = 2 if precision == "bf16" else 4
     per_block = tokens * cfg.hidden_size * (4 if grad_checkpointing else 8 * per_value)
     image = cfg.in_channels * cfg.input_size * cfg.input_size * 4

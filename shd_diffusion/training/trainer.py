@@ -33,6 +33,7 @@ from ..console import say
 from ..data import build_dataset, make_loader
 from ..diffusion import GaussianDiffusion, create_diffusion
 from ..distill import FeatureProjectors
+from ..families import family_of
 from ..models import create_model
 from ..models.loading import weights_sha256
 from ..models.sources import load_weights, parse_hub_id
@@ -114,9 +115,9 @@ class Trainer:
         student = build_model(cfg.student)
         if tc.grad_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
             student.enable_gradient_checkpointing()
-        self.is_mdt = type(student).__name__.startswith("MDT")
-        self.null_class = int(student.null_class)
-        self.drop_prob = float(student.config.class_dropout_prob)
+        self.family = family_of(student)  # what is family-specific: extra passes, loss weighting, conditioning
+        self.null_class = self.family.null_class(student)
+        self.drop_prob = self.family.label_dropout(student)
 
         self.teacher: nn.Module | None = self._build_teacher() if dc.uses_teacher else None
         # Validate layer pairs, head groups and the batch's memory before any weight I/O (errors come first).
@@ -150,9 +151,9 @@ class Trainer:
         self.ema.to(self.device)
 
         self.diffusion: GaussianDiffusion = create_diffusion(learn_sigma=cfg.student.learn_sigma)
-        weighting = tc.loss_weighting
-        self.min_snr = weighting == "min_snr5" or (weighting == "auto" and self.is_mdt)
-        self.objective = DistillationObjective(dc, self.diffusion, self.teacher, self.layer_pairs, is_mdt=self.is_mdt,
+        weighting = self.family.default_loss_weighting if tc.loss_weighting == "auto" else tc.loss_weighting
+        self.min_snr = weighting == "min_snr5"
+        self.objective = DistillationObjective(dc, self.diffusion, self.teacher, self.layer_pairs, family=self.family,
                                                min_snr=self.min_snr, drop_prob=self.drop_prob,
                                                num_tokens=heads.num_tokens(student))
 
@@ -415,8 +416,8 @@ class Trainer:
 
         Args:
             x0: (B, C, H, W) clean latents/pixels. y: (B,) labels.
-            gens: one generator per sample (timestep, noise, label drop, MDT keep set).
-            mask_ratio_draw: MDT's masked pass: this step's U(0, 1) mask-ratio draw
+            gens: one generator per sample (timestep, noise, label drop, the family's extra passes: MDT keep set).
+            mask_ratio_draw: for the family's extra passes (MDT's masked pass): this step's U(0, 1) mask-ratio draw
                 (:func:`~shd_diffusion.training.streams.step_mask_ratio_draw`).
         """
         return self.objective(self.trained, x0, y, gens, mask_ratio_draw, self.squeezers)
