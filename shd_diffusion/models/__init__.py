@@ -3,6 +3,8 @@
 ``create_model("MDTv2-S/2")`` builds a model; ``load_official_state_dict(model, ckpt)`` loads
 upstream weights strictly; ``load_model(source)`` / ``load_weights(model, source)`` take any file,
 folder or Hub id (:mod:`.sources`); ``from_diffusers`` / ``to_diffusers`` convert DiT exactly.
+diffusers' text-to-image transformers (``T2I_CLASSES``) load as they are, and
+``student_from_teacher`` builds a smaller one of the same class (:mod:`.diffusers_t2i`).
 Every model exposes ``attention_layers()`` (execution order of the
 unmasked forward) for :func:`shd_diffusion.attention.capture_attention`, ``null_class`` for CFG,
 and diffusers' ``save_pretrained`` / ``from_pretrained``.
@@ -11,6 +13,7 @@ and diffusers' ``save_pretrained`` / ``from_pretrained``.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see below)
 
 from shd_diffusion.models.diffusers_dit import from_diffusers_model, to_diffusers
+from shd_diffusion.models.diffusers_t2i import T2I_CLASSES, student_config, student_from_teacher
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
     WeightsError,
@@ -45,6 +48,9 @@ __all__ = [
     "from_diffusers",
     "from_diffusers_model",
     "to_diffusers",
+    "T2I_CLASSES",
+    "student_config",
+    "student_from_teacher",
     "load_model",
     "load_weights",
     "parse_hub_id",

@@ -6,8 +6,10 @@ Used by training (``teacher.checkpoint``), sampling (``--checkpoint``) and expor
   ``ema`` / ``model``), this package's training checkpoint (its ``config.student`` names the
   architecture), or a ``.safetensors`` state dict; read weights-only;
 - a folder: this package's ``save_pretrained`` folder (``_class_name`` DiT / MDTv2), a diffusers
-  ``DiTTransformer2DModel`` folder (converted exactly, see :mod:`.diffusers_dit`), or a diffusers
-  pipeline folder (``model_index.json``), whose ``transformer/`` is used;
+  ``DiTTransformer2DModel`` folder (converted exactly, see :mod:`.diffusers_dit`), a diffusers
+  text-to-image transformer folder (PixArt, SD3, FLUX.1, Qwen-Image: loaded as is, see
+  :mod:`.diffusers_t2i`), or a diffusers pipeline folder (``model_index.json``), whose
+  ``transformer/`` is used; ``folder:subfolder`` names a subfolder explicitly;
 - a Hub id ``org/repo[@revision][:path]``: ``path`` is a file (``ema.pt``) or a subfolder
   (``transformer``) inside the repo; without it the repo root. It is resolved through
   ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, ``HF_TOKEN``), so a cached repo loads
@@ -23,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
 from shd_diffusion.console import say
 from shd_diffusion.models.diffusers_dit import DIFFUSERS_DIT_CLASSES, from_diffusers_model
+from shd_diffusion.models.diffusers_t2i import T2I_CLASSES, UNSUPPORTED_T2I, config_class_name, load_t2i_folder
 from shd_diffusion.models.dit import DiT
 from shd_diffusion.models.loading import (
     WeightsError,
@@ -88,7 +92,7 @@ class SourceNotFound(WeightsError, FileNotFoundError):
 
 def check_source(source: str | os.PathLike[str]) -> None:
     """Fail early (no download) for a source that is neither an existing path nor a Hub id."""
-    if not Path(source).exists() and parse_hub_id(source) is None:
+    if not Path(source).exists() and _split_local(source) is None and parse_hub_id(source) is None:
         raise SourceNotFound(
             f"{source} does not exist and is not a Hub id: give a checkpoint file, a model folder, or "
             "org/repo[@revision][:path] (e.g. facebook/DiT-XL-2-256:transformer)"
@@ -110,11 +114,12 @@ def _download(ref: HubRef) -> Path:
             patterns = [p + "diffusion_pytorch_model*.bin*" for p in prefixes]
             root = Path(huggingface_hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
     except errors.LocalEntryNotFoundError as err:
+        offline = huggingface_hub.constants.is_offline_mode()
+        include = f" --include '{ref.path}/*'" if ref.path and not ref.path.endswith(WEIGHT_SUFFIXES) else ""
         raise WeightsError(
             f"Hub source {ref} is not in the local Hugging Face cache and the Hub cannot be reached "
-            f"(offline mode {'on' if huggingface_hub.constants.is_offline_mode() else 'off'}, cache "
-            f"{huggingface_hub.constants.HF_HUB_CACHE}): "
-            f"download it once with network access (hf download {ref.repo_id}) or pass a local path"
+            f"(offline mode {'on: HF_HUB_OFFLINE=1' if offline else 'off'}, cache {huggingface_hub.constants.HF_HUB_CACHE}): "
+            f"download it once with network access (hf download {ref.repo_id}{include}) or pass a local path"
         ) from err
     except errors.RepositoryNotFoundError as err:
         raise WeightsError(f"Hub repository {ref.repo_id} does not exist or needs a token (set HF_TOKEN)") from err
@@ -126,8 +131,32 @@ def _download(ref: HubRef) -> Path:
         raise WeightsError(f"could not fetch {ref} from the Hub ({str(err).splitlines()[0]})") from err
     local = root / ref.path if ref.path else root
     if not local.exists():
-        raise WeightsError(f"Hub repository {ref.repo_id} has no folder {ref.path!r} with a model: check the :path")
+        raise WeightsError(f"Hub repository {ref.repo_id} has no folder {ref.path!r} with a model: check the :path"
+                           + _subfolder_hint(root))
     return local
+
+
+def _subfolder_hint(root: Path) -> str:
+    """`` (it has: transformer, vae)``: the subfolders of ``root`` with a config.json, if any."""
+    found = sorted(p.parent.name for p in root.glob("*/config.json"))
+    return f" (it has: {', '.join(found)})" if found else ""
+
+
+def _split_local(source: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """``folder:subfolder`` whose ``folder`` exists locally -> (folder, subfolder); else None."""
+    head, sep, sub = str(source).rpartition(":")
+    return (Path(head), sub) if sep and sub and Path(head).is_dir() else None
+
+
+def _local_subfolder(source: str | os.PathLike[str]) -> Path | None:
+    """``folder:subfolder`` (see :func:`_split_local`) -> the subfolder, which must hold a config.json."""
+    split = _split_local(source)
+    if split is None:
+        return None
+    folder, sub = split
+    if not (folder / sub / "config.json").is_file():
+        raise WeightsError(f"{folder} has no subfolder {sub!r} with a config.json: check the :subfolder" + _subfolder_hint(folder))
+    return folder / sub
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
@@ -138,7 +167,9 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
         WeightsError: a Hub id that does not resolve; a folder without a model config.
     """
     path = Path(source)
-    if not path.exists():
+    if not path.exists() and (local := _local_subfolder(source)) is not None:
+        path = local
+    elif not path.exists():
         check_source(source)
         try:
             path = _download(parse_hub_id(source))  # type: ignore[arg-type]
@@ -156,23 +187,27 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
 
 
 def _folder_class(folder: Path) -> str:
-    """``_class_name`` of a model folder's config.json."""
+    """``_class_name`` of a model folder's config.json (a legacy ``Transformer2DModel`` mapped to
+    the class diffusers loads it as, see :func:`.diffusers_t2i.config_class_name`)."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise WeightsError(f"{folder}/config.json is not valid JSON ({err}): fetch or export the folder again") from None
-    return str(config.get("_class_name")) if isinstance(config, dict) else "?"
+    return config_class_name(config) if isinstance(config, dict) else "?"
 
 
 def _folder_kind(folder: Path) -> str:
-    """``"diffusers_dit"`` or ``"package"``; anything else is refused, naming its class."""
+    """``"diffusers_dit"``, ``"diffusers_t2i"`` or ``"package"``; anything else is refused, naming its class."""
     name = _folder_class(folder)
     if name in DIFFUSERS_DIT_CLASSES:
         return "diffusers_dit"
+    if name in T2I_CLASSES or name in UNSUPPORTED_T2I:  # the latter refused by load_t2i_folder, saying why
+        return "diffusers_t2i"
     if name in _package_classes():
         return "package"
     raise WeightsError(
-        f"{folder} holds a {name}, not a DiT / MDTv2 model: pass a DiTTransformer2DModel folder, a pipeline "
+        f"{folder} holds a {name}, not a DiT / MDTv2 model or a supported text-to-image transformer "
+        f"({', '.join(T2I_CLASSES)}): pass a DiTTransformer2DModel or text-to-image transformer folder, a pipeline "
         "folder whose transformer/ is one, a DiT/MDTv2 save_pretrained folder, or a checkpoint file"
     )
 
@@ -215,6 +250,7 @@ def load_model(
     use_ema: bool = True,
     overrides: Mapping[str, Any] | None = None,
     verbose: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Build the model a source describes and load its weights.
 
@@ -226,11 +262,14 @@ def load_model(
             bare state dict holds one set of weights, used either way (``verbose`` says so).
         overrides: ``create_model`` keywords for non-default shapes (files only).
         verbose: say which weights were loaded (printed on the main process only).
+        dtype: parameter dtype. Text-to-image transformers are read directly in it (a bf16 FLUX
+            never exists in float32); other models are converted after loading.
 
     Returns:
-        The model in eval mode with gradients off, on the CPU.
+        The model in eval mode with gradients off, on the CPU: this package's DiT / MDTv2, or for a
+        text-to-image transformer folder the diffusers model itself.
     """
-    model, info = load_model_with_info(source, model_name, use_ema, overrides)
+    model, info = load_model_with_info(source, model_name, use_ema, overrides, dtype=dtype)
     if verbose:
         say(info["message"])
     return model
@@ -241,9 +280,22 @@ def load_model_with_info(
     model_name: str | None = None,
     use_ema: bool = True,
     overrides: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`load_model`, plus what was loaded: ``message``, ``weights`` (in words), and for
     checkpoint files their ``config`` and ``step`` entries (None when absent)."""
+    model, info = _load_with_info(source, model_name, use_ema, overrides, dtype)
+    return _finite(model.to(dtype), source).eval().requires_grad_(False), info
+
+
+def _load_with_info(
+    source: str | os.PathLike[str],
+    model_name: str | None,
+    use_ema: bool,
+    overrides: Mapping[str, Any] | None,
+    dtype: torch.dtype,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a source holds (mode, dtype and the finite check are the caller's) and what it was."""
     path = resolve_source(source)
     info: dict[str, Any] = {"source": str(source), "config": None, "step": None}
     if path.is_dir():
@@ -252,14 +304,17 @@ def load_model_with_info(
         if model_name is not None and not model_name.startswith(family + "-"):
             raise WeightsError(f"model {model_name} does not match {source}, which holds a {family}: drop the model name")
         ignored = "" if use_ema else " (--no-use-ema ignored: the folder holds one set of weights)"
+        info["weights"] = "the folder's weights"
         if kind == "diffusers_dit":
             model = from_diffusers_model(load_diffusers_dit(path))
             info["message"] = f"converted diffusers {cls_name} from {source} to DiT{ignored}"
+        elif kind == "diffusers_t2i":
+            model = load_t2i_folder(path, cls_name, dtype)
+            info["message"] = f"loaded diffusers {cls_name} from {source} ({dtype}){ignored}"
         else:
             model = _package_classes()[cls_name].from_pretrained(path)
             info["message"] = f"loaded {cls_name} weights from save_pretrained folder {source}{ignored}"
-        info["weights"] = "the folder's weights"
-        return _finite(model, source).eval().requires_grad_(False), info
+        return model, info
 
     raw = load_checkpoint_file(path)
     name, kwargs = _architecture(raw, model_name, overrides, source)
@@ -269,7 +324,27 @@ def load_model_with_info(
     load_official_state_dict(model, state)
     info.update(weights=_which_weights(raw, use_ema), config=raw.get("config"), step=raw.get("step"))
     info["message"] = f"loaded {name} from {source}: {info['weights']}"
-    return _finite(model, source).eval().requires_grad_(False), info
+    return model, info
+
+
+def _public_config(model: nn.Module) -> dict[str, Any]:
+    """A diffusers model's config without ``_`` entries, tuples as lists (as config.json has them)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
+def _adopt_t2i(model: nn.Module, folder: Path, source: Any) -> nn.Module:
+    """The text-to-image transformer in ``folder``, if it is ``model``'s class and config; on
+    ``model``'s device and dtype (``model`` was built from the caller's config, the folder is the truth)."""
+    name, first = _folder_class(folder), next(model.parameters())
+    loaded = load_t2i_folder(folder, name, first.dtype)
+    ours = _public_config(model) if hasattr(model, "config") else {}
+    theirs = _public_config(loaded)
+    diff = [f"{k}={theirs.get(k)} (model: {ours.get(k)})" for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    if type(model) is not type(loaded) or diff:
+        differs = f" that differs in {', '.join(diff[:MAX_LISTED_DIFFS])}" if type(model) is type(loaded) else ""
+        raise WeightsError(f"{source} holds a {name} but the model is a {type(model).__name__}{differs}: "
+                           "configure the model with the folder's config")
+    return _finite(loaded, source).to(first.device)
 
 
 def _finite(model: nn.Module, source: Any) -> nn.Module:
@@ -320,6 +395,7 @@ def _which_weights(raw: Mapping[str, Any], use_ema: bool) -> str:
     return f"a bare state dict (DiT's release files hold EMA weights){ignored}"
 
 
+MAX_LISTED_DIFFS = 5  # config differences an error lists
 # Constructor fields that define a DiT's shapes and outputs (checked before adopting a conversion).
 _DIT_ARCH_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "learn_sigma")
 
@@ -335,7 +411,8 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], use_ema: bool
     Returns:
         The model to use: ``model`` itself with the weights loaded; for a diffusers
         ``DiTTransformer2DModel`` the converted :class:`DiT` (same architecture as ``model``,
-        checked, with diffusers' timestep features and MLP norm eps, which ``model`` lacks).
+        checked, with diffusers' timestep features and MLP norm eps, which ``model`` lacks); for a
+        text-to-image transformer folder the loaded model (same class and config as ``model``).
 
     Raises:
         WeightsError: the weights do not fit ``model``; the message names the mismatch and
@@ -354,6 +431,8 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], use_ema: bool
                 + ": configure a DiT with these sizes"
             )
         return _finite(converted, source).to(next(model.parameters()).device)
+    if path.is_dir() and _folder_kind(path) == "diffusers_t2i":
+        return _adopt_t2i(model, path, source)
     if path.is_dir():
         _folder_kind(path)  # refuses folders of other model classes, naming the class
         found = sorted(path.glob("*.safetensors"))
