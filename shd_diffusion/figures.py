@@ -8,6 +8,7 @@ need no model; :func:`log_images` and :func:`log_histograms` send them to Tensor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -24,6 +25,8 @@ __all__ = [
     "to_rgb_uint8",
     "draw_attention_figure",
     "draw_alpha_histograms",
+    "draw_curves",
+    "Curve",
     "outside_unit_interval",
     "log_images",
     "log_histograms",
@@ -217,6 +220,84 @@ def draw_alpha_histograms(
         draw.text((ox + 4, oy + 16), f"{a.shape[1]} heads x {a.shape[0]}  outside [0,1]: {100 * outside:.1f}%",
                   fill="black")
     return fig
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line of :func:`draw_curves`: y at each x, and an optional band [low, high] around it."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    low: Sequence[float] | None = None
+    high: Sequence[float] | None = None
+    colour: tuple[int, int, int] | None = None  # None: the panel's next colour in CURVE_COLOURS
+
+
+def draw_curves(panels: list[tuple[str, list[Curve]]], x_label: str, y_label: str, heading: str = "") -> Any:
+    """Line charts side by side, one colour per curve (legend on the right), bands shaded.
+
+    Every panel shares the y range of all curves (bands included), so panels compare at a glance.
+    Missing points (NaN) are skipped. Used for FID against training steps, band = seed spread.
+    """
+    from PIL import Image, ImageDraw
+
+    pw, ph, pad, legend, head = 430, 300, 12, 150, 24 if heading else 0
+    ys = [v for _, curves in panels for c in curves for seq in (c.y, c.low or [], c.high or []) for v in seq
+          if v is not None and math.isfinite(v)]
+    xs = [v for _, curves in panels for c in curves for v in c.x]
+    if not ys or not xs:
+        raise ValueError("draw_curves: no finite points to draw")
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = (y0 - 1.0, y1 + 1.0) if y1 == y0 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1.0
+    fig = Image.new("RGB", (len(panels) * (pw + legend + pad) + pad, head + ph + 2 * pad), "white")
+    draw = ImageDraw.Draw(fig, "RGBA")
+    if heading:
+        draw.text((pad, 6), heading, fill="black")
+    for k, (title, curves) in enumerate(panels):
+        ox, oy = pad + k * (pw + legend + pad), head + pad
+        left, right, top, bottom = ox + 46, ox + pw - 8, oy + 20, oy + ph - 34
+
+        def px(x: float) -> float:
+            return left + (x - x0) / (x1 - x0) * (right - left)
+
+        def py(y: float) -> float:
+            return bottom - (y - y0) / (y1 - y0) * (bottom - top)
+
+        draw.text((ox + 4, oy + 2), f"{title}   (y: {y_label})", fill="black")
+        draw.line([left, bottom, right, bottom], fill="black")
+        draw.line([left, top, left, bottom], fill="black")
+        for x in sorted(set(xs)):
+            draw.line([px(x), bottom, px(x), bottom + 3], fill="black")
+            draw.text((px(x) - 10, bottom + 5), f"{x:g}", fill="black")
+        digits = max(0, 1 - math.floor(math.log10((y1 - y0) / 4)))  # ticks 1/4 of the range apart stay distinct
+        for i in range(5):
+            y = y0 + i * (y1 - y0) / 4
+            draw.line([left - 3, py(y), left, py(y)], fill="black")
+            draw.text((ox + 2, py(y) - 6), f"{y:.{digits}f}", fill="black")
+        draw.text((left + (right - left) / 2 - 30, bottom + 18), x_label, fill="black")
+        for j, c in enumerate(curves):
+            colour = c.colour or CURVE_COLOURS[j % len(CURVE_COLOURS)]
+            if c.low is not None and c.high is not None:
+                band = [(px(x), py(h)) for x, h in zip(c.x, c.high) if h is not None and math.isfinite(h)]
+                band += [(px(x), py(lo)) for x, lo in reversed(list(zip(c.x, c.low))) if lo is not None and math.isfinite(lo)]
+                if len(band) >= 3:
+                    draw.polygon(band, fill=(*colour, 40))
+            points = [(px(x), py(y)) for x, y in zip(c.x, c.y) if y is not None and math.isfinite(y)]
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            for p in points:
+                draw.ellipse([p[0] - 2.5, p[1] - 2.5, p[0] + 2.5, p[1] + 2.5], fill=colour)
+            ly = top + 14 * j
+            draw.line([right + 10, ly + 6, right + 28, ly + 6], fill=colour, width=3)
+            draw.text((right + 32, ly), c.label, fill="black")
+    return fig
+
+
+# Curve colours (Tableau 10, then darker variants): up to 14 curves stay distinguishable.
+CURVE_COLOURS = [*HEAD_COLOURS, (188, 189, 34), (23, 190, 207), (0, 0, 0), (120, 60, 160), (200, 160, 40),
+                 (60, 120, 60)]
 
 
 def log_images(trackers: Iterable[Any], images: dict[str, np.ndarray], step: int) -> None:

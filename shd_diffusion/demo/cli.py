@@ -5,6 +5,8 @@
     python scripts/demo.py --dry-run            # print the resolved settings and configs
     python scripts/demo.py --train-teacher      # train the teacher from scratch instead of the committed one
     python scripts/demo.py --teacher-only       # sample + score the teacher alone (its FID / precision / recall)
+    python scripts/demo.py --study ablations --out results/ablations --report benchmarks/reports/ablations_cpu
+                                                # the paper's ablations, 3 seeds each (~2 h on 2 cores)
 
 Rerunning the same command reuses every finished stage (teacher, students, samples, scores) and
 resumes an interrupted one. The pipeline lives in shd_diffusion/demo/.
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a teacher run's checkpoint as the committed demo teacher, then exit")
     p.add_argument("--train-time", type=float, default=None, metavar="SECONDS",
                    help="with --export-teacher: the wall time its training took, recorded in teacher.json")
+    p.add_argument("--study", choices=["ablations"], default=None,
+                   help="run a study instead of the demo: ablations = every arm of shd_diffusion/demo/study.py "
+                        "(KD + SHD against KD, other squeeze rules, feature distillation, MSE, T_a, beta), 3 seeds")
+    p.add_argument("--arms", type=_words, default=None, help="with --study: comma-separated subset of its arms")
+    p.add_argument("--report", type=Path, default=None,
+                   help="with --study: folder of the run records and the report (default: <out>/report); a rerun "
+                        "skips the runs recorded there")
     p.add_argument("--device", default="auto", help="sampling/scoring device: auto, cpu or cuda (default: auto)")
     p.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="YAML configs (default: <repo>/configs)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
@@ -77,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python scripts/demo.py`` (and ``shd-demo``): 0 when done, 2 for bad input."""
+    import sys
+
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the study report quotes
     return run_main(lambda: _run(args), debug=args.debug)
 
 
@@ -92,6 +104,11 @@ def _run(args: argparse.Namespace) -> None:
         return
     if args.train_time is not None:
         raise DemoError("--train-time is recorded by --export-teacher only: add --export-teacher CHECKPOINT or drop it")
+    if args.study is None and (args.arms is not None or args.report is not None):
+        raise DemoError("--arms and --report belong to --study: add --study ablations or drop them")
+    if args.study is not None:
+        _run_study(args)
+        return
     settings = resolve_settings(
         args.size, modes=args.modes, seeds=args.seeds, num_samples=args.num_samples, num_ref=args.num_ref,
         sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, train_teacher=args.train_teacher,
@@ -103,3 +120,24 @@ def _run(args: argparse.Namespace) -> None:
                                        args.config_dir), indent=2))
     else:
         run_demo(settings, args.out, args.inception_weights, args.device, not args.no_progress, args.config_dir)
+
+
+def _run_study(args: argparse.Namespace) -> None:
+    """``--study``: the ablation study (shd_diffusion/demo/study.py)."""
+    import shlex
+
+    from .settings import DemoError, resolve_settings
+    from .study import STUDY_SEEDS, STUDY_SETTINGS, describe_study, run_study
+
+    if args.modes is not None or args.teacher_only:
+        raise DemoError("--study runs its own arms: use --arms instead of --modes, and drop --teacher-only")
+    flags = {"seeds": args.seeds, "num_samples": args.num_samples, "num_ref": args.num_ref,
+             "sampling_steps": args.sampling_steps, "cfg_scale": args.cfg_scale, "train_teacher": args.train_teacher}
+    study_defaults = {"seeds": STUDY_SEEDS.get(args.size, (0,)), **STUDY_SETTINGS.get(args.size, {})}
+    settings = resolve_settings(args.size, **{**study_defaults, **{k: v for k, v in flags.items() if v is not None}})
+    if args.dry_run:
+        print(describe_study(settings, args.arms, args.out, args.config_dir))
+        return
+    command = "python scripts/demo.py " + " ".join(shlex.quote(a) for a in args.argv)
+    run_study(settings, args.study, args.arms, args.out, args.report, args.inception_weights, args.device,
+              not args.no_progress, args.config_dir, command)

@@ -41,7 +41,7 @@ __all__ = [
 # ------------------------------------------------------------------------------------ helpers
 
 
-class _Stages:
+class Stages:
     """Wall time per stage, printed as one line each and kept for results.json."""
 
     def __init__(self) -> None:
@@ -249,7 +249,7 @@ def _sample_grid(samples: Path, grid: Path, count: int, reused: bool) -> Path:
 # --------------------------------------------------------------------------------------- driver
 
 
-def _train_teacher_stage(s: DemoSettings, tcfg: Any, stages: _Stages, progress: bool) -> TrainedRun:
+def teacher_stage(s: DemoSettings, tcfg: Any, stages: Stages, progress: bool) -> TrainedRun:
     """The committed teacher, or (``s.train_teacher``) the teacher trained to ``tcfg``."""
     with stages("teacher") as info:
         teacher = ensure_trained(tcfg, progress) if s.train_teacher else committed_teacher()
@@ -258,7 +258,7 @@ def _train_teacher_stage(s: DemoSettings, tcfg: Any, stages: _Stages, progress: 
 
 
 def _train_student_stages(
-    s: DemoSettings, tcfg: Any, teacher: TrainedRun, out: Path, config_dir: Path, stages: _Stages, progress: bool,
+    s: DemoSettings, tcfg: Any, teacher: TrainedRun, out: Path, config_dir: Path, stages: Stages, progress: bool,
 ) -> dict[tuple[str, int], tuple[Any, TrainedRun]]:
     """Every (mode, seed) student distilled from ``teacher``: its config and finished run."""
     students: dict[tuple[str, int], tuple[Any, TrainedRun]] = {}
@@ -273,8 +273,8 @@ def _train_student_stages(
     return students
 
 
-def _reference_and_weights_stages(
-    s: DemoSettings, tcfg: Any, out: Path, inception_weights: str | os.PathLike | None, stages: _Stages,
+def reference_and_weights_stages(
+    s: DemoSettings, tcfg: Any, out: Path, inception_weights: str | os.PathLike | None, stages: Stages,
 ) -> tuple[Path, np.ndarray, bool, Any]:
     """The reference ``.npz`` (path, dataset indices, reused) and the Inception ``WeightsInfo``."""
     with stages("reference images") as info:
@@ -288,7 +288,7 @@ def _reference_and_weights_stages(
 
 def _sample_and_score_stage(
     run: TrainedRun, label: str, s: DemoSettings, out: Path, dev: torch.device, ref_path: Path, weights: Any,
-    stages: _Stages, progress: bool, grid: Path,
+    stages: Stages, progress: bool, grid: Path,
 ) -> tuple[Path, dict[str, Any]]:
     """Sample and score one run (stages ``samples <label>``, ``scores <label>``) and draw its grid.
 
@@ -306,7 +306,7 @@ def _sample_and_score_stage(
 
 def _student_rows(
     students: dict[tuple[str, int], tuple[Any, TrainedRun]], s: DemoSettings, out: Path, dev: torch.device,
-    ref_path: Path, weights: Any, stages: _Stages, progress: bool,
+    ref_path: Path, weights: Any, stages: Stages, progress: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Sample and score every student: one results row each, and the grid files."""
     rows, files = [], {}
@@ -327,9 +327,9 @@ def _student_rows(
     return rows, files
 
 
-def _teacher_scores(
+def teacher_scores(
     teacher: TrainedRun, s: DemoSettings, out: Path, dev: torch.device, ref_path: Path, weights: Any,
-    stages: _Stages, progress: bool,
+    stages: Stages, progress: bool,
 ) -> dict[str, Any]:
     """Sample and score the teacher like a student; write its grid ``samples_teacher.png``."""
     grid = out / "samples_teacher.png"
@@ -348,7 +348,7 @@ def _reference_grid(ref_path: Path, out: Path, count: int, reused: bool) -> str:
     return "reference_grid.png"
 
 
-def _teacher_checkpoint(s: DemoSettings, tcfg: Any, out: Path) -> Path:
+def teacher_checkpoint_path(s: DemoSettings, tcfg: Any, out: Path) -> Path:
     """Where the teacher's final checkpoint is (committed) or will be (trained): what the student
     configs name before the teacher exists (``--dry-run``, :func:`preflight`)."""
     if not s.train_teacher:
@@ -376,7 +376,7 @@ def preflight(
     tcfg = teacher_config(s, out, config_dir)
     for mode in s.modes if students else ():
         for seed in s.seeds:
-            student_config(s, mode, seed, tcfg, _teacher_checkpoint(s, tcfg, out), out, config_dir)
+            student_config(s, mode, seed, tcfg, teacher_checkpoint_path(s, tcfg, out), out, config_dir)
     weights = Path(inception_weights) if inception_weights is not None else DEFAULT_INCEPTION_WEIGHTS
     if weights.exists():
         inspect_weights(weights)  # unreadable or unsafe: refused in milliseconds, before torch-fidelity is imported
@@ -413,20 +413,20 @@ def run_demo(
     out = Path(out)
     dev, tcfg = preflight(s, out, inception_weights, device, Path(config_dir))
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages()
+    stages = Stages()
     say(f"size {s.size}: modes {', '.join(s.modes)}, seeds {list(s.seeds)}, {s.num_samples} samples per run, "
         f"{s.num_ref or 'all'} reference images; output {out}; device {device_name(dev)}", "demo")
 
-    teacher = _train_teacher_stage(s, tcfg, stages, progress)
+    teacher = teacher_stage(s, tcfg, stages, progress)
     teacher.params = count_params(teacher.checkpoint)
     students = _train_student_stages(s, tcfg, teacher, out, Path(config_dir), stages, progress)
-    ref_path, ref_idx, ref_reused, weights = _reference_and_weights_stages(s, tcfg, out, inception_weights, stages)
+    ref_path, ref_idx, ref_reused, weights = reference_and_weights_stages(s, tcfg, out, inception_weights, stages)
 
     runs, files = _student_rows(students, s, out, dev, ref_path, weights, stages, progress)
     files["reference images"] = _reference_grid(ref_path, out, s.grid_images, ref_reused)
     # The teacher, sampled and scored the same way: the ceiling the students are distilled towards.
-    teacher_scores = _teacher_scores(teacher, s, out, dev, ref_path, weights, stages, progress)
-    files["samples teacher"] = teacher_scores["grid"]
+    teacher_row = teacher_scores(teacher, s, out, dev, ref_path, weights, stages, progress)
+    files["samples teacher"] = teacher_row["grid"]
 
     first_cfg, first_run = students[s.modes[0], s.seeds[0]]
     with stages("teacher attention maps + alphas") as info:
@@ -434,7 +434,7 @@ def run_demo(
     files["teacher attention maps"] = f"figures/{figs['files']['attention']}"
     files["alpha histograms"] = f"figures/{figs['files']['alphas']}"
 
-    res = build_results(s, out, tcfg, teacher, teacher_scores, first_cfg, first_run.params, runs, files, ref_path,
+    res = build_results(s, out, tcfg, teacher, teacher_row, first_cfg, first_run.params, runs, files, ref_path,
                         ref_idx, weights, figs, dev, stages.times, stages.elapsed())
     write_report(out, res)
     return res
@@ -449,12 +449,12 @@ def score_teacher(
     out = Path(out)
     dev, tcfg = preflight(s, out, inception_weights, device, Path(config_dir), students=False)
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages()
-    teacher = _train_teacher_stage(s, tcfg, stages, progress)
-    ref_path, _, _, weights = _reference_and_weights_stages(s, tcfg, out, inception_weights, stages)
+    stages = Stages()
+    teacher = teacher_stage(s, tcfg, stages, progress)
+    ref_path, _, _, weights = reference_and_weights_stages(s, tcfg, out, inception_weights, stages)
     res = {"teacher": relative(teacher.checkpoint, out), "steps": teacher.step, "committed": not s.train_teacher,
            "settings": {k: getattr(s, k) for k in ("num_samples", "num_ref", "sampling_steps", "cfg_scale", "sample_seed")},
-           **_teacher_scores(teacher, s, out, dev, ref_path, weights, stages, progress),
+           **teacher_scores(teacher, s, out, dev, ref_path, weights, stages, progress),
            "device": device_name(dev), "wall_time_s": round(stages.elapsed(), 1)}
     write_json(out / "teacher_scores.json", res)
     return res
@@ -465,7 +465,7 @@ def describe(s: DemoSettings, out: Path, config_dir: Path = CONFIG_DIR) -> str:
     from ..config import dump_yaml
 
     tcfg = teacher_config(s, out, config_dir)
-    scfg = student_config(s, s.modes[0], s.seeds[0], tcfg, _teacher_checkpoint(s, tcfg, out), out, config_dir)
+    scfg = student_config(s, s.modes[0], s.seeds[0], tcfg, teacher_checkpoint_path(s, tcfg, out), out, config_dir)
     lines = ["# demo settings", json.dumps(dataclasses.asdict(s), indent=2), "", "# teacher config", dump_yaml(tcfg),
              f"# run folder: {Path(tcfg.train.output_dir) / tcfg.train.run_name}"
              + ("" if s.train_teacher else " (the committed teacher: not trained)"), "",

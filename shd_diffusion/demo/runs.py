@@ -13,7 +13,8 @@ from .files import short_hash, write_json
 from .settings import CONFIG_DIR, DemoError, DemoSettings
 from .teacher import TEACHER_ASSET, TrainedRun, checkpoint_key, checkpoint_step
 
-__all__ = ["TRAIN_TIME_FILE", "ensure_trained", "finished_checkpoint", "student_config", "teacher_config"]
+__all__ = ["TRAIN_TIME_FILE", "ensure_trained", "finished_checkpoint", "load_experiment", "student_config",
+           "teacher_config"]
 
 TRAIN_TIME_FILE = "demo_train_time.json"
 # Fields that only say how long or where a run goes: a change resumes / reuses the same run folder.
@@ -33,7 +34,7 @@ def _without(tree: dict[str, Any], dotted: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _load_experiment(config_dir: Path, name: str, overrides: Sequence[str]) -> Any:
+def load_experiment(config_dir: Path, name: str, overrides: Sequence[str]) -> Any:
     """The ExperimentConfig of ``config_dir/name`` with dotted ``overrides``."""
     from ..config import load_config
     from ..train_config import ExperimentConfig
@@ -55,11 +56,11 @@ def teacher_config(s: DemoSettings, out: Path, config_dir: Path = CONFIG_DIR) ->
     if not s.train_teacher:  # the committed teacher: the config it was trained with
         if s.teacher_overrides:
             raise DemoError("teacher overrides need --train-teacher (the committed teacher is already trained)")
-        cfg = _load_experiment(TEACHER_ASSET, "train_config.yaml", ())
+        cfg = load_experiment(TEACHER_ASSET, "train_config.yaml", ())
         cfg.train.output_dir = str(TEACHER_ASSET.parent)
         cfg.train.run_name = TEACHER_ASSET.name
         return cfg
-    cfg = _load_experiment(config_dir, s.teacher_config, s.teacher_overrides)
+    cfg = load_experiment(config_dir, s.teacher_config, s.teacher_overrides)
     if cfg.distill.mode != "none":
         raise DemoError(f"{s.teacher_config}: the teacher trains from scratch: set distill.mode: none")
     cfg.train.output_dir = str(Path(out) / "runs")
@@ -69,17 +70,20 @@ def teacher_config(s: DemoSettings, out: Path, config_dir: Path = CONFIG_DIR) ->
 
 def student_config(
     s: DemoSettings, mode: str, seed: int, teacher: Any, teacher_checkpoint: Path, out: Path,
-    config_dir: Path = CONFIG_DIR,
+    config_dir: Path = CONFIG_DIR, overrides: Sequence[str] | None = None,
 ) -> Any:
     """A student's ExperimentConfig for ``mode`` and ``seed``, distilled from ``teacher_checkpoint``.
 
+    ``mode`` names the run; ``overrides`` (default ``distill.mode=<mode>``) are what it changes on
+    top of the student YAML (an ablation arm of :mod:`.study` sets several fields).
     ``teacher.model`` is copied from the teacher config (the YAML's copy is ignored), so the two can
     never disagree. The run folder ``out/runs/<mode>-s<seed>-<hash>`` hashes the config with the
     teacher checkpoint's path relative to ``out``: a retrained teacher gets new students.
     """
     from ..config import to_dict
 
-    cfg = _load_experiment(config_dir, s.student_config, [*s.student_overrides, f"distill.mode={mode}", f"train.seed={seed}"])
+    extra = [f"distill.mode={mode}"] if overrides is None else list(overrides)
+    cfg = load_experiment(config_dir, s.student_config, [*s.student_overrides, *extra, f"train.seed={seed}"])
     cfg.teacher.model = dataclasses.replace(teacher.student)
     cfg.teacher.checkpoint = str(teacher_checkpoint)
     cfg.train.output_dir = str(Path(out) / "runs")
