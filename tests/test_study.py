@@ -3,7 +3,6 @@ the tiny size (every arm, a report with every section) and its resume from the r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,16 +11,7 @@ import pytest
 
 from conftest import reset_accelerate_state
 from shd_diffusion.demo import study
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli():
-    """scripts/demo.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("demo_cli", REPO / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from shd_diffusion.demo.cli import main as demo_main  # what scripts/demo.py runs
 
 
 def _record(arm: str, seed: int, fids: list[float]) -> dict:
@@ -75,7 +65,7 @@ def test_every_arm_builds_its_config_and_changes_what_it_says(tmp_path):
     (["--study", "ablations", "--modes", "kd"], "use --arms instead of --modes"),
 ])
 def test_bad_study_arguments_fail_with_one_line(tmp_path, capsys, argv, needle):
-    code = _cli().main([*argv, "--size", "tiny", "--out", str(tmp_path / "o"),
+    code = demo_main([*argv, "--size", "tiny", "--out", str(tmp_path / "o"),
                         "--inception-weights", str(tmp_path / "w.pth"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and needle in err, err
@@ -88,7 +78,7 @@ def tiny_study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
     argv = ["--study", "ablations", "--size", "tiny", "--num-samples", "4", "--num-ref", "4", "--out", str(tmp / "out"),
             "--report", str(tmp / "report"), "--inception-weights", str(tmp / "inception.pth"), "--no-progress"]
-    assert _cli().main(argv) == 0
+    assert demo_main(argv) == 0
     yield tmp, argv
     reset_accelerate_state()
 
@@ -124,7 +114,7 @@ def test_rerun_redoes_only_missing_records_even_without_the_work_folder(tiny_stu
     (runs / "kd-s0.json").unlink()
     shutil.rmtree(tmp / "out" / "runs")  # "another machine": only the report folder came along...
     reset_accelerate_state()
-    assert _cli().main([*argv, "--arms", "kd,kd_shd"]) == 0
+    assert demo_main([*argv, "--arms", "kd,kd_shd"]) == 0
     students = sorted(p.name.split("-")[0] for p in (tmp / "out" / "runs").iterdir() if not p.name.startswith("teacher"))
     assert students == ["kd"]  # ...so only the missing run is trained again (the tiny size retrains its teacher)
     assert (kept.read_text(), kept.stat().st_mtime_ns) == before
