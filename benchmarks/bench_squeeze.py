@@ -33,8 +33,6 @@ from shd_diffusion.profiling import cpu_peak_bytes
 
 from shd_diffusion import shd
 from shd_diffusion.shd import chunked
-from shd_diffusion.shd.solve import _check_ridge
-from shd_diffusion.shd.squeeze import mode_alphas
 
 IMPLS = ("dense", "chunked", "checkpoint")
 
@@ -97,15 +95,7 @@ def dense_term(p: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
 
 def checkpoint_term(p: dict[str, torch.Tensor], temperature: float, chunk: int) -> torch.Tensor:
     """Row blocks with autograd + torch.utils.checkpoint per block (the measured alternative)."""
-    ht, hs = p["teacher_q"].shape[1], p["student_q"].shape[1]
-    groups = shd.default_groups(ht, hs)
-    spec = chunked._Spec(groups, temperature, chunk, "kl", 1e-10, p["student_q"].shape[-1] ** -0.5,
-                         p["teacher_q"].shape[-1] ** -0.5, torch.float32)
-    blocks = chunked._teacher_blocks(p["teacher_q"], p["teacher_k"], None, spec, p["teacher_out"])
-    alphas = mode_alphas(blocks, p["teacher_v"], p["out_weight"], groups, "lstsq", _check_ridge(None, torch.float32),
-                         True, torch.float32)
-    return chunked._checkpointed_map_loss(p["student_q"], p["student_k"], None, p["teacher_q"], p["teacher_k"], None,
-                                          alphas, spec)
+    return chunked.checkpointed_term(**p, temperature=temperature, chunk_size=chunk)
 
 
 def chunk_rows(args: argparse.Namespace, n: int) -> int:

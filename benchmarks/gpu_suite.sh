@@ -139,6 +139,7 @@ else
       --json "$RAW/shd_n$n.json"
   done
 fi
+part t2i_memory 60 "$PY" benchmarks/bench_t2i_memory.py $([ $SMOKE = 1 ] && echo --tokens 32 --text-tokens 8 --method profiler) --json "$RAW/t2i_memory.json"  # issue 19: FLUX-shaped layer pair
 part sampling_s2 60 "${RUN[@]}" benchmarks/bench_sampling.py "${SMP_S[@]}" "${SMP[@]}" --variants upstream,ours --out "$RAW/sampling_s2.json"
 part sampling_xl2 90 "${RUN[@]}" benchmarks/bench_sampling.py "${SMP_XL[@]}" "${SMP[@]}" --variants upstream,ours --out "$RAW/sampling_xl2.json"
 train_step step_dit DiT-S/2 "$DIT_TEACHER" 130

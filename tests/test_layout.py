@@ -114,6 +114,23 @@ def test_the_rule_sees_an_upward_import(tmp_path, monkeypatch):
     assert "shd_diffusion.training.Trainer" in _imports(fake)
 
 
+def _private_shd_imports(path: Path) -> list[str]:
+    """Underscore names ``path`` imports from a module of ``shd_diffusion.shd``."""
+    return sorted(n for n in _imports(path) if _within(n, "shd_diffusion.shd") and n.rpartition(".")[2].startswith("_"))
+
+
+def test_no_private_name_crosses_the_shd_modules():
+    """The SHD package by role (issue 21): what one module shares with another is public in its owner."""
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    offenders = {str(p.relative_to(ROOT)): _private_shd_imports(p) for p in files}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_private_import_rule_sees_one(monkeypatch):
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from .solve import _objective, check_ridge\n")
+    assert _private_shd_imports(PACKAGE / "shd" / "chunked.py") == ["shd_diffusion.shd.solve._objective"]
+
+
 def _console_scripts() -> dict[str, str]:
     with open(ROOT / "pyproject.toml", "rb") as f:
         return tomllib.load(f)["project"]["scripts"]

@@ -11,7 +11,7 @@ from shd_diffusion import shd
 from shd_diffusion.attention import capture_attention
 from shd_diffusion.models import create_model
 from shd_diffusion.shd import solve as shd_solve
-from shd_diffusion.shd.groups import _MODES
+from shd_diffusion.shd.groups import SQUEEZE_MODES as _MODES
 from shd_oracles import naive_squeeze_alphas, naive_squeeze_objective
 from shd_diffusion.shd import (
     HeadSqueezer,

@@ -1,17 +1,27 @@
 """Squeezing-Heads Distillation: squeeze teacher heads into student heads, map layers, the loss.
 
-Where alpha is computed: :mod:`.solve` (the derivation and the simplex rule). The package:
+Where alpha is computed: :mod:`.alpha` (:func:`~.alpha.mode_alphas`, every squeeze mode, for
+both paths below); the per-group solve and its derivation are in :mod:`.solve`. By role:
 
 - :mod:`.groups` -- which teacher heads feed each student head (default / explicit / hard /
   progressive / head matching) and which teacher layer feeds each student layer;
-- :mod:`.solve` -- alpha, the exact minimiser of paper eq. (6) in head-dim space;
-- :mod:`.squeeze` -- squeezing whole (B, H, N, M) maps with alpha, per mode;
-- :mod:`.loss` -- the loss on whole maps (paper eq. 11);
-- :mod:`.chunked` -- :func:`shd_term`: alpha and the loss of one layer pair from q, k, v, over
-  blocks of query rows, with memory linear in N (what training uses).
+- :mod:`.alpha` -- the alpha engine: a layer's groups gathered, the normal equations of paper
+  eq. (6) accumulated over blocks of query rows, one solve per group size;
+- :mod:`.solve` -- the math of one group's alpha in head-dim space: the quadratic, the closed
+  form, the simplex rule;
+- :mod:`.chunked` -- what training runs: :func:`shd_term`, one layer pair's alpha and loss from
+  q, k, v over blocks of query rows, memory linear in N (and :func:`head_similarity_qk`);
+- :mod:`.reference` -- the whole-map reference on (B, H, N, M) maps (figures, analysis, tests):
+  :func:`squeeze_heads`, :func:`apply_alphas`, :func:`squeeze_objective`, :class:`HeadSqueezer`
+  (also the per-pair squeeze settings the trainer keeps), :func:`squeeze_layers` and the loss of
+  paper eq. 11, :func:`shd_loss`.
+
+Imports run one way: :mod:`.groups` and :mod:`.solve` import no SHD module, :mod:`.alpha` uses
+both, :mod:`.chunked` uses :mod:`.alpha`, :mod:`.reference` uses them all (the loss settings
+``LossKind``/``LossReduction`` come from :mod:`.chunked`); no module uses another's private names.
 """
 
-from .chunked import DEFAULT_BLOCK_BYTES, auto_chunk_size, head_similarity_qk, shd_term
+from .chunked import DEFAULT_BLOCK_BYTES, LossKind, LossReduction, auto_chunk_size, head_similarity_qk, shd_term
 from .groups import (
     SqueezeMode,
     cluster_heads,
@@ -24,9 +34,8 @@ from .groups import (
     validate_groups,
     validate_pair,
 )
-from .loss import LossKind, LossReduction, shd_loss
+from .reference import HeadSqueezer, apply_alphas, shd_loss, squeeze_heads, squeeze_layers, squeeze_objective
 from .solve import project_simplex
-from .squeeze import HeadSqueezer, apply_alphas, squeeze_heads, squeeze_layers, squeeze_objective
 
 __all__ = [
     "SqueezeMode",

@@ -1,12 +1,12 @@
-"""One layer pair's SHD term from q, k, v, over blocks of query rows: memory linear in N.
+"""What training runs: one layer pair's SHD term from q, k, v, over blocks of query rows (memory linear in N).
 
 :func:`shd_term` never holds a (B, H, N, N) tensor. With c = ``chunk_size`` rows per block:
 
 1. **alpha.** Every product eq. (6) needs is a sum over query rows, so a first pass over the
    blocks recomputes the teacher's T = 1 maps softmax(q k^T / sqrt(d) + bias) for c rows at a
-   time, (B, H_t, c, N), and accumulates the Gram terms of :func:`~.solve._group_terms`; the
-   solve and the simplex rule then run once, exactly as for whole maps
-   (:func:`~.squeeze.mode_alphas` is the one implementation; whole maps are one block).
+   time, (B, H_t, c, N), and hands them to the alpha engine, :func:`~.alpha.mode_alphas`, which
+   accumulates the Gram terms of eq. (6) and solves once, simplex rule included, exactly as for
+   whole maps (the whole-map reference, :mod:`.reference`, runs the same engine on one block).
 2. **The loss.** A second pass recomputes the teacher's block at T_a, squeezes it with alpha,
    computes the student's block log-softmax((q_s k_s^T / sqrt(d_s) + bias_s) / T_a) and adds up
    row-wise KL(squeezed teacher || student) (or the MSE) per sample.
@@ -18,7 +18,7 @@
    (:func:`_one_block`).
 
 Why a custom Function rather than ``torch.utils.checkpoint`` around each block
-(``_checkpointed_map_loss``, kept for ``benchmarks/bench_squeeze.py``): the peak memory is the
+(:func:`checkpointed_term`, kept for ``benchmarks/bench_squeeze.py``): the peak memory is the
 same, the Function was faster in four of the five timed CPU comparisons, and it keeps a single
 block for its backward without an autograd graph (README, "Measured results").
 
@@ -30,19 +30,23 @@ plus the (B, H, N, d) inputs and gradients (and a learned bias's own (H, N, N) g
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..precision import compute_dtype
-from .groups import SqueezeMode, resolve_groups
-from .loss import LossKind
-from .solve import _check_ridge
-from .squeeze import Blocks, _put_heads, is_identity, mode_alphas
+from .alpha import Blocks, mode_alphas, put_heads
+from .groups import SqueezeMode, default_groups, is_identity, resolve_groups
 
-__all__ = ["shd_term", "head_similarity_qk", "auto_chunk_size", "DEFAULT_BLOCK_BYTES"]
+__all__ = ["shd_term", "head_similarity_qk", "auto_chunk_size", "DEFAULT_BLOCK_BYTES", "LossKind", "LossReduction",
+           "checkpointed_term"]
+
+# The loss settings (shared with the whole-map reference's shd_loss): the per-row divergence, and
+# how the training loop combines the layer-heads' terms (eq. 11's sum, or their mean).
+LossKind = Literal["kl", "mse"]
+LossReduction = Literal["sum", "mean"]
 
 # Memory budget of one block's float32 temporaries when chunk_size is None (see auto_chunk_size).
 DEFAULT_BLOCK_BYTES = 256 * 2**20
@@ -104,7 +108,7 @@ def _logits(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, dtype: torc
 
 def _teacher_blocks(t_q: Tensor, t_k: Tensor, t_bias: Tensor | None, spec: _Spec,
                     t_out: Tensor | None = None) -> Blocks:
-    """Block source of the teacher's T = 1 maps (see :data:`~.squeeze.Blocks`), c rows at a time."""
+    """Block source of the teacher's T = 1 maps (see :data:`~.alpha.Blocks`), c rows at a time."""
 
     def blocks() -> Iterator[tuple[Tensor, Tensor | None]]:
         for r0, r1 in _row_blocks(t_q.shape[-2], spec.chunk):
@@ -121,7 +125,7 @@ def _mixing(alphas: Tensor, groups: Sequence[Sequence[int]], dtype: torch.dtype)
     b, h_t = alphas.shape
     member = torch.zeros(len(groups), h_t, dtype=dtype, device=alphas.device)  # (H_s, H_t)
     for j, group in enumerate(groups):
-        _put_heads(member[j : j + 1], group, 1.0)  # slices of runs: no host sync
+        put_heads(member[j : j + 1], group, 1.0)  # slices of runs: no host sync
     return member.unsqueeze(0) * alphas.to(dtype).unsqueeze(1)  # (B, H_s, H_t)
 
 
@@ -148,7 +152,7 @@ def _student_logp(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, spec: _Spec, 
 def _block_loss(logp: Tensor, target: Tensor, spec: _Spec, inplace: bool = True) -> Tensor:
     """(B,) sum over the block's rows and heads of the per-row loss (normalised by the caller).
 
-    KL: sum_k t log t - t log max(p_s, eps), i.e. :func:`~.loss.shd_loss`'s clamp of the student
+    KL: sum_k t log t - t log max(p_s, eps), i.e. :func:`~.reference.shd_loss`'s clamp of the student
     probabilities at eps, written on log p_s. MSE: sum_k (p_s - t)^2. ``inplace`` overwrites ``logp``.
     """
     if spec.kind == "kl":
@@ -241,7 +245,7 @@ class _BlockwiseMapLoss(torch.autograd.Function):
 def _checkpointed_map_loss(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, t_q: Tensor, t_k: Tensor,
                            t_bias: Tensor | None, alphas: Tensor, spec: _Spec) -> Tensor:
     """The measured alternative to :class:`_BlockwiseMapLoss`: autograd through each block, with
-    ``torch.utils.checkpoint`` recomputing the block in the backward (``bench_squeeze.py --backward``)."""
+    ``torch.utils.checkpoint`` recomputing the block in the backward (:func:`checkpointed_term`)."""
     n, m = s_q.shape[-2], s_k.shape[-2]
     mix = None if is_identity(spec.groups, t_q.shape[1]) else _mixing(alphas, spec.groups, spec.dtype)
 
@@ -255,6 +259,31 @@ def _checkpointed_map_loss(s_q: Tensor, s_k: Tensor, s_bias: Tensor | None, t_q:
     total = sum(checkpoint(block, s_q[:, :, r0:r1], s_k, s_bias, r0, r1, use_reentrant=False)
                 for r0, r1 in _row_blocks(n, spec.chunk))
     return total / (n if spec.kind == "kl" else n * m)
+
+
+def checkpointed_term(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor, teacher_v: Tensor,
+                      out_weight: Tensor, *, temperature: float = 1.0, chunk_size: int | None = None,
+                      teacher_out: Tensor | None = None) -> Tensor:
+    """:func:`shd_term`'s default term (lstsq, default groups, KL, no biases) with autograd and
+    ``torch.utils.checkpoint`` per block instead of the recomputing backward: the alternative the
+    module doc compares against, for ``benchmarks/bench_squeeze.py --impl checkpoint`` only.
+
+    Args:
+        student_q, student_k, teacher_q, teacher_k, teacher_v, out_weight, temperature, chunk_size,
+        teacher_out: as for :func:`shd_term`.
+
+    Returns:
+        the per-sample loss (B,) (float32; float64 for float64 students), with its autograd graph.
+    """
+    _check_term_inputs(student_q, student_k, teacher_q, teacher_k, teacher_v, out_weight)
+    b, h_s, n, d_s = student_q.shape
+    h_t, d_t = teacher_q.shape[1], teacher_q.shape[-1]
+    chunk = _check_chunk(chunk_size, n, auto_chunk_size(b, h_t, h_s, max(n, teacher_k.shape[-2])))
+    spec = _Spec(default_groups(h_t, h_s), float(temperature), chunk, "kl", 1e-10, d_s**-0.5, d_t**-0.5,
+                 compute_dtype(student_q, teacher_q))
+    alphas = _alphas(_teacher_blocks(teacher_q, teacher_k, None, spec, teacher_out), teacher_v, out_weight, "lstsq",
+                     spec, b)
+    return _checkpointed_map_loss(student_q, student_k, None, teacher_q, teacher_k, None, alphas, spec)
 
 
 def _as_4d_bias(bias: Tensor | None, name: str, b: int, h: int, n: int, m: int | None = None) -> Tensor | None:
@@ -331,7 +360,7 @@ def shd_term(
     The value per sample is the sum over student heads j of the row-mean
     KL(A~_j^t || A_j^s) at ``temperature`` (or the entry-mean squared error, ``loss="mse"``),
     where A~^t is the teacher's maps squeezed with alpha from its T = 1 maps (paper eq. 6, simplex
-    rule included), exactly as :func:`~.squeeze.squeeze_heads` + :func:`~.loss.shd_loss` with
+    rule included), exactly as :func:`~.reference.squeeze_heads` + :func:`~.reference.shd_loss` with
     ``beta=1`` on whole maps; ``chunk_size=N`` is that computation in one block.
 
     Args:
@@ -387,7 +416,7 @@ def _alphas(blocks: Blocks, t_v: Tensor, t_w: Tensor, mode: SqueezeMode, spec: _
     """(B, H_t) alphas of the mode from a block source (all ones for the identity squeeze)."""
     if is_identity(spec.groups, t_v.shape[1]):
         return torch.ones(b, t_v.shape[1], dtype=spec.dtype, device=t_v.device)
-    return mode_alphas(blocks, t_v, t_w, spec.groups, mode, _check_ridge(None, spec.dtype), True, spec.dtype)
+    return mode_alphas(blocks, t_v, t_w, spec.groups, mode, None, True, spec.dtype)  # the dtype's default ridge
 
 
 @torch.no_grad()

@@ -23,6 +23,8 @@ __all__ = [
     "hard_selection",
     "progressive_groups",
     "resolve_groups",
+    "is_identity",
+    "SQUEEZE_MODES",
     "head_similarity",
     "cluster_heads",
     "layer_mapping",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 SqueezeMode = Literal["lstsq", "constant", "hard", "progressive"]
-_MODES: tuple[str, ...] = get_args(SqueezeMode)
+SQUEEZE_MODES: tuple[str, ...] = get_args(SqueezeMode)  # the modes, in the order errors list them
 
 
 def _check_head_counts(num_teacher_heads: int, num_student_heads: int) -> None:
@@ -186,7 +188,7 @@ def resolve_groups(
     groups: Sequence[Sequence[int]] | None = None,
     generator_seed: int = 0,
 ) -> list[list[int]]:
-    """The groups a squeeze mode uses, i.e. what :func:`apply_alphas` needs.
+    """The groups a squeeze mode uses, i.e. what :func:`~.reference.apply_alphas` needs.
 
     Args:
         num_teacher_heads: H_t. num_student_heads: H_s.
@@ -198,8 +200,8 @@ def resolve_groups(
     Returns:
         H_s lists of teacher head indices.
     """
-    if mode not in _MODES:
-        raise ValueError(f"unknown squeeze mode {mode!r}; choose one of {', '.join(_MODES)}")
+    if mode not in SQUEEZE_MODES:
+        raise ValueError(f"unknown squeeze mode {mode!r}; choose one of {', '.join(SQUEEZE_MODES)}")
     if mode in ("hard", "progressive") and groups is not None:
         raise ValueError(
             f"squeeze mode {mode!r} chooses its own heads; explicit groups are only for 'lstsq' and 'constant'"
@@ -211,6 +213,11 @@ def resolve_groups(
     if groups is None:
         return default_groups(num_teacher_heads, num_student_heads)
     return validate_groups(groups, num_teacher_heads, num_student_heads)
+
+
+def is_identity(groups: Sequence[Sequence[int]], num_teacher_heads: int) -> bool:
+    """Whether squeezing is the identity: H_t == H_s and group j is teacher head j."""
+    return len(groups) == num_teacher_heads and all(list(g) == [j] for j, g in enumerate(groups))
 
 
 @torch.no_grad()

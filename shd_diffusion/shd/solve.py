@@ -1,7 +1,11 @@
-"""Alpha: the exact minimiser of paper eq. (6) in head-dim space, simplex rule included.
+"""Alpha for one group: the exact minimiser of paper eq. (6) in head-dim space, with the simplex rule.
 
-Where alpha is computed
------------------------
+:mod:`.alpha` runs it for a whole layer (gathering the groups, accumulating :func:`group_terms`
+over blocks of query rows, calling :func:`solve_alphas` once per group size); this module holds
+the per-group quadratic, its solve and the derivation.
+
+The derivation
+--------------
 For a group G of k teacher heads (one group per student head) the squeezed map is
 ``A~ = sum_i alpha_i A_i`` with ``sum_i alpha_i = 1``, and alpha minimises paper eq. (6)::
 
@@ -52,7 +56,7 @@ alpha left the simplex (``torch.where``), solves skip the error check that would
 their consecutive runs (a Python-list index is a blocking host-to-device copy). Only larger groups
 still ask the host whether any sample needs the simplex step.
 
-The T = 1 maps drive alpha (alpha preserves the teacher's real output); :func:`apply_alphas`
+The T = 1 maps drive alpha (alpha preserves the teacher's real output); :func:`~.reference.apply_alphas`
 then applies the same alpha to the temperature-softened maps used for distillation (paper eq. 10).
 alpha is treated as a constant (computed under ``torch.no_grad``), as in the paper.
 """
@@ -66,7 +70,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["project_simplex"]
+__all__ = ["group_terms", "solve_alphas", "check_ridge", "project_simplex"]
 
 # Groups up to this size solve the simplex QP exactly by enumerating its 2^k - 1 faces.
 _MAX_ENUM_K = 10
@@ -77,7 +81,7 @@ _ALWAYS_ENUM_K = 4
 _RIDGE = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
-def _group_terms(
+def group_terms(
     maps: Tensor, vcat: Tensor, gram_w: Tensor, widths: Sequence[int], target: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced quadratic of eq. (6) around the uniform alpha, in head-dim space.
@@ -202,7 +206,7 @@ def _renormalise(alpha: Tensor) -> Tensor:
     return alpha / alpha.sum(-1, keepdim=True)
 
 
-def _solve_alphas(mc: Tensor, h: Tensor, scale: Tensor, ridge: float, project: bool) -> Tensor:
+def solve_alphas(mc: Tensor, h: Tensor, scale: Tensor, ridge: float, project: bool) -> Tensor:
     """alpha (..., k) from the reduced quadratic: closed-form KKT, then the simplex if needed.
 
     Leading dims ``...`` are independent problems (samples, or samples x groups of one size).
@@ -232,7 +236,7 @@ def _solve_alphas(mc: Tensor, h: Tensor, scale: Tensor, ridge: float, project: b
     return alpha
 
 
-def _check_ridge(ridge: float | None, dtype: torch.dtype) -> float:
+def check_ridge(ridge: float | None, dtype: torch.dtype) -> float:
     """The ridge to use: the dtype default for None, else a validated user value."""
     if ridge is None:
         return _RIDGE[dtype]

@@ -1,62 +1,30 @@
-"""Squeezing a teacher layer's maps with alpha: batching groups, modes, applying the weights.
+"""The whole-map reference: SHD on (B, H, N, M) attention maps held in memory.
 
-The math of alpha lives in :mod:`.solve`; this module gathers each group's inputs (maps, values,
-out-projection Grams), batches the groups of one size into one solve, and implements the modes
-(lstsq, constant, hard, progressive) on whole (B, H, N, M) maps. :mod:`.chunked` runs the same
-accumulation over blocks of query rows without ever holding the maps.
+What figures, analysis, the oracles in ``tests/`` and the whole-map objective (``WholeMapObjective``)
+use: squeeze a teacher layer's maps with alpha (:func:`squeeze_heads`, :class:`HeadSqueezer`,
+:func:`squeeze_layers`), apply alpha to softened maps (:func:`apply_alphas`), the eq. (6) residual
+(:func:`squeeze_objective`) and the loss of paper eq. 11 (:func:`shd_loss`). Memory is O(B H N M)
+per layer. Training computes the same numbers over blocks of query rows from q, k, v with
+:func:`~.chunked.shd_term`; both run the one alpha engine, :func:`~.alpha.mode_alphas` (whole maps
+are one block).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..precision import compute_dtype
-from .groups import SqueezeMode, resolve_groups, validate_groups
-from .solve import _check_ridge, _group_terms, _solve_alphas
+from .alpha import group_inputs, head_weights, mode_alphas, take_heads, whole_map_blocks
+from .chunked import LossKind, LossReduction
+from .groups import SqueezeMode, is_identity, resolve_groups, validate_groups
+from .solve import check_ridge
 
-__all__ = ["squeeze_heads", "apply_alphas", "squeeze_objective", "HeadSqueezer", "squeeze_layers"]
-
-
-def _head_weights(out_proj_weight: Tensor, num_teacher_heads: int, head_dim: int, dtype: torch.dtype) -> Tensor:
-    d_model = out_proj_weight.shape[0]
-    return out_proj_weight.to(dtype).view(d_model, num_teacher_heads, head_dim).permute(1, 2, 0)  # (H, d, D)
-
-
-def _runs(heads: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive indices: (first head, position in ``heads``, length)."""
-    runs: list[tuple[int, int, int]] = []
-    for pos, i in enumerate(heads):
-        if runs and i == runs[-1][0] + runs[-1][2]:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((i, pos, 1))
-    return runs
-
-
-# Head lists are selected through slices of their consecutive runs, never through a Python list
-# index: on GPU a list index is a blocking host-to-device copy, i.e. a host sync.
-
-
-def _take_heads(x: Tensor, heads: Sequence[int], dim: int = 1) -> Tensor:
-    """x[:, heads] (along ``dim``); a view when the heads are one contiguous run (no copy of the maps)."""
-    runs = _runs(heads)
-    if len(runs) == 1:
-        return x.narrow(dim, heads[0], len(heads))
-    return torch.cat([x.narrow(dim, first, length) for first, _, length in runs], dim=dim)
-
-
-def _put_heads(x: Tensor, heads: Sequence[int], src: Tensor | float) -> None:
-    """x[:, heads] = src in place (src: a tensor with len(heads) columns, or a scalar)."""
-    for first, pos, length in _runs(heads):
-        if isinstance(src, Tensor):
-            x.narrow(1, first, length).copy_(src.narrow(1, pos, length))
-        else:
-            x.narrow(1, first, length).fill_(src)
+__all__ = ["squeeze_heads", "apply_alphas", "squeeze_objective", "HeadSqueezer", "squeeze_layers", "shd_loss"]
 
 
 def _owner_mask(sizes: Sequence[int], head_dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -64,170 +32,6 @@ def _owner_mask(sizes: Sequence[int], head_dim: int, dtype: torch.dtype, device:
     widths = torch.tensor(sizes, device=device) * head_dim
     blocks = torch.repeat_interleave(torch.arange(len(sizes), device=device), widths)  # (c,) owner of each column
     return F.one_hot(blocks, len(sizes)).T.to(dtype)  # (k, c)
-
-
-def _pair_inputs(
-    values: Tensor, w_heads: Tensor, heads: Sequence[int], dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Concatenated values (B, M, c) and out-projection Gram (c, c) of the original ``heads``."""
-    b, _, m, d = values.shape
-    vcat = _take_heads(values, heads).to(dtype).permute(0, 2, 1, 3).reshape(b, m, len(heads) * d)  # (B, M, kd)
-    w_g = _take_heads(w_heads, heads, dim=0).reshape(len(heads) * d, -1)  # (kd, D)
-    return vcat, w_g @ w_g.T  # (kd, kd)
-
-
-# A block source: a callable that, each time it is called, yields the teacher's T = 1 maps for
-# consecutive blocks of query rows, ``(probs (B, H_t, c, M), head outputs (B, H_t, c, d) or None)``.
-# Every term of eq. (6) is a sum over query rows, so alpha accumulates over blocks; the whole-map
-# path is one block of all N rows. Progressive squeezing calls the source once per level.
-Blocks = Callable[[], Iterator[tuple[Tensor, Tensor | None]]]
-
-
-def whole_map_blocks(attn: Tensor, head_outputs: Tensor | None = None) -> Blocks:
-    """The block source of whole (B, H_t, N, M) maps: one block holding every query row."""
-    return lambda: iter([(attn, head_outputs)])
-
-
-def _group_values(
-    values: Tensor, w_heads: Tensor, groups: Sequence[Sequence[int]], dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Concatenated values (B, G, M, kd) and out-projection Grams (G, kd, kd) of G same-size groups."""
-    b, _, m, d = values.shape
-    g, k = len(groups), len(groups[0])
-    heads = [i for group in groups for i in group]
-    vals = _take_heads(values, heads).to(dtype).reshape(b, g, k, m, d)  # (B, G, k, M, d)
-    vcat = vals.transpose(2, 3).reshape(b, g, m, k * d)  # (B, G, M, kd): block i = head i of the group
-    w_g = _take_heads(w_heads, heads, dim=0).reshape(g, k * d, -1)  # (G, kd, D)
-    return vcat, w_g @ w_g.transpose(1, 2)  # Gram (G, kd, kd)
-
-
-def _group_maps(
-    probs: Tensor, groups: Sequence[Sequence[int]], dtype: torch.dtype, head_outputs: Tensor | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """Maps (B, G, k, c, M) of G same-size groups, and their outputs Z (B, G, c, kd) if given.
-
-    The maps are a view of ``probs`` when the groups' heads form one contiguous run (defaults).
-    """
-    b, _, n, m = probs.shape
-    g, k = len(groups), len(groups[0])
-    heads = [i for group in groups for i in group]
-    maps = _take_heads(probs, heads).to(dtype).reshape(b, g, k, n, m)  # (B, G, k, c, M)
-    if head_outputs is None:
-        return maps, None
-    d = head_outputs.shape[-1]
-    outs = _take_heads(head_outputs, heads).to(dtype).reshape(b, g, k, n, d)  # (B, G, k, c, d)
-    return maps, outs.transpose(2, 3).reshape(b, g, n, k * d)  # Z (B, G, c, kd)
-
-
-def _add_terms(acc: tuple[Tensor, ...] | None, terms: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return terms if acc is None else tuple(a + t for a, t in zip(acc, terms))
-
-
-@torch.no_grad()
-def _lstsq_alphas(
-    blocks: Blocks,
-    values: Tensor,
-    w_heads: Tensor,
-    groups: list[list[int]],
-    ridge: float,
-    project: bool,
-    dtype: torch.dtype,
-) -> Tensor:
-    """Direct eq. (6) alpha per group: Gram terms summed over the row blocks, then one solve per size."""
-    b, num_teacher_heads, _, d = values.shape
-    alphas = torch.ones(b, num_teacher_heads, dtype=dtype, device=values.device)
-    by_size: dict[int, list[list[int]]] = {}
-    for group in groups:
-        if len(group) > 1:  # singletons keep alpha = 1
-            by_size.setdefault(len(group), []).append(group)
-    inputs = {k: _group_values(values, w_heads, same, dtype) for k, same in by_size.items()}
-    acc: dict[int, tuple[Tensor, ...] | None] = dict.fromkeys(by_size)
-    for probs, outs in blocks():
-        for k, same in by_size.items():  # batched over samples x groups of one size
-            maps, target = _group_maps(probs, same, dtype, outs)
-            vcat, gram_w = inputs[k]
-            acc[k] = _add_terms(acc[k], _group_terms(maps, vcat, gram_w, [d] * k, target))  # (B,G,k,k), (B,G,k), (B,G)
-    for k, same in by_size.items():
-        heads = [i for group in same for i in group]
-        _put_heads(alphas, heads, _solve_alphas(*acc[k], ridge, project).flatten(1))  # (B, G*k)
-    return alphas
-
-
-def _node_map(probs: Tensor, alphas: Tensor, heads: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """A merged pseudo-head's map sum_{i in heads} alpha_i A_i for a row block: (B, c, M)."""
-    a = _take_heads(alphas, heads)[:, :, None, None]  # (B, k, 1, 1)
-    return (a * _take_heads(probs, heads).to(dtype)).sum(1)  # (B, c, M)
-
-
-@torch.no_grad()
-def _progressive_alphas(
-    blocks: Blocks,
-    values: Tensor,
-    w_heads: Tensor,
-    num_student_heads: int,
-    ridge: float,
-    project: bool,
-    dtype: torch.dtype,
-) -> Tensor:
-    """Algorithm 1: merge adjacent pairs with the pairwise-optimal alpha until H_s heads remain.
-
-    A merged pseudo-head stands for its squeezed map A~ = sum alpha_i A_i (alpha so far) and for
-    S = sum of its heads' X_i, so the next level solves eq. (6) for the pair with targets
-    A~_p S_p + A~_q S_q. Original heads' final weights are the products of the alphas along their
-    merge path. One pass over the row blocks per level.
-    """
-    b, num_teacher_heads, _, d = values.shape
-    alphas = torch.ones(b, num_teacher_heads, dtype=dtype, device=values.device)
-    nodes = [[i] for i in range(num_teacher_heads)]
-    while len(nodes) > num_student_heads:
-        pairs = [(nodes[i], nodes[i + 1]) for i in range(0, len(nodes) - 1, 2)]
-        inputs = [_pair_inputs(values, w_heads, p + q, dtype) for p, q in pairs]
-        acc: list[tuple[Tensor, ...] | None] = [None] * len(pairs)
-        for probs, _ in blocks():
-            for j, ((p, q), (vcat, gram_w)) in enumerate(zip(pairs, inputs)):
-                maps = torch.stack([_node_map(probs, alphas, p, dtype), _node_map(probs, alphas, q, dtype)], 1)  # (B, 2, c, M)
-                acc[j] = _add_terms(acc[j], _group_terms(maps, vcat, gram_w, [len(p) * d, len(q) * d]))
-        for (p, q), terms in zip(pairs, acc):
-            a = _solve_alphas(*terms, ridge, project)  # (B, 2)
-            _put_heads(alphas, p, _take_heads(alphas, p) * a[:, :1])
-            _put_heads(alphas, q, _take_heads(alphas, q) * a[:, 1:])
-        # The odd last head is carried to the next level unchanged.
-        nodes = [p + q for p, q in pairs] + ([nodes[-1]] if len(nodes) % 2 else [])
-    return alphas
-
-
-@torch.no_grad()
-def mode_alphas(
-    blocks: Blocks,
-    values: Tensor,
-    out_proj_weight: Tensor,
-    groups: list[list[int]],
-    mode: SqueezeMode,
-    ridge: float,
-    project: bool,
-    dtype: torch.dtype,
-) -> Tensor:
-    """(B, H_t) alphas of a squeeze mode from a block source (see :data:`Blocks`).
-
-    ``groups`` are the mode's resolved groups (:func:`~.groups.resolve_groups`); the solve runs in
-    ``dtype`` with autocast off (a bf16 Gram would be singular).
-    """
-    b, num_teacher_heads, _, d = values.shape
-    if mode in ("constant", "hard"):
-        alphas = torch.zeros(b, num_teacher_heads, dtype=dtype, device=values.device)
-        for g in groups:
-            _put_heads(alphas, g[:1] if mode == "hard" else g, 1.0 if mode == "hard" else 1.0 / len(g))
-        return alphas
-    with torch.autocast(values.device.type, enabled=False):
-        w_heads = _head_weights(out_proj_weight, num_teacher_heads, d, dtype)  # (H, d, D)
-        if mode == "lstsq":
-            return _lstsq_alphas(blocks, values, w_heads, groups, ridge, project, dtype)
-        return _progressive_alphas(blocks, values, w_heads, len(groups), ridge, project, dtype)
-
-
-def is_identity(groups: Sequence[Sequence[int]], num_teacher_heads: int) -> bool:
-    """Whether squeezing is the identity: H_t == H_s and group j is teacher head j."""
-    return len(groups) == num_teacher_heads and all(list(g) == [j] for j, g in enumerate(groups))
 
 
 def _check_squeeze_inputs(attn: Tensor, values: Tensor, out_proj_weight: Tensor) -> None:
@@ -295,7 +99,7 @@ def squeeze_heads(
             f"{(b, num_teacher_heads, n, values.shape[-1])}: the per-head attention outputs A_i V_i"
         )
     dtype = compute_dtype(attn, values, out_proj_weight)
-    ridge = _check_ridge(ridge, dtype)
+    ridge = check_ridge(ridge, dtype)
     resolved = resolve_groups(num_teacher_heads, num_heads, mode, groups, generator_seed)
     if is_identity(resolved, num_teacher_heads):
         return attn, torch.ones(b, num_teacher_heads, dtype=dtype, device=attn.device)
@@ -355,11 +159,11 @@ def squeeze_objective(
     _check_squeeze_inputs(attn, values, out_proj_weight)
     num_teacher_heads, d = attn.shape[1], values.shape[-1]
     dtype = compute_dtype(attn, values, out_proj_weight, alphas)
-    w_heads = _head_weights(out_proj_weight, num_teacher_heads, d, dtype)
+    w_heads = head_weights(out_proj_weight, num_teacher_heads, d, dtype)
     out = []
     for group in groups:
-        maps = _take_heads(attn, group).to(dtype)  # (B, k, N, M)
-        vcat, gram_w = _pair_inputs(values, w_heads, group, dtype)
+        maps = take_heads(attn, group).to(dtype)  # (B, k, N, M)
+        vcat, gram_w = group_inputs(values, w_heads, group, dtype)
         u_all = maps @ vcat.unsqueeze(1)  # (B, k, N, c)
         owner = _owner_mask([1] * len(group), d, dtype, attn.device)
         target = torch.einsum("bknc,kc->bnc", u_all, owner)  # (B, N, c)
@@ -458,3 +262,74 @@ def squeeze_layers(
         out_alphas.append(a)
     return out_maps, out_alphas
 
+
+# --------------------------------------------------------------------------------------------
+# The loss on whole maps (paper eq. 11)
+# --------------------------------------------------------------------------------------------
+
+
+def shd_loss(
+    student_maps: Sequence[Tensor],
+    teacher_maps: Sequence[Tensor],
+    *,
+    beta: float,
+    kind: LossKind = "kl",
+    reduction: LossReduction = "sum",
+    eps: float = 1e-10,
+) -> Tensor:
+    """Per-sample SHD loss between student maps and squeezed teacher maps (paper eq. 11).
+
+    Per layer l and student head j, with rows n = 1..N (query tokens) and keys k:
+      * kind "kl":  (1/N) sum_n sum_k p_t log(p_t / p_s), i.e. KL(teacher || student) averaged
+        over query rows; 0 log 0 = 0, and log p_s uses ``p_s.clamp_min(eps)`` (student maps are
+        probabilities; entries below eps get no gradient through the log).
+      * kind "mse": (1/(N M)) sum_n sum_k (p_s - p_t)^2.
+    reduction "sum" adds these over all layers and heads (eq. 11, the paper default); "mean"
+    divides that sum by the number of layer-heads sum_l H_s. The result is multiplied by beta.
+    Teacher maps are detached; computation is in float32 (float64 for float64 students).
+
+    The whole-map path (tests and benchmarks); training computes the same term blockwise
+    with :func:`~.chunked.shd_term` and weights it by ``distill.shd_beta`` in the objective. So
+    ``beta`` has no default: a caller says which weight it means (1.0 for the bare term).
+
+    Args:
+        student_maps: per layer (B, H_s, N, M) student probabilities (with graph).
+        teacher_maps: per layer (B, H_s, N, M) squeezed teacher probabilities.
+        beta: loss weight (keyword only; the paper uses 2.0 for image generation).
+        kind: "kl" or "mse". reduction: "sum" or "mean". eps: log clamp.
+
+    Returns:
+        (B,) per-sample loss; the training loop reduces over the batch.
+    """
+    if kind not in ("kl", "mse"):
+        raise ValueError(f"unknown SHD loss kind {kind!r}; choose 'kl' or 'mse'")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"unknown SHD reduction {reduction!r}; choose 'sum' or 'mean'")
+    if len(student_maps) != len(teacher_maps) or not student_maps:
+        raise ValueError(
+            f"shd_loss needs the same non-zero number of student and teacher layers, got "
+            f"{len(student_maps)} and {len(teacher_maps)}"
+        )
+    total: Tensor | None = None
+    count = 0
+    for l, (s, t) in enumerate(zip(student_maps, teacher_maps)):
+        if s.shape != t.shape or s.ndim != 4:
+            raise ValueError(
+                f"layer {l}: student maps {tuple(s.shape)} and squeezed teacher maps {tuple(t.shape)} "
+                "must both be (B, H_s, N, M); squeeze the teacher to the student's head count first"
+            )
+        dtype = compute_dtype(s)
+        s = s.to(dtype)
+        t = t.detach().to(dtype)
+        if kind == "kl":
+            per_row = (torch.xlogy(t, t) - t * s.clamp_min(eps).log()).sum(-1)  # (B, H, N)
+            per_head = per_row.mean(-1)  # (B, H)
+        else:
+            per_head = (s - t).pow(2).mean((-2, -1))  # (B, H)
+        layer = per_head.sum(-1)  # (B,)
+        total = layer if total is None else total + layer
+        count += s.shape[1]
+    assert total is not None
+    if reduction == "mean":
+        total = total / count
+    return beta * total
