@@ -56,6 +56,7 @@ __all__ = [
     "capture_attention",
     "capture_qk",
     "attention_probs",
+    "require_no_grad",
 ]
 
 
@@ -330,7 +331,7 @@ class CaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
-        _require_no_grad(self.export_values, "capture_attention")
+        require_no_grad(self.export_values, "capture_attention")
         q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
         dtype = compute_dtype(q, k)
         bias = _logits_bias(attention_mask, dtype)
@@ -359,7 +360,8 @@ class CaptureProcessor:
         return CaptureProcessor(AttentionStore(), self.layer_index, self.temperature, self.export_values)
 
 
-def _require_no_grad(export_values: bool, context: str) -> None:
+def require_no_grad(export_values: bool, context: str) -> None:
+    """Refuse a teacher capture under autograd: its graph would cost a second training step's memory."""
     if export_values and torch.is_grad_enabled():
         raise RuntimeError(
             f"teacher capture ({context}(..., export_values=True)) must run without autograd: "
@@ -397,7 +399,7 @@ class QKCaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
-        _require_no_grad(self.export_values, "capture_qk")
+        require_no_grad(self.export_values, "capture_qk")
         q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
         scale = _scale(attn, q.shape[-1])
         bias = _logits_bias(attention_mask, q.dtype)

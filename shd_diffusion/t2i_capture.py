@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shd_diffusion.attention import AttentionStore, Segment, _require_no_grad, select_layers
+from shd_diffusion.attention import AttentionStore, Segment, require_no_grad, select_layers
 from shd_diffusion.t2i_attention import AttentionSite, T2IAttentionSpec, t2i_spec
 
 __all__ = ["CapturedSite", "t2i_attention_layers", "capture_t2i_qk", "ShdInputs", "shd_inputs"]
@@ -185,7 +185,7 @@ def _record(caller: _Caller, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask:
             scale: float | None, enable_gqa: bool) -> None:
     """Append one kernel call's entry; q, k, v, out are (B, H, S, d) (k, v may have fewer heads with GQA)."""
     session = caller.session
-    _require_no_grad(session.export_values, "capture_qk")
+    require_no_grad(session.export_values, "capture_qk")
     if out.dtype != q.dtype and torch.is_autocast_enabled(q.device.type):
         # Autocast casts the kernel's inputs itself (QK-norms hand it float32 q, k): record what it used.
         q, k, v = (x.to(out.dtype) for x in (q, k, v))
