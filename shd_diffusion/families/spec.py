@@ -44,9 +44,9 @@ ShdInputs = Callable[[AttentionStore, int, AttentionStore, int, str], dict[str, 
 
 @dataclass(frozen=True)
 class Footprint:
-    """What the batch-memory lower bound needs of a model (:mod:`shd_diffusion.training.memory`)."""
+    """What the batch-memory lower bound needs of a model besides its token count
+    (:attr:`FamilySpec.num_tokens`; :mod:`shd_diffusion.training.memory`)."""
 
-    tokens: int  # N image tokens per sample (0 where it follows the data, not the model)
     width: int  # residual width D
     blocks: int  # transformer blocks (each keeps >= 8 N D values for its backward)
     image_values: int  # values of one input sample (C H W; 0 where it follows the data)
@@ -97,10 +97,9 @@ def class_forward(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: An
 
 
 def own_footprint(model: nn.Module) -> Footprint:
-    """This package's DiT / MDTv2: tokens, hidden size, depth and input size from the config."""
+    """This package's DiT / MDTv2: hidden size, depth and input size from the config."""
     cfg = model.config
-    return Footprint(patch_tokens(model), int(cfg.hidden_size), int(cfg.depth),
-                     int(cfg.in_channels) * int(cfg.input_size) ** 2)
+    return Footprint(int(cfg.hidden_size), int(cfg.depth), int(cfg.in_channels) * int(cfg.input_size) ** 2)
 
 
 def whole_sequence_shd_inputs(teacher: AttentionStore, ti: int, student: AttentionStore, si: int,

@@ -80,11 +80,11 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _footprint(model: nn.Module) -> Footprint:
-    """Tokens at the configured size (0 if unknown), width heads x head_dim, one block per attention layer."""
+    """Width heads x head_dim, one block per attention layer, input values at the configured size (0 if unknown)."""
     cfg = model.config
     side = cfg.get("sample_size") if hasattr(cfg, "get") else None
     image = int(cfg.in_channels) * int(side) ** 2 if side else 0
-    return Footprint(sample_tokens(model), inner_dim(model), len(_layers(model)), image)
+    return Footprint(inner_dim(model), len(_layers(model)), image)
 
 
 def _image_rows(teacher: AttentionStore, ti: int, student: AttentionStore, si: int, keys: str = "all") -> dict[str, Any]:

@@ -30,9 +30,10 @@ def activation_bytes_per_image(student: nn.Module, precision: str, grad_checkpoi
     float32 values. Add the image itself (C H W float32). Attention maps, the MLP's activation
     output, optimizer state, the teacher and the allocator's overhead are left out on purpose.
     """
-    size = family_of(student).footprint(student)  # N, D, blocks, C H W (0 where the data decides)
+    family = family_of(student)
+    tokens, size = family.num_tokens(student), family.footprint(student)  # N; D, blocks, C H W (0: the data decides)
     per_value = 2 if precision == "bf16" else 4
-    per_block = size.tokens * size.width * (4 if grad_checkpointing else 8 * per_value)
+    per_block = tokens * size.width * (4 if grad_checkpointing else 8 * per_value)
     return size.blocks * per_block + size.image_values * 4
 
 

@@ -204,9 +204,11 @@ class Trainer:
         """``teacher.checkpoint`` is set and names an existing path or a Hub id."""
         tcfg = self.cfg.teacher
         if tcfg.checkpoint is None:
+            needs = ("student.name=from_teacher builds the student from the teacher's config" if self.cfg.student.from_teacher
+                     else f"distill.mode={self.cfg.distill.mode} needs a teacher")
             raise ValueError(
-                f"distill.mode={self.cfg.distill.mode} needs a teacher: set teacher.checkpoint to an official "
-                ".pt file, a checkpoint of this package, a save_pretrained / diffusers folder or a Hub id"
+                f"{needs}: set teacher.checkpoint to an official .pt file, a checkpoint of this package, a "
+                "save_pretrained / diffusers folder or a Hub id"
             )
         if not Path(tcfg.checkpoint).exists() and parse_hub_id(tcfg.checkpoint) is None:
             raise FileNotFoundError(
