@@ -144,7 +144,7 @@ def test_cfg_dropout_swaps_in_the_empty_prompt_per_sample(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["pixart", "flux"])
+@pytest.mark.parametrize("family", list(TEACHERS))
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, family):
     extra = ["train.steps=4", "optim.warmup_steps=2", "student.class_dropout_prob=0.5"]
 
@@ -165,7 +165,6 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, family):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd3", "qwen"])
 def test_bf16_autocast_runs_a_step(tmp_path, family):
     cfg = make_cfg(tmp_path, family, ["train.precision=bf16", "teacher.dtype=bfloat16"])
@@ -193,3 +192,16 @@ def test_t2i_configs_are_complete_experiments(config):
     cfg = load_config(ExperimentConfig, REPO / "configs" / "t2i" / config)
     assert cfg.student.from_teacher and cfg.data.kind == "text_latents" and cfg.teacher.checkpoint
     assert cfg.distill.mode == "kd_shd"
+
+
+def test_a_checkpoint_config_written_before_the_text_fields_resumes_as_their_defaults():
+    from shd_diffusion.config import to_dict
+    from shd_diffusion.training.resume import with_defaults
+
+    current = to_dict(load_config(ExperimentConfig, REPO / "configs" / "demo_student.yaml"))
+    old = to_dict(load_config(ExperimentConfig, REPO / "configs" / "demo_student.yaml"))
+    for section, key in (("student", "teacher_overrides"), ("student", "init_from_teacher"), ("teacher", "dtype"),
+                         ("distill", "shd_keys")):
+        del old[section][key]
+    del old["teacher"]["model"]["teacher_overrides"]
+    assert with_defaults(old, to_dict(ExperimentConfig())) == current
