@@ -12,14 +12,23 @@ a term that needs new modules (a projector) also adds them to :class:`TrainedMod
 
 SHD runs on captured q, k (:func:`~shd_diffusion.attention.capture_qk`): both forwards stay on
 fused attention, and each layer pair's term is :func:`~shd_diffusion.shd.shd_term` over blocks of
-query rows (``distill.chunk_size``), so no (B, H, N, N) map is ever stored.
+query rows (``distill.chunk_size``), so no (B, H, N, N) map is ever stored. Which rows and keys of
+a captured entry are distilled is the family's (:attr:`FamilySpec.shd_inputs`): every token for
+image-only models, the image-query rows for text-to-image ones.
+
+The noising process is the family's too (:attr:`FamilySpec.objective`): :class:`GaussianProcess`
+(DDPM with learned variance: DiT, MDTv2, PixArt; eps loss, KD on the whole output) or
+:class:`FlowProcess` (rectified flow: SD3, FLUX.1, Qwen-Image; velocity MSE, KD on the velocity).
+The conditioning (labels, or a text dict with the empty prompt swapped in by CFG dropout) and the
+model call (latent packing, timestep convention) come from the spec as well, so this module holds
+no family knowledge.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +36,7 @@ from torch import nn
 from . import shd as shd_math
 from .attention import AttentionStore, capture_attention, capture_qk
 from .diffusion import GaussianDiffusion
+from .diffusion import flow
 from .distill import FeatureProjectors, capture_block_outputs, feature_loss, kd_loss, self_correlation_loss
 from .train_config import DistillConfig
 
@@ -35,7 +45,7 @@ if TYPE_CHECKING:  # families import this module (per_sample); the objective onl
 
 __all__ = [
     "StepTerms", "DiffusionBatch", "TrainedModules", "DistillationObjective", "WholeMapObjective", "weighted_total",
-    "per_sample", "noised",
+    "per_sample", "noised", "GaussianProcess", "FlowProcess", "make_process",
 ]
 
 # A capture: model -> context manager yielding the store its forward fills.
@@ -101,6 +111,84 @@ def noised(diffusion: GaussianDiffusion, x0: torch.Tensor, gens: list[torch.Gene
     return t, noise, diffusion.q_sample(x0, t, noise)
 
 
+class GaussianProcess:
+    """DDPM noising and loss (learned-range variance, hybrid loss): the objective of DiT-like families.
+
+    The model is told the integer timestep; KD compares the whole output (eps and variance channels).
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion) -> None:
+        self.diffusion = diffusion
+
+    def noised(self, x0: torch.Tensor, gens: list[torch.Generator]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t (B,), noise and x_t (B, C, H, W) (:func:`noised`), and the model's timestep (= t)."""
+        t, noise, x_t = noised(self.diffusion, x0, gens)
+        return t, noise, x_t, t
+
+    def weight(self, t: torch.Tensor, min_snr: bool) -> torch.Tensor | None:
+        """Min-SNR-5 weights of the eps MSE (B,), or None (uniform)."""
+        return self.diffusion.min_snr_weight(t) if min_snr else None
+
+    def loss(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             weight: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample hybrid loss (B,) of the output (B, C or 2C, H, W)."""
+        return self.diffusion.training_losses(out.float(), x0, x_t, t, noise, mse_weight=weight)["loss"]
+
+    @staticmethod
+    def kd(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+        """Output KD (B,): :func:`~shd_diffusion.distill.kd_loss`."""
+        return kd_loss(student_out, teacher_out)
+
+
+class FlowProcess:
+    """Rectified flow (:mod:`shd_diffusion.diffusion.flow`): the objective of SD3, FLUX and Qwen-Image.
+
+    Args:
+        config_for: latent shape (C, H, W) -> the family's :class:`~shd_diffusion.diffusion.flow.FlowConfig`
+            (FLUX's shift depends on the image token count, so it is resolved per latent shape).
+    """
+
+    def __init__(self, config_for: Callable[[tuple[int, ...]], flow.FlowConfig]) -> None:
+        self.config_for = config_for
+
+    def noised(self, x0: torch.Tensor, gens: list[torch.Generator]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t (B,) in [0, 1], noise and x_t (B, C, H, W) (each sample's first draws), and the model's
+        timestep ``t * timestep_scale`` in float32."""
+        cfg = self.config_for(tuple(x0.shape[1:]))
+        t, noise, x_t = flow.noised(cfg, x0, gens)
+        return t, noise, x_t, flow.model_timestep(t, cfg.timestep_scale).float()
+
+    def weight(self, t: torch.Tensor, min_snr: bool) -> None:
+        """Uniform: Min-SNR-5 is an eps-loss weighting (refused for flow families by :func:`make_process`)."""
+        return None
+
+    def loss(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             weight: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample velocity MSE (B,) against ``noise - x0``."""
+        return flow.training_losses(out.float(), x0, noise)["loss"]
+
+    @staticmethod
+    def kd(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+        """KD on the velocity (B,)."""
+        return flow.velocity_kd(student_out, teacher_out)
+
+
+def make_process(family: FamilySpec, diffusion: GaussianDiffusion, min_snr: bool) -> GaussianProcess | FlowProcess:
+    """The noising process the family's spec names (``objective``).
+
+    Raises:
+        ValueError: Min-SNR-5 weighting asked of a flow family.
+    """
+    if family.objective == "diffusion":
+        return GaussianProcess(diffusion)
+    if min_snr:
+        raise ValueError(f"train.loss_weighting=min_snr5 weights an eps loss; {family.name} trains with rectified "
+                         "flow (velocity loss): set train.loss_weighting=auto or uniform")
+    return FlowProcess(family.flow)
+
+
 class TrainedModules(nn.Module):
     """Everything that trains: the student plus the optional feature projectors.
 
@@ -121,8 +209,10 @@ class TrainedModules(nn.Module):
         y: torch.Tensor,
         capture: Capture | None = None,
         feature_layers: list[int] | None = None,
+        run: Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None,
         **model_kwargs: Any,
     ) -> tuple[torch.Tensor, AttentionStore | None, list[torch.Tensor]]:
+        """One student pass: ``run(student, x, t, y)`` (the family's call) or ``student(x, t, y, **model_kwargs)``."""
         store = None
         feats: list[torch.Tensor] = []
         with contextlib.ExitStack() as stack:
@@ -130,7 +220,7 @@ class TrainedModules(nn.Module):
                 store = stack.enter_context(capture(self.student))
             if feature_layers:
                 feats = stack.enter_context(capture_block_outputs(self.student, feature_layers))
-            out = self.student(x, t, y, **model_kwargs)
+            out = run(self.student, x, t, y) if run is not None else self.student(x, t, y, **model_kwargs)
         return out, store, list(feats)
 
 
@@ -141,20 +231,25 @@ class DistillationObjective:
         cfg: the ``distill`` section. diffusion: the training diffusion.
         teacher: the frozen teacher (eval mode, no grad), or None for ``distill.mode=none``.
         layer_pairs: (student layer, teacher layer) per distilled pair, in student-layer order.
-        family: the student's family (its extra passes and their terms run after the main pass).
+        family: the student's family: how it is conditioned and called, its process (DDPM or flow),
+            which captured rows SHD distils, and its extra passes (run after the main pass).
         min_snr: Min-SNR-5 weights on the eps MSE.
-        drop_prob: label-dropout probability (CFG). num_tokens: N (what extra passes may draw per token).
+        drop_prob: CFG-dropout probability (labels, or the empty prompt). num_tokens: N (what extra passes
+            may draw per token).
+        teacher_family: the teacher's family (how it is called); None = ``family``.
+        empty_conditioning: the dataset's empty-prompt dict (text families' CFG dropout); settable later.
     """
 
     def __init__(self, cfg: DistillConfig, diffusion: GaussianDiffusion, teacher: nn.Module | None,
                  layer_pairs: Sequence[tuple[int, int]], *, family: FamilySpec, min_snr: bool, drop_prob: float,
-                 num_tokens: int) -> None:
-        if family.objective != "diffusion":
-            raise NotImplementedError(f"family {family.name} trains with a {family.objective} objective, "
-                                      "which DistillationObjective does not implement")
+                 num_tokens: int, teacher_family: FamilySpec | None = None,
+                 empty_conditioning: Mapping[str, torch.Tensor] | None = None) -> None:
         self.cfg, self.diffusion, self.teacher = cfg, diffusion, teacher
+        self.process = make_process(family, diffusion, min_snr)
         self.layer_pairs = list(layer_pairs)
         self.family, self.min_snr, self.drop_prob, self.num_tokens = family, min_snr, drop_prob, num_tokens
+        self.teacher_family = teacher_family or family
+        self.empty_conditioning = empty_conditioning
         self.shd_on = cfg.uses_shd and bool(self.layer_pairs)
         self.feat_on = cfg.feature_kind is not None and bool(self.layer_pairs)
 
@@ -173,10 +268,10 @@ class DistillationObjective:
         alphas, heads = [], 0
         for (j, i), sq in zip(self.layer_pairs, squeezers):
             a, b = s.layer_indices.index(j), t.layer_indices.index(i)
+            inputs = self.family.shd_inputs(t, b, s, a, dc.shd_keys)  # q, k, v, W^O, biases, A V of the distilled rows
             loss, alpha = shd_math.shd_term(
-                s.queries[a], s.keys[a], t.queries[b], t.keys[b], t.values[b], t.out_weights[b],
-                groups=sq.groups, temperature=dc.temperature, student_bias=s.biases[a], teacher_bias=t.biases[b],
-                chunk_size=dc.chunk_size, loss=dc.loss, mode=sq.mode, generator_seed=sq.seed, teacher_out=t.outputs[b],
+                **inputs, groups=sq.groups, temperature=dc.temperature, chunk_size=dc.chunk_size, loss=dc.loss,
+                mode=sq.mode, generator_seed=sq.seed,
             )
             total = loss if total is None else total + loss
             alphas.append(alpha)
@@ -184,31 +279,32 @@ class DistillationObjective:
         assert total is not None
         return (total / heads if dc.reduction == "mean" else total), alphas
 
-    def __call__(self, trained: nn.Module, x0: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator],
+    def __call__(self, trained: nn.Module, x0: torch.Tensor, y: Any, gens: list[torch.Generator],
                  mask_ratio_draw: float, squeezers: Sequence[shd_math.HeadSqueezer]) -> StepTerms:
-        """Terms for clean inputs ``x0`` (B, C, H, W) and labels ``y`` (B,).
+        """Terms for clean inputs ``x0`` (B, C, H, W) and labels ``y`` (B,) or a conditioning dict of (B, ...).
 
-        ``gens``: one generator per sample (timestep, noise, label drop, then the family's extra
+        ``gens``: one generator per sample (timestep, noise, CFG drop, then the family's extra
         passes: MDT's keep set); ``mask_ratio_draw``: this step's MDT mask-ratio draw;
         ``squeezers``: one per layer pair.
         """
-        dc, diff, dev = self.cfg, self.diffusion, x0.device
-        t, noise, x_t = noised(diff, x0, gens)
-        # Drop labels once, here, so student and teacher see the same (dropped) labels.
+        dc, proc, dev = self.cfg, self.process, x0.device
+        t, noise, x_t, model_t = proc.noised(x0, gens)
+        # Drop labels / prompts once, here, so student and teacher see the same conditioning.
         drop = (per_sample(gens, lambda g: torch.rand((), generator=g, device=dev)) < self.drop_prob).long()
-        weight = diff.min_snr_weight(t) if self.min_snr else None
+        cond = self.family.condition(y, drop, self.empty_conditioning)
+        weight = proc.weight(t, self.min_snr)
         s_layers = [j for j, _ in self.layer_pairs]
-        out, s_store, s_feats = trained(x_t, t, y, capture=self.student_capture if self.shd_on else None,
-                                     feature_layers=s_layers if self.feat_on else None, force_drop_ids=drop)
-        terms = {"diffusion": diff.training_losses(out.float(), x0, x_t, t, noise, mse_weight=weight)["loss"]}
+        out, s_store, s_feats = trained(x_t, model_t, cond, capture=self.student_capture if self.shd_on else None,
+                                        feature_layers=s_layers if self.feat_on else None, run=self.family.forward)
+        terms = {"diffusion": proc.loss(out, x0, x_t, t, noise, weight)}
         if self.family.extra_pass is not None:  # MDTv2: the masked pass
             batch = DiffusionBatch(x0, t, y, drop, gens, mask_ratio_draw, weight, self.num_tokens)
-            terms.update(self.family.extra_pass(trained, diff, batch))
+            terms.update(self.family.extra_pass(trained, self.diffusion, batch))
         alphas: list[torch.Tensor] = []
         if self.teacher is not None:
-            t_out, t_store, t_feats = self._teacher(x_t, t, y, drop)
+            t_out, t_store, t_feats = self._teacher(x_t, model_t, cond)
             if dc.uses_kd:
-                terms["kd"] = kd_loss(out, t_out)
+                terms["kd"] = proc.kd(out, t_out)
             if self.shd_on:
                 terms["shd"], alphas = self.shd_terms(s_store, t_store, squeezers)
             if self.feat_on:
@@ -216,14 +312,17 @@ class DistillationObjective:
         return StepTerms(terms=terms, total=weighted_total(terms, dc, self.family.extra_terms), alphas=alphas)
 
     @torch.no_grad()
-    def _teacher(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor
+    def _teacher(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any
                  ) -> tuple[torch.Tensor, AttentionStore | None, dict[int, torch.Tensor]]:
-        """The teacher's output, SHD capture and block features (per teacher layer), no graph."""
+        """The teacher's output, SHD capture and block features (per teacher layer), no graph.
+
+        ``t``: the model's timestep; ``cond``: the conditioning after CFG dropout (the student's).
+        """
         t_layers = sorted({i for _, i in self.layer_pairs})
         with contextlib.ExitStack() as stack:
             store = stack.enter_context(self.teacher_capture(self.teacher)) if self.shd_on else None
             feats = stack.enter_context(capture_block_outputs(self.teacher, t_layers)) if self.feat_on else []
-            out = self.teacher(x_t, t, y, force_drop_ids=drop)
+            out = self.teacher_family.forward(self.teacher, x_t, t, cond)
         return out, store, dict(zip(t_layers, feats))
 
     def _feature(self, trained: nn.Module, s_feats: list[torch.Tensor], t_feats: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -247,7 +346,8 @@ class WholeMapObjective(DistillationObjective):
         """The whole-map twin of ``objective``: same config, diffusion, teacher, layer pairs and settings."""
         o = objective
         return cls(o.cfg, o.diffusion, o.teacher, o.layer_pairs, family=o.family, min_snr=o.min_snr,
-                   drop_prob=o.drop_prob, num_tokens=o.num_tokens)
+                   drop_prob=o.drop_prob, num_tokens=o.num_tokens, teacher_family=o.teacher_family,
+                   empty_conditioning=o.empty_conditioning)
 
     def student_capture(self, model: nn.Module) -> ContextManager[AttentionStore]:
         return capture_attention(model, self.cfg.temperature, [j for j, _ in self.layer_pairs])

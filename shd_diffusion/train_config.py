@@ -10,9 +10,10 @@ refuses to start when one of them changed. The others may change on a resume, wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
+    "FROM_TEACHER",
     "ModelConfig",
     "TeacherConfig",
     "DistillConfig",
@@ -38,9 +39,12 @@ MODES: dict[str, tuple[bool, bool, str | None]] = {
 }
 
 
+FROM_TEACHER = "from_teacher"  # student.name of a text-to-image student: the teacher's diffusers class, reshaped
+
+
 @dataclass
 class ModelConfig:
-    name: str = "MDTv2-S/2"  # registry name (shd_diffusion.models.MODEL_NAMES)  [shape]
+    name: str = "MDTv2-S/2"  # registry name (shd_diffusion.models.MODEL_NAMES), or "from_teacher" (text-to-image)  [shape]
     input_size: int | None = None  # latent/pixel grid side; None = registry default (32)  [shape]
     patch_size: int | None = None  # patch side override; None = the name's /p  [shape]
     in_channels: int | None = None  # image channels (4 = SD-VAE latents, 1 = demo)  [shape]
@@ -52,6 +56,10 @@ class ModelConfig:
     mask_ratio: float | None = None  # MDTv2 base mask ratio (+ U(0, 0.2) per batch)
     class_dropout_prob: float | None = None  # label dropout for CFG; None = 0.1
     learn_sigma: bool = True  # predict the variance interpolation too (hybrid loss)  [shape]
+    # Text-to-image students (name: from_teacher): the teacher's diffusers config with these fields changed
+    # (shd_diffusion.models.diffusers_t2i.student_from_teacher: num_layers, num_attention_heads, ...).
+    teacher_overrides: dict[str, Any] | None = None  # student config fields; null = the teacher's shape  [shape]
+    init_from_teacher: Literal["uniform"] | None = None  # copy evenly spaced teacher blocks (same width); null = random
 
     def __post_init__(self) -> None:
         for name in ("input_size", "patch_size", "in_channels", "num_classes", "hidden_size", "depth", "num_heads"):
@@ -67,6 +75,14 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1) or null, got {value}")
+        if self.name != FROM_TEACHER and (self.teacher_overrides is not None or self.init_from_teacher is not None):
+            raise ValueError(f"teacher_overrides / init_from_teacher shape a text-to-image student: set name: "
+                             f"{FROM_TEACHER} (or drop them for the registry model {self.name})")
+
+    @property
+    def from_teacher(self) -> bool:
+        """A text-to-image student: the teacher's diffusers class, built by ``student_from_teacher``."""
+        return self.name == FROM_TEACHER
 
     def overrides(self) -> dict[str, object]:
         """Keyword overrides for ``create_model`` (the fields that were set)."""
@@ -80,8 +96,14 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="MDTv2-B/2"))  # teacher architecture
-    checkpoint: str | None = None  # official .pt, this package's checkpoint, or a save_pretrained dir
+    checkpoint: str | None = None  # official .pt, this package's checkpoint, a save_pretrained / diffusers folder or Hub id org/repo[:subfolder]
     use_ema: bool = True  # take the `ema` entry of wrapped checkpoints
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype of a text-to-image teacher (read directly in it)
+
+    def __post_init__(self) -> None:
+        if self.model.from_teacher:
+            raise ValueError("teacher.model.name: from_teacher names a student built from the teacher; a text-to-image "
+                             "teacher's architecture comes from teacher.checkpoint (leave teacher.model at its default)")
 
 
 @dataclass
@@ -101,6 +123,7 @@ class DistillConfig:
     calibration_batches: int = 1  # global batches (start of the data stream) used once for head matching
     max_group_size: int | None = None  # head matching: cap on teacher heads per student head; None = no cap
     chunk_size: int | None = None  # SHD query rows per block (memory ~ B H chunk N); None = automatic (256 MiB per block)
+    shd_keys: Literal["all", "image"] = "all"  # text-to-image joint attention: image-query rows over all keys, or the image-image block
 
     def __post_init__(self) -> None:
         if self.temperature < 1.0:
@@ -140,7 +163,7 @@ class DistillConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["animal_mnist", "image_folder", "latents"] = "latents"  # dataset type
+    kind: Literal["animal_mnist", "image_folder", "latents", "text_latents"] = "latents"  # dataset type (text_latents: latents + text-encoder outputs)
     path: str | None = None  # folder of images or latent shards (animal_mnist: None = installed package)
     image_size: int = 256  # pixel size of images (image_folder); latents are image_size / 8
     vae: str = "stabilityai/sd-vae-ft-ema"  # AutoencoderKL hub id or local path (image_folder only)
@@ -227,17 +250,18 @@ class ExperimentConfig:
 # how every step of the run was trained, so what defines the weights, the objective or the data
 # stream is fixed, and what only says how, how long or where it runs may change with a record.
 _MODEL_FIELDS = ("name", "input_size", "patch_size", "in_channels", "num_classes", "hidden_size", "depth",
-                 "num_heads", "decode_layer", "mask_ratio", "class_dropout_prob", "learn_sigma")
+                 "num_heads", "decode_layer", "mask_ratio", "class_dropout_prob", "learn_sigma", "teacher_overrides",
+                 "init_from_teacher")
 RESUME_FIXED_FIELDS: list[str] = [
     # Shapes, and the student's objective (MDT mask ratio, label dropout): the weights' meaning.
     *(f"student.{k}" for k in _MODEL_FIELDS),
     *(f"teacher.model.{k}" for k in _MODEL_FIELDS),
-    "teacher.use_ema",  # which of the teacher file's weights are the teacher
+    "teacher.use_ema", "teacher.dtype",  # which of the teacher file's weights are the teacher, at which precision
     # The objective: a run trained on two losses is described by neither config (the issue's
     # shd_beta / temperature case); the head groups and layer pairs are saved with the weights.
     "distill.mode", "distill.kd_weight", "distill.shd_beta", "distill.temperature", "distill.loss",
     "distill.reduction", "distill.squeeze", "distill.groups", "distill.layer_map", "distill.student_layers",
-    "distill.feature_weight", "distill.seed", "distill.calibration_batches", "distill.max_group_size",
+    "distill.feature_weight", "distill.seed", "distill.calibration_batches", "distill.max_group_size", "distill.shd_keys",
     # The data stream: step s consumes stream positions [s G, (s + 1) G) of (seed, data, G).
     "data.kind", "data.image_size", "data.vae", "train.global_batch_size", "train.seed",
     # The EMA and the loss weights are part of what is trained; Adan's / AdamW's betas and eps

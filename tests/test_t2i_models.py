@@ -359,8 +359,8 @@ REAL_COUNTS = {
 @pytest.mark.parametrize("config_name", list(REAL_COUNTS))
 def test_the_t2i_yaml_students_build_from_the_real_teacher_configs(config_name):
     fragment = yaml.safe_load((REPO / "configs" / "t2i" / config_name).read_text())
-    teacher_config = REAL_TEACHERS[fragment["teacher"]["source"]]
-    overrides = {k: v for k, v in fragment["student"].items() if k != "init_from_teacher"}
+    teacher_config = REAL_TEACHERS[fragment["teacher"]["checkpoint"]]
+    overrides = fragment["student"]["teacher_overrides"]
     config = student_config(teacher_config, **overrides)
     with torch.device("meta"):
         teacher = student_from_teacher(teacher_config)  # no overrides: the teacher's own architecture

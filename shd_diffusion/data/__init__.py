@@ -57,7 +57,7 @@ __all__ = [
     "LATENT_INDEX",
 ]
 
-DATASET_KINDS = ("animal_mnist", "image_folder", "latents")
+DATASET_KINDS = ("animal_mnist", "image_folder", "latents", "text_latents")
 
 
 def build_dataset(kind: str, path: str | Path | None, image_size: int, hflip: bool | None = None) -> Dataset:
@@ -67,7 +67,8 @@ def build_dataset(kind: str, path: str | Path | None, image_size: int, hflip: bo
     the pixel size, or the latent size for ``latents``).
 
     Args:
-        kind: ``"animal_mnist"``, ``"image_folder"`` or ``"latents"``.
+        kind: ``"animal_mnist"``, ``"image_folder"``, ``"latents"`` or ``"text_latents"`` (items
+            ``(x, conditioning dict)``, :class:`TextLatentDataset`).
         path: data folder; for ``animal_mnist`` None means the installed package.
         image_size: pixel size. For ``latents`` it must equal the size the latents were
             extracted at (latents of a 256 px image are 32x32 for the SD VAE).
@@ -89,7 +90,7 @@ def build_dataset(kind: str, path: str | Path | None, image_size: int, hflip: bo
     flip = True if hflip is None else hflip
     if kind == "image_folder":
         return ImageFolderDataset(path, image_size=image_size, hflip=flip)
-    dataset = LatentDataset(path, hflip=flip)
+    dataset = TextLatentDataset(path, hflip=flip) if kind == "text_latents" else LatentDataset(path, hflip=flip)
     if dataset.image_size != image_size:
         raise DatasetError(
             f"latents in {path} were extracted from {dataset.image_size} px images, but image_size is "

@@ -2,7 +2,9 @@
 
 ``family_of(model)`` is the one place that decides which family a model belongs to; the trainer,
 the objective, the sampler and the export ask its spec instead of checking classes. Built in:
-:data:`~.dit.DIT` (this package's DiT, and diffusers' DiT) and :data:`~.mdt.MDT` (MDTv2).
+:data:`~.dit.DIT` (this package's DiT, and diffusers' DiT), :data:`~.mdt.MDT` (MDTv2) and the
+text-to-image families of diffusers (:mod:`.text`): :data:`~.pixart.PIXART`, :data:`~.sd3.SD3`,
+:data:`~.flux.FLUX` (FLUX.1) and :data:`~.qwen_image.QWEN_IMAGE`.
 
 Adding a family: write its model (``attention_layers()``, ``forward(x, t, y, force_drop_ids=...)``,
 ``null_class``), add its named configs to :data:`shd_diffusion.models.MODEL_CONFIGS`, and
@@ -58,7 +60,15 @@ def family_of(model: nn.Module) -> FamilySpec:
 
 
 from .dit import DIT  # noqa: E402  (the built-in families register after the registry exists)
+from .flux import FLUX  # noqa: E402
 from .mdt import MDT  # noqa: E402
+from .pixart import PIXART  # noqa: E402
+from .qwen_image import QWEN_IMAGE  # noqa: E402
+from .sd3 import SD3  # noqa: E402
 
 register(DIT)
 register(MDT)
+register(PIXART)
+register(SD3)
+register(FLUX)
+register(QWEN_IMAGE)

@@ -49,7 +49,14 @@ def plan_distillation(student: nn.Module, teacher: nn.Module | None, dc: Distill
     """
     if teacher is None or not (dc.uses_shd or dc.feature_kind):
         return [], []
-    s_layers, t_layers = family_of(student).attention_layers(student), family_of(teacher).attention_layers(teacher)
+    family = family_of(student)
+    if dc.feature_kind and not family.feature_distillation:
+        raise ValueError(f"distill.mode={dc.mode}: feature distillation hooks this package's own blocks and does not "
+                         f"apply to {family.name}; use kd, kd_shd or shd")
+    if dc.squeeze == "matching" and family.conditioning != "class":
+        raise ValueError(f"distill.squeeze=matching calibrates on class-conditional batches; for {family.name} use "
+                         "lstsq, constant, hard or progressive")
+    s_layers, t_layers = family.attention_layers(student), family_of(teacher).attention_layers(teacher)
     mapping = shd_math.layer_mapping(len(s_layers), len(t_layers), dc.layer_map)
     chosen = range(len(s_layers)) if dc.student_layers is None else dc.student_layers
     for j in chosen:

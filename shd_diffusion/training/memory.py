@@ -30,12 +30,11 @@ def activation_bytes_per_image(student: nn.Module, precision: str, grad_checkpoi
     float32 values. Add the image itself (C H W float32). Attention maps, the MLP's activation
     output, optimizer state, the teacher and the allocator's overhead are left out on purpose.
     """
-    cfg = student.config
-    tokens = family_of(student).num_tokens(student)  # N
+    family = family_of(student)
+    tokens, size = family.num_tokens(student), family.footprint(student)  # N; D, blocks, C H W (0: the data decides)
     per_value = 2 if precision == "bf16" else 4
-    per_block = tokens * cfg.hidden_size * (4 if grad_checkpointing else 8 * per_value)
-    image = cfg.in_channels * cfg.input_size * cfg.input_size * 4
-    return cfg.depth * per_block + image
+    per_block = tokens * size.width * (4 if grad_checkpointing else 8 * per_value)
+    return size.blocks * per_block + size.image_values * 4
 
 
 def available_bytes(device: torch.device) -> tuple[int, str]:

@@ -40,6 +40,17 @@ _NEW_RUN = "or start a new run (another train.run_name, or an empty folder)"
 Change = tuple[str, Any, Any]
 
 
+def with_defaults(saved: Any, defaults: Any) -> Any:
+    """A checkpoint's config with the fields it predates filled in from the schema's defaults.
+
+    A field added to the schema later defaults to the behaviour before it existed (e.g.
+    ``distill.shd_keys``, ``teacher.dtype``), so a run written before it resumes as if it had set it.
+    """
+    if not (isinstance(saved, Mapping) and isinstance(defaults, Mapping)):
+        return saved
+    return {**defaults, **{k: with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+
+
 def check_resume(saved: Mapping[str, Any], cfg: ExperimentConfig, identity: Mapping[str, str | None],
                  checkpoint: str) -> list[Change]:
     """Refuse a resume that would change what the run depends on; say and return the accepted changes.
@@ -57,6 +68,7 @@ def check_resume(saved: Mapping[str, Any], cfg: ExperimentConfig, identity: Mapp
         ValueError: one line naming the setting, the old and new value, and the fix.
     """
     current = to_dict(cfg)
+    saved = {**saved, "config": with_defaults(saved["config"], to_dict(ExperimentConfig()))}
     check_resume_compatible(saved["config"], current, RESUME_FIXED_FIELDS)
     done = int(saved["step"])
     if cfg.train.steps < done:

@@ -143,8 +143,7 @@ def train(
     try:
         with _setup_errors():
             trainer = Trainer(cfg, run_dir, acc)  # refuses a batch that cannot fit in memory
-            trainer.check_data_fits_student(dataset)  # here, not at the first step
-            trainer._dataset = dataset
+            trainer.use_dataset(dataset)  # checked here, not at the first step
             trainer.resume(resume)  # refuses an incompatible run folder before anything is written
         if acc.is_main_process:
             moved = set_aside_later(run_dir, trainer.step)

@@ -34,9 +34,9 @@ from ..data import build_dataset, make_loader
 from ..diffusion import GaussianDiffusion, create_diffusion
 from ..distill import FeatureProjectors
 from ..families import family_of
-from ..models import create_model
+from ..models import create_model, student_from_teacher
 from ..models.loading import weights_sha256
-from ..models.sources import load_weights, parse_hub_id
+from ..models.sources import load_model, load_weights, parse_hub_id
 from ..objective import DistillationObjective, StepTerms, TrainedModules, noised, per_sample
 from ..optim import EMA, build_optimizer, build_scheduler
 from ..train_config import ExperimentConfig, ModelConfig
@@ -112,20 +112,23 @@ class Trainer:
         self.micro_batch = tc.global_batch_size // (world * tc.grad_accum)
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        student = build_model(cfg.student)
+        student, self.teacher = self._build_models()
         if tc.grad_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
             student.enable_gradient_checkpointing()
-        self.family = family_of(student)  # what is family-specific: extra passes, loss weighting, conditioning
+        self.family = family_of(student)  # what is family-specific: conditioning, call, objective, extra passes
+        self._check_family_options()
         self.null_class = self.family.null_class(student)
         self.drop_prob = self.family.label_dropout(student)
+        if cfg.student.from_teacher and cfg.student.class_dropout_prob is not None:
+            self.drop_prob = cfg.student.class_dropout_prob  # the empty-prompt probability of a text student
 
-        self.teacher: nn.Module | None = self._build_teacher() if dc.uses_teacher else None
         # Validate layer pairs, head groups and the batch's memory before any weight I/O (errors come first).
         self.layer_pairs, self.squeezers = heads.plan_distillation(student, self.teacher, dc)
         check_batch_fits(student, self.micro_batch, world, tc, self.device)
         self.teacher_sha256: str | None = None  # the loaded teacher's content, stored in every checkpoint
         if self.teacher is not None:
-            self.teacher = load_model_weights(self.teacher, cfg.teacher.checkpoint, use_ema=cfg.teacher.use_ema)
+            if not cfg.student.from_teacher:  # a text-to-image teacher was read whole by _build_models
+                self.teacher = load_model_weights(self.teacher, cfg.teacher.checkpoint, use_ema=cfg.teacher.use_ema)
             self.teacher.eval().requires_grad_(False)
             self.teacher_sha256 = weights_sha256(self.teacher.state_dict())  # as loaded: any format, any path
         if tc.compile:
@@ -150,12 +153,14 @@ class Trainer:
             self.teacher.to(self.device)
         self.ema.to(self.device)
 
-        self.diffusion: GaussianDiffusion = create_diffusion(learn_sigma=cfg.student.learn_sigma)
+        learn_sigma = self.family.learn_sigma(student) if self.family.learn_sigma else cfg.student.learn_sigma
+        self.diffusion: GaussianDiffusion = create_diffusion(learn_sigma=learn_sigma)
         weighting = self.family.default_loss_weighting if tc.loss_weighting == "auto" else tc.loss_weighting
         self.min_snr = weighting == "min_snr5"
-        self.objective = DistillationObjective(dc, self.diffusion, self.teacher, self.layer_pairs, family=self.family,
-                                               min_snr=self.min_snr, drop_prob=self.drop_prob,
-                                               num_tokens=heads.num_tokens(student))
+        self.objective = DistillationObjective(
+            dc, self.diffusion, self.teacher, self.layer_pairs, family=self.family, min_snr=self.min_snr,
+            drop_prob=self.drop_prob, num_tokens=heads.num_tokens(student),
+            teacher_family=family_of(self.teacher) if self.teacher is not None else None)
 
         self._dataset = None  # built on first use (benchmarks drive compute_terms directly)
         # image_folder runs encode pixels to latents on the fly with data.vae.
@@ -171,20 +176,50 @@ class Trainer:
         self.resume_changes: list[Change] = []  # accepted config changes of the resume (for the history)
 
     # ---------------------------------------------------------------- setup helpers
-    def _build_teacher(self) -> nn.Module:
-        """The teacher's architecture (weights are loaded after the distillation plan is checked)."""
+    def _build_models(self) -> tuple[nn.Module, nn.Module | None]:
+        """The student and the teacher's architecture (None without a teacher).
+
+        A registry student's teacher is built here and loaded after the distillation plan is
+        checked. A text-to-image student (``student.name: from_teacher``) is the teacher's diffusers
+        class reshaped by ``student.teacher_overrides``, so the teacher is read whole first.
+        """
+        cfg = self.cfg
+        if not cfg.student.from_teacher:
+            student = build_model(cfg.student)
+            return student, (self._build_teacher() if cfg.distill.uses_teacher else None)
+        self._check_teacher_source()
+        teacher = load_model(cfg.teacher.checkpoint, use_ema=cfg.teacher.use_ema,
+                             dtype=getattr(torch, cfg.teacher.dtype))
+        student = student_from_teacher(teacher, cfg.student.init_from_teacher, **(cfg.student.teacher_overrides or {}))
+        return student, (teacher if cfg.distill.uses_teacher else None)
+
+    def _check_family_options(self) -> None:
+        """Refuse training options that the student's family does not support yet (one line each)."""
+        tc = self.cfg.train
+        if self.family.conditioning != "class" and (tc.sample_every or tc.figure_every):
+            raise ValueError(f"train.sample_every / train.figure_every draw class-conditional previews; {self.family.name} "
+                             "is text-conditioned: set both to 0 (sampling text-to-image students is not built yet)")
+
+    def _check_teacher_source(self) -> None:
+        """``teacher.checkpoint`` is set and names an existing path or a Hub id."""
         tcfg = self.cfg.teacher
         if tcfg.checkpoint is None:
+            needs = ("student.name=from_teacher builds the student from the teacher's config" if self.cfg.student.from_teacher
+                     else f"distill.mode={self.cfg.distill.mode} needs a teacher")
             raise ValueError(
-                f"distill.mode={self.cfg.distill.mode} needs a teacher: set teacher.checkpoint to an official "
-                ".pt file, a checkpoint of this package, a save_pretrained / diffusers folder or a Hub id"
+                f"{needs}: set teacher.checkpoint to an official .pt file, a checkpoint of this package, a "
+                "save_pretrained / diffusers folder or a Hub id"
             )
         if not Path(tcfg.checkpoint).exists() and parse_hub_id(tcfg.checkpoint) is None:
             raise FileNotFoundError(
                 f"teacher.checkpoint {tcfg.checkpoint} does not exist: point it at the teacher's .pt / "
                 ".safetensors file, run folder, save_pretrained / diffusers folder, or a Hub id org/repo[@rev][:path]"
             )
-        return build_model(tcfg.model)
+
+    def _build_teacher(self) -> nn.Module:
+        """The teacher's architecture (weights are loaded after the distillation plan is checked)."""
+        self._check_teacher_source()
+        return build_model(self.cfg.teacher.model)
 
     @property
     def student(self) -> nn.Module:
@@ -329,39 +364,35 @@ class Trainer:
         """The training dataset, built (and checked against the student) on first use."""
         if self._dataset is None:
             dc = self.cfg.data
-            dataset = build_dataset(dc.kind, dc.path, dc.image_size)
-            self.check_data_fits_student(dataset)
-            self._dataset = dataset
+            self.use_dataset(build_dataset(dc.kind, dc.path, dc.image_size))
         return self._dataset
 
+    def use_dataset(self, dataset: Any) -> None:
+        """Train on ``dataset`` (checked against the student first; its empty prompt feeds text CFG dropout)."""
+        self.check_data_fits_student(dataset)
+        self._dataset = dataset
+        self.objective.empty_conditioning = getattr(dataset, "empty_conditioning", None)
+
     def check_data_fits_student(self, dataset: Any) -> None:
-        """Channels, grid side and classes of what the student will see (after the VAE)."""
-        sc = self.student.config
+        """What the student will see (after the VAE) against what it takes: the family's check."""
         channels, side = int(dataset.in_channels), int(dataset.input_size)
         if self.vae is not None:  # pixels are encoded on the fly
             channels = int(self.vae.config.latent_channels)
             side //= 2 ** (len(self.vae.config.block_out_channels) - 1)
-        problems = []
-        if channels != sc.in_channels:
-            problems.append(f"{channels} channels but student.in_channels={sc.in_channels}")
-        if side != sc.input_size:
-            problems.append(f"a {side} x {side} grid but student.input_size={sc.input_size} "
-                            f"(data.image_size={self.cfg.data.image_size})")
-        if int(dataset.num_classes) > sc.num_classes:
-            problems.append(f"{dataset.num_classes} classes but student.num_classes={sc.num_classes}")
+        problems = self.family.data_problems(self.student, dataset, channels, side)
         if problems:
-            raise ValueError(f"data.kind={self.cfg.data.kind} gives the student " + "; ".join(problems)
-                             + ": fix the student.* or data.* settings so they agree")
+            raise ValueError(f"data.kind={self.cfg.data.kind} (data.image_size={self.cfg.data.image_size}) gives the "
+                             f"student " + "; ".join(problems) + ": fix the student.* or data.* settings so they agree")
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches from the current step on: x (B, C, H, W), y (B,)."""
+    def _batches(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        """This rank's micro-batches from the current step on: x (B, C, H, W), y (B,) or a conditioning dict."""
         tc = self.cfg.train
         start = self.step * self.micro_batch * tc.grad_accum
         loader = make_loader(self.dataset, self.micro_batch, rank=self.acc.process_index,
                              world_size=self.acc.num_processes, seed=tc.seed, start=start,
                              num_workers=self.cfg.data.num_workers)
         for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x.to(self.device, non_blocking=True), _to_device(y, self.device)
 
     def _positions(self, micro: int, size: int) -> list[int]:
         """Global stream positions of this rank's micro-batch (the sampler deals rank::world)."""
@@ -410,12 +441,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- the step
     def compute_terms(
-        self, x0: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator], mask_ratio_draw: float = 0.5
+        self, x0: torch.Tensor, y: Any, gens: list[torch.Generator], mask_ratio_draw: float = 0.5
     ) -> StepTerms:
         """Per-sample loss terms for one micro-batch (:class:`~shd_diffusion.objective.DistillationObjective`).
 
         Args:
-            x0: (B, C, H, W) clean latents/pixels. y: (B,) labels.
+            x0: (B, C, H, W) clean latents/pixels. y: (B,) labels, or a conditioning dict of (B, ...).
             gens: one generator per sample (timestep, noise, label drop, the family's extra passes: MDT keep set).
             mask_ratio_draw: for the family's extra passes (MDT's masked pass): this step's U(0, 1) mask-ratio draw
                 (:func:`~shd_diffusion.training.streams.step_mask_ratio_draw`).
@@ -554,3 +585,10 @@ class Trainer:
     def log_figures(self, alphas: list[torch.Tensor]) -> dict[str, Any]:
         """Alpha histograms and an attention panel (:func:`~shd_diffusion.training.previews.log_figures`)."""
         return previews.log_figures(self, alphas)
+
+
+def _to_device(y: Any, device: torch.device) -> Any:
+    """Labels (B,) or a conditioning dict of (B, ...) tensors, on ``device``."""
+    if isinstance(y, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in y.items()}
+    return y.to(device, non_blocking=True)
