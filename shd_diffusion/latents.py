@@ -18,6 +18,9 @@ Text-conditioned folders (format ``shd_latents_text/1``, read by
 :class:`shd_diffusion.data.TextLatentDataset`) come from :func:`write_text_latents`: each shard
 holds ``latents`` (and ``latents_flip``) and ``cond.<key>`` (n, ...) per conditioning key, and
 ``empty_prompt.safetensors`` holds the empty prompt's conditioning once. They resume the same way.
+:func:`stream_text_latents` writes the same format one shard at a time (the caller encodes a
+shard's rows on demand, so nothing holds the whole dataset), rank ``i % world_size`` owning shard
+``i``; :func:`finish_text_latents` writes its index on rank 0 after a barrier.
 
 Resuming: shards are written through :func:`shd_diffusion.fileio.atomic_path` (temporary name,
 fsync, rename), so a shard file exists only when complete. A rerun skips existing shards whose
@@ -35,7 +38,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -58,6 +61,9 @@ __all__ = [
     "write_index",
     "write_text_latents",
     "write_synthetic_text_latents",
+    "TextShard",
+    "stream_text_latents",
+    "finish_text_latents",
 ]
 
 _PLAN_KEY = "shd_latents_plan"
@@ -615,3 +621,196 @@ def write_synthetic_text_latents(
     return write_text_latents(out, latents, cond, empty, source=f"synthetic seed={seed}", image_size=image_size,
                               scale_factor=SD_VAE_SCALE_FACTOR, shard_size=shard_size, latents_flip=flips,
                               max_shards=max_shards)
+
+
+# ---- text-conditioned folders, streamed one shard at a time -------------------------------------
+
+_DERIVED = ("latent_shape", "conditioning", "data_sha256")  # per-shard facts, known only after encoding
+
+
+class TextShard(NamedTuple):
+    """One shard's rows, as :func:`stream_text_latents`'s ``encode`` returns them (CPU tensors)."""
+
+    latents: torch.Tensor  # (n, C, h, w) float16/float32
+    cond: Conditioning  # key -> (n, ...)
+    latents_flip: torch.Tensor | None = None  # (n, C, h, w), only when the plan says both_flips
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of named tensors (sorted by name)."""
+    parts: list[bytes] = []
+    for name in sorted(tensors):
+        parts += [name.encode(), _tensor_bytes(tensors[name])]
+    return content_digest(parts)
+
+
+def _stream_plan(plan: Mapping[str, Any], num_images: int, shard_size: int) -> dict[str, Any]:
+    """The caller's identity fields plus the format and the shard split; checked before any encoding."""
+    if num_images < 1 or shard_size < 1:
+        raise ValueError(f"num_images ({num_images}) and shard_size ({shard_size}) must be >= 1")
+    for key in ("source", "image_size", "scale_factor", "both_flips", "dtype"):
+        if key not in plan:
+            raise ValueError(f"plan lacks {key!r} (the index records it)")
+    if plan["dtype"] not in _DTYPES:
+        raise ValueError(f"plan dtype {plan['dtype']!r} is not one of {', '.join(_DTYPES)}")
+    reserved = sorted(set(plan) & {"format", "num_images", "shard_size", "num_shards", "shard", "count", *_DERIVED})
+    if reserved:
+        raise ValueError(f"plan keys {reserved} are set by stream_text_latents itself")
+    return {**plan, "format": LATENT_TEXT_FORMAT, "num_images": num_images, "shard_size": shard_size,
+            "num_shards": math.ceil(num_images / shard_size)}
+
+
+def _identity(found: dict[str, Any]) -> dict[str, Any]:
+    """A stored plan without the fields that are derived from the encoded tensors."""
+    return {k: v for k, v in found.items() if k not in _DERIVED}
+
+
+def _checked_shard(out: Path, shard: int, plan: dict[str, Any], rows: TextShard) -> dict[str, torch.Tensor]:
+    """The tensors of shard ``shard`` after checking their count, dtype and conditioning."""
+    first = shard * plan["shard_size"]
+    count = min(plan["shard_size"], plan["num_images"] - first)
+    where = out / shard_name(shard)
+    _check_text_latents(where, rows.latents, rows.latents_flip, plan["shard_size"])
+    if rows.latents.shape[0] != count or str(rows.latents.dtype).removeprefix("torch.") != plan["dtype"]:
+        raise DatasetError(f"encode() gave {tuple(rows.latents.shape)} {rows.latents.dtype} latents for {where}; "
+                           f"the plan wants {count} rows of {plan['dtype']}")
+    if (rows.latents_flip is not None) != bool(plan["both_flips"]):
+        raise DatasetError(f"encode() for {where}: latents_flip must be given exactly when both_flips is set")
+    batch = _as_batch(rows.cond, count, where)
+    check_conditioning({k: v[0] for k, v in batch.items()}, f"conditioning for {where}")
+    tensors = {"latents": rows.latents.contiguous()}
+    if rows.latents_flip is not None:
+        tensors["latents_flip"] = rows.latents_flip.contiguous()
+    tensors.update({COND_PREFIX + k: v.contiguous() for k, v in sorted(batch.items())})  # each (n, ...)
+    return tensors
+
+
+def stream_text_latents(
+    out: str | Path,
+    plan: Mapping[str, Any],
+    encode: Callable[[range], TextShard],
+    empty: Callable[[], Mapping[str, torch.Tensor]],
+    *,
+    num_images: int,
+    shard_size: int = 10_000,
+    rank: int = 0,
+    world_size: int = 1,
+    max_shards: int | None = None,
+) -> ExtractReport:
+    """Write a text-conditioned latent folder shard by shard; resumable, atomic, multi-process.
+
+    Only one shard's rows are in memory at a time: ``encode(rows)`` is called for each missing shard
+    of this rank (shard ``i`` belongs to rank ``i % world_size``). ``plan`` is the extraction's
+    identity (source fingerprint, pipeline, settings); existing shards (and the empty prompt) whose
+    stored plan differs are refused, naming the fields, before anything is encoded, so a changed
+    source or pipeline cannot resume another's folder. Rank 0 writes ``empty_prompt.safetensors``
+    once (calling ``empty()`` only then). With one process, ``index.json`` is written when every
+    shard exists; with several, rank 0 calls :func:`finish_text_latents` after a barrier.
+
+    Args:
+        out: the folder (created with the first file written).
+        plan: JSON-able identity; must hold ``source``, ``image_size``, ``scale_factor``, ``both_flips``
+            and ``dtype`` (of the latents), which the index records.
+        encode: rows (a range of sample indices) -> their :class:`TextShard`.
+        empty: () -> the empty prompt's conditioning (one sample's shapes, the samples' keys and dtypes).
+        num_images: N, the number of samples.
+        shard_size: samples per shard (the last may be smaller).
+        rank, world_size: this process and the process count.
+        max_shards: write at most this many of this rank's missing shards in this call (None = all).
+
+    Returns:
+        An :class:`ExtractReport`; ``index`` is set when this call completed the folder.
+
+    Raises:
+        DatasetError: existing files of another extraction, or ``encode`` output that does not fit the plan.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} is a file, not a folder for latent shards: choose another output folder")
+    plan = _stream_plan(plan, num_images, shard_size)
+    report = ExtractReport(num_shards=plan["num_shards"])
+    todo = []
+    for shard in range(rank, plan["num_shards"], world_size):
+        path = out / shard_name(shard)
+        if path.exists():
+            _check_plan(path, _identity(_read_plan(path)), plan)
+            report.skipped.append(shard)
+        else:
+            todo.append(shard)
+    if max_shards is not None:
+        todo, report.pending = todo[:max_shards], todo[max_shards:]
+    empty_path = out / EMPTY_PROMPT_FILE
+    if empty_path.exists():
+        _check_plan(empty_path, _identity(_read_plan(empty_path)), plan)
+    elif rank == 0:
+        sample = {k: v.detach().cpu().contiguous() for k, v in sorted(empty().items())}
+        check_conditioning(sample, f"empty-prompt conditioning for {out}")
+        tensors = {COND_PREFIX + k: v for k, v in sample.items()}
+        meta = {**plan, "shard": None, "count": 1, "conditioning": cond_spec(sample), "data_sha256": _digest(tensors)}
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(empty_path)
+        _write_atomic(empty_path, tensors, {_PLAN_KEY: json.dumps(meta)})
+    for shard in todo:
+        first = shard * plan["shard_size"]
+        rows = range(first, min(first + plan["shard_size"], plan["num_images"]))
+        tensors = _checked_shard(out, shard, plan, encode(rows))
+        meta = {**plan, "shard": shard, "count": len(rows), "latent_shape": list(tensors["latents"].shape[1:]),
+                "conditioning": cond_spec({k.removeprefix(COND_PREFIX): v[0] for k, v in tensors.items()
+                                           if k.startswith(COND_PREFIX)}),
+                "data_sha256": _digest(tensors)}
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out / shard_name(shard))
+        _write_atomic(out / shard_name(shard), tensors, {_PLAN_KEY: json.dumps(meta)})
+        report.written.append(shard)
+    if world_size == 1 and not report.pending:
+        report.index = finish_text_latents(out)
+    return report
+
+
+def finish_text_latents(out: str | Path) -> dict[str, Any]:
+    """Check a streamed text-latent folder is complete and consistent; write its ``index.json`` last.
+
+    Every shard and the empty prompt must carry the same identity plan, one latent shape and one
+    conditioning spec (keys, per-sample shapes, dtypes). Call on rank 0 after every rank finished.
+
+    Args:
+        out: the folder written by :func:`stream_text_latents`.
+
+    Returns:
+        The index that was written (what :class:`~shd_diffusion.data.TextLatentDataset` reads).
+
+    Raises:
+        DatasetError: no shards, missing shards (listed, with the fix), or shards that disagree.
+    """
+    out = Path(out)
+    existing = sorted(out.glob("shard_*.safetensors"))
+    if not existing:
+        raise DatasetError(f"no latent shards in {out}: run the extraction first")
+    empty_path = out / EMPTY_PROMPT_FILE
+    if not empty_path.exists():
+        raise DatasetError(f"{empty_path} is missing: rerun the extraction on rank 0 to write it")
+    ref = _read_plan(empty_path)
+    plan = _identity(ref)
+    missing = missing_shards(out, plan["num_shards"])
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise DatasetError(f"{out}: {len(missing)} of {plan['num_shards']} shards missing ({shown}); rerun the same "
+                           "extraction to finish them")
+    shards, digests, latent_shape = [], [ref["data_sha256"].encode()], None
+    for shard in range(plan["num_shards"]):
+        path = out / shard_name(shard)
+        found = _read_plan(path)
+        _check_plan(path, _identity(found), plan)
+        if found["conditioning"] != ref["conditioning"] or latent_shape not in (None, found["latent_shape"]):
+            raise DatasetError(f"{path}: latents {found['latent_shape']} / conditioning {found['conditioning']} differ "
+                               f"from the other shards' ({latent_shape} / {ref['conditioning']}); delete it and resume")
+        latent_shape = found["latent_shape"]
+        shards.append({"name": shard_name(shard), "count": found["count"]})
+        digests.append(found["data_sha256"].encode())
+    drop = ("shard_size", "num_shards", "shard", "count")
+    index = {**{k: v for k, v in plan.items() if k not in drop}, "latent_shape": latent_shape,
+             "conditioning": ref["conditioning"], "data_sha256": content_digest(digests), "shards": shards}
+    atomic_write_text(out / LATENT_INDEX, json.dumps(index, indent=1))
+    return index

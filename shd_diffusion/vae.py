@@ -14,7 +14,7 @@ from torch import nn
 
 from .cli import BadInput
 
-__all__ = ["DEFAULT_VAE", "SD_VAE_SCALE_FACTOR", "load_vae", "resolve_vae_spec"]
+__all__ = ["DEFAULT_VAE", "SD_VAE_SCALE_FACTOR", "load_vae", "resolve_vae_spec", "latent_normalization", "pipeline_latents"]
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE DiT and MDTv2 were trained and scored with
 SD_VAE_SCALE_FACTOR = 0.18215  # makes SD-VAE latents roughly unit variance (LDM/DiT convention)
@@ -61,3 +61,45 @@ def load_vae(
         raise BadInput(f"VAE {name!r} has {vae.config.latent_channels} latent channels, the model {in_channels}: "
                        f"set {setting} to a matching VAE")
     return vae.to(device).eval().requires_grad_(False)
+
+
+def latent_normalization(vae: nn.Module) -> dict[str, object]:
+    """How a text-to-image pipeline maps its VAE's raw latents to what its transformer reads.
+
+    ``{"scale_factor": s, "shift_factor": m}``: z -> (z - m) * s (PixArt: m = 0; SD3 / FLUX.1 read
+    ``vae.config.shift_factor``); Qwen-Image's VAE normalises per channel instead:
+    ``{"latents_mean": [...], "latents_std": [...]}``, z -> (z - mean) / std. The inverse of what
+    each pipeline does before ``vae.decode``.
+    """
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        return {"latents_mean": [float(v) for v in mean], "latents_std": [float(v) for v in std]}
+    shift = getattr(cfg, "shift_factor", None)
+    return {"scale_factor": float(cfg.scaling_factor), "shift_factor": float(shift or 0.0)}
+
+
+@torch.no_grad()
+def pipeline_latents(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Latents of images exactly as a text-to-image family trains on them: the one place for this.
+
+    The posterior mean (deterministic, as :func:`shd_diffusion.latents.encode_latents`), then the
+    pipeline's normalisation (:func:`latent_normalization`), in float32.
+
+    Args:
+        vae: the pipeline's VAE (``AutoencoderKL``; ``AutoencoderKLQwenImage`` takes one frame).
+        x: (B, 3, H, W) images in [-1, 1].
+
+    Returns:
+        (B, C, H/f, W/f) float32 latents, f the VAE's downsampling factor.
+    """
+    frames = type(vae).__name__ == "AutoencoderKLQwenImage"  # a video VAE: (B, 3, T, H, W) with T = 1
+    x = x.to(device=next(vae.parameters()).device, dtype=vae.dtype)
+    z = vae.encode(x[:, :, None] if frames else x).latent_dist.mean.float()  # (B, C, [1,] h, w)
+    z = z[:, :, 0] if frames else z  # (B, C, h, w)
+    norm = latent_normalization(vae)
+    if "latents_mean" in norm:
+        mean = torch.tensor(norm["latents_mean"], device=z.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        std = torch.tensor(norm["latents_std"], device=z.device).view(1, -1, 1, 1)
+        return (z - mean) / std
+    return (z - norm["shift_factor"]) * norm["scale_factor"]
