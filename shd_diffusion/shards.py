@@ -425,6 +425,7 @@ def _iter_shard_images(infos: list[_ShardInfo]) -> Iterator[tuple[_ShardInfo, np
 def assemble(
     out_dir: str | os.PathLike,
     png_dir: str | os.PathLike | None = None,
+    extra: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Check all shards of ``out_dir`` and write ``out_dir/samples_{N}x{H}x{W}x3.npz``.
 
@@ -436,6 +437,9 @@ def assemble(
     Args:
         out_dir: a run folder with ``shards/manifest.json`` and all shard files.
         png_dir: if given, also write every image as ``{index:06d}.png`` there.
+        extra: further members written after ``arr_1`` (e.g. ``{"prompts": (N,) str}`` for
+            text-to-image samples), each a non-object array with N rows; readers of ``arr_0`` /
+            ``arr_1`` (ADM's evaluator, :mod:`shd_diffusion.evaluation`) ignore them.
 
     Returns:
         Path of the assembled ``.npz``.
@@ -447,6 +451,11 @@ def assemble(
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     n, s = int(manifest["num_samples"]), int(manifest["shard_size"])
+    extra = {name: np.asarray(value) for name, value in (extra or {}).items()}
+    for name, value in extra.items():
+        if name in ("arr_0", "arr_1") or value.dtype.hasobject or len(value) != n:
+            raise ValueError(f"extra member {name!r} must be a non-object array of {n} rows named other than arr_0/arr_1, "
+                             f"got {value.dtype} {value.shape}")
     infos = _check_shards(out_dir, n, s)
     _, height, width, _ = infos[0].shape
     final = out_dir / samples_filename(n, height, width)
@@ -470,6 +479,9 @@ def assemble(
                             Image.fromarray(img).save(Path(png_dir) / f"{int(i):06d}.png")
             with zf.open(_entry("arr_1.npy"), mode="w", force_zip64=True) as f:
                 np.lib.format.write_array(f, labels, allow_pickle=False)
+            for name, value in extra.items():
+                with zf.open(_entry(f"{name}.npy"), mode="w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, value, allow_pickle=False)
     return final
 
 
