@@ -46,7 +46,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sampling.sample import parse_model_arg  # noqa: E402
+from shd_diffusion.commands.sample import parse_model_arg  # noqa: E402
 from shd_diffusion.attention import attention_layers, attention_probs, output_projection, project_qkv  # noqa: E402
 from shd_diffusion.diffusion import create_diffusion  # noqa: E402
 from shd_diffusion.models.registry import MODEL_NAMES, create_model  # noqa: E402

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sampling import explicit_attention  # noqa: E402
 
-from sampling.sample import parse_model_arg  # noqa: E402
+from shd_diffusion.commands.sample import parse_model_arg  # noqa: E402
 from shd_diffusion.diffusion import create_diffusion  # noqa: E402
 from shd_diffusion.models.registry import MODEL_NAMES, create_model  # noqa: E402
 from shd_diffusion.optim import build_optimizer  # noqa: E402

@@ -1,13 +1,12 @@
 #!/usr/bin/env python
-"""The embedded SHD demo in one command (``--help`` for the options); the code is shd_diffusion/demo/."""
+"""``python scripts/demo.py``: the embedded SHD demo and its studies.
 
-from __future__ import annotations
+The command is :mod:`shd_diffusion.commands.demo` (``--help`` lists the flags).
+"""
 
 import sys
 
-from shd_diffusion.demo.cli import build_parser, main
-
-__all__ = ["build_parser", "main"]
+from shd_diffusion.commands.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

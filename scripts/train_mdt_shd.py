@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Train a student with KD / SHD: ``accelerate launch scripts/train_mdt_shd.py --config ...``.
+"""``accelerate launch scripts/train_mdt_shd.py --config ...``: train a student with KD / SHD.
 
-The command line lives in :mod:`shd_diffusion.training.cli` (also the ``shd-train`` command);
-``--help`` lists the flags.
+The command is :mod:`shd_diffusion.training.cli` (``--help`` lists the flags); it moves to
+``shd_diffusion.commands.train`` in the same shape.
 """
 
 import sys

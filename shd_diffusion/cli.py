@@ -1,9 +1,9 @@
 """One way for every entry point to end: exit codes, one-line refusals, ``--debug`` tracebacks.
 
-Every command (training, sampling, scoring, the scripts) runs its body through :func:`run_main`.
-Expected failures (bad input, unreadable files, disk full) become one ``error: ...`` line on
-stderr that names the cause and the fix, with exit code 2; a diverged run exits with 3. Anything
-else is a real bug and keeps its traceback. ``--debug`` re-raises every error with its traceback.
+Every command (the modules of :mod:`shd_diffusion.commands`, and training's command line) runs its
+body through :func:`run_main`. Expected failures (bad input, unreadable files, disk full) become one
+``error: ...`` line on stderr that names the cause and the fix, with exit code 2; a diverged run
+exits with 3. Anything else is a real bug and keeps its traceback. ``--debug`` re-raises every error with its traceback.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Export a trained student to the formats people deploy: diffusers folders and the Hub.
 
-``python scripts/export.py CHECKPOINT --out DIR [--weights ema|raw] [--push-to-hub REPO]``
+The library behind ``python scripts/export.py CHECKPOINT --out DIR [--weights ema|raw] [--push-to-hub REPO]``
+(its command line: :mod:`shd_diffusion.commands.export`).
 
 - **DiT** -> ``DIR`` is a ``DiTPipeline`` folder (``model_index.json``, ``transformer/``,
   ``scheduler/``, ``vae/``); ``DIR/transformer`` is a ``DiTTransformer2DModel`` folder with the
@@ -30,17 +31,15 @@ pipeline, the card's notes) is the family's :class:`~shd_diffusion.families.Expo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from torch import nn
 
-from shd_diffusion.cli import BadInput, add_debug_flag, run_main
+from shd_diffusion.cli import BadInput
 from shd_diffusion.console import say
 from shd_diffusion.families import ExportSpec, FamilySpec, family_of, registered
 from shd_diffusion.fileio import atomic_dir, atomic_write_text, os_errors_of_safetensors, remove_stale_temps
@@ -48,9 +47,9 @@ from shd_diffusion.models import parse_hub_id
 from shd_diffusion.models.sources import load_model_with_info
 from shd_diffusion.pipelines import ddpm_scheduler
 from shd_diffusion.sampler import resolve_clip_denoised, resolve_guidance_schedule
-from shd_diffusion.vae import DEFAULT_VAE, load_vae, resolve_vae_spec
+from shd_diffusion.vae import load_vae, resolve_vae_spec
 
-__all__ = ["export", "build_parser", "main"]
+__all__ = ["export"]
 
 # How the card describes each guidance schedule (resolve_guidance_schedule's values).
 SCHEDULE_TEXT = {
@@ -257,32 +256,3 @@ def _upload(folder: Path, repo_id: str, message: str) -> None:
             f"the export in {folder} is complete, but uploading it to {repo_id} failed ({str(err).splitlines()[0][:200]}): "
             f"once the Hub is reachable and you are logged in (hf auth login or HF_TOKEN), run `hf upload {repo_id} {folder}`"
         ) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``scripts/export.py`` / ``shd-export``."""
-    p = argparse.ArgumentParser(prog="scripts/export.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="training checkpoint, official .pt, save_pretrained folder or Hub id")
-    p.add_argument("--out", required=True, help="folder to create (must be absent or empty)")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA or raw training weights")
-    p.add_argument("--vae", default=None, help=f"VAE folder or Hub id to ship in vae/ (latent models; default {DEFAULT_VAE})")
-    p.add_argument("--metrics", help="sampling.score --json output to put in the model card")
-    p.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this Hub repo (org/name)")
-    add_debug_flag(p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: one ``error:`` line and exit code 2 for bad input."""
-    args = build_parser().parse_args(argv)
-
-    def body() -> None:
-        path = export(args.checkpoint, args.out, args.weights, args.vae, args.metrics, args.push_to_hub)
-        say(f"exported {args.checkpoint} to {path}")
-
-    return run_main(body, debug=args.debug)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,7 @@ plan matches and refuses ones whose plan differs (naming the differing fields). 
 created only when the first shard is written, so a refusal before that (bad image folder, an
 unreadable image in the first shard, a VAE that does not load) leaves nothing behind. With several
 processes, shard ``i`` belongs to rank ``i % world_size``; rank 0 writes the index after a
-barrier (see ``scripts/extract_latents.py``).
+barrier (the command: ``scripts/extract_latents.py``, :mod:`shd_diffusion.commands.extract_latents`).
 """
 
 from __future__ import annotations

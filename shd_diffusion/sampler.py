@@ -1,7 +1,8 @@
 """Class-conditional sampling: per-image seeds and labels, the guided denoiser, and the sampler.
 
-The library behind ``python -m sampling.sample`` (its command line lives in ``sampling/sample.py``;
-the resumable sharded run folder in :mod:`shd_diffusion.shards`). Rules that make a result
+The library behind ``python -m sampling.sample`` (its command line is :mod:`shd_diffusion.commands.sample`,
+which builds its sampler with :func:`sampler_from_checkpoint`; the resumable sharded run folder is
+:mod:`shd_diffusion.shards`). Rules that make a result
 reproducible:
 
 * Image ``i`` gets its class label from :func:`class_labels` (``"balanced"``: ``i % num_classes``;
@@ -28,19 +29,23 @@ per image.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .diffusion import NOISE_BLOCK_STEPS, GaussianDiffusion
+from .diffusion import NOISE_BLOCK_STEPS, GaussianDiffusion, create_diffusion
 from .models.layers import guided_output
+from .models.loading import weights_sha256
+from .models.sources import load_model
 from .families import family_of
 from .models.mdt import power_cosine_cfg_scale
 from .seeding import derive_seeds
-from .vae import SD_VAE_SCALE_FACTOR
+from .vae import SD_VAE_SCALE_FACTOR, load_vae, resolve_vae_spec
 
 __all__ = [
     "COMPILE_MODES",
@@ -52,6 +57,7 @@ __all__ = [
     "image_seeds",
     "class_labels",
     "GUIDANCE_SCHEDULES",
+    "resolve_autocast",
     "resolve_clip_denoised",
     "resolve_guidance_channels",
     "resolve_guidance_schedule",
@@ -59,6 +65,8 @@ __all__ = [
     "to_uint8_images",
     "Sampler",
     "stream_fields",
+    "SamplingSpec",
+    "sampler_from_checkpoint",
 ]
 
 DIFFUSION_STEPS = 1000  # the models' original timestep scale
@@ -181,6 +189,17 @@ def resolve_clip_denoised(spec: str | bool, pixel_space: bool) -> bool:
     if spec in ("on", "off") or isinstance(spec, bool):
         return spec in ("on", True)
     raise ValueError(f"clip_denoised must be auto, on or off, got {spec!r}")
+
+
+def resolve_autocast(spec: str, device: torch.device) -> torch.dtype | None:
+    """``--precision``: ``"auto"`` is bf16 autocast on CUDA and fp32 elsewhere; ``"bf16"`` / ``"fp32"`` force it.
+
+    Returns:
+        The autocast dtype for :class:`GuidedDenoiser` (None = no autocast, fp32).
+    """
+    if spec == "auto":
+        spec = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if spec == "bf16" else None
 
 
 class GuidedDenoiser:
@@ -426,3 +445,117 @@ class Sampler:
         """
         z, labels = self.sample_latents(indices)
         return to_uint8_images(self.decode(z)), labels
+
+
+# --------------------------------------------------------------------------------------------
+# From a checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSpec:
+    """Everything that says how to sample a checkpoint (``python -m sampling.sample``'s model,
+    sampling and speed flags; their defaults are the command's).
+
+    Attributes:
+        checkpoint: any source of :func:`shd_diffusion.models.sources.load_model`.
+        model: registry name (official files), or None.
+        model_args: constructor overrides for ``model``.
+        use_ema: the EMA weights of a checkpoint that has them.
+        vae: ``"auto"``, ``"none"``, a Hub id or a folder (:func:`shd_diffusion.vae.resolve_vae_spec`).
+        steps: respaced diffusion steps.
+        method: ``"ddpm"`` or ``"ddim"``; ``ddim_eta`` its stochasticity.
+        cfg_scale, guidance_schedule, scale_pow, guidance_channels: classifier-free guidance
+            (:class:`GuidedDenoiser`; ``"auto"`` choices resolved by the ``resolve_*`` functions).
+        labels, seed: :func:`class_labels` and :func:`image_seeds`.
+        clip_denoised: ``"auto"``, ``"on"`` or ``"off"`` (:func:`resolve_clip_denoised`).
+        precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` (:func:`resolve_autocast`).
+        compile, compile_mode: ``torch.compile`` of the network.
+        vae_batch_size: latents decoded per VAE call.
+    """
+
+    checkpoint: str | os.PathLike[str]
+    model: str | None
+    model_args: Mapping[str, Any]
+    use_ema: bool
+    vae: str
+    steps: int
+    method: Method
+    ddim_eta: float
+    cfg_scale: float
+    guidance_schedule: str
+    scale_pow: float
+    guidance_channels: int | str
+    labels: LabelRule
+    seed: int
+    clip_denoised: str
+    precision: str
+    compile: bool
+    compile_mode: str
+    vae_batch_size: int
+
+
+def sampler_from_checkpoint(
+    spec: SamplingSpec, device: torch.device, verbose: bool = False
+) -> tuple[Sampler, dict[str, Any]]:
+    """Load the model and VAE ``spec`` names onto ``device`` and build its :class:`Sampler`.
+
+    Args:
+        spec: the checkpoint and every sampling choice.
+        device: where the model, the VAE and the generators live.
+        verbose: say which weights were loaded (main process only).
+
+    Returns:
+        The sampler, and the settings that define its pixels (every ``"auto"`` resolved, the
+        sampled weights by content as ``weights_sha256``): what a sample folder's manifest
+        records, so a resume with anything else is refused.
+    """
+    model = load_model(spec.checkpoint, spec.model, spec.use_ema, dict(spec.model_args), verbose=verbose)
+    # The sampled weights by content: other weights at the same path must not resume this folder.
+    weights = weights_sha256(model.state_dict())
+    model = model.to(device)
+    cfg = model.config
+    vae = load_vae(spec.vae, cfg.in_channels, device)
+    schedule = resolve_guidance_schedule(spec.guidance_schedule, model)
+    channels = resolve_guidance_channels(spec.guidance_channels, cfg.in_channels)
+    autocast = resolve_autocast(spec.precision, device)
+    clip = resolve_clip_denoised(spec.clip_denoised, pixel_space=vae is None)
+    sampler = Sampler(
+        denoiser=GuidedDenoiser(
+            model, spec.cfg_scale, schedule, spec.scale_pow, channels, autocast, spec.compile, spec.compile_mode
+        ),
+        diffusion=create_diffusion(str(spec.steps), learn_sigma=cfg.learn_sigma),
+        latent_shape=(cfg.in_channels, cfg.input_size, cfg.input_size),
+        num_classes=cfg.num_classes,
+        device=device,
+        seed=spec.seed,
+        label_rule=spec.labels,
+        vae=vae,
+        vae_batch_size=spec.vae_batch_size,
+        clip_denoised=clip,
+        method=spec.method,
+        ddim_eta=spec.ddim_eta,
+    )
+    # Everything that changes the pixels; a resumed run must match it (shards.shard_manifest adds
+    # the sampler's stream fields, N, the shard size and the batch size; the process count does
+    # not change the result).
+    checkpoint = str(spec.checkpoint)
+    settings = {
+        # A local path is recorded absolute; a Hub id as typed (a path of that name would not exist).
+        "checkpoint": str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else checkpoint,
+        "model": spec.model or type(model).__name__,
+        "model_args": dict(spec.model_args),
+        "use_ema": spec.use_ema,
+        "weights_sha256": weights,
+        "vae": resolve_vae_spec(spec.vae, cfg.in_channels) or "none",
+        "steps": spec.steps,
+        "cfg_scale": spec.cfg_scale,
+        "guidance_schedule": schedule,
+        "scale_pow": spec.scale_pow if schedule == "power-cosine" else None,
+        "guidance_channels": channels,
+        "labels": spec.labels,
+        "seed": spec.seed,
+        "precision": "bf16" if autocast is not None else "fp32",
+        "clip_denoised": clip,
+    }
+    return sampler, settings

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from cli_cases import assert_refused, call, refused_without_side_effects, snapshot
 
-from sampling.sample import main
+from shd_diffusion.commands.sample import main
 from shd_diffusion.shards import shard_path
 from shd_diffusion.cli import BadInput
 from shd_diffusion.models import create_model

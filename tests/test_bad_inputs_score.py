@@ -20,8 +20,8 @@ import pytest
 import torch
 from cli_cases import assert_refused, call, refused_without_side_effects, snapshot
 
-from sampling import score as score_cli
-from sampling.score import main
+from shd_diffusion.commands import score as score_cli
+from shd_diffusion.commands.score import main
 from shd_diffusion.evaluation import scoring
 from shd_diffusion.evaluation.inception import WeightsInfo
 from shd_diffusion.evaluation.images import ScoreError

@@ -19,8 +19,8 @@ import torch
 from cli_cases import call, refused_without_side_effects
 from test_training import COMMON, DIT_STUDENT, DIT_TEACHER, _shared
 
-from sampling.sample import main as sample_main
-from shd_diffusion.export import main as export_main
+from shd_diffusion.commands.sample import main as sample_main
+from shd_diffusion.commands.export import main as export_main
 from shd_diffusion.models import create_model
 from shd_diffusion.models.loading import WeightsError, check_finite_weights
 

@@ -7,7 +7,6 @@ images, FID on those) feeds the checks; the reruns check that finished stages ar
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 
 from conftest import reset_accelerate_state
 from shd_diffusion import demo
+from shd_diffusion.commands import demo as demo_command
 from shd_diffusion.demo import teacher as demo_teacher
 from shd_diffusion.models.sources import load_model
 
@@ -27,11 +27,8 @@ MODES = ("none", "kd", "kd_shd")
 
 
 def _cli():
-    """scripts/demo.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("demo_cli", REPO / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The demo command (what scripts/demo.py and shd-demo run)."""
+    return demo_command
 
 
 @pytest.fixture(autouse=True, scope="module")

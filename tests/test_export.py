@@ -27,12 +27,13 @@ import diffusers.utils.dynamic_modules_utils as dynamic_modules
 from shd_diffusion.sampler import GuidedDenoiser
 from shd_diffusion.cli import BadInput
 from shd_diffusion.diffusion import create_diffusion
-from shd_diffusion.export import export, main
+from shd_diffusion.commands.export import main
+from shd_diffusion.export import export
 from shd_diffusion.models import DiT, MDTv2
 from shd_diffusion.models.dit_transformer_freq_shift import DiTTransformer2DModelFreqShift
 from shd_diffusion.pipelines import ClassConditionalPipeline
-from sampling.sample import _build_sampler
-from sampling.sample import build_parser as sample_parser
+from shd_diffusion.commands.sample import _build_sampler
+from shd_diffusion.commands.sample import build_parser as sample_parser
 from cli_cases import assert_refused, call, snapshot
 
 # 1000 classes: DiTPipeline hard-codes 1000 as the null class.

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from sampling.sample import build_parser, main
+from shd_diffusion.commands.sample import build_parser, main
 from shd_diffusion.cli import BadInput
 from shd_diffusion.diffusion import NOISE_BLOCK_STEPS, create_diffusion
 from shd_diffusion.models import create_model
@@ -34,6 +34,7 @@ from shd_diffusion.sampler import (
     Sampler,
     class_labels,
     image_seeds,
+    resolve_autocast,
     resolve_clip_denoised,
     resolve_guidance_channels,
     resolve_guidance_schedule,
@@ -758,6 +759,13 @@ def test_weights_hash_is_by_content_not_by_layout(pixel_model, tmp_path):
     changed[name].view(-1)[0] += 1e-6
     assert weights_sha256(changed) != weights_sha256(state)
     assert weights_sha256(dict(reversed(list(state.items())))) == weights_sha256(state)  # key order does not count
+
+
+def test_precision_auto_is_bf16_autocast_on_cuda_only():
+    assert resolve_autocast("auto", torch.device("cuda")) is torch.bfloat16
+    assert resolve_autocast("auto", torch.device("cpu")) is None  # fp32: no autocast
+    assert resolve_autocast("bf16", torch.device("cpu")) is torch.bfloat16
+    assert resolve_autocast("fp32", torch.device("cuda")) is None
 
 
 def test_clip_denoised_auto_clips_pixel_models_only():

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from sampling.score import build_parser, run
+from shd_diffusion.commands.score import build_parser, run
 from shd_diffusion.evaluation import metrics
 from shd_diffusion.evaluation.inception import (
     SPATIAL_DIM,

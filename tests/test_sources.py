@@ -28,6 +28,7 @@ from shd_diffusion.models import (
     to_diffusers,
 )
 from shd_diffusion.models.dit_transformer_freq_shift import DiTTransformer2DModelFreqShift
+from shd_diffusion.models.loading import weights_entry
 
 # norm_eps = 0.5 (not diffusers' 1e-5) so that losing the MLP-norm eps in a conversion changes
 # the output far beyond the tolerance; 10 classes + the null row.
@@ -298,3 +299,11 @@ def test_any_corrupt_bytes_are_one_named_refusal(tmp_path):
         path.write_bytes(rng.randbytes(rng.randint(1, 256)))
         with pytest.raises(CheckpointError, match="junk.pt"):
             load_checkpoint_file(path)
+
+
+def test_weights_entry_prefers_ema_then_model():
+    """The entry inspect_checkpoint names and extract_state_dict reads: one rule."""
+    state = {"w": torch.zeros(1)}
+    assert weights_entry({"ema": state, "model": state, "step": 3}) == "ema"
+    assert weights_entry({"model": state, "ema": None}) == "model"
+    assert weights_entry(state) is None  # a bare state dict

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import reset_accelerate_state
 from shd_diffusion.demo import study
-from shd_diffusion.demo.cli import main as demo_main  # what scripts/demo.py runs
+from shd_diffusion.commands.demo import main as demo_main  # what scripts/demo.py runs
 
 
 def _record(arm: str, seed: int, fids: list[float]) -> dict:
@@ -120,3 +120,10 @@ def test_rerun_redoes_only_missing_records_even_without_the_work_folder(tiny_stu
     assert (kept.read_text(), kept.stat().st_mtime_ns) == before
     again = json.loads((runs / "kd-s0.json").read_text())
     assert again["key"] == redo["key"] and len(again["evals"]) == 3
+
+
+def test_study_settings_are_the_study_defaults_then_the_flags():
+    s = study.study_settings("cpu")
+    assert s.seeds == study.STUDY_SEEDS["cpu"] and s.num_samples == study.STUDY_SETTINGS["cpu"]["num_samples"]
+    s = study.study_settings("cpu", seeds=(5,), num_samples=None)  # None: a flag left out
+    assert s.seeds == (5,) and s.num_samples == study.STUDY_SETTINGS["cpu"]["num_samples"]

@@ -43,14 +43,14 @@ Sizes (``--size``):
 
 Modules: :mod:`.settings` (sizes), :mod:`.teacher` (the committed teacher, export), :mod:`.runs`
 (training runs), :mod:`.pipeline` (the stages, :func:`run_demo`), :mod:`.analysis` (attention maps
-and alphas), :mod:`.report` (results.json / results.md), :mod:`.cli` (:func:`main`). The drawing
-code is :mod:`shd_diffusion.figures`, shared with training.
+and alphas), :mod:`.report` (results.json / results.md), :mod:`.study` (the ablation study). The
+command line is :mod:`shd_diffusion.commands.demo`; the drawing code is :mod:`shd_diffusion.figures`,
+shared with training.
 """
 
 from __future__ import annotations
 
 from .analysis import attention_and_alpha_figures
-from .cli import main
 from .pipeline import (
     describe,
     ensure_inception_weights,
@@ -89,7 +89,6 @@ __all__ = [
     "ensure_trained",
     "export_teacher",
     "finished_checkpoint",
-    "main",
     "preflight",
     "reference_indices",
     "resolve_settings",

@@ -44,11 +44,11 @@ from .pipeline import (
 )
 from .report import device_name
 from .runs import ensure_trained, load_experiment, student_config, teacher_config
-from .settings import CONFIG_DIR, DemoError, DemoSettings
+from .settings import CONFIG_DIR, DemoError, DemoSettings, resolve_settings
 from .teacher import checkpoint_step, count_params
 
 __all__ = ["ARMS", "STUDIES", "STUDY_SEEDS", "STUDY_SETTINGS", "STUDY_STEPS", "Arm", "describe_study", "run_study", "study_configs",
-           "write_study_report"]
+           "study_settings", "write_study_report"]
 
 STUDIES = ("ablations",)
 REFERENCE_ARM = "kd_shd"  # the method; every other arm is compared with it seed by seed
@@ -92,6 +92,17 @@ STUDY_SEEDS: dict[str, tuple[int, ...]] = {"cpu": (0, 1, 2), "gpu": (0, 1, 2), "
 # per image on 2 cores, so 100 samples each (the demo: 250) keeps scoring near 40 min.
 STUDY_SETTINGS: dict[str, dict[str, Any]] = {"cpu": {"num_samples": 100}}
 EVAL_FRACTIONS = (4, 2, 1)  # scored at steps / 4, steps / 2 and steps
+
+
+def study_settings(size: str, **changes: Any) -> DemoSettings:
+    """The demo preset ``size`` with the study's seeds and sizes (:data:`STUDY_SEEDS`, :data:`STUDY_SETTINGS`),
+    then ``changes`` (None values keep those).
+
+    Raises:
+        DemoError: unknown size or setting, or a value out of range (:func:`~.settings.resolve_settings`).
+    """
+    defaults = {"seeds": STUDY_SEEDS.get(size, (0,)), **STUDY_SETTINGS.get(size, {})}
+    return resolve_settings(size, **{**defaults, **{k: v for k, v in changes.items() if v is not None}})
 
 
 def _steps(s: DemoSettings, config_dir: Path) -> int:

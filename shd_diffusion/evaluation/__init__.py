@@ -8,5 +8,5 @@ Modules:
     scoring    :func:`~.scoring.score`: features, cached reference statistics, the report with
                each figure's protocol and provenance.
 
-The command line is ``python -m sampling.score``.
+The command line is ``python -m sampling.score`` (:mod:`shd_diffusion.commands.score`).
 """

@@ -1,7 +1,7 @@
 """Score an ADM-format sample set on ADM's evaluator protocol: FID, sFID, IS, precision/recall (k=3), KID.
 
-The library behind ``python -m sampling.score`` (its command line lives in ``sampling/score.py``);
-:func:`score` returns the JSON-able report.
+The library behind ``python -m sampling.score`` (its command line: :mod:`shd_diffusion.commands.score`);
+:func:`score` returns the JSON-able report, :func:`summary_line` its headline numbers.
 
 Inputs:
     samples  ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3) (``arr_1`` labels are allowed and
@@ -626,3 +626,16 @@ def _provenance(weights: WeightsInfo, protocol: str, fid_ref: str, sfid_reason: 
             for name, (prot, ref, feats) in figures.items()
         },
     }
+
+
+def summary_line(result: dict) -> str:
+    """One human-readable line of a :func:`score` report's headline numbers, with the FID protocol."""
+    r = result
+    is_part = f"IS {r['is_mean']:.2f} +- {r['is_std']:.2f}" if r["is_mean"] is not None else "IS n/a"
+    sfid_part = f"sFID {r['sfid']:.3f}" if r["sfid"] is not None else "sFID n/a"
+    return (
+        f"FID {r['fid']:.3f} ({r['fid_protocol']}) | {sfid_part} | {is_part} | "
+        f"precision {r['precision']:.4f} recall {r['recall']:.4f} | "
+        f"KID {r['kid_mean']:.5f} +- {r['kid_std']:.5f} | "
+        f"{r['num_samples']} samples vs {r['num_ref']} reference"
+    )

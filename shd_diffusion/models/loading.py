@@ -34,6 +34,7 @@ __all__ = [
     "weights_sha256",
     "load_checkpoint_file",
     "extract_state_dict",
+    "weights_entry",
     "infer_architecture",
     "matching_model_names",
     "describe_architecture",
@@ -169,6 +170,12 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+def weights_entry(checkpoint: Mapping[str, Any]) -> str | None:
+    """The entry of a training checkpoint that holds the weights to use: ``"ema"`` first, then
+    ``"model"`` (:data:`WRAPPER_KEYS`); None when ``checkpoint`` is itself the state dict."""
+    return next((key for key in WRAPPER_KEYS if isinstance(checkpoint.get(key), Mapping)), None)
+
+
 def extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The model state dict inside a checkpoint: ``ema`` first, then ``model``, else itself.
 
@@ -181,11 +188,8 @@ def extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]
     Raises:
         WeightsError: no tensor dict found; the message lists the top-level entries.
     """
-    state: Any = checkpoint
-    for key in WRAPPER_KEYS:
-        if isinstance(checkpoint.get(key), Mapping):
-            state = checkpoint[key]
-            break
+    key = weights_entry(checkpoint)
+    state: Any = checkpoint if key is None else checkpoint[key]
     non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not state or non_tensors:
         entries = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(checkpoint.items())[:10])

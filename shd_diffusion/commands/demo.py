@@ -9,16 +9,23 @@
                                                 # the paper's ablations, 3 seeds each (~2 h on 2 cores)
 
 Rerunning the same command reuses every finished stage (teacher, students, samples, scores) and
-resumes an interrupted one. The pipeline lives in shd_diffusion/demo/.
+resumes an interrupted one. The pipeline lives in shd_diffusion/demo/ (the study in study.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
+from typing import Sequence
 
-from ..cli import add_debug_flag, run_main
+from shd_diffusion.cli import add_debug_flag, run_main
+from shd_diffusion.demo.pipeline import describe, run_demo, score_teacher
+from shd_diffusion.demo.settings import CONFIG_DIR, DEFAULT_INCEPTION_WEIGHTS, SIZES, DemoError, resolve_settings
+from shd_diffusion.demo.study import describe_study, run_study, study_settings
+from shd_diffusion.demo.teacher import export_teacher
 
 __all__ = ["build_parser", "main"]
 
@@ -38,7 +45,6 @@ def _words(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI; size-dependent defaults are listed per size in the help."""
-    from .settings import CONFIG_DIR, DEFAULT_INCEPTION_WEIGHTS, SIZES
 
     def per_size(field: str) -> str:
         return "default per size: " + ", ".join(f"{k} {getattr(v, field)}" for k, v in SIZES.items())
@@ -84,10 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python scripts/demo.py`` (and ``shd-demo``): 0 when done, 2 for bad input."""
-    import sys
-
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python scripts/demo.py`` / ``shd-demo``: 0 when done, 2 for bad input (one
+    ``error:`` line; ``--debug``: traceback)."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what the study report quotes
     return run_main(lambda: _run(args), debug=args.debug)
@@ -95,10 +100,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     """The command's work; its result goes to stdout, progress through ``console.say``."""
-    from .pipeline import describe, run_demo, score_teacher
-    from .settings import DemoError, resolve_settings
-    from .teacher import export_teacher
-
     if args.export_teacher is not None:
         print(json.dumps(export_teacher(args.export_teacher, train_time_s=args.train_time), indent=2))
         return
@@ -124,17 +125,12 @@ def _run(args: argparse.Namespace) -> None:
 
 def _run_study(args: argparse.Namespace) -> None:
     """``--study``: the ablation study (shd_diffusion/demo/study.py)."""
-    import shlex
-
-    from .settings import DemoError, resolve_settings
-    from .study import STUDY_SEEDS, STUDY_SETTINGS, describe_study, run_study
-
     if args.modes is not None or args.teacher_only:
         raise DemoError("--study runs its own arms: use --arms instead of --modes, and drop --teacher-only")
-    flags = {"seeds": args.seeds, "num_samples": args.num_samples, "num_ref": args.num_ref,
-             "sampling_steps": args.sampling_steps, "cfg_scale": args.cfg_scale, "train_teacher": args.train_teacher}
-    study_defaults = {"seeds": STUDY_SEEDS.get(args.size, (0,)), **STUDY_SETTINGS.get(args.size, {})}
-    settings = resolve_settings(args.size, **{**study_defaults, **{k: v for k, v in flags.items() if v is not None}})
+    settings = study_settings(
+        args.size, seeds=args.seeds, num_samples=args.num_samples, num_ref=args.num_ref,
+        sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, train_teacher=args.train_teacher,
+    )
     if args.dry_run:
         print(describe_study(settings, args.arms, args.out, args.config_dir))
         return
