@@ -5,8 +5,7 @@ command: usage docstring, ``build_parser``, ``main`` through ``cli.run_main``) -
 (training, demo, export) -> core. Nothing in ``shd_diffusion`` but ``commands`` imports ``commands``,
 nothing in it imports the top-level ``sampling`` package, and no core module imports an application
 module: otherwise the arrows would run both ways. Every console script and every thin file resolves
-to a ``main`` in ``shd_diffusion.commands`` (training's command line, ``training/cli.py``, until it
-moves there). Inside core, ``families`` (one spec per model family) sits above ``models``: it
+to a ``main`` in ``shd_diffusion.commands``. Inside core, ``families`` (one spec per model family) sits above ``models``: it
 imports the model classes, no model module imports it, and it is the only place outside ``models``
 that checks a model's class.
 """
@@ -27,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "shd_diffusion"
 APPLICATION = ("shd_diffusion.training", "shd_diffusion.demo", "shd_diffusion.export")
 COMMANDS = "shd_diffusion.commands"
-# Command lines not yet in COMMANDS: training's moves to shd_diffusion/commands/train.py after its rework.
-PENDING_COMMANDS = ("shd_diffusion.training.cli",)
+# Command lines not yet in COMMANDS (none left).
+PENDING_COMMANDS: tuple[str, ...] = ()
 # The thin files: python scripts/X.py, python -m sampling.X (and accelerate launch of either).
 SHIMS = sorted([*(ROOT / "scripts").glob("*.py"), ROOT / "sampling" / "sample.py", ROOT / "sampling" / "score.py"])
 MAX_SHIM_LINES = 15  # code lines (comments and blank lines aside), the docstring counted

@@ -23,7 +23,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Entry points as the docs name them -> the module whose ``main(argv)`` they run (the thin files
 # in scripts/ and sampling/ import it; test_layout.py holds them to that shape).
 MODULES = {
-    "scripts/train_mdt_shd.py": "shd_diffusion.training.cli",  # until it moves to shd_diffusion.commands.train
+    "scripts/train_mdt_shd.py": "shd_diffusion.commands.train",
     "scripts/demo.py": "shd_diffusion.commands.demo",
     "scripts/export.py": "shd_diffusion.commands.export",
     "scripts/extract_latents.py": "shd_diffusion.commands.extract_latents",

@@ -14,9 +14,7 @@ Commands (each also a thin file under ``scripts/`` or ``sampling/`` and a consol
     extract_latents     ``python scripts/extract_latents.py``: VAE latent shards of an image folder
     inspect_checkpoint  ``python scripts/inspect_checkpoint.py``: a checkpoint's tensors and config
     convert_inception   ``python scripts/convert_inception.py``: offline FID Inception weights
-
-Training (``scripts/train_mdt_shd.py``, ``shd-train``) still has its command line in
-:mod:`shd_diffusion.training.cli`; it joins this package as ``train.py`` in the same shape.
+    train               ``accelerate launch scripts/train_mdt_shd.py``, ``shd-train``: KD / SHD training
 
 Arrows: ``scripts/`` and ``sampling/`` -> ``shd_diffusion.commands`` -> application (training,
 demo, export) -> core. Nothing else in ``shd_diffusion`` imports this package.

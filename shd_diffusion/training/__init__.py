@@ -8,7 +8,8 @@ Files, one room each:
   streams   -- per-sample and per-step generators keyed by stream position
   logs      -- the interval's scalars and histograms
   previews  -- EMA sample grids and attention / alpha figures during training
-  cli       -- the ``shd-train`` command line (``scripts/train_mdt_shd.py``)
+
+The ``shd-train`` command line (``scripts/train_mdt_shd.py``) is :mod:`shd_diffusion.commands.train`.
 """
 
 from ..objective import StepTerms

@@ -14,16 +14,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from typing import Sequence
+
 from ..cli import BadInput, add_debug_flag, run_main
 from ..config import dump_yaml, load_config
 from ..train_config import ExperimentConfig
-from .run import run_dir_for, train
+from ..training.run import run_dir_for, train
 
-__all__ = ["parse_args", "run", "main"]
+__all__ = ["build_parser", "main"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line: ``--config``, dotted overrides, resume / dry-run / step options."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``--config``, dotted overrides, resume / dry-run / step options.
+
+    Overrides may come before or after the options (``--resume auto train.steps=10``): parse with
+    ``parse_intermixed_args``.
+    """
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -36,11 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     add_debug_flag(parser)
-    # Intermixed: overrides may come before or after the options (``--resume auto train.steps=10``).
-    return parser.parse_intermixed_args(argv)
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     """Resolve the config and train (or print it); raises BadInput / Diverged / OSError on failure."""
     if args.max_steps is not None and args.max_steps < 1:
         raise BadInput(f"--max-steps must be >= 1, got {args.max_steps} (leave it out to train to train.steps)")
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) one training job; returns the exit code (2 = bad input, 3 = diverged run)."""
-    args = parse_args(argv)
-    return run_main(lambda: run(args), debug=args.debug)
+    args = build_parser().parse_intermixed_args(argv)
+    return run_main(lambda: _run(args), debug=args.debug)
