@@ -234,7 +234,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
         if self.validation_prompts is not None:
-            from .training.t2i_previews import resolve_prompts
+            from .prompt_lists import resolve_prompts
 
             resolve_prompts(self.validation_prompts)  # an empty list, a blank prompt or a missing file: refused now
         if self.validation_steps < 1:
