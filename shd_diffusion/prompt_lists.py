@@ -34,8 +34,8 @@ def resolve_prompts(value: Sequence[str] | str, setting: str = "train.validation
     if isinstance(value, str):
         path = Path(value)
         if not path.is_file():
-            raise PromptListError(f"{setting} file {path} not found: give a .txt (one prompt per line), .json or .jsonl "
-                               "file, or the prompts as a list")
+            raise PromptListError(f"{setting} file {path} not found: give a .txt (one prompt per line), .json or "
+                                  ".jsonl file, or the prompts as a list")
         try:
             text = path.read_text(encoding="utf-8")
             if path.suffix == ".json":
@@ -48,16 +48,17 @@ def resolve_prompts(value: Sequence[str] | str, setting: str = "train.validation
                 prompts = [line.strip() for line in text.splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
             raise PromptListError(f"{setting} file {path} cannot be read ({type(err).__name__}: {err}): save it as "
-                               "UTF-8 text, one prompt per line") from None
+                                  "UTF-8 text, one prompt per line") from None
         where = f"{setting} file {path}"
     else:
         prompts, where = value, setting
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise PromptListError(f"{where} must hold a list of strings (a .jsonl line needs a \"text\" field)")
     if not prompts:
-        raise PromptListError(f"{where} holds no prompts: give at least one, or set train.validation_prompts to null "
-                           "and train.sample_every / train.figure_every to 0")
+        raise PromptListError(f"{where} holds no prompts: give at least one, or set {setting} to null "
+                              "(and train.sample_every / train.figure_every to 0)")
     blank = [i for i, p in enumerate(prompts) if not p.strip()]
     if blank:
-        raise PromptListError(f"{where}: prompt {blank[0]} is blank: remove it (the unconditional image is not a preview)")
+        raise PromptListError(f"{where}: prompt {blank[0]} is blank: remove it (the unconditional image is not a "
+                              "preview)")
     return list(prompts)
