@@ -192,6 +192,18 @@ def check_settings(trainer: Trainer) -> tuple[list[str], str] | None:
     return resolve_prompts(tc.validation_prompts), pipeline_source(tc.validation_pipeline, cfg.teacher.checkpoint)
 
 
+def _encoder_length(pipe: Any, data_tokens: int) -> int:
+    """The ``max_sequence_length`` whose encoding has the data's ``data_tokens`` tokens.
+
+    Equal for PixArt, FLUX.1 and Qwen-Image; SD3 puts its 77 CLIP tokens before the T5 ones, so
+    its encoding of length n has 77 + n tokens (found by encoding the empty prompt once).
+    """
+    from ..t2i_extract import encode_prompts
+
+    extra = int(encode_prompts(pipe, [""], data_tokens)["prompt_embeds"].shape[1]) - data_tokens  # (1, L', D)
+    return data_tokens - extra
+
+
 def text_previews(trainer: Trainer) -> TextPreviews | None:
     """The run's text-to-image previews, loaded on the main process (see :func:`check_settings`);
     None when there are none, and on the other ranks (only the main process renders).
@@ -213,6 +225,6 @@ def text_previews(trainer: Trainer) -> TextPreviews | None:
                                f"the student is a {type(student).__name__}: give the teacher's own pipeline")
         data = trainer.dataset
         empty = getattr(data, "empty_conditioning", None) or {}
-        length = int(empty["prompt_embeds"].shape[0]) if "prompt_embeds" in empty else None  # the data's (L, D)
+        length = _encoder_length(pipe, int(empty["prompt_embeds"].shape[0])) if "prompt_embeds" in empty else None
         size = int(data.input_size) * int(pipe.vae_scale_factor)  # the training resolution: latent side x VAE factor
         return TextPreviews(pipe, prompts, tc.seed, tc.validation_steps, tc.validation_guidance_scale, size, length)
