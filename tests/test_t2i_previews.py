@@ -1,6 +1,6 @@
 """Validation images during text-to-image training (issue #20 item 3).
 
-A tiny random PixArt-Sigma (and FLUX.1) pipeline is saved locally (tests/t2i_builders.py); a student
+Tiny random PixArt-Sigma, FLUX.1 and SD3 pipelines are saved locally (tests/t2i_builders.py); a student
 with half its heads trains a few steps from its ``transformer/`` folder with previews every 2 steps.
 The tracker (TensorBoard event files) must receive the captioned grid at exactly those steps, each
 cell the image the pipeline renders when called directly with the EMA student and the prompt's
@@ -21,7 +21,7 @@ from PIL import Image
 
 from cli_cases import assert_refused, call
 from conftest import reset_accelerate_state
-from t2i_builders import POOLED_DIM, SEQ, TEXT_DIM, build_pipeline
+from t2i_builders import POOLED_DIM, SD3_CLIP_TOKENS, SEQ, TEXT_DIM, build_pipeline
 from shd_diffusion.config import ConfigError, load_config
 from shd_diffusion.figures import CAPTION_LINE_HEIGHT, CAPTION_LINES, GRID_PAD, draw_prompt_grid, wrap_caption
 from shd_diffusion.latents import write_synthetic_text_latents
@@ -44,10 +44,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny pipelines and a text-latent folder per family (latents 4 x 8 x 8, 8 caption tokens)."""
     root = tmp_path_factory.mktemp("t2i_previews")
     out = {"root": root}
-    for family in ("pixart", "flux"):
+    for family in ("pixart", "flux", "sd3"):
         out[family] = build_pipeline(root, family)
-        write_synthetic_text_latents(root / f"data_{family}", num_images=4, latent_shape=(4, 8, 8), seq_len=SEQ,
-                                     dim=TEXT_DIM, pooled_dim=POOLED_DIM if family == "flux" else None, shard_size=4)
+        tokens = SEQ + (SD3_CLIP_TOKENS if family == "sd3" else 0)
+        write_synthetic_text_latents(root / f"data_{family}", num_images=4, latent_shape=(4, 8, 8), seq_len=tokens,
+                                     dim=TEXT_DIM, pooled_dim=None if family == "pixart" else POOLED_DIM,
+                                     with_mask=family != "sd3", shard_size=4)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (root / "empty.txt").write_text("\n  \n")
     return out
@@ -103,7 +105,7 @@ def direct_renders(trainer: Trainer, pipeline: Path, **call: object) -> np.ndarr
         for p, s in zip(PROMPTS, seeds)])
 
 
-@pytest.mark.parametrize("family", ["pixart", "flux"])
+@pytest.mark.parametrize("family", ["pixart", "flux", "sd3"])
 def test_the_tracker_gets_the_captioned_ema_grid_every_figure_every_steps(world, family):
     prompts = ["train.validation_prompts=" + str(world["root"] / "prompts.txt")]
     trainer = run(world, family, f"logged_{family}", [*PREVIEWS, *prompts])
@@ -131,7 +133,8 @@ def test_the_tracker_gets_the_captioned_ema_grid_every_figure_every_steps(world,
     # Kept once, without text encoders (encoded at start) and without a transformer between renders.
     pipe = trainer.text_previews.pipe
     assert pipe.transformer is None and pipe.text_encoder is None and pipe.tokenizer is None
-    assert trainer.text_previews._cond["prompt_embeds"].shape == (len(PROMPTS), SEQ, TEXT_DIM)  # the data's length
+    tokens = SEQ + (SD3_CLIP_TOKENS if family == "sd3" else 0)  # the data's length
+    assert trainer.text_previews._cond["prompt_embeds"].shape == (len(PROMPTS), tokens, TEXT_DIM)
 
 
 def test_training_is_bitwise_the_same_with_previews_on_and_off(world):
