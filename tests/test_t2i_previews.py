@@ -201,3 +201,11 @@ def test_prompts_are_refused_at_config_load_and_for_teachers_outside_a_pipeline(
         f"teacher.checkpoint={tmp_path / 'bare'}", "train.sample_every=2", "train.validation_prompts=[a cat]"]))
     with pytest.raises(PreviewError, match="set train.validation_pipeline"):
         Trainer(cfg, tmp_path / "r", make_accelerator(cfg, tmp_path / "r", log=False))
+
+
+def test_a_class_conditional_run_refuses_validation_prompts(tmp_path):
+    from test_training import make_cfg
+
+    cfg = make_cfg(tmp_path, "none", "dit", ["train.validation_prompts=[a cat]"])
+    with pytest.raises(PreviewError, match="class-conditional: remove it"):
+        Trainer(cfg, tmp_path / "r", make_accelerator(cfg, tmp_path / "r", log=False))
