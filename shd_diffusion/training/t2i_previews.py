@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PreviewError", "pipeline_source", "TextPreviews", "check_settings", "text_previews"]
 
+
 class PreviewError(BadInput, ValueError):
     """Bad text-to-image preview settings; the message names the setting and the fix."""
 
