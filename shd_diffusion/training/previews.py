@@ -1,5 +1,7 @@
 """What a run shows of itself while it trains: EMA sample grids and attention / alpha figures.
 
+Text-to-image runs show their validation prompts instead of class grids (:mod:`.t2i_previews`).
+
 Both run on the main process only and leave the training state alone: the grid samples with the
 EMA weights swapped in and back out, the attention panel runs the student in eval mode on one
 fixed image, and neither touches the global RNG.
@@ -22,11 +24,13 @@ from ..diffusion import create_diffusion
 from ..fileio import atomic_path
 from ..vae import SD_VAE_SCALE_FACTOR, load_vae
 from .streams import sample_generators
+from .t2i_previews import check_settings as check_text_settings
+from .t2i_previews import text_previews
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["GridDecoder", "sample_grid", "log_figures"]
+__all__ = ["GridDecoder", "sample_grid", "log_figures", "check_text_settings", "text_previews"]
 
 PANEL_TIMESTEP = 500  # the attention panel's noise level: mid-trajectory, maps neither flat nor trivial
 PANEL_POSITION = -(1 << 40)  # the panel's noise generator: a stream position far from any batch

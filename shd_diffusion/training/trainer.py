@@ -41,7 +41,7 @@ from ..objective import DistillationObjective, StepTerms, TrainedModules, noised
 from ..optim import EMA, build_optimizer, build_scheduler
 from ..train_config import ExperimentConfig, ModelConfig
 from ..vae import SD_VAE_SCALE_FACTOR, load_vae
-from . import heads, previews, t2i_previews
+from . import heads, previews
 from .health import RunHealth
 from .logs import log_interval
 from .memory import check_batch_fits
@@ -174,7 +174,7 @@ class Trainer:
         self._data_fingerprint: str | None = None
         self.resumed_from: Path | None = None
         self.resume_changes: list[Change] = []  # accepted config changes of the resume (for the history)
-        self.text_previews = t2i_previews.text_previews(self)  # text-to-image validation prompts (main process)
+        self.text_previews = previews.text_previews(self)  # text-to-image validation prompts (main process)
 
     # ---------------------------------------------------------------- setup helpers
     def _build_models(self) -> tuple[nn.Module, nn.Module | None]:
@@ -196,7 +196,7 @@ class Trainer:
 
     def _check_family_options(self) -> None:
         """Refuse training options that the student's family does not support yet (one line each)."""
-        t2i_previews.check_settings(self)  # text-to-image previews need prompts and a pipeline
+        previews.check_text_settings(self)  # text-to-image previews need prompts and a pipeline
 
     def _check_teacher_source(self) -> None:
         """``teacher.checkpoint`` is set and names an existing path or a Hub id."""
