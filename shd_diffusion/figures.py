@@ -28,6 +28,11 @@ __all__ = [
     "draw_curves",
     "Curve",
     "outside_unit_interval",
+    "CAPTION_LINES",
+    "CAPTION_LINE_HEIGHT",
+    "GRID_PAD",
+    "wrap_caption",
+    "draw_prompt_grid",
     "log_images",
     "log_histograms",
 ]
@@ -292,6 +297,79 @@ def draw_curves(panels: list[tuple[str, list[Curve]]], x_label: str, y_label: st
             ly = top + 14 * j
             draw.line([right + 10, ly + 6, right + 28, ly + 6], fill=colour, width=3)
             draw.text((right + 32, ly), c.label, fill="black")
+    return fig
+
+
+CAPTION_LINES = 3  # text lines under each image of a prompt grid (longer prompts end in "...")
+CAPTION_LINE_HEIGHT = 12  # pixels per caption line (PIL's default font)
+GRID_PAD = 4  # pixels around and between the cells of a prompt grid
+
+
+def wrap_caption(text: str, width: int, measure: Any, lines: int = CAPTION_LINES) -> list[str]:
+    """``text`` wrapped at word boundaries to ``width`` pixels, at most ``lines`` lines.
+
+    Words wider than a line are cut; text that does not fit ends in "...".
+
+    Args:
+        measure: ``str -> pixel width`` (e.g. ``ImageDraw.textlength``).
+    """
+    out: list[str] = []
+    words = text.split()
+    line = ""
+    while words:
+        word = words[0]
+        trial = f"{line} {word}" if line else word
+        if measure(trial) <= width:
+            line, words = trial, words[1:]
+            continue
+        if not line:  # one word wider than the line: cut it
+            cut = max(1, max(k for k in range(1, len(word) + 1) if measure(word[:k]) <= width or k == 1))
+            line, words = word[:cut], [word[cut:], *words[1:]]
+        out.append(line)
+        line = ""
+        if len(out) == lines:
+            break
+    if line and len(out) < lines:
+        out.append(line)
+    if words and out:  # what is left does not fit: end the last line in "..."
+        last = out[-1]
+        while last and measure(last + "...") > width:
+            last = last[:-1]
+        out[-1] = last.rstrip() + "..."
+    return out
+
+
+def draw_prompt_grid(images: np.ndarray, captions: Sequence[str], columns: int | None = None,
+                     lines: int = CAPTION_LINES) -> Any:
+    """Images with their prompt written under each, in a grid (row-major).
+
+    Cell ``k`` is the image (H, W) above a caption strip of ``lines`` x :data:`CAPTION_LINE_HEIGHT`
+    pixels; cells are :data:`GRID_PAD` pixels apart and from the border.
+
+    Args:
+        images: uint8 (n, H, W, 3).
+        captions: n prompts (wrapped to the image width, cut to ``lines`` lines).
+        columns: cells per row (default ``ceil(sqrt(n))``).
+
+    Returns:
+        A PIL image of ``columns * (W + pad) + pad`` x ``rows * (H + strip + pad) + pad`` pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    if len(captions) != n:
+        raise ValueError(f"{n} images but {len(captions)} captions")
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    strip = lines * CAPTION_LINE_HEIGHT
+    fig = Image.new("RGB", (cols * (w + GRID_PAD) + GRID_PAD, rows * (h + strip + GRID_PAD) + GRID_PAD), "white")
+    draw = ImageDraw.Draw(fig)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        x, y = GRID_PAD + c * (w + GRID_PAD), GRID_PAD + r * (h + strip + GRID_PAD)
+        fig.paste(Image.fromarray(images[k]), (x, y))
+        for j, text in enumerate(wrap_caption(captions[k], w, draw.textlength, lines)):
+            draw.text((x, y + h + j * CAPTION_LINE_HEIGHT), text, fill="black")
     return fig
 
 

@@ -213,7 +213,11 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept
     log_every: int = 100  # steps between scalar logs
     sample_every: int = 0  # steps between EMA sample grids (0 = never)
-    figure_every: int = 0  # steps between alpha histograms + attention panels in the tracker (0 = never)
+    figure_every: int = 0  # steps between alpha histograms + attention panels (text-to-image: + the validation grid) in the tracker (0 = never)
+    validation_prompts: list[str] | str | None = None  # text-to-image previews: prompts, or a .txt / .json / .jsonl file of them (needed by sample_every / figure_every)
+    validation_pipeline: str | None = None  # pipeline (folder or Hub id) whose text encoders, VAE, scheduler render previews; None = the one holding teacher.checkpoint
+    validation_steps: int = 8  # the pipeline's num_inference_steps for a preview
+    validation_guidance_scale: float | None = None  # the pipeline's guidance_scale for previews (None = its default)
     log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # tracker (accelerate's) for scalars/figures
     healthy_factor: float = 10.0  # a checkpoint is healthy when nearby losses/grad norms are <= this x their median
     grad_checkpointing: bool = False  # recompute activations in backward (saves memory)
@@ -229,6 +233,14 @@ class TrainConfig:
         for name in ("sample_every", "figure_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if self.validation_prompts is not None:
+            from .prompt_lists import resolve_prompts
+
+            resolve_prompts(self.validation_prompts)  # an empty list, a blank prompt or a missing file: refused now
+        if self.validation_steps < 1:
+            raise ValueError(f"train.validation_steps must be >= 1, got {self.validation_steps}")
+        if self.validation_pipeline is not None and not self.validation_pipeline.strip():
+            raise ValueError("train.validation_pipeline is empty: give the teacher's pipeline folder or Hub id, or null")
         if self.healthy_factor <= 1.0:
             raise ValueError(f"train.healthy_factor must be > 1, got {self.healthy_factor}")
         if not self.output_dir.strip() or (self.run_name is not None and not self.run_name.strip()):
@@ -281,6 +293,7 @@ RESUME_CHANGEABLE_FIELDS: list[str] = [
     "distill.chunk_size", "data.num_workers",
     # Bookkeeping: cadence of checkpoints, logs, previews and figures; the health judgement; where.
     "train.checkpoint_every", "train.keep_last", "train.log_every", "train.sample_every", "train.figure_every",
+    "train.validation_prompts", "train.validation_pipeline", "train.validation_steps", "train.validation_guidance_scale",
     "train.log_with", "train.healthy_factor", "train.output_dir", "train.run_name",
 ]
 """Accepted on resume when changed: each change is said in one line and appended to history.jsonl."""

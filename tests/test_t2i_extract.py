@@ -18,9 +18,8 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 
-from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,  # noqa: E402
-                       FluxTransformer2DModel, PixArtSigmaPipeline, PixArtTransformer2DModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
+from t2i_builders import SEQ, SIZE, TEXT_DIM, build_pipeline  # noqa: E402
 
 from shd_diffusion.cli import BadInput  # noqa: E402
 from shd_diffusion.data import TextLatentDataset  # noqa: E402
@@ -31,68 +30,13 @@ from shd_diffusion.t2i_extract import (encode_prompts, extract_text_latents, gen
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WORDS = "a photo of cat dog red blue sky tree car house big small on the".split()
 CAPTIONS = ["a photo of a cat", "a red car", "the big tree on the house", "", "a small blue dog"]
-TEXT_DIM, POOLED_DIM, SEQ, SIZE = 12, 10, 8, 16  # T5 width, CLIP width, tokens, pixels (latents 4 x 8 x 8)
-
-
-def _t5_tokenizer() -> T5Tokenizer:
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0 - i) for i, w in enumerate(WORDS)]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-def _clip_tokenizer() -> CLIPTokenizer:
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{w + "</w>": i + 2 for i, w in enumerate(WORDS)}}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
-
-
-def _vae(**kwargs) -> AutoencoderKL:  # 2x downsampling, 4 latent channels
-    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=["DownEncoderBlock2D"] * 2,
-                         up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2,
-                         sample_size=SIZE, **kwargs)
-
-
-def _t5() -> T5EncoderModel:
-    return T5EncoderModel(T5Config(vocab_size=len(WORDS) + 3, d_model=TEXT_DIM, d_kv=4, d_ff=16, num_layers=1,
-                                   num_heads=2))
-
-
-def _randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Every weight random (diffusers zero-inits output layers, which would make the teacher output 0)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model
-
-
-def _build(root: Path, family: str) -> Path:
-    torch.manual_seed(0)
-    if family == "pixart":
-        pipe = PixArtSigmaPipeline(
-            tokenizer=_t5_tokenizer(), text_encoder=_t5(), vae=_vae(), scheduler=DDPMScheduler(),
-            transformer=PixArtTransformer2DModel(
-                num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-                norm_num_groups=1, cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=TEXT_DIM,
-                use_additional_conditions=False))
-    else:
-        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS) + 2, hidden_size=POOLED_DIM, intermediate_size=16,
-                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
-                                            projection_dim=POOLED_DIM, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-        pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.1, scaling_factor=0.5),
-            text_encoder=clip, tokenizer=_clip_tokenizer(), text_encoder_2=_t5(), tokenizer_2=_t5_tokenizer(),
-            transformer=_randomise(FluxTransformer2DModel(
-                patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
-                guidance_embeds=True, axes_dims_rope=(2, 2, 4))))
-    pipe.save_pretrained(root / family)
-    return root / family
 
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipelines")
-    return {family: _build(root, family) for family in ("pixart", "flux")}
+    return {family: build_pipeline(root, family) for family in ("pixart", "flux")}
 
 
 def _caption_folder(root: Path, captions=CAPTIONS, extra_lines: list[str] = ()) -> Path:

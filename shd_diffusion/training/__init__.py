@@ -8,6 +8,7 @@ Files, one room each:
   streams   -- per-sample and per-step generators keyed by stream position
   logs      -- the interval's scalars and histograms
   previews  -- EMA sample grids and attention / alpha figures during training
+  t2i_previews -- text-to-image validation prompts through the teacher's pipeline
 
 The ``shd-train`` command line (``scripts/train_mdt_shd.py``) is :mod:`shd_diffusion.commands.train`.
 """

@@ -1,5 +1,7 @@
 """What a run shows of itself while it trains: EMA sample grids and attention / alpha figures.
 
+Text-to-image runs show their validation prompts instead of class grids (:mod:`.t2i_previews`).
+
 Both run on the main process only and leave the training state alone: the grid samples with the
 EMA weights swapped in and back out, the attention panel runs the student in eval mode on one
 fixed image, and neither touches the global RNG.
@@ -22,11 +24,13 @@ from ..diffusion import create_diffusion
 from ..fileio import atomic_path
 from ..vae import SD_VAE_SCALE_FACTOR, load_vae
 from .streams import sample_generators
+from .t2i_previews import check_settings as check_text_settings
+from .t2i_previews import text_previews
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["GridDecoder", "sample_grid", "log_figures"]
+__all__ = ["GridDecoder", "sample_grid", "log_figures", "check_text_settings", "text_previews"]
 
 PANEL_TIMESTEP = 500  # the attention panel's noise level: mid-trajectory, maps neither flat nor trivial
 PANEL_POSITION = -(1 << 40)  # the panel's noise generator: a stream position far from any batch
@@ -70,6 +74,8 @@ def sample_grid(trainer: Trainer, num: int = 16, steps: str = "50", cfg_scale: f
     Written to ``run_dir/samples/step_{step:08d}.png`` on the main process; returns None on
     other ranks and when latents cannot be decoded.
     """
+    if trainer.family.conditioning != "class":  # the validation prompts through the teacher's pipeline
+        return trainer.text_previews.save(trainer) if trainer.text_previews is not None else None
     if not trainer.acc.is_main_process or not trainer.grid_decoder.ready():
         return None
     from torchvision.utils import save_image
@@ -115,18 +121,24 @@ def log_figures(trainer: Trainer, alphas: list[torch.Tensor]) -> dict[str, Any]:
     """
     from .. import figures
 
-    if not trainer.acc.is_main_process or trainer.teacher is None or not trainer.layer_pairs:
+    if not trainer.acc.is_main_process:
         return {}
     labels = [f"student {j + 1} <- teacher {i + 1}" for j, i in trainer.layer_pairs]
     images = {}
-    if alphas:
+    if trainer.text_previews is not None:
+        images["validation/prompts"] = trainer.text_previews.grid(trainer)
+    if alphas and trainer.teacher is not None and trainer.layer_pairs:
         heading = (f"alpha per SHD layer pair at step {trainer.step} (batch of {alphas[0].shape[0]}, all ranks), "
                    "one line per teacher head")
         fig = figures.draw_alpha_histograms([a.cpu().numpy() for a in alphas], labels,  # each (B, H_t)
                                             lo=0.0, hi=1.0, heading=heading)
         images["figures/alpha_histograms"] = np.asarray(fig)
-    images["figures/attention"] = np.asarray(_attention_panel(trainer, labels))
-    figures.log_images(trainer.acc.trackers, images, trainer.step)
+    # The attention panel captures with the class-conditional models' processors, calls them with labels and
+    # noises with the DDPM process: text-to-image runs log the validation grid and alpha histograms only.
+    if trainer.family.conditioning == "class" and trainer.teacher is not None and trainer.layer_pairs:
+        images["figures/attention"] = np.asarray(_attention_panel(trainer, labels))
+    if images:
+        figures.log_images(trainer.acc.trackers, images, trainer.step)
     return images
 
 

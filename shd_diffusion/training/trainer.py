@@ -174,6 +174,7 @@ class Trainer:
         self._data_fingerprint: str | None = None
         self.resumed_from: Path | None = None
         self.resume_changes: list[Change] = []  # accepted config changes of the resume (for the history)
+        self.text_previews = previews.text_previews(self)  # text-to-image validation prompts (main process)
 
     # ---------------------------------------------------------------- setup helpers
     def _build_models(self) -> tuple[nn.Module, nn.Module | None]:
@@ -195,10 +196,7 @@ class Trainer:
 
     def _check_family_options(self) -> None:
         """Refuse training options that the student's family does not support yet (one line each)."""
-        tc = self.cfg.train
-        if self.family.conditioning != "class" and (tc.sample_every or tc.figure_every):
-            raise ValueError(f"train.sample_every / train.figure_every draw class-conditional previews; {self.family.name} "
-                             "is text-conditioned: set both to 0 (sampling text-to-image students is not built yet)")
+        previews.check_text_settings(self)  # text-to-image previews need prompts and a pipeline
 
     def _check_teacher_source(self) -> None:
         """``teacher.checkpoint`` is set and names an existing path or a Hub id."""
