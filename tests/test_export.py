@@ -7,7 +7,6 @@ sampler side of each comparison is this package's: ``GaussianDiffusion.p_sample_
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random

@@ -13,7 +13,6 @@ from torch import nn
 from shd_diffusion import families
 from shd_diffusion.attention import Attention
 from shd_diffusion.config import load_config
-from shd_diffusion.diffusion import create_diffusion
 from shd_diffusion.families import FamilySpec, family_of
 from shd_diffusion.families.dit import DIT
 from shd_diffusion.families.mdt import MDT

@@ -195,8 +195,8 @@ def test_prompts_only_mode_renders_one_image_per_prompt_with_per_prompt_seeds(tm
     a = generate_text_latents(prompts, tmp_path / "a", pipe, seed=0, **kwargs)
     assert a.index["num_images"] == 3 and len(list((tmp_path / "a_images").glob("*.png"))) == 3
     assert [r.text for r in read_caption_folder(tmp_path / "a_images")] == ["a red car", "a photo of a cat", "the big tree"]
-    b = generate_text_latents(["a red car", "a photo of a cat"], tmp_path / "b", pipe, seed=0, **kwargs)  # fewer prompts
-    c = generate_text_latents(prompts, tmp_path / "c", pipe, seed=1, **kwargs)
+    generate_text_latents(["a red car", "a photo of a cat"], tmp_path / "b", pipe, seed=0, **kwargs)  # fewer prompts
+    generate_text_latents(prompts, tmp_path / "c", pipe, seed=1, **kwargs)
     da, db, dc = (TextLatentDataset(tmp_path / n, hflip=False) for n in "abc")
     for i in range(2):  # same prompt, index and seed -> the same image and latents
         pixels = [np.array(Image.open(tmp_path / f"{n}_images" / f"{i:06d}.png")) for n in "ab"]

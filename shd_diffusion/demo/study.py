@@ -16,7 +16,6 @@ the teacher's per-head alpha figure.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import platform
@@ -31,7 +30,7 @@ import numpy as np
 from ..console import say
 from ..figures import CURVE_COLOURS, Curve, draw_curves, save_png
 from .analysis import FIGURE_FILES, attention_and_alpha_figures
-from .files import relative, write_json, write_text
+from .files import write_json, write_text
 from .pipeline import (
     Stages,
     ensure_samples,
@@ -45,7 +44,7 @@ from .pipeline import (
 from .report import device_name
 from .runs import ensure_trained, load_experiment, student_config, teacher_config
 from .settings import CONFIG_DIR, DemoError, DemoSettings, resolve_settings
-from .teacher import checkpoint_step, count_params
+from .teacher import count_params
 
 __all__ = ["ARMS", "STUDIES", "STUDY_SEEDS", "STUDY_SETTINGS", "STUDY_STEPS", "Arm", "describe_study", "run_study", "study_configs",
            "study_settings", "write_study_report"]
