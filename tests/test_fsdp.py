@@ -260,3 +260,19 @@ def test_fsdp_text_to_image_student_matches_one_process(tmp_path):
     # AdamW at lr 2e-3: measured 3.4e-6 at most (single_transformer_blocks.0.proj_out.weight, |w| <= 0.12)
     _assert_same_training(_ckpt(tmp_path, "one", 4), _ckpt(tmp_path, "fsdp", 4), "FLUX.1: 2-process FSDP vs 1",
                           tol={"atol": 1e-5, "rtol": 1e-5})
+
+
+def test_training_state_bytes_of_flux_on_eight_gpus():
+    from shd_diffusion.training.memory import training_state_bytes
+
+    student, teacher = 2_247_716_928, 11_901_408_320  # FLUX.1-dev -> flux1_student.yaml (test_t2i_models)
+    shard = student // 8  # 280,964,616: divides exactly
+    fsdp = training_state_bytes(student, teacher, 8)
+    # fp32 weight + grad + Adan's 4 state tensors + EMA = 28 bytes per student parameter, over 8 GPUs;
+    # the bf16 teacher whole on each: 23.8 GB.
+    assert fsdp == {"weights": 4 * shard, "grads": 4 * shard, "optimizer": 16 * shard, "ema": 4 * shard,
+                    "teacher": 2 * teacher, "total": 28 * shard + 2 * teacher} and fsdp["total"] == 31_669_825_888
+    ddp = training_state_bytes(student, teacher, 8, shard_student=False)
+    assert ddp["total"] == 28 * student + 2 * teacher == 86_738_890_624  # over an 80 GiB card (85.9e9 bytes)
+    assert training_state_bytes(student, teacher, 8, optimizer="adamw")["optimizer"] == 8 * shard
+    assert training_state_bytes(10, 7, 4, shard_teacher=True)["teacher"] == 2 * 2  # ceil(7 / 4) parameters
