@@ -1,9 +1,12 @@
-"""Refuse a batch that cannot fit in memory before any run file is written.
+"""Memory: refuse a batch that cannot fit before any run file is written; count the training state.
 
 Without this a huge ``train.global_batch_size`` is killed by the kernel's out-of-memory killer
 (no message, no exception) after the run folder was written. The estimate is a *lower bound* on
 what one process must hold, so it refuses only batches that certainly cannot fit; batches it
 lets through may still be too large (the real peak is several times the bound).
+
+:func:`training_state_bytes` counts what the weights, gradients, optimizer state, EMA and teacher
+take per GPU (docs/training.md's FSDP2 table).
 """
 
 from __future__ import annotations

@@ -61,8 +61,9 @@ def check_launch(cfg: ExperimentConfig) -> None:
 
     ``accelerate launch`` (and ``accelerate config``) pass their choices through the environment.
     FSDP (version 2) shards the student (:mod:`.sharding`, whose checks refuse what it cannot
-    combine with); DeepSpeed is refused. A mixed precision other than ``no`` must agree with ``train.precision``; ``no`` is
-    also what the launcher passes when nothing was chosen, so then ``train.precision`` decides.
+    combine with); DeepSpeed is refused. A mixed precision other than ``no`` must agree with
+    ``train.precision``; ``no`` is also what the launcher passes when nothing was chosen, so then
+    ``train.precision`` decides.
     A dynamo backend is refused in favour of ``train.compile``.
 
     Raises:

@@ -31,7 +31,7 @@ from torch import nn
 from ..config import ConfigError
 from ..train_config import ExperimentConfig
 
-__all__ = ["fsdp_requested", "check_fsdp_launch", "check_teacher_apart", "shard_trained", "is_sharded",
+__all__ = ["fsdp_requested", "check_fsdp_launch", "check_teacher_apart", "shard_trained",
            "full_state", "gradient_sync", "shard_like", "shard_optimizer_state", "grad_norm_and_clip"]
 
 _TRUE = ("1", "true", "yes")
@@ -128,13 +128,6 @@ def shard_trained(trained: nn.Module, device: torch.device) -> nn.Module:
             fully_shard(block, mesh=mesh)
     fully_shard(trained, mesh=mesh)
     return trained
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether ``module`` was sharded by :func:`shard_trained`."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 def full_state(state: Any, keep: bool = True) -> Any:

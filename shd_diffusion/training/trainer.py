@@ -89,7 +89,7 @@ class Trainer:
     """Owns one training run: models, data stream, optimizer, EMA, checkpoints and logging.
 
     ``self.trained`` (:class:`~shd_diffusion.objective.TrainedModules`: the student plus feature
-    projectors) is the one module the optimizer steps and DDP wraps.
+    projectors) is the one module the optimizer steps and DDP wraps (or FSDP2 shards: :mod:`.sharding`).
 
     Args:
         cfg: the validated experiment config.
