@@ -24,11 +24,13 @@ from shd_diffusion.training.sharding import check_teacher_apart
 from test_training import COMMON, DIT_STUDENT, REPO, _shared, make_cfg
 
 # A tiny kd_shd run, 4 steps with checkpoints at steps 2 and 4: class-conditional (DiT 2 x 32
-# student, 4 x 48 teacher, global batch 8) or text-to-image (test_t2i_training's FLUX.1, 4 -> 2
+# student, 4 x 48 teacher, or MDTv2 4 x 32 / 6 x 48 with its masked pass; global batch 8) or text-to-image (test_t2i_training's FLUX.1, 4 -> 2
 # heads, global batch 4). Every rank reports on the sharding, the teacher and the SHD capture.
 CONFIGS = {
     "dit": "from test_training import make_cfg\n"
            "cfg = make_cfg(tmp, 'kd_shd', 'dit', ['train.global_batch_size=8', *common])",
+    "mdt": "from test_training import make_cfg\n"
+           "cfg = make_cfg(tmp, 'kd_shd', 'mdt', ['train.global_batch_size=8', *common])",
     "flux": "from test_t2i_training import make_cfg\n"
             "cfg = make_cfg(tmp, 'flux', common)",
 }
@@ -63,6 +65,7 @@ report = {{
     "sharded": trainer.sharded,
     "student_dtensors": sum(isinstance(p, DTensor) for p in student),
     "student_params": len(student),
+    "param_names": [n for n, _ in trainer.acc.unwrap_model(trainer.trained).named_parameters()],  # optimizer order
     "local_numel": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in student),
     "teacher_requires_grad": sum(p.requires_grad for p in teacher_params),
     "teacher_grads": sum(p.grad is not None for p in teacher_params),
@@ -94,7 +97,10 @@ def _launch(tmp: Path, name: str, processes: int, fsdp: bool, extra: tuple[str, 
 
 
 def _ckpt(tmp: Path, name: str, step: int) -> dict:
-    return torch.load(tmp / "runs" / name / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)
+    """A run's checkpoint, with the parameter names its launch reported (rank 0)."""
+    state = torch.load(tmp / "runs" / name / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)
+    state["param_names"] = json.loads((tmp / f"report_{name}_rank0.json").read_text())["param_names"]
+    return state
 
 
 def _seed_run(tmp: Path, source: str, name: str, step: int) -> None:
@@ -132,7 +138,11 @@ def _assert_close_param(name: str, got: torch.Tensor, want: torch.Tensor, what: 
 
 
 def _assert_same_training(a: dict, b: dict, what: str, tol: dict = TOL) -> None:
-    """Weights, EMA, optimizer state and the per-step losses and grad norms of two runs agree."""
+    """Weights, EMA, optimizer state and the per-step losses and grad norms of two runs agree.
+
+    ``a`` is a run folder's checkpoint plus ``param_names``: the trained parameters' names in the
+    optimizer's numbering (torch numbers them in ``named_parameters`` order).
+    """
     assert a["step"] == b["step"]
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
@@ -141,7 +151,7 @@ def _assert_same_training(a: dict, b: dict, what: str, tol: dict = TOL) -> None:
     opt_a, opt_b = a["optimizer"], b["optimizer"]
     assert opt_a["param_groups"] == opt_b["param_groups"]
     assert opt_a["state"].keys() == opt_b["state"].keys()
-    names = list(a["model"])  # torch numbers the optimizer's parameters in named_parameters order (no buffers)
+    names = [n.removeprefix("student.") for n in a["param_names"]]
     assert len(names) == len(opt_a["param_groups"][0]["params"])
     for pid in opt_a["state"]:
         for k, v in opt_a["state"][pid].items():
@@ -276,3 +286,17 @@ def test_training_state_bytes_of_flux_on_eight_gpus():
     assert ddp["total"] == 28 * student + 2 * teacher == 86_738_890_624  # over an 80 GiB card (85.9e9 bytes)
     assert training_state_bytes(student, teacher, 8, optimizer="adamw")["optimizer"] == 8 * shard
     assert training_state_bytes(10, 7, 4, shard_teacher=True)["teacher"] == 2 * 2  # ceil(7 / 4) parameters
+
+
+@pytest.mark.slow
+def test_fsdp_mdt_student_with_its_masked_pass_matches_one_process(tmp_path):
+    # MDTv2: four block lists (encoder in / out, decoder, side block) and a second, masked student pass.
+    make_cfg(tmp_path, "kd_shd", "mdt")
+    _launch(tmp_path, "one", 1, fsdp=False, model="mdt")
+    _launch(tmp_path, "fsdp", 2, fsdp=True, model="mdt")
+    rep = json.loads((tmp_path / "report_fsdp_rank1.json").read_text())
+    assert rep["sharded"] and rep["student_dtensors"] == rep["student_params"] > 10
+    assert rep["teacher_grads"] == rep["teacher_in_optimizer"] == rep["out_weights_dtensor"] == 0
+    # Losses to 1e-7; weights measured 2.6e-6 at most (en_outblocks.0.attn.qkv.weight, |w| <= 0.22) besides the key bias
+    _assert_same_training(_ckpt(tmp_path, "one", 4), _ckpt(tmp_path, "fsdp", 4), "MDTv2: 2-process FSDP vs 1",
+                          tol={"atol": 1e-5, "rtol": 1e-5})
