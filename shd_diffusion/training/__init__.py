@@ -3,6 +3,8 @@
 Files, one room each:
   run       -- the run folder, launcher checks, run files and :func:`train` (the job)
   trainer   -- :class:`Trainer`: building the models / optimizer / EMA, the step, the fit loop
+  sharding  -- FSDP2 for the student: its launcher checks, fully_shard, full state dicts
+  memory    -- refusing a batch that cannot fit; the training state's bytes per GPU
   heads     -- layer pairs, head squeezers and head matching
   health    -- checkpoint health and the non-finite-loss stop
   streams   -- per-sample and per-step generators keyed by stream position

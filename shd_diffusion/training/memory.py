@@ -1,9 +1,12 @@
-"""Refuse a batch that cannot fit in memory before any run file is written.
+"""Memory: refuse a batch that cannot fit before any run file is written; count the training state.
 
 Without this a huge ``train.global_batch_size`` is killed by the kernel's out-of-memory killer
 (no message, no exception) after the run folder was written. The estimate is a *lower bound* on
 what one process must hold, so it refuses only batches that certainly cannot fit; batches it
 lets through may still be too large (the real peak is several times the bound).
+
+:func:`training_state_bytes` counts what the weights, gradients, optimizer state, EMA and teacher
+take per GPU (docs/training.md's FSDP2 table).
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ from torch import nn
 from ..cli import BadInput
 from ..families import family_of
 
-__all__ = ["activation_bytes_per_image", "available_bytes", "check_batch_fits"]
+__all__ = ["activation_bytes_per_image", "available_bytes", "check_batch_fits", "OPTIMIZER_STATE_TENSORS",
+           "training_state_bytes"]
 
 _GIB = 2**30
+
+# Float32 state tensors per parameter, read off the optimizers' code: timm's Adan keeps exp_avg,
+# exp_avg_sq, exp_avg_diff and neg_pre_grad; AdamW exp_avg and exp_avg_sq (step counts are scalars).
+OPTIMIZER_STATE_TENSORS = {"adan": 4, "adan_pytorch": 4, "adamw": 2}
 
 
 def activation_bytes_per_image(student: nn.Module, precision: str, grad_checkpointing: bool) -> int:
@@ -72,3 +80,29 @@ def check_batch_fits(student: nn.Module, micro_batch: int, processes: int, train
         f"per image{f' x {sharing} processes' if sharing > 1 else ''}, a lower bound), but {where} has "
         f"{free / _GIB:.1f} GiB free: {fixes}"
     )
+
+
+def training_state_bytes(student_params: int, teacher_params: int, world: int, optimizer: str = "adan",
+                         teacher_bytes: int = 2, shard_student: bool = True,
+                         shard_teacher: bool = False) -> dict[str, int]:
+    """Bytes one GPU holds for the training state (activations, buffers and the allocator excluded).
+
+    The student trains in float32 (autocast computes in bf16; the master weights stay float32):
+    4 bytes of weight, 4 of gradient, 4 per optimizer state tensor and 4 of EMA per parameter,
+    each divided over ``world`` when FSDP shards the student (rounded up). The frozen teacher
+    holds only its weights, ``teacher_bytes`` each (2 for ``teacher.dtype=bfloat16``), whole on
+    every GPU unless ``shard_teacher``. What FSDP gathers transiently (one block's float32 weights and
+    gradients, and the next block's prefetch) is not in these sums.
+
+    Args:
+        student_params / teacher_params: parameter counts. world: GPUs.
+        optimizer: ``optim.name`` (its state tensors per parameter: :data:`OPTIMIZER_STATE_TENSORS`).
+
+    Returns:
+        ``{"weights", "grads", "optimizer", "ema", "teacher", "total"}`` in bytes.
+    """
+    per = -(-student_params // world) if shard_student else student_params  # ceil
+    teacher = -(-teacher_params // world) if shard_teacher else teacher_params
+    parts = {"weights": 4 * per, "grads": 4 * per, "optimizer": 4 * OPTIMIZER_STATE_TENSORS[optimizer] * per,
+             "ema": 4 * per, "teacher": teacher_bytes * teacher}
+    return {**parts, "total": sum(parts.values())}

@@ -25,6 +25,7 @@ from ..fileio import atomic_write_text
 from ..train_config import ExperimentConfig
 from .logs import flat_hparams
 from .resume import append_history
+from .sharding import check_fsdp_launch, fsdp_requested
 from .trainer import Trainer
 
 __all__ = ["run_dir_for", "write_run_files", "check_launch", "make_accelerator", "train", "worker_message"]
@@ -59,21 +60,22 @@ def check_launch(cfg: ExperimentConfig) -> None:
     """Refuse launcher settings this trainer would otherwise override or not support (before any work).
 
     ``accelerate launch`` (and ``accelerate config``) pass their choices through the environment.
-    FSDP and DeepSpeed are refused: checkpoints and the EMA assume every rank holds full
-    parameters. A mixed precision other than ``no`` must agree with ``train.precision``; ``no`` is
-    also what the launcher passes when nothing was chosen, so then ``train.precision`` decides.
+    FSDP (version 2) shards the student (:mod:`.sharding`, whose checks refuse what it cannot
+    combine with); DeepSpeed is refused. A mixed precision other than ``no`` must agree with
+    ``train.precision``; ``no`` is also what the launcher passes when nothing was chosen, so then
+    ``train.precision`` decides.
     A dynamo backend is refused in favour of ``train.compile``.
 
     Raises:
         ConfigError: naming the launcher setting, the config field and the fix.
     """
-    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "false").lower() in ("1", "true", "yes"):
-            raise ConfigError(
-                f"{name} was chosen in `accelerate config` or on the launch line, and this trainer does not "
-                "support it yet (checkpoints and the EMA assume full parameters on every rank): choose multi-GPU "
-                "DDP instead (`accelerate config`, or `accelerate launch --multi_gpu`)"
-            )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        raise ConfigError(
+            "DeepSpeed was chosen in `accelerate config` or on the launch line, and this trainer does not support "
+            "it: choose FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`) or multi-GPU DDP (--multi_gpu)"
+        )
+    if fsdp_requested():
+        check_fsdp_launch(cfg)
     dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
     if dynamo != "no":
         raise ConfigError(
@@ -109,9 +111,10 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path, log: bool = True) -> 
         log_with=tracker,
         project_dir=str(run_dir),
     )
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError(f"accelerate chose {acc.distributed_type.value}, which this trainer does not support "
-                          "yet: choose multi-GPU DDP in `accelerate config`")
+    # FSDP is applied by the trainer itself (.sharding), never through accelerator.prepare.
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("accelerate chose DeepSpeed, which this trainer does not support: choose FSDP2 or "
+                          "multi-GPU DDP in `accelerate config`")
     return acc
 
 

@@ -41,7 +41,7 @@ from ..objective import DistillationObjective, StepTerms, TrainedModules, noised
 from ..optim import EMA, build_optimizer, build_scheduler
 from ..train_config import ExperimentConfig, ModelConfig
 from ..vae import SD_VAE_SCALE_FACTOR, load_vae
-from . import heads, previews
+from . import heads, previews, sharding
 from .health import RunHealth
 from .logs import log_interval
 from .memory import check_batch_fits
@@ -89,7 +89,7 @@ class Trainer:
     """Owns one training run: models, data stream, optimizer, EMA, checkpoints and logging.
 
     ``self.trained`` (:class:`~shd_diffusion.objective.TrainedModules`: the student plus feature
-    projectors) is the one module the optimizer steps and DDP wraps.
+    projectors) is the one module the optimizer steps and DDP wraps (or FSDP2 shards: :mod:`.sharding`).
 
     Args:
         cfg: the validated experiment config.
@@ -140,6 +140,12 @@ class Trainer:
                 student.config.hidden_size, self.teacher.config.hidden_size, len(self.layer_pairs)
             )
         trained = TrainedModules(student, projectors)
+        # FSDP2 (see .sharding): the trained modules are sharded before the EMA and the optimizer are
+        # built, so both hold this rank's shards only; the teacher stays whole and outside.
+        self.sharded = sharding.fsdp_requested() and world > 1
+        if self.sharded:
+            sharding.check_teacher_apart(self.teacher, trained)
+            trained = sharding.shard_trained(trained.to(self.device), self.device)
         self.ema = EMA(student, decay=tc.ema_decay)
         oc = cfg.optim
         optimizer = build_optimizer(trained.parameters(), oc.name, lr=oc.lr,
@@ -148,7 +154,10 @@ class Trainer:
         # Stepped by hand once per optimizer step: accelerate's wrapper would step it once per
         # process, which changes what warmup_steps means with the world size.
         self.scheduler = build_scheduler(optimizer, oc.warmup_steps)
-        self.trained, self.optimizer = accelerator.prepare(trained, optimizer)
+        if self.sharded:
+            self.trained, self.optimizer = trained, optimizer
+        else:
+            self.trained, self.optimizer = accelerator.prepare(trained, optimizer)
         if self.teacher is not None:
             self.teacher.to(self.device)
         self.ema.to(self.device)
@@ -235,14 +244,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs (call after :meth:`RunHealth.sync`, as :meth:`save` does)."""
+        """Everything a resume needs (call after :meth:`RunHealth.sync`, as :meth:`save` does).
+
+        Sharded (FSDP): collective; every tensor is gathered whole and kept on the main process
+        only, so the checkpoint has the format, names and shapes of a 1-process one (other ranks
+        get a dict of Nones in its place).
+        """
         trained = self.acc.unwrap_model(self.trained)
-        return {
-            "step": self.step,
+        tensors = {
             "model": trained.student.state_dict(),
             "projectors": trained.projectors.state_dict() if trained.projectors is not None else None,
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+        }
+        if self.sharded:
+            tensors = sharding.full_state(tensors, keep=self.acc.is_main_process)
+        return {
+            "step": self.step,
+            **tensors,
             "scheduler": self.scheduler.state_dict(),
             "groups": self.groups,
             "config": to_dict(self.cfg),
@@ -271,11 +290,18 @@ class Trainer:
             )
         self.resume_changes = check_resume(state, self.cfg, self.identity, name)
         trained = self.acc.unwrap_model(self.trained)
-        trained.student.load_state_dict(state["model"])
+        model, projectors, ema, optimizer = state["model"], state["projectors"], state["ema"], state["optimizer"]
+        if self.sharded:  # full tensors (any world size wrote them) -> this rank's shards
+            model = sharding.shard_like(model, trained.student.state_dict())
+            if trained.projectors is not None:
+                projectors = sharding.shard_like(projectors, trained.projectors.state_dict())
+            ema = sharding.shard_like(ema, self.ema.state_dict())
+            optimizer = sharding.shard_optimizer_state(optimizer, self.optimizer)
+        trained.student.load_state_dict(model)
         if trained.projectors is not None:
-            trained.projectors.load_state_dict(state["projectors"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            trained.projectors.load_state_dict(projectors)
+        self.ema.load_state_dict(ema)
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_config_lr()
         self._set_groups(state["groups"])
@@ -308,10 +334,11 @@ class Trainer:
         self.health.unjudged.append(self.step)
         self.acc.wait_for_everyone()
         path, error = None, None
+        state = self.state_dict() if self.sharded or self.acc.is_main_process else None  # sharded: collective
         if self.acc.is_main_process:
             healthy = self.health.last_healthy(self.run_dir)
             try:
-                path = save_checkpoint(self.state_dict(), self.run_dir, self.step, self.cfg.train.keep_last,
+                path = save_checkpoint(state, self.run_dir, self.step, self.cfg.train.keep_last,
                                        protect=[healthy[1]] if healthy else [])
             except OSError as err:  # e.g. a full disk: every rank stops, not only the writer
                 error = err
@@ -479,7 +506,9 @@ class Trainer:
             x, y = next(batches)
             gens = sample_generators(tc.seed, self._positions(micro, x.shape[0]), self.device)
             x0 = self.encode(x, gens)
-            with self.acc.accumulate(self.trained):
+            sync = (sharding.gradient_sync(self.trained, micro == tc.grad_accum - 1) if self.sharded
+                    else self.acc.accumulate(self.trained))
+            with sync:
                 with self.acc.autocast():
                     st = self.compute_terms(x0, y, gens, mask_ratio_draw)
                     loss = st.total.mean()
@@ -491,7 +520,10 @@ class Trainer:
             images += x.shape[0]
         # The last micro-batch synced the gradients across ranks: clip, check, update.
         clip = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else math.inf
-        grad_norm = self.acc.clip_grad_norm_(self.trained.parameters(), clip)
+        if self.sharded:  # accelerate clips only the modules it prepared
+            grad_norm = sharding.grad_norm_and_clip(self.trained.parameters(), clip)
+        else:
+            grad_norm = self.acc.clip_grad_norm_(self.trained.parameters(), clip)
         flags = torch.stack([bad_loss, (~torch.isfinite(grad_norm)).float(),
                              torch.tensor(float(preempt()), device=self.device)])  # (3,)
         bad_loss_any, bad_grad_any, preempted = (self.acc.reduce(flags, reduction="sum") > 0).tolist()
