@@ -9,11 +9,12 @@ exits with 3. Anything else is a real bug and keeps its traceback. ``--debug`` r
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 OK = 0
 BAD_INPUT = 2  # the user can fix it: a config value, a path, a file
@@ -133,3 +134,22 @@ def check_writable_dir(path: str | os.PathLike[str], what: str) -> None:
             raise BadInput(f"{what} {path}: permission denied; choose a writable location")
         return
     _writable_ancestor(path, what)
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the options that ``argv`` names explicitly (not left at their defaults).
+
+    Commands with several modes use it to refuse a flag of one mode given in another, even when the
+    value given equals the default. ``argv`` must already have parsed with ``parser``.
+
+    Args:
+        parser: the command's parser (its defaults are not changed).
+        argv: the command line (None: ``sys.argv[1:]``).
+    Returns:
+        The ``dest`` names present on the command line.
+    """
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:  # argparse has no public way to ask "was this given?"
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(probe.parse_known_args(argv)[0]))
