@@ -44,6 +44,7 @@ __all__ = [
     "CLIP_DEFINITION",
     "DEFAULT_CLIP",
     "ClipError",
+    "check_clip_source",
     "load_clip",
     "clip_scores",
     "read_sample_prompts",
@@ -96,6 +97,31 @@ def _refuse_local_non_clip(folder: Path, where: str) -> None:
         raise _not_clip(str(kind), where)
 
 
+def check_clip_source(source: str) -> None:
+    """Refuse, from its config alone (no weights read), a source that is not a CLIP model.
+
+    Args:
+        source: a Hub id ``org/repo[@revision]`` (the cache when ``HF_HUB_OFFLINE=1``) or a local folder.
+
+    Raises:
+        ClipError: no config found (offline and not cached, a wrong path) or a config of another model type.
+    """
+    from transformers import AutoConfig
+
+    repo, revision = _split_revision(str(source))
+    where = f"--clip {source}"
+    _refuse_local_non_clip(Path(repo), where)
+    try:
+        config = AutoConfig.from_pretrained(repo, revision=revision)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        offline = " (HF_HUB_OFFLINE is set: download it once with network access)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ClipError(f"{where}: no model config found ({first}){offline}; pass a CLIP Hub id such as "
+                        f"{DEFAULT_CLIP} or a folder saved with CLIPModel.save_pretrained") from None
+    if getattr(config, "model_type", None) != "clip":
+        raise _not_clip(getattr(config, "model_type", None) or "unknown", where)
+
+
 def load_clip(source: str, device: str | torch.device = "cpu") -> tuple[Any, Any, dict[str, Any]]:
     """A CLIP model and its processor from a Hub id (``org/repo[@revision]``) or a local folder.
 
@@ -112,20 +138,11 @@ def load_clip(source: str, device: str | torch.device = "cpu") -> tuple[Any, Any
         ClipError: not found / not cached offline, not a CLIP model (names its type), or no processor.
     """
     import transformers
-    from transformers import AutoConfig, CLIPModel, CLIPProcessor
+    from transformers import CLIPModel, CLIPProcessor
 
+    check_clip_source(source)
     repo, revision = _split_revision(str(source))
     where = f"--clip {source}"
-    _refuse_local_non_clip(Path(repo), where)
-    try:
-        config = AutoConfig.from_pretrained(repo, revision=revision)
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        offline = " (HF_HUB_OFFLINE is set: download it once with network access)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise ClipError(f"{where}: no model config found ({first}){offline}; pass a CLIP Hub id such as "
-                        f"{DEFAULT_CLIP} or a folder saved with CLIPModel.save_pretrained") from None
-    if getattr(config, "model_type", None) != "clip":
-        raise _not_clip(getattr(config, "model_type", None) or "unknown", where)
     try:
         model = CLIPModel.from_pretrained(repo, revision=revision, use_safetensors=True)
         processor = CLIPProcessor.from_pretrained(repo, revision=revision)
