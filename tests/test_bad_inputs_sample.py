@@ -220,3 +220,71 @@ def test_real_entry_point_prints_one_line(world: dict) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:") and "nope.pt" in proc.stderr
     assert not (world["out"] / "new").exists()
+
+
+# ------------------------------------------------------------------- text-to-image (--pipeline)
+
+
+@pytest.fixture(scope="module")
+def t2i_template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny PixArt-Sigma pipeline, a 1-head student folder, and training checkpoints of a student whose
+    teacher_overrides do not fit (width 16 for 3 heads of 8) or that is class-conditional."""
+    import torch
+    from t2i_builders import build_pipeline
+    from test_t2i_commands import pixart_student
+
+    root = tmp_path_factory.mktemp("t2i_template")
+    pixart = build_pipeline(root, "pixart")
+    weights = {"pos_embed.proj.weight": torch.zeros(1)}  # never reached: the student's shape is refused first
+    base = {"step": 1, "model": weights, "ema": weights, "optimizer": {}, "scheduler": {}, "groups": [], "rng": {}}
+    (root / "bad_width" / "checkpoints").mkdir(parents=True)
+    torch.save({**base, "config": {"student": {"name": "from_teacher", "teacher_overrides": {
+        "num_attention_heads": 3, "cross_attention_dim": 16}}}}, root / "bad_width" / "checkpoints" / "step_00000001.pt")
+    (root / "dit_pipeline" / "transformer").mkdir(parents=True)
+    (root / "dit_pipeline" / "transformer" / "config.json").write_text('{"_class_name": "DiTTransformer2DModel"}')
+    (root / "prompts.txt").write_text("a red car\na photo of a cat\n")
+    (root / "empty.txt").write_text("\n  \n")
+    return {"root": root, "pixart": pixart, "student": pixart_student(pixart, root / "student")}
+
+
+def _t2i(w: dict[str, Path], *extra: str) -> list[str]:
+    """A valid text-to-image run into out/new (2 prompts, 2 steps), ``extra`` appended (later wins)."""
+    root = w["root"]
+    return ["--pipeline", str(w["pixart"]), "--checkpoint", str(w["student"]), "--prompts", str(root / "prompts.txt"),
+            "--out", str(w["out"] / "new"), "--steps", "2", "--height", "16", "--width", "16",
+            "--pipeline-arg", "max_sequence_length=8", "--pipeline-arg", "use_resolution_binning=false", *extra]
+
+
+T2I_CASES: list[tuple[str, Case, tuple[str, ...]]] = [
+    ("pipeline-class-without-family", lambda w: _t2i(w, "--pipeline", str(w["root"] / "dit_pipeline")),
+     ("DiTTransformer2DModel",)),
+    ("pipeline-missing", lambda w: _t2i(w, "--pipeline", str(w["root"] / "nowhere")), ("--pipeline", "nowhere")),
+    ("prompts-empty", lambda w: _t2i(w, "--prompts", str(w["root"] / "empty.txt")),
+     ("empty.txt", "holds no prompts", "one prompt per line")),
+    ("prompts-missing", lambda w: _t2i(w, "--prompts", str(w["root"] / "nope.txt")), ("nope.txt", "not found")),
+    ("pipeline-without-prompts", lambda w: [a for a in _t2i(w) if a not in ("--prompts", str(w["root"] / "prompts.txt"))],
+     ("--pipeline needs --prompts",)),
+    ("student-width-not-heads", lambda w: _t2i(w, "--checkpoint", str(w["root"] / "bad_width")),
+     ("cross_attention_dim 16", "num_attention_heads 3 x attention_head_dim 8 = 24")),
+    ("class-flag-with-pipeline", lambda w: _t2i(w, "--cfg-scale", "3.8"),
+     ("--cfg-scale is for class-conditional", "--guidance-scale", "drop --cfg-scale")),
+    ("model-with-pipeline", lambda w: _t2i(w, "--model", "DiT-S/2"), ("--model is for class-conditional",)),
+    ("pipeline-flag-without-pipeline", lambda w: [*_new(w), "--guidance-scale", "4.5"],
+     ("--guidance-scale is for text-to-image", "--pipeline")),
+    ("prompts-without-pipeline", lambda w: [*_new(w), "--prompts", str(w["root"] / "prompts.txt")],
+     ("--prompts is for text-to-image", "--pipeline")),
+    ("pipeline-arg-not-json", lambda w: _t2i(w, "--pipeline-arg", "negative_prompt=blurry"), ("not JSON", "quote")),
+    ("pipeline-arg-set-by-the-sampler", lambda w: _t2i(w, "--pipeline-arg", "num_inference_steps=3"),
+     ("num_inference_steps", "set by the sampler")),
+    ("pipeline-arg-unknown", lambda w: _t2i(w, "--pipeline-arg", "strength=0.5"), ("takes no argument 'strength'",)),
+    ("guidance-scale-nan", lambda w: _t2i(w, "--guidance-scale", "nan"), ("--guidance-scale", "finite")),
+    ("height-zero", lambda w: _t2i(w, "--height", "0"), ("--height", "> 0")),
+]
+
+
+@pytest.mark.parametrize("build, needles", [c[1:] for c in T2I_CASES], ids=[c[0] for c in T2I_CASES])
+def test_t2i_refused_cleanly_before_any_work(t2i_template: dict, world: dict, build: Case,
+                                             needles: tuple[str, ...]) -> None:
+    w = {**t2i_template, **world}
+    outcome = refused_without_side_effects(main, build(w), [t2i_template["root"], world["in"], world["out"]], *needles)
+    assert len([ln for ln in outcome.stderr.splitlines() if "error:" in ln]) == 1

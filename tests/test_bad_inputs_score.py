@@ -120,6 +120,23 @@ def _made(w: dict, name: str, make: Callable[[Path], object]) -> str:
     return name
 
 
+def _t2i(w: dict, name: str = "t2i.npz") -> str:
+    """A text-to-image sample file: the images and one prompt per image."""
+    return _npz(w, name, w["images"], np.arange(N), prompts=np.array([f"prompt {i}" for i in range(N)]))
+
+
+def _not_clip(w: dict) -> str:
+    """A model folder whose config is a T5's (a pipeline's text encoder), not CLIP."""
+    (w["in"] / "t5").mkdir(exist_ok=True)
+    (w["in"] / "t5" / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    return str(w["in"] / "t5")
+
+
+def _text(w: dict, text: str) -> str:
+    (w["in"] / "prompts.txt").write_text(text)
+    return str(w["in"] / "prompts.txt")
+
+
 def _out_file(w: dict, name: str) -> str:
     """A plain file inside the (otherwise empty) output folder, for output paths that are taken."""
     w["out"].mkdir(exist_ok=True)
@@ -200,6 +217,25 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
      ("--json", "is a file")),
     ("json-overwrites-samples", lambda w: _argv(w) + ["--json", str(w["in"] / "samples.npz")],
      ("--json", "samples", "overwrite")),
+    # --- CLIP score: refused before any Inception or CLIP forward
+    ("clip-not-a-clip-model", lambda w: _argv(w, _t2i(w)) + ["--clip", _not_clip(w)],
+     ("is a t5 model, not CLIP", "openai/clip-vit-large-patch14")),
+    ("clip-missing-offline", lambda w: _argv(w, _t2i(w)) + ["--clip", str(w["in"] / "noclip")],
+     ("--clip", "noclip", "no model config found")),
+    ("clip-samples-without-prompts", lambda w: _argv(w) + ["--clip", _not_clip(w)],
+     ("no 'prompts' member", "--clip-prompts")),
+    ("clip-prompts-count", lambda w: _argv(w) + ["--clip", _not_clip(w), "--clip-prompts", _text(w, "a cat\n")],
+     (f"holds {N} images but 1 prompts", "one prompt per image")),
+    ("clip-prompts-empty", lambda w: _argv(w) + ["--clip", _not_clip(w), "--clip-prompts", _text(w, "\n")],
+     ("--clip-prompts", "holds no prompts")),
+    ("clip-prompts-without-clip", lambda w: _argv(w) + ["--clip-prompts", _text(w, "a\n")],
+     ("--clip-prompts needs --clip",)),
+    ("clip-batch-size-0", lambda w: _argv(w, _t2i(w)) + ["--clip", _not_clip(w), "--clip-batch-size", "0"],
+     ("--clip-batch-size 0", ">= 1")),
+    ("no-ref-no-clip", lambda w: [a for a in _argv(w) if a not in ("--ref", str(w["in"] / "stats.npz"))],
+     ("--ref is required", "--clip")),
+    ("fid-flag-without-ref", lambda w: [str(w["in"] / _t2i(w)), "--clip", _not_clip(w), "--pr-k", "2"],
+     ("--pr-k is a FID setting", "--ref")),
 ]
 
 

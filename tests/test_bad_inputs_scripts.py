@@ -8,12 +8,13 @@ The extraction cases use a tiny local AutoencoderKL and 4 small PNGs; a refusal 
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -102,6 +103,37 @@ def _extract(w: dict[str, Path], *extra: str) -> list[str]:
             "--num-workers", "0", *extra]
 
 
+def _captions(w: dict[str, Path], uncaptioned: int = 0, lines: Sequence[str] = ()) -> str:
+    """An imagefolder of 2 captioned images (+ ``uncaptioned`` without a line) under in/captions."""
+    root = w["in"] / "captions"
+    rng = np.random.default_rng(1)
+    for j in range(2 + uncaptioned):
+        write_image(root / f"{j}.png", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    rows = [json.dumps({"file_name": f"{j}.png", "text": "a cat"}) for j in range(2)]
+    (root / "metadata.jsonl").write_text("\n".join([*rows, *lines]) + "\n")
+    return str(root)
+
+
+def _prompts(w: dict[str, Path], text: str) -> str:
+    (w["in"] / "prompts.txt").write_text(text)
+    return str(w["in"] / "prompts.txt")
+
+
+def _dit_pipeline(w: dict[str, Path]) -> str:
+    """A pipeline folder whose transformer class has no text-to-image family (diffusers' DiT)."""
+    folder = w["in"] / "dit_pipeline"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline",
+                                                         "transformer": ["diffusers", "DiTTransformer2DModel"]}))
+    return str(folder)
+
+
+def _t2i(w: dict[str, Path], mode: str, source: str, *extra: str, pipeline: str | None = "default") -> list[str]:
+    """A text-to-image extraction (``mode`` --captions / --prompts) into out/lat, ``extra`` appended."""
+    pipe = [] if pipeline is None else ["--pipeline", str(w["in"] / "no_pipeline") if pipeline == "default" else pipeline]
+    return [mode, source, *pipe, "--out", str(w["out"] / "lat"), "--image-size", "16", "--device", "cpu", *extra]
+
+
 def _corrupt_image(w: dict[str, Path]) -> list[str]:
     (w["in"] / "images" / "c0" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     return _extract(w)
@@ -123,6 +155,33 @@ EXTRACT_CASES: list[tuple[str, Case, tuple[str, ...]]] = [
     ("scale-factor-nan", lambda w: _extract(w, "--scale-factor", "nan"), ("--scale-factor", "finite")),
     ("device-bogus", lambda w: _extract(w, "--device", "gpu0"), ("--device", "gpu0")),
     ("required-missing", lambda w: ["--data", str(w["in"] / "images")], ("--out",)),
+    # --- text-to-image modes (--captions / --prompts with --pipeline); refused before the pipeline loads
+    ("captions-missing-for-images", lambda w: _t2i(w, "--captions", _captions(w, uncaptioned=1)),
+     ("1 images", "no line in metadata.jsonl", "add a caption line")),
+    ("captions-listing-a-missing-image", lambda w: _t2i(w, "--captions", _captions(w, lines=['{"file_name": "x.png", '
+                                                                                            '"text": "a"}'])),
+     ("x.png", "not in", "add the image or remove the line")),
+    ("captions-without-pipeline", lambda w: _t2i(w, "--captions", _captions(w), pipeline=None),
+     ("--captions needs --pipeline",)),
+    ("pipeline-without-family", lambda w: _t2i(w, "--captions", _captions(w), pipeline=_dit_pipeline(w)),
+     ("DiTTransformer2DModel", "no text-to-image family", "PixArtTransformer2DModel")),
+    ("pipeline-missing", lambda w: _t2i(w, "--captions", _captions(w), pipeline=str(w["in"] / "nowhere")),
+     ("could not read the pipeline", "nowhere")),
+    ("vae-with-captions", lambda w: _t2i(w, "--captions", _captions(w), "--vae", str(w["vae"])),
+     ("--vae is for class folders", "drop --vae")),
+    ("scale-factor-with-prompts", lambda w: _t2i(w, "--prompts", _prompts(w, "a cat\n"), "--scale-factor", "0.18215"),
+     ("--scale-factor is for class folders", "drop --scale-factor")),
+    ("steps-with-captions", lambda w: _t2i(w, "--captions", _captions(w), "--steps", "4"),
+     ("--steps belongs to --prompts", "drop --steps")),
+    ("both-flips-with-prompts", lambda w: _t2i(w, "--prompts", _prompts(w, "a cat\n"), "--both-flips"),
+     ("--both-flips", "--prompts")),
+    ("pipeline-with-class-folders", lambda w: _extract(w, "--pipeline", str(w["in"])),
+     ("--pipeline belongs to --captions / --prompts", "drop --pipeline")),
+    ("prompts-empty", lambda w: _t2i(w, "--prompts", _prompts(w, "\n  \n")), ("holds no prompts", "one prompt per line")),
+    ("prompts-missing", lambda w: _t2i(w, "--prompts", str(w["in"] / "nope.txt")), ("nope.txt", "not found")),
+    ("data-and-captions", lambda w: _extract(w, "--captions", _captions(w)), ("--captions", "not allowed with")),
+    ("text-batch-size-zero", lambda w: _t2i(w, "--captions", _captions(w), "--text-batch-size", "0"),
+     ("--text-batch-size", "> 0")),
 ]
 
 
