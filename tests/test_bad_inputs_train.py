@@ -265,3 +265,26 @@ def test_a_data_loader_worker_error_keeps_its_message_not_the_worker_traceback()
     assert "Original Traceback" in str(info.value)  # what torch re-raises in the main process
     assert worker_message(info.value) == "cannot read image /data/cat_0.png: truncated. Delete or replace the file"
     assert worker_message(DatasetError("plain message")) == "plain message"
+
+
+def test_t2i_student_whose_width_is_not_heads_times_head_dim_is_one_line(tmp_path, fresh_accelerate):
+    """A text-to-image student config whose width does not split into its heads surfaces in
+    student_from_teacher (models/diffusers_t2i.py) when the trainer builds it: one line, nothing written."""
+    from t2i_builders import SEQ, SIZE, TEXT_DIM, build_pipeline
+
+    from shd_diffusion.latents import write_synthetic_text_latents
+
+    pixart = build_pipeline(tmp_path, "pixart")  # 2 heads x head dim 8
+    write_synthetic_text_latents(tmp_path / "lat", num_images=2, latent_shape=(4, SIZE // 2, SIZE // 2), seq_len=SEQ,
+                                 dim=TEXT_DIM, pooled_dim=None, with_mask=True, shard_size=2)  # recorded as 64 px (x8)
+    argv = ["student.name=from_teacher",
+            "student.teacher_overrides={num_attention_heads: 3, cross_attention_dim: 16}",
+            f"teacher.checkpoint={pixart / 'transformer'}", "distill.mode=kd_shd", "data.kind=text_latents",
+            f"data.path={tmp_path / 'lat'}", "data.image_size=64", "data.num_workers=0", "train.precision=fp32",
+            "train.global_batch_size=2", "train.log_with=none", f"train.output_dir={tmp_path / 'runs'}",
+            "train.run_name=w", "--no-progress"]
+    before = snapshot(tmp_path)
+    outcome = call(train_script.main, argv)
+    assert_refused(outcome, "student cross_attention_dim 16 != num_attention_heads 3 x attention_head_dim 8 = 24")
+    assert len([ln for ln in outcome.stderr.splitlines() if ln.startswith("error:")]) == 1
+    assert snapshot(tmp_path) == before

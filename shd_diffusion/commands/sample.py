@@ -71,9 +71,8 @@ _CLASS_ONLY = ("model", "model_arg", "vae", "sampler", "ddim_eta", "cfg_scale", 
                "guidance_channels", "labels", "clip_denoised", "precision", "compile", "compile_mode", "vae_batch_size")
 _T2I_ONLY = ("prompts", "guidance_scale", "height", "width", "dtype", "pipeline_arg")
 _T2I_DTYPES = ("float32", "float16", "bfloat16")
-# Defaults of the shared flags, per mode (None on the parser, so the mode decides).
-_DEFAULTS = {"class": {"num_samples": 50_000, "steps": 250, "batch_size": 250},
-             "t2i": {"num_samples": None, "steps": None, "batch_size": 16}}
+# Shared flags whose default differs with --pipeline (the parser holds the class-conditional ones).
+_T2I_DEFAULTS = {"num_samples": None, "steps": None, "batch_size": 16}  # None: one per prompt / the pipeline's
 
 
 def parse_model_arg(text: str) -> tuple[str, Any]:
@@ -128,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", default="auto", help=f"'auto' (none for 1/3-channel pixel models, {DEFAULT_VAE} for 4-channel latents), 'none', a hub id or a local folder")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--num-samples", type=int, default=None,
-                   help="N: images 0..N-1 (default 50000; with --pipeline one image per prompt)")
-    g.add_argument("--steps", type=int, default=None, help="respaced steps (ADM respacing of 1000; default 250); "
-                   "with --pipeline the pipeline's num_inference_steps (default: the pipeline's)")
+    g.add_argument("--num-samples", type=int, default=50_000,
+                   help="N: images 0..N-1 (with --pipeline the default is one image per prompt)")
+    g.add_argument("--steps", type=int, default=250, help="respaced steps (ADM respacing of 1000); with --pipeline the "
+                   "pipeline's num_inference_steps, default the pipeline's own")
     g.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm: ancestral steps (the paper's setting); ddim: DDIM over the same respaced steps")
     g.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM stochasticity with --sampler ddim (0 = deterministic given x_T)")
@@ -162,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or negative_prompt='\"blurry\"'; recorded in the manifest")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="images per batch per process (the model sees 2x with CFG; default 250, with --pipeline 16)")
+    g.add_argument("--batch-size", type=int, default=250,
+                   help="images per batch per process (the model sees 2x with CFG; with --pipeline the default is 16)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (first batch pays compilation)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
@@ -207,9 +206,10 @@ def _check_args(args: argparse.Namespace, given: set[str]) -> None:
         return
     _check_modes(args, given)
     mode = "t2i" if args.pipeline else "class"
-    for name, value in _DEFAULTS[mode].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    if mode == "t2i":
+        for name, value in _T2I_DEFAULTS.items():
+            if name not in given:
+                setattr(args, name, value)
     if not args.checkpoint or not args.out:
         raise BadInput("--checkpoint and --out are required (or --assemble DIR to only assemble)")
     if args.model_arg and Path(args.checkpoint).is_dir():
