@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
