@@ -24,6 +24,10 @@ temporary folder of a killed export to the same target is removed by the next ru
 
 A pixel-space DiT gets a ``ClassConditionalPipeline`` folder too (``DiTPipeline`` needs a VAE).
 
+- **Text-to-image students** (PixArt, SD3, FLUX.1, Qwen-Image training checkpoints) -> ``DIR`` is
+  the student's diffusers model folder for the teacher's own pipeline, or with ``full_pipeline`` a
+  whole pipeline folder: :mod:`shd_diffusion.t2i_export`.
+
 What is family-specific (the ``transformer/`` writer, the scheduler's variance, the diffusers
 pipeline, the card's notes) is the family's :class:`~shd_diffusion.families.ExportSpec`
 (``shd_diffusion/families/dit.py``, ``mdt.py``); this module writes the rest the same way for all.
@@ -47,6 +51,7 @@ from shd_diffusion.models import parse_hub_id
 from shd_diffusion.models.sources import load_model_with_info
 from shd_diffusion.pipelines import ddpm_scheduler
 from shd_diffusion.sampler import resolve_clip_denoised, resolve_guidance_schedule
+from shd_diffusion.t2i_export import export_text, text_checkpoint
 from shd_diffusion.vae import load_vae, resolve_vae_spec
 
 __all__ = ["export"]
@@ -190,6 +195,8 @@ def export(
     vae: str | None = None,
     metrics: str | None = None,
     push_to_hub: str | None = None,
+    pipeline: str | None = None,
+    full_pipeline: bool = False,
 ) -> Path:
     """Export a checkpoint to a diffusers folder (see the module docstring): families with an ExportSpec, DiT and MDTv2.
 
@@ -200,6 +207,10 @@ def export(
         vae: VAE folder or Hub id shipped in ``vae/`` (latent models; default sd-vae-ft-ema).
         metrics: a ``sampling.score --json`` file whose scores go into the card.
         push_to_hub: upload the finished folder to this Hub repo (created if missing).
+        pipeline: text-to-image students: the teacher's pipeline folder or Hub id (default: the one
+            recorded at training).
+        full_pipeline: text-to-image students: a whole pipeline folder, not only the transformer
+            (:mod:`shd_diffusion.t2i_export`).
 
     Returns:
         The exported folder.
@@ -211,6 +222,20 @@ def export(
         raise BadInput(f"--push-to-hub {push_to_hub!r} is not a Hub repo id: use org/name")
     _check_target(out)
     scores = _read_metrics(metrics)
+    text = text_checkpoint(checkpoint)  # a text-to-image student: its teacher's pipeline, not a VAE
+    if text is None and (pipeline is not None or full_pipeline):
+        flags = " and ".join(f for f, on in (("--pipeline", pipeline is not None), ("--full-pipeline", full_pipeline)) if on)
+        raise BadInput(f"{flags}: only for text-to-image students, and {checkpoint} is not a text-to-image training "
+                       f"checkpoint: drop {flags}")
+    if text is not None:
+        if vae is not None:
+            raise BadInput("--vae: a text-to-image student uses its teacher pipeline's own VAE: drop --vae")
+        for stale in remove_stale_temps(out):
+            say(f"removed {stale}, left by an interrupted export")
+        export_text(*text, out, weights, scores, pipeline, full_pipeline, push_to_hub)
+        if push_to_hub is not None:
+            _upload(out, push_to_hub, f"Export {Path(str(checkpoint)).name}")
+        return out
     model, info = load_model_with_info(checkpoint, use_ema=weights == "ema")
     if weights == "raw" and "raw training" not in info["weights"]:
         raise BadInput(f"--weights raw: {checkpoint} has no separate raw ('model') weights, only {info['weights']}; drop --weights raw")
@@ -232,12 +257,12 @@ def export(
 
 def _exportable_family(model: nn.Module, checkpoint: Any) -> FamilySpec:
     """The model's family, refused as bad input when no family covers it or it has no export."""
-    names = " and ".join(spec.name for spec in registered() if spec.export is not None)
+    names = " and ".join(spec.name for spec in registered() if isinstance(spec.export, ExportSpec))
     try:
         family = family_of(model)
     except ValueError:
         family = None
-    if family is None or family.export is None:
+    if family is None or not isinstance(family.export, ExportSpec):
         raise BadInput(f"{checkpoint} holds a {type(model).__name__}; export handles {names}")
     return family
 

@@ -4,6 +4,8 @@
         [--push-to-hub org/name]
     python scripts/export.py runs/s2_from_b2/checkpoints/step_00400000.pt --out exports/s2_from_b2 \
         --metrics samples/s2_from_b2/metrics.json
+    python scripts/export.py runs/pixart_student --out exports/pixart_student --metrics scores.json \
+        [--pipeline PixArt-alpha/PixArt-Sigma-XL-2-512-MS] [--full-pipeline]
 
 What the folder holds for each family, and how it loads: :mod:`shd_diffusion.export`.
 Bad input (a non-empty ``--out``, unusable weights, a full disk) is one ``error:`` line and exit
@@ -31,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create (must be absent or empty)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA or raw training weights")
     p.add_argument("--vae", default=None, help=f"VAE folder or Hub id to ship in vae/ (latent models; default {DEFAULT_VAE})")
+    p.add_argument("--pipeline", default=None, help="text-to-image students: the teacher's pipeline folder or Hub id "
+                   "(default: the one recorded at training)")
+    p.add_argument("--full-pipeline", action="store_true", help="text-to-image students: write a whole pipeline folder "
+                   "(the teacher's text encoders, tokenizers, VAE and scheduler copied; the student as transformer/)")
     p.add_argument("--metrics", help="sampling.score --json output to put in the model card")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this Hub repo (org/name)")
     add_debug_flag(p)
@@ -45,5 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
-    path = export(args.checkpoint, args.out, args.weights, args.vae, args.metrics, args.push_to_hub)
+    path = export(args.checkpoint, args.out, args.weights, args.vae, args.metrics, args.push_to_hub, args.pipeline,
+                  args.full_pipeline)
     say(f"exported {args.checkpoint} to {path}")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .spec import DiffusionBatch, ExportSpec, FamilySpec, TransformerEntry
+from .spec import DiffusionBatch, ExportSpec, FamilySpec, TextExportSpec, TransformerEntry
 
-__all__ = ["DiffusionBatch", "ExportSpec", "FamilySpec", "TransformerEntry",
+__all__ = ["DiffusionBatch", "ExportSpec", "FamilySpec", "TextExportSpec", "TransformerEntry",
            "family_of", "register", "registered", "unregister"]
 
 _REGISTRY: dict[str, FamilySpec] = {}

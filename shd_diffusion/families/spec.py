@@ -29,7 +29,7 @@ from ..diffusion import GaussianDiffusion
 from ..diffusion.flow import FlowConfig
 from ..objective import DiffusionBatch
 
-__all__ = ["DiffusionBatch", "ExtraPass", "ExportSpec", "FamilySpec", "Footprint", "TransformerEntry"]
+__all__ = ["DiffusionBatch", "ExtraPass", "ExportSpec", "FamilySpec", "Footprint", "TextExportSpec", "TransformerEntry"]
 
 # trained (TrainedModules, maybe DDP-wrapped), diffusion, batch -> {term name: (B,) per-sample loss}
 ExtraPass = Callable[[nn.Module, GaussianDiffusion, DiffusionBatch], dict[str, torch.Tensor]]
@@ -68,6 +68,20 @@ class ExportSpec:
     scheduler_variance: str  # variance_type of the exported DDPMScheduler
     diffusers_pipeline: str | None = None  # diffusers pipeline a latent export is written for (else ClassConditionalPipeline)
     parity_note: str = ""  # appended to "these are the images of sampling.sample" on the card
+
+
+@dataclass(frozen=True)
+class TextExportSpec:
+    """How :mod:`shd_diffusion.t2i_export` writes a text-to-image student: a diffusers model folder
+    that drops into the teacher's own pipeline (``Pipeline.from_pretrained(teacher, transformer=...)``)."""
+
+    write_model: Callable[[nn.Module, Path], None]  # the student's diffusers model folder, written into exactly this folder
+    card_note: str = ""  # a family-specific sentence for the card's "Load" section
+
+
+def save_pretrained_model(model: nn.Module, folder: Path) -> None:
+    """A diffusers ``ModelMixin``'s own ``save_pretrained`` (config.json + safetensors weights)."""
+    model.save_pretrained(folder, safe_serialization=True)
 
 
 def own_null_class(model: nn.Module) -> int:
@@ -159,7 +173,7 @@ class FamilySpec:
     extra_terms: tuple[str, ...] = ()  # the names extra_pass returns; weighted 1, like "diffusion"
     # Sampling and export.
     guidance_schedule: Literal["constant", "power-cosine"] = "constant"  # what --guidance-schedule auto means
-    export: ExportSpec | None = None  # None: shd_diffusion.export refuses the family
+    export: ExportSpec | TextExportSpec | None = None  # None: shd_diffusion.export refuses the family
 
     def __post_init__(self) -> None:
         if not self.model_classes:

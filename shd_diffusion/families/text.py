@@ -18,7 +18,7 @@ from ..attention import AttentionStore
 from ..data.conditioning import drop_conditioning
 from ..t2i_attention import T2I_SPECS
 from ..t2i_capture import shd_inputs, t2i_attention_layers
-from .spec import FamilySpec, Footprint
+from .spec import FamilySpec, Footprint, TextExportSpec, save_pretrained_model
 
 __all__ = ["TEXT_CFG_DROPOUT", "text_family", "text_condition", "pack_2x2", "unpack_2x2", "grid_ids",
            "sample_tokens", "inner_dim"]
@@ -119,7 +119,7 @@ def _latent_problems(latent_channels: Callable[[nn.Module], int], even_grid: boo
 
 def text_family(model_class: type, *, forward: Callable[..., Tensor], cond_keys: tuple[str, ...],
                 latent_channels: Callable[[nn.Module], int], packed: bool, text_width: str,
-                pooled_width: str | None = None, **fields: Any) -> FamilySpec:
+                pooled_width: str | None = None, export_note: str = "", **fields: Any) -> FamilySpec:
     """A text-to-image :class:`~.spec.FamilySpec` whose attention facts come from the one table.
 
     Args:
@@ -149,5 +149,6 @@ def text_family(model_class: type, *, forward: Callable[..., Tensor], cond_keys:
         num_tokens=sample_tokens,
         shd_inputs=_image_rows,
         feature_distillation=False,
+        export=TextExportSpec(write_model=save_pretrained_model, card_note=export_note),
         **fields,
     )
