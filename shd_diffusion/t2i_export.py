@@ -39,11 +39,13 @@ from torch import nn
 
 from .checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from .cli import BadInput
+from .console import say
 from .families import FamilySpec, TextExportSpec, family_of
 from .fileio import atomic_dir, atomic_write_text, os_errors_of_safetensors
 from .models.loading import load_checkpoint_file, weights_sha256
 from .sampler import image_seeds
-from .t2i_sampling import T2ISampleError, _pipeline_location, load_student, teacher_transformer_config
+from .models.sources import parse_hub_id
+from .t2i_sampling import T2ISampleError, load_student, teacher_transformer_config
 from .train_config import FROM_TEACHER
 
 __all__ = ["CARD_PROMPT", "text_checkpoint", "export_text"]
@@ -89,9 +91,10 @@ def _teacher_pipeline(config: Mapping[str, Any], pipeline: str | None, path: Pat
 def _pipeline_files(teacher: str, full: bool) -> tuple[dict[str, Any], Path | None]:
     """The teacher's ``model_index.json`` and, for ``full``, the folder holding its components
     (a local folder, or its Hub snapshot in the cache without the teacher's transformer)."""
-    where, revision = _pipeline_location(teacher)
-    folder: Path | None = Path(where) if Path(where).is_dir() else None
-    if folder is None:
+    folder: Path | None = Path(teacher) if Path(teacher).is_dir() else None
+    if folder is None:  # a Hub id (teacher_transformer_config has checked its form)
+        ref = parse_hub_id(teacher)
+        where, revision = ref.repo_id, ref.revision
         import huggingface_hub
         from huggingface_hub import errors
 
@@ -215,6 +218,9 @@ def export_text(
     except T2ISampleError as err:
         raise BadInput(f"{err} (the teacher pipeline: {'--pipeline' if pipeline else 'recorded at training; override with --pipeline'})") from None
     index, source = _pipeline_files(teacher, full_pipeline)
+    if card_location is not None and Path(teacher).is_dir() and not full_pipeline:
+        say(f"warning: the card's line loads the teacher pipeline from the local folder {teacher}; pass --pipeline "
+            "with its Hub id (org/repo) so the uploaded card works for others")
     model, info = load_student(path, teacher_config, use_ema=weights == "ema")
     if weights == "raw" and "raw" not in str(info["weights"]):
         raise BadInput(f"--weights raw: {path} has no raw ('model') weights; drop --weights raw")
@@ -231,6 +237,7 @@ def export_text(
         "teacher_checkpoint": info.get("trained_with_teacher"), "teacher_sha256": identity.get("teacher_sha256"),
         "teacher_overrides": dict(student_cfg.get("teacher_overrides") or {}),
         "distill": dict(config.get("distill") or {}),
+        "scores": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str)) or v is None},
     }
     with os_errors_of_safetensors(out), atomic_dir(out) as tmp:  # a full disk: one error line, no folder
         family.export.write_model(model, tmp / "transformer" if full_pipeline else tmp)

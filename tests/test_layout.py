@@ -2,7 +2,7 @@
 
 ``scripts/`` and ``sampling/`` (identical thin files) -> ``shd_diffusion.commands`` (one module per
 command: usage docstring, ``build_parser``, ``main`` through ``cli.run_main``) -> application
-(training, demo, export) -> core. Nothing in ``shd_diffusion`` but ``commands`` imports ``commands``,
+(training, demo, export and its text-to-image half t2i_export) -> core. Nothing in ``shd_diffusion`` but ``commands`` imports ``commands``,
 nothing in it imports the top-level ``sampling`` package, and no core module imports an application
 module: otherwise the arrows would run both ways. Every console script and every thin file resolves
 to a ``main`` in ``shd_diffusion.commands``. Inside core, ``families`` (one spec per model family) sits above ``models``: it
@@ -24,7 +24,7 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; the commands are als
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "shd_diffusion"
-APPLICATION = ("shd_diffusion.training", "shd_diffusion.demo", "shd_diffusion.export")
+APPLICATION = ("shd_diffusion.training", "shd_diffusion.demo", "shd_diffusion.export", "shd_diffusion.t2i_export")
 COMMANDS = "shd_diffusion.commands"
 # Command lines not yet in COMMANDS (none left).
 PENDING_COMMANDS: tuple[str, ...] = ()

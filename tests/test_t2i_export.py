@@ -22,6 +22,7 @@ from cli_cases import assert_refused, call, refused_without_side_effects, snapsh
 from shd_diffusion import t2i_sampling as ts
 from shd_diffusion.commands.export import main
 from shd_diffusion.export import export
+from shd_diffusion.models import DiT
 from shd_diffusion.models.diffusers_t2i import student_from_teacher
 from shd_diffusion.models.loading import weights_sha256
 from shd_diffusion.sampler import image_seeds
@@ -75,7 +76,9 @@ def _sampler_images(pipe_dir: Path, ckpt: Path, family: str, indices: list[int])
     """The sampler's images: the student loaded from the training checkpoint (EMA) into the pipeline."""
     student, _ = ts.load_student(ckpt, ts.teacher_transformer_config(pipe_dir))
     pipe = ts.load_pipeline(pipe_dir, student)
-    return ts.PromptSampler(pipe, PROMPTS, num_inference_steps=2, pipeline_kwargs=CALL[family]).sample(indices)[0]
+    kwargs = {k: v for k, v in CALL[family].items() if k not in ("height", "width")}
+    size = {k: v for k, v in CALL[family].items() if k in ("height", "width")}
+    return ts.PromptSampler(pipe, PROMPTS, num_inference_steps=2, pipeline_kwargs=kwargs, **size).sample(indices)[0]
 
 
 def _pipeline_images(pipe: DiffusionPipeline, family: str, indices: list[int]) -> np.ndarray:
@@ -109,8 +112,9 @@ def test_export_drops_into_the_teacher_pipeline_and_reproduces_the_sampler(world
 
     pipe = PixArtSigmaPipeline.from_pretrained(world["pipe"], transformer=PixArtTransformer2DModel.from_pretrained(out))
     indices = [0, 1, 3]
-    assert np.array_equal(_pipeline_images(pipe, "pixart", indices),
-                          _sampler_images(world["pipe"], world["ckpt"], "pixart", indices))
+    images = _pipeline_images(pipe, "pixart", indices)
+    assert np.array_equal(images, _sampler_images(world["pipe"], world["ckpt"], "pixart", indices))
+    assert images.std() > 5 and not np.array_equal(images[0], images[1])  # random student: not a constant image
     # EMA, not the raw weights
     raw = torch.load(world["ckpt"], weights_only=True)["ema"]
     assert weights_sha256(pipe.transformer.state_dict()) == weights_sha256(raw)
@@ -122,6 +126,7 @@ def test_export_drops_into_the_teacher_pipeline_and_reproduces_the_sampler(world
     assert meta["weights_sha256"] == weights_sha256(raw) and meta["teacher_sha256"] == "ab" * 32
     assert meta["distill"] == DISTILL and meta["teacher_overrides"] == OVERRIDES["pixart"]
     assert meta["source"] == str(world["ckpt"]) and "ema" in meta["weights"]
+    assert meta["scores"] == {"fid": 123.4, "clip_score": 21.5, "clip_score_std": 1.25, "num_images": 8}
 
     card = (out / "README.md").read_text()
     line = (f'pipe = PixArtSigmaPipeline.from_pretrained("{world["pipe"]}", '
@@ -157,6 +162,13 @@ def test_full_pipeline_folder_loads_alone_and_reproduces_the_images(world, tmp_p
     assert len(scopes) == 2 and np.array_equal(np.asarray(scopes[0]["image"]), np.asarray(scopes[1]["image"]))
 
 
+def test_raw_weights_on_request(world, tmp_path):
+    out = export(world["ckpt"], tmp_path / "raw", weights="raw")
+    raw = torch.load(world["ckpt"], weights_only=True)["model"]
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["weights_sha256"] == weights_sha256(raw) and "raw" in meta["weights"]
+
+
 def test_card_names_the_hub_repo_when_pushed(world, tmp_path, monkeypatch):
     """--push-to-hub: the card loads from the repo; the upload gets the finished folder."""
     import shd_diffusion.export as ex
@@ -181,8 +193,10 @@ def test_bad_inputs_are_one_error_line_and_write_nothing(world, tmp_path):
     refused_without_side_effects(main, [str(orphan), "--out", str(tmp_path / "x"), "--pipeline", str(tmp_path / "nope")],
                                  [tmp_path / "x"], "--pipeline")
     # a class-conditional checkpoint with text-only flags
-    dit = tmp_path / "dit.pt"
-    torch.save({"ema": {}, "model": {}, "step": 1, "config": {"student": {"name": "DiT-S/2"}}}, dit)
+    dit, arch = tmp_path / "dit.pt", dict(input_size=8, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2,
+                                          num_classes=10)
+    state = DiT(**arch).state_dict()
+    torch.save({"ema": state, "model": state, "step": 1, "config": {"student": {"name": "DiT-S/2", **arch}}}, dit)
     for flags, named in ((["--pipeline", str(world["pipe"])], "--pipeline"), (["--full-pipeline"], "--full-pipeline")):
         refused_without_side_effects(main, [str(dit), "--out", str(tmp_path / "x"), *flags], [tmp_path / "x"],
                                      named, "text-to-image")
@@ -194,7 +208,6 @@ def test_bad_inputs_are_one_error_line_and_write_nothing(world, tmp_path):
     assert snapshot(tmp_path / "y") == before
 
 
-@pytest.mark.slow
 def test_flux_student_export_reproduces_the_sampler(tmp_path):
     pipe_dir = build_pipeline(tmp_path, "flux")
     ckpt = _student_checkpoint(pipe_dir, "flux", tmp_path / "run" / "checkpoints" / "step_00000005.pt")

@@ -50,4 +50,6 @@ FLUX = text_family(
     pooled_width="pooled_projection_dim",
     objective="flow",
     flow=flux_flow,
+    export_note=f"A student of a guidance-distilled teacher (FLUX.1-dev) reads `guidance_scale` as its embedded "
+                f"guidance, as the teacher does; it was distilled at {TRAIN_GUIDANCE}.",
 )
