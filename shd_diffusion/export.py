@@ -45,7 +45,7 @@ from torch import nn
 
 from shd_diffusion.cli import BadInput
 from shd_diffusion.console import say
-from shd_diffusion.families import ExportSpec, FamilySpec, family_of, registered
+from shd_diffusion.families import ExportSpec, FamilySpec, TextExportSpec, family_of, registered
 from shd_diffusion.fileio import atomic_dir, atomic_write_text, os_errors_of_safetensors, remove_stale_temps
 from shd_diffusion.models import parse_hub_id
 from shd_diffusion.models.sources import load_model_with_info
@@ -262,6 +262,9 @@ def _exportable_family(model: nn.Module, checkpoint: Any) -> FamilySpec:
         family = family_of(model)
     except ValueError:
         family = None
+    if family is not None and isinstance(family.export, TextExportSpec):
+        raise BadInput(f"{checkpoint} holds a {family.name} transformer, already a diffusers model: export a "
+                       "text-to-image student from its training checkpoint or run folder")
     if family is None or not isinstance(family.export, ExportSpec):
         raise BadInput(f"{checkpoint} holds a {type(model).__name__}; export handles {names}")
     return family

@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from torch import nn
-
 from .checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from .cli import BadInput
 from .console import say
@@ -216,7 +214,8 @@ def export_text(
     try:
         teacher_config = teacher_transformer_config(teacher)
     except T2ISampleError as err:
-        raise BadInput(f"{err} (the teacher pipeline: {'--pipeline' if pipeline else 'recorded at training; override with --pipeline'})") from None
+        where = "--pipeline" if pipeline else "recorded at training; give another with --pipeline"
+        raise BadInput(f"{err} (the teacher pipeline: {where})") from None
     index, source = _pipeline_files(teacher, full_pipeline)
     if card_location is not None and Path(teacher).is_dir() and not full_pipeline:
         say(f"warning: the card's line loads the teacher pipeline from the local folder {teacher}; pass --pipeline "

@@ -132,7 +132,8 @@ def test_export_drops_into_the_teacher_pipeline_and_reproduces_the_sampler(world
     line = (f'pipe = PixArtSigmaPipeline.from_pretrained("{world["pipe"]}", '
             f'transformer=PixArtTransformer2DModel.from_pretrained("{out}"))')
     assert line in card
-    assert "| fid | 123.4 |" in card and "| clip_score | 21.5 |" in card and "provenance" not in card.split("## Scores")[1].split("##")[0]
+    scores = card.split("## Scores")[1].split("##")[0]
+    assert "| fid | 123.4 |" in scores and "| clip_score | 21.5 |" in scores and "provenance" not in scores
     assert weights_sha256(raw) in card and "training steps: 5" in card and "shd_beta: 2.0" in card
     # The card's code, as written (paths are already local here): image 0 of the sampler with its prompt
     scope = _run_card(card, "pixart", {})[0]
@@ -203,9 +204,46 @@ def test_bad_inputs_are_one_error_line_and_write_nothing(world, tmp_path):
     # a class-conditional flag on a text student
     refused_without_side_effects(main, [str(world["ckpt"]), "--out", str(tmp_path / "x"), "--vae", "v"],
                                  [tmp_path / "x"], "--vae")
+    # a transformer folder (already diffusers): export from the training checkpoint
+    refused_without_side_effects(main, [str(tmp_path / "y"), "--out", str(tmp_path / "x")], [tmp_path / "x"],
+                                 "training checkpoint")
     before = snapshot(tmp_path / "y")
     assert_refused(call(main, [str(world["ckpt"]), "--out", str(tmp_path / "y")]), "not empty")
     assert snapshot(tmp_path / "y") == before
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_a_student_trained_by_the_trainer_exports_from_its_run_folder(world, tmp_path):
+    """The real trainer's checkpoint (2 KD + SHD steps): the teacher pipeline is the one holding
+    teacher.checkpoint, the exported weights are the run's EMA, the images are the sampler's."""
+    from shd_diffusion.config import load_config
+    from shd_diffusion.latents import write_synthetic_text_latents
+    from shd_diffusion.train_config import ExperimentConfig
+    from shd_diffusion.training import make_accelerator, train
+    from t2i_builders import SEQ, TEXT_DIM
+
+    write_synthetic_text_latents(tmp_path / "data", num_images=4, latent_shape=(4, 8, 8), seq_len=SEQ, dim=TEXT_DIM,
+                                 pooled_dim=None, shard_size=4)
+    cfg = load_config(ExperimentConfig, None, [
+        "student.name=from_teacher", "student.teacher_overrides={num_attention_heads: 1}",
+        f"teacher.checkpoint={world['pipe'] / 'transformer'}", "distill.mode=kd_shd", "data.kind=text_latents",
+        f"data.path={tmp_path / 'data'}", "data.image_size=64", "data.num_workers=0", "train.precision=fp32",
+        "train.global_batch_size=4", "train.checkpoint_every=1000", "train.log_with=none", "optim.name=adamw",
+        "optim.lr=1e-3", "train.ema_decay=0.5", "train.steps=2", f"train.output_dir={tmp_path / 'runs'}",
+        "train.run_name=r"])
+    run_dir = tmp_path / "runs" / "r"
+    trainer = train(cfg, run_dir, progress=False, accelerator=make_accelerator(cfg, run_dir, log=False))
+    with trainer.ema.swapped_in(trainer.student):
+        ema_sha = weights_sha256(trainer.student.state_dict())
+    out = export(run_dir, tmp_path / "export")
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["weights_sha256"] == ema_sha and meta["step"] == 2 and meta["teacher_pipeline"] == str(world["pipe"])
+    assert meta["distill"]["mode"] == "kd_shd" and meta["teacher_sha256"]
+    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    pipe = PixArtSigmaPipeline.from_pretrained(world["pipe"], transformer=PixArtTransformer2DModel.from_pretrained(out))
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    assert np.array_equal(_pipeline_images(pipe, "pixart", [0, 1]), _sampler_images(world["pipe"], ckpt, "pixart", [0, 1]))
 
 
 def test_flux_student_export_reproduces_the_sampler(tmp_path):
