@@ -198,7 +198,7 @@ def export(
     pipeline: str | None = None,
     full_pipeline: bool = False,
 ) -> Path:
-    """Export a checkpoint to a diffusers folder (see the module docstring): families with an ExportSpec, DiT and MDTv2.
+    """Export a checkpoint to a diffusers folder (see the module docstring): DiT, MDTv2 and text-to-image students.
 
     Args:
         checkpoint: any source of :func:`shd_diffusion.models.sources.load_model`.
