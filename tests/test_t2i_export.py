@@ -246,6 +246,48 @@ def test_a_student_trained_by_the_trainer_exports_from_its_run_folder(world, tmp
     assert np.array_equal(_pipeline_images(pipe, "pixart", [0, 1]), _sampler_images(world["pipe"], ckpt, "pixart", [0, 1]))
 
 
+HUB_SCRIPT = """
+import os, shutil, sys
+from pathlib import Path
+import numpy as np
+root, pipe_dir, ckpt = map(Path, sys.argv[1:4])
+sys.path.insert(0, sys.argv[4])
+import test_t2i_export as t
+from shd_diffusion.export import export
+repo = root / "cache" / "models--org--tiny-pixart"
+shutil.copytree(pipe_dir, repo / "snapshots" / ("a" * 40))
+(repo / "refs").mkdir()
+(repo / "refs" / "main").write_text("a" * 40)
+model = export(ckpt, root / "model", pipeline="org/tiny-pixart")
+full = export(ckpt, root / "full", pipeline="org/tiny-pixart", full_pipeline=True)
+scopes = t._run_card((model / "README.md").read_text(), "pixart", {}) + t._run_card((full / "README.md").read_text(), "pixart", {})
+np.save(root / "images.npy", np.stack([np.asarray(s["image"]) for s in scopes]))
+"""
+
+
+@pytest.mark.slow
+def test_a_hub_id_teacher_from_the_cache(world, tmp_path):
+    """A teacher given as a Hub id (offline: a cached snapshot): the card's code runs as written, with
+    the id in it, and the full pipeline copies the cached components (a fresh process: the cache path
+    is read when huggingface_hub is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(tmp_path), str(world["pipe"]), str(world["ckpt"]),
+                           str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'PixArtSigmaPipeline.from_pretrained("org/tiny-pixart", transformer=' in (tmp_path / "model" / "README.md").read_text()
+    assert json.loads((tmp_path / "full" / "export.json").read_text())["teacher_pipeline"] == "org/tiny-pixart"
+    images = np.load(tmp_path / "images.npy")  # model card, full card (2 blocks)
+    student, _ = ts.load_student(world["ckpt"], ts.teacher_transformer_config(world["pipe"]))
+    sampler = ts.PromptSampler(ts.load_pipeline(world["pipe"], student), [CARD_PROMPT], num_inference_steps=2,
+                               pipeline_kwargs=CALL["pixart"])
+    expected = sampler.sample([0])[0][0]
+    assert len(images) == 3 and all(np.array_equal(im, expected) for im in images)
+
+
 def test_flux_student_export_reproduces_the_sampler(tmp_path):
     pipe_dir = build_pipeline(tmp_path, "flux")
     ckpt = _student_checkpoint(pipe_dir, "flux", tmp_path / "run" / "checkpoints" / "step_00000005.pt")
