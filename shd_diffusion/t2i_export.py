@@ -157,7 +157,9 @@ def _card(family: FamilySpec, info: dict[str, Any], meta: dict[str, Any], config
     lines += _code(meta["pipeline_class"], meta["transformer_class"], meta["teacher_pipeline"], where,
                    meta["layout"] == "pipeline", seed)
     lines += [f"With the pipeline's default steps and guidance this is image 0 of "
-              f"`shd_diffusion.t2i_sampling.PromptSampler(pipe, prompts=[\"{CARD_PROMPT}\"], seed=0)` (image i uses "
+              f"`shd_diffusion.t2i_sampling.PromptSampler(pipe, prompts=[\"{CARD_PROMPT}\"], seed=0)`, as "
+              f"`python -m sampling.sample --pipeline {meta['teacher_pipeline']} --checkpoint {where} --prompts FILE --seed 0` "
+              "renders it when the file's first prompt is this one (image i uses "
               "`torch.Generator().manual_seed(image_seeds([i], seed)[0])` in float32; another dtype moves the last bits)."
               + (f" {spec.card_note}" if spec.card_note else ""), ""]
     if metrics:

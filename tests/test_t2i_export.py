@@ -141,6 +141,16 @@ def test_export_drops_into_the_teacher_pipeline_and_reproduces_the_sampler(world
     sampler = ts.PromptSampler(ts.load_pipeline(world["pipe"], student), [CARD_PROMPT], num_inference_steps=2,
                                pipeline_kwargs=CALL["pixart"])
     assert np.array_equal(np.asarray(scope["image"])[None], sampler.sample([0])[0])
+    # ... and the command the card names renders it from the export (a file whose first prompt is the card's)
+    from shd_diffusion.commands.sample import main as sample_main
+
+    (tmp_path / "prompts.txt").write_text(CARD_PROMPT + "\n")
+    done = call(sample_main, ["--pipeline", str(world["pipe"]), "--checkpoint", str(out), "--prompts",
+                              str(tmp_path / "prompts.txt"), "--seed", "0", "--steps", "2", "--out", str(tmp_path / "s"),
+                              "--pipeline-arg", "use_resolution_binning=false", "--pipeline-arg", "max_sequence_length=8"])
+    assert done.code == 0, done.stderr
+    assert f"--checkpoint {out} --prompts FILE --seed 0" in card
+    assert np.array_equal(np.load(next((tmp_path / "s").glob("samples_*.npz")))["arr_0"][0], np.asarray(scope["image"]))
 
 
 def test_full_pipeline_folder_loads_alone_and_reproduces_the_images(world, tmp_path):
