@@ -522,7 +522,8 @@ def capture_attention(
 
 
 def capture_qk(
-    model: nn.Module, layers: Sequence[int] | None = None, export_values: bool = False
+    model: nn.Module, layers: Sequence[int] | None = None, export_values: bool = False, *,
+    cross_attention: bool = False,
 ) -> contextlib.AbstractContextManager[AttentionStore]:
     """Record q, k (teacher: also v, W_out) and the bias of the selected layers; forward stays fused.
 
@@ -539,14 +540,21 @@ def capture_qk(
         layers: indices into :func:`attention_layers` order (None = all; negative from the end);
             text-to-image models: their self- and joint-attention modules in execution order.
         export_values: teacher mode; the forward must run under ``torch.no_grad()``.
+        cross_attention: text-to-image models with cross-attention (PixArt's ``attn2``): number and
+            record those modules too, in execution order (:func:`shd_diffusion.t2i_capture.capture_t2i_qk`).
 
     Returns:
         A context manager yielding the :class:`AttentionStore` being filled.
+
+    Raises:
+        ValueError: ``cross_attention=True`` for a model captured through its processors (no cross-attention).
     """
     if t2i_spec(model) is not None:
         from shd_diffusion.t2i_capture import capture_t2i_qk  # imports this module: resolved at call time
 
-        return capture_t2i_qk(model, layers, export_values)
+        return capture_t2i_qk(model, layers, export_values, cross_attention=cross_attention)
+    if cross_attention:
+        raise ValueError(f"capture_qk(cross_attention=True): {type(model).__name__} has no cross-attention to capture")
     return _capture_qk_processors(model, layers, export_values)
 
 

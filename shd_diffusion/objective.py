@@ -230,7 +230,8 @@ class DistillationObjective:
     Args:
         cfg: the ``distill`` section. diffusion: the training diffusion.
         teacher: the frozen teacher (eval mode, no grad), or None for ``distill.mode=none``.
-        layer_pairs: (student layer, teacher layer) per distilled pair, in student-layer order.
+        layer_pairs: (student layer, teacher layer) per distilled pair, in student-layer order (with
+            ``cfg.cross_attention``: in the capture numbering that counts cross-attention).
         family: the student's family: how it is conditioned and called, its process (DDPM or flow),
             which captured rows SHD distils, and its extra passes (run after the main pass).
         min_snr: Min-SNR-5 weights on the eps MSE.
@@ -254,11 +255,13 @@ class DistillationObjective:
         self.feat_on = cfg.feature_kind is not None and bool(self.layer_pairs)
 
     # The SHD hooks: what is captured and how a layer pair's term is computed from it.
+    # With distill.cross_attention the pairs are numbered with cross-attention counted (training.heads).
     def student_capture(self, model: nn.Module) -> ContextManager[AttentionStore]:
-        return capture_qk(model, [j for j, _ in self.layer_pairs])
+        return capture_qk(model, [j for j, _ in self.layer_pairs], cross_attention=self.cfg.cross_attention)
 
     def teacher_capture(self, model: nn.Module) -> ContextManager[AttentionStore]:
-        return capture_qk(model, sorted({i for _, i in self.layer_pairs}), export_values=True)
+        return capture_qk(model, sorted({i for _, i in self.layer_pairs}), export_values=True,
+                          cross_attention=self.cfg.cross_attention)
 
     def shd_terms(self, s: AttentionStore, t: AttentionStore, squeezers: Sequence[shd_math.HeadSqueezer]
                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:

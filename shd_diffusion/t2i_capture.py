@@ -50,7 +50,8 @@ from torch import Tensor, nn
 from shd_diffusion.attention import AttentionStore, Segment, require_no_grad, select_layers
 from shd_diffusion.t2i_attention import AttentionSite, T2IAttentionSpec, t2i_spec
 
-__all__ = ["CapturedSite", "t2i_attention_layers", "capture_t2i_qk", "ShdInputs", "shd_inputs"]
+__all__ = ["CapturedSite", "t2i_attention_layers", "cross_attention_numbering", "capture_t2i_qk", "ShdInputs",
+           "shd_inputs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +84,20 @@ def t2i_attention_layers(model: nn.Module, cross_attention: bool = False) -> lis
                 if module is not None and (cross_attention or not site.cross):
                     sites.append(CapturedSite(module, block, site))
     return sites
+
+
+def cross_attention_numbering(model: nn.Module) -> list[tuple[int, int | None]]:
+    """Where each default-numbered layer and its block's cross-attention sit once cross-attention is numbered.
+
+    Entry j is (index of default layer j, index of the cross-attention module of its block, or None
+    where the block has none), both in ``t2i_attention_layers(model, cross_attention=True)`` order:
+    PixArt's blocks [attn1, attn2] give [(0, 1), (2, 3), ...]. Pairing layers through this keeps
+    self-attention with self-attention and cross with cross when both models are captured with
+    ``cross_attention=True``.
+    """
+    sites = t2i_attention_layers(model, cross_attention=True)
+    cross_of = {id(s.block): n for n, s in enumerate(sites) if s.site.cross}  # one cross module per block
+    return [(n, cross_of.get(id(s.block))) for n, s in enumerate(sites) if not s.site.cross]
 
 
 def _require_spec(model: nn.Module) -> T2IAttentionSpec:

@@ -124,6 +124,7 @@ class DistillConfig:
     max_group_size: int | None = None  # head matching: cap on teacher heads per student head; None = no cap
     chunk_size: int | None = None  # SHD query rows per block (memory ~ B H chunk N); None = automatic (256 MiB per block)
     shd_keys: Literal["all", "image"] = "all"  # text-to-image joint attention: image-query rows over all keys, or the image-image block
+    cross_attention: bool = False  # also distil cross-attention maps (image queries over caption keys; PixArt's attn2), block to block
 
     def __post_init__(self) -> None:
         if self.temperature < 1.0:
@@ -140,6 +141,12 @@ class DistillConfig:
                 f"distill.groups is set, but distill.squeeze={self.squeeze} chooses its own groups: "
                 "explicit groups work with squeeze lstsq or constant (drop one of the two)"
             )
+        if self.cross_attention and not self.uses_shd:
+            raise ValueError(f"distill.cross_attention=true adds SHD layer pairs, but distill.mode={self.mode} has no SHD "
+                             "term: use kd_shd or shd, or set distill.cross_attention=false")
+        if self.cross_attention and self.shd_keys == "image":
+            raise ValueError("distill.cross_attention=true distils maps over caption keys, which distill.shd_keys=image "
+                             "(the image-image block of joint attention) would cut away: use distill.shd_keys=all")
         for name in ("kd_weight", "shd_beta", "feature_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
@@ -274,6 +281,7 @@ RESUME_FIXED_FIELDS: list[str] = [
     "distill.mode", "distill.kd_weight", "distill.shd_beta", "distill.temperature", "distill.loss",
     "distill.reduction", "distill.squeeze", "distill.groups", "distill.layer_map", "distill.student_layers",
     "distill.feature_weight", "distill.seed", "distill.calibration_batches", "distill.max_group_size", "distill.shd_keys",
+    "distill.cross_attention",
     # The data stream: step s consumes stream positions [s G, (s + 1) G) of (seed, data, G).
     "data.kind", "data.image_size", "data.vae", "train.global_batch_size", "train.seed",
     # The EMA and the loss weights are part of what is trained; Adan's / AdamW's betas and eps

@@ -201,7 +201,142 @@ def test_a_checkpoint_config_written_before_the_text_fields_resumes_as_their_def
     current = to_dict(load_config(ExperimentConfig, REPO / "configs" / "demo_student.yaml"))
     old = to_dict(load_config(ExperimentConfig, REPO / "configs" / "demo_student.yaml"))
     for section, key in (("student", "teacher_overrides"), ("student", "init_from_teacher"), ("teacher", "dtype"),
-                         ("distill", "shd_keys")):
+                         ("distill", "shd_keys"), ("distill", "cross_attention")):
         del old[section][key]
     del old["teacher"]["model"]["teacher_overrides"]
     assert with_defaults(old, to_dict(ExperimentConfig())) == current
+
+
+# --------------------------------------------------------------------------------- PixArt cross-attention
+
+
+def _pixart_shd_captures(trainer: Trainer):
+    """One noised batch through teacher and student under the objective's captures (no CFG drop):
+    the captured stores, the student's graph kept, the batch's caption mask (B, L) and the call on that batch."""
+    obj, family = trainer.objective, trainer.family
+    x0, cond = next(trainer._batches())
+    _, _, x_t, model_t = obj.process.noised(x0, sample_generators(0, [0, 1, 2, 3], trainer.device))
+    keep = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+    c = family.condition(cond, keep, trainer.dataset.empty_conditioning)
+    with torch.no_grad(), obj.teacher_capture(trainer.teacher) as t:
+        family.forward(trainer.teacher, x_t, model_t, c)
+    with obj.student_capture(trainer.student) as s:
+        family.forward(trainer.student, x_t, model_t, c)
+    return t, s, c["prompt_mask"], lambda model: family.forward(model, x_t, model_t, c)
+
+
+def _masked_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Oracle in float64: softmax(q k^T / sqrt(d) + bias), written out."""
+    logits = q.double() @ k.double().transpose(-2, -1) / q.shape[-1] ** 0.5 + bias  # (B, H, N, L)
+    return logits.softmax(-1)
+
+
+def test_pixart_cross_attention_pairs_cross_with_cross_and_matches_the_whole_map_reference(tmp_path):
+    from shd_diffusion.shd import apply_alphas, default_groups, shd_loss, shd_term, squeeze_heads
+
+    trainer = make_trainer(make_cfg(tmp_path, "pixart", ["distill.cross_attention=true"]))
+    teacher, student = trainer.teacher, trainer.student
+    # Capture numbering with cross-attention: block b's attn1 is 2b, its attn2 2b + 1 (teacher and student).
+    assert trainer.layer_pairs == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert [(sq.teacher_heads, sq.student_heads) for sq in trainer.squeezers] == [(4, 2)] * 4
+    t, s, mask, call = _pixart_shd_captures(trainer)
+    n, seq = 16, SEQ  # image tokens (8 x 8 latents, 2 x 2 patches), caption tokens
+    assert s.layer_indices == t.layer_indices == [0, 1, 2, 3]
+    assert [k.shape[-2] for k in s.keys] == [k.shape[-2] for k in t.keys] == [n, seq, n, seq]  # self, cross, ...
+    assert (mask == 0).any() and (mask == 1).any()  # padded captions (1..4 real tokens of 6)
+
+    total, alphas = trainer.objective.shd_terms(s, t, trainer.squeezers)
+    assert len(alphas) == 4  # one SHD term per pair: 2 self + 2 cross
+    bias = (1.0 - mask.double())[:, None, None, :] * -10000.0  # (B, 1, 1, L): PixArt's additive caption mask
+    per_pair = []
+    for k, ((j, i), sq) in enumerate(zip(trainer.layer_pairs, trainer.squeezers)):
+        inputs = trainer.family.shd_inputs(t, k, s, k, "all")
+        loss, alpha = shd_term(**inputs, groups=sq.groups, chunk_size=5)  # float32, 4 row blocks
+        torch.testing.assert_close(alpha, alphas[k])
+        per_pair.append(loss)
+        if j % 2 == 0:
+            continue
+        # The cross pair, by hand in float64 from the captured attn2 q, k, v and the data's caption mask.
+        block = i // 2
+        assert torch.equal(inputs["out_weight"], teacher.transformer_blocks[block].attn2.to_out[0].weight)  # attn2's W^O
+        t_maps = _masked_probs(t.queries[k], t.keys[k], bias)  # (B, 4, N, L)
+        s_maps = _masked_probs(s.queries[k], s.keys[k], bias)  # (B, 2, N, L)
+        w = teacher.transformer_blocks[block].attn2.to_out[0].weight.double()
+        _, ref_alphas = squeeze_heads(t_maps, t.values[k].double(), w, 2)
+        target = apply_alphas(t_maps, ref_alphas, default_groups(4, 2))  # (B, 2, N, L)
+        reference = shd_loss([s_maps], [target], beta=1.0)
+        # A caption of one real token attends only to it (the map is 1 there, 0 elsewhere): a zero loss.
+        single = mask.sum(1) == 1
+        assert single.any() and (reference[single] == 0).all() and reference[~single].min() > 1e-3
+        # Padded caption keys: exactly zero probability in the teacher's, the squeezed and the student's maps.
+        pad = (mask == 0)[:, None, None, :].expand_as(t_maps[:, :1])  # (B, 1, N, L)
+        for maps in (t_maps, target, s_maps, _masked_probs(s.queries[k], s.keys[k], s.biases[k].double())):
+            assert maps.masked_select(pad.expand_as(maps)).abs().max().item() == 0.0
+        # Row-block term in float64 on the same captured tensors: equal to the whole-map reference.
+        exact = {name: v.double() if torch.is_tensor(v) else v for name, v in inputs.items()}
+        loss64, alpha64 = shd_term(**exact, groups=sq.groups, chunk_size=5)
+        err64 = max((loss64 - reference).abs().max().item(), (alpha64 - ref_alphas).abs().max().item())
+        err32 = (loss.double() - reference).abs().max().item()
+        print(f"cross pair {(j, i)}: |term64 - ref| = {err64:.1e}, |term32 - ref| = {err32:.1e} (ref {reference.tolist()})")
+        assert err64 < 1e-10
+        torch.testing.assert_close(loss.double(), reference, atol=3e-5, rtol=0)  # float32 term (measured 1e-5)
+        # Gradients reach the student's attn2 through the captured q, k.
+        grad = torch.autograd.grad(loss.sum(), s.queries[k], retain_graph=True)[0]
+        assert grad.abs().max() > 0
+    torch.testing.assert_close(total, sum(per_pair))  # distill.reduction=sum over the four pairs
+    # The self-attention pairs are those of a run without the option: the same terms, bitwise.
+    from shd_diffusion.attention import capture_qk
+
+    with torch.no_grad(), capture_qk(teacher, [0, 1], export_values=True) as t0:
+        call(teacher)
+    with capture_qk(student, [0, 1]) as s0:
+        call(student)
+    for k, sq in enumerate(trainer.squeezers[::2]):
+        alone, _ = shd_term(**trainer.family.shd_inputs(t0, k, s0, k, "all"), groups=sq.groups, chunk_size=5)
+        assert torch.equal(alone, per_pair[2 * k])
+
+
+def test_pixart_cross_attention_follows_the_layer_map_block_to_block(tmp_path):
+    cfg = make_cfg(tmp_path, "pixart", ["distill.cross_attention=true", "distill.layer_map=[1]",
+                                        "student.teacher_overrides={num_attention_heads: 2, num_layers: 1}"])
+    trainer = make_trainer(cfg)
+    # Student block 0 <- teacher block 1: attn1 0 <- attn1 2, attn2 1 <- attn2 3 (both renumbered).
+    assert trainer.layer_pairs == [(0, 2), (1, 3)]
+    t, s, _, _ = _pixart_shd_captures(trainer)
+    assert t.layer_indices == [2, 3] and [k.shape[-2] for k in t.keys] == [16, SEQ]
+    assert [k.shape[-2] for k in s.keys] == [16, SEQ]
+
+
+def test_pixart_cross_attention_run_lowers_the_loss(tmp_path):
+    trainer = make_trainer(make_cfg(tmp_path, "pixart", ["distill.cross_attention=true"]))
+    x0, cond = next(trainer._batches())
+    gens = lambda: sample_generators(0, [-1, -2, -3, -4], trainer.device)  # noqa: E731  fixed evaluation draws
+
+    def total() -> float:
+        with torch.no_grad():
+            return float(trainer.compute_terms(x0, cond, gens()).total.mean())
+
+    before = total()
+    for _ in range(12):
+        out = trainer.train_step(itertools.repeat((x0, cond)))
+        assert torch.isfinite(out.terms["shd"]) and len(out.alphas) == 4
+    after = total()
+    print(f"pixart + cross-attention: loss {before:.4f} -> {after:.4f}")
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cross_attention_is_refused_for_families_without_it(tmp_path, family):
+    with pytest.raises(ValueError) as err:
+        make_trainer(make_cfg(tmp_path, family, ["distill.cross_attention=true"]))
+    line = str(err.value)
+    assert "\n" not in line and line == (
+        f"distill.cross_attention=true: the student's family {FAMILY_NAMES[family]} has no cross-attention maps to "
+        "distil (families with them: PixArt); set distill.cross_attention=false")
+
+
+@pytest.mark.parametrize("extra,match", [(["distill.mode=kd"], "has no SHD term"),
+                                         (["distill.shd_keys=image"], "use distill.shd_keys=all")])
+def test_cross_attention_needs_an_shd_term_over_all_keys(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(ExperimentConfig, None, ["distill.cross_attention=true", *extra])

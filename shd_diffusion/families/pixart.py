@@ -4,7 +4,8 @@ Trained as DiT is: Gaussian diffusion with learned variance (the output holds 2 
 channels: eps and the variance interpolation), the model taking the integer DDPM timestep. The
 caption conditions it through cross-attention with the caption mask; PixArt-alpha 1024 also takes
 the image resolution and aspect ratio (``use_additional_conditions``). SHD distils each block's
-self-attention (``attn1``); cross-attention is not numbered (:mod:`shd_diffusion.t2i_attention`).
+self-attention (``attn1``); ``distill.cross_attention`` adds each block's cross-attention (``attn2``,
+image queries over caption keys), which the default numbering skips (:mod:`shd_diffusion.t2i_attention`).
 """
 
 from __future__ import annotations

@@ -163,6 +163,9 @@ class FamilySpec:
     token_segments: tuple[str, ...] = ("image",)  # the token sequence's parts, in order (text families: image, text)
     num_tokens: Callable[[nn.Module], int] = patch_tokens  # N per image (0: follows the data's size)
     shd_inputs: ShdInputs = whole_sequence_shd_inputs  # which rows / keys of a captured entry SHD distils
+    # distill.cross_attention applies: the blocks have cross-attention maps (image queries over caption keys)
+    # that capture_qk(..., cross_attention=True) numbers and records (PixArt's attn2)
+    cross_attention: bool = False
     feature_distillation: bool = True  # kd_feat / kd_selfcorr apply (they hook the package's own blocks)
     # Training objective: family-specific parts.
     objective: Literal["diffusion", "flow"] = "diffusion"  # Gaussian eps diffusion, or rectified flow

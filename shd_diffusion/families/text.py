@@ -148,6 +148,7 @@ def text_family(model_class: type, *, forward: Callable[..., Tensor], cond_keys:
         token_segments=entry.stacks[0].sites[0].order,
         num_tokens=sample_tokens,
         shd_inputs=_image_rows,
+        cross_attention=any(site.cross for stack in entry.stacks for site in stack.sites),
         feature_distillation=False,
         export=TextExportSpec(write_model=save_pretrained_model, card_note=export_note),
         **fields,

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import shd as shd_math
 from ..attention import capture_qk
-from ..families import family_of
+from ..families import FamilySpec, family_of, registered
 from ..train_config import DistillConfig
 
 __all__ = ["LayerPair", "solver_for_squeeze", "num_tokens", "plan_distillation", "regroup", "calibration_groups"]
@@ -42,10 +42,13 @@ def plan_distillation(student: nn.Module, teacher: nn.Module | None, dc: Distill
                       ) -> tuple[list[LayerPair], list[shd_math.HeadSqueezer]]:
     """(student layer, teacher layer) pairs and, per pair, how its teacher heads are squeezed.
 
-    Returns ([], []) when nothing is distilled layer by layer (no teacher, or KD only).
+    Returns ([], []) when nothing is distilled layer by layer (no teacher, or KD only). With
+    ``distill.cross_attention`` each self-attention pair gains its blocks' cross-attention pair and
+    all indices count cross-attention (:func:`_with_cross_attention`).
 
     Raises:
-        ValueError: a student layer out of range, or a pair SHD cannot squeeze (named).
+        ValueError: a student layer out of range, a pair SHD cannot squeeze (named), or
+            ``distill.cross_attention`` for a family without cross-attention maps.
     """
     if teacher is None or not (dc.uses_shd or dc.feature_kind):
         return [], []
@@ -56,6 +59,8 @@ def plan_distillation(student: nn.Module, teacher: nn.Module | None, dc: Distill
     if dc.squeeze == "matching" and family.conditioning != "class":
         raise ValueError(f"distill.squeeze=matching calibrates on class-conditional batches; for {family.name} use "
                          "lstsq, constant, hard or progressive")
+    if dc.cross_attention:
+        _check_cross_attention(family, family_of(teacher))
     s_layers, t_layers = family.attention_layers(student), family_of(teacher).attention_layers(teacher)
     mapping = shd_math.layer_mapping(len(s_layers), len(t_layers), dc.layer_map)
     chosen = range(len(s_layers)) if dc.student_layers is None else dc.student_layers
@@ -63,6 +68,8 @@ def plan_distillation(student: nn.Module, teacher: nn.Module | None, dc: Distill
         if not 0 <= j < len(s_layers):
             raise ValueError(f"distill.student_layers: {j} is out of range (student has {len(s_layers)} layers)")
     pairs = [(j, mapping[j]) for j in sorted(set(chosen))]
+    if dc.cross_attention:  # renumbered with cross-attention counted, as the objective then captures
+        pairs, s_layers, t_layers = _with_cross_attention(student, teacher, pairs)
     s_tokens, t_tokens = num_tokens(student), num_tokens(teacher)
     squeezers = []
     for j, i in pairs:
@@ -70,6 +77,42 @@ def plan_distillation(student: nn.Module, teacher: nn.Module | None, dc: Distill
         shd_math.validate_pair(h_s, h_t, s_tokens, t_tokens)
         squeezers.append(shd_math.HeadSqueezer(h_t, h_s, solver_for_squeeze(dc.squeeze), dc.groups, dc.seed))
     return pairs, squeezers
+
+
+def _check_cross_attention(student: FamilySpec, teacher: FamilySpec) -> None:
+    """Refuse ``distill.cross_attention`` for a student or teacher family without cross-attention maps."""
+    if student.cross_attention and teacher.cross_attention:
+        return
+    having = ", ".join(f.name for f in registered() if f.cross_attention) or "none"
+    whose = f"the student's family {student.name}" if not student.cross_attention else f"the teacher's family {teacher.name}"
+    raise ValueError(f"distill.cross_attention=true: {whose} has no cross-attention maps to distil (families with "
+                     f"them: {having}); set distill.cross_attention=false")
+
+
+def _with_cross_attention(student: nn.Module, teacher: nn.Module, pairs: list[LayerPair]
+                          ) -> tuple[list[LayerPair], list[nn.Module], list[nn.Module]]:
+    """Self-attention pairs (default numbering) -> those pairs plus each pair's cross-attention pair.
+
+    Every index is renumbered in capture order with cross-attention counted (the numbering of
+    ``capture_qk(..., cross_attention=True)``): student block b's self-attention stays paired with
+    its mapped teacher block's self-attention, and b's cross-attention is paired with that teacher
+    block's cross-attention. Returns the pairs in student order and both models' modules in the
+    new numbering (for the head counts).
+    """
+    from ..t2i_capture import cross_attention_numbering, t2i_attention_layers
+
+    s_num, t_num = cross_attention_numbering(student), cross_attention_numbering(teacher)
+    out = []
+    for j, i in pairs:
+        (s_self, s_cross), (t_self, t_cross) = s_num[j], t_num[i]
+        out.append((s_self, t_self))
+        if (s_cross is None) != (t_cross is None):
+            raise ValueError(f"distill.cross_attention=true: student layer {j} and teacher layer {i} are paired, but "
+                             "only one of their blocks has cross-attention")
+        if s_cross is not None:
+            out.append((s_cross, t_cross))
+    modules = [[site.module for site in t2i_attention_layers(m, cross_attention=True)] for m in (student, teacher)]
+    return sorted(out), modules[0], modules[1]
 
 
 def regroup(squeezers: list[shd_math.HeadSqueezer], groups: list[list[list[int]]]
