@@ -2,15 +2,18 @@
 
 PixArt-Sigma and FLUX.1 pipelines with a T5 (and CLIP) text encoder whose tokenizers are built
 from the vocabulary below (no download), a 2x VAE and a random transformer, saved in the diffusers
-layout.
+layout; an image-caption folder (diffusers' imagefolder layout) and a tiny CLIP for CLIP score.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 
@@ -94,3 +97,35 @@ def _sd3_clip(width: int) -> CLIPTextModelWithProjection:
     return CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=len(WORDS) + 2, hidden_size=width, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=SD3_CLIP_TOKENS, projection_dim=width, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+
+def caption_folder(root: Path, captions: list[str]) -> Path:
+    """Images of different sizes + metadata.jsonl (diffusers' imagefolder layout)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, text in enumerate(captions):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": text}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A 1-layer CLIP with a character tokenizer, saved with its processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=1, bos_token_id=0, pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=CLIPTokenizer(vocab=vocab, merges=[])).save_pretrained(folder)
+    return folder

@@ -21,7 +21,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cli_cases import call  # noqa: E402
-from t2i_builders import SEQ, SIZE, build_pipeline  # noqa: E402
+from t2i_builders import SEQ, SIZE, build_pipeline, caption_folder, tiny_clip  # noqa: E402
 
 from shd_diffusion import t2i_sampling as ts  # noqa: E402
 from shd_diffusion.commands import extract_latents, sample, score  # noqa: E402
@@ -34,38 +34,6 @@ pytestmark = pytest.mark.usefixtures("single_thread", "fresh_accelerate")
 CAPTIONS = ["a photo of a cat", "a red car", "", "the big tree on the house", "a small blue dog"]
 PROMPTS = ["a red car", "a photo of a cat", "the big tree"]
 PIXART_CALL = ["--pipeline-arg", f"max_sequence_length={SEQ}", "--pipeline-arg", "use_resolution_binning=false"]
-
-
-def caption_folder(root: Path, captions: list[str] = CAPTIONS) -> Path:
-    """Images of different sizes + metadata.jsonl (diffusers' imagefolder layout)."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, text in enumerate(captions):
-        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
-        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": text}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def tiny_clip(folder: Path) -> Path:
-    """A 1-layer CLIP with a character tokenizer, saved with its processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=1, bos_token_id=0, pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=CLIPTokenizer(vocab=vocab, merges=[])).save_pretrained(folder)
-    return folder
 
 
 def pixart_student(pipeline: Path, folder: Path) -> Path:
@@ -89,7 +57,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("t2i_cli")
     pixart, flux = build_pipeline(root, "pixart"), build_pipeline(root, "flux")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {"root": root, "pixart": pixart, "flux": flux, "captions": caption_folder(root / "captions"),
+    return {"root": root, "pixart": pixart, "flux": flux, "captions": caption_folder(root / "captions", CAPTIONS),
             "prompts": root / "prompts.txt", "student": pixart_student(pixart, root / "student"),
             "clip": tiny_clip(root / "clip")}
 
