@@ -2,8 +2,8 @@
 
 Tiny random PixArt-Sigma, FLUX.1 and SD3 pipelines are saved locally (tests/t2i_builders.py); a student
 with half its heads trains a few steps from its ``transformer/`` folder with previews every 2 steps.
-The tracker (TensorBoard event files) must receive the captioned grid at exactly those steps, each
-cell the image the pipeline renders when called directly with the EMA student and the prompt's
+The tracker (TensorBoard event files) must receive the captioned grid (and the SHD attention panel,
+whose numbers are checked) at exactly those steps, each cell the image the pipeline renders when called directly with the EMA student and the prompt's
 seed; the weights must be bitwise those of a run without previews; bad settings are one line.
 """
 
@@ -125,9 +125,11 @@ def test_the_tracker_gets_the_captioned_ema_grid_every_figure_every_steps(world,
         r, c = divmod(k, cols)
         y, x = GRID_PAD + r * (SIDE + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD), GRID_PAD + c * (SIDE + GRID_PAD)
         np.testing.assert_array_equal(grids[1][1][y:y + SIDE, x:x + SIDE], expected[k])
-    # Beside it the SHD alpha histograms (the attention panel is class-conditional only); sample_every -> PNGs.
+    # Beside it the SHD alpha histograms and attention panel; sample_every -> PNGs.
     assert [s for s, _ in tracker_images(trainer.run_dir, "figures/alpha_histograms")] == [2, 4]
-    assert not tracker_images(trainer.run_dir, "figures/attention")
+    panels = tracker_images(trainer.run_dir, "figures/attention")
+    assert [s for s, _ in panels] == [2, 4] and trainer.text_previews.panel.step == 4
+    np.testing.assert_array_equal(panels[1][1], trainer.text_previews.panel.figure)
     png = np.asarray(Image.open(trainer.run_dir / "samples" / "step_00000004.png").convert("RGB"))
     np.testing.assert_array_equal(png, grids[1][1])
     # Kept once, without text encoders (encoded at start) and without a transformer between renders.
@@ -142,6 +144,7 @@ def test_training_is_bitwise_the_same_with_previews_on_and_off(world):
     off = run(world, "pixart", "previews_off", [])
     on = run(world, "pixart", "previews_on", [*PREVIEWS, *prompts])
     assert off.text_previews is None and (on.run_dir / "samples" / "step_00000002.png").is_file()
+    assert on.text_previews.panel is not None and on.text_previews.panel.step == 4  # the attention panel was drawn
     for a, b in [(off.student.state_dict(), on.student.state_dict()), (off.ema.state_dict(), on.ema.state_dict())]:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # A render leaves the global RNG, the weights and the train / eval mode as they were.
@@ -209,3 +212,38 @@ def test_a_class_conditional_run_refuses_validation_prompts(tmp_path):
     cfg = make_cfg(tmp_path, "none", "dit", ["train.validation_prompts=[a cat]"])
     with pytest.raises(PreviewError, match="class-conditional: remove it"):
         Trainer(cfg, tmp_path / "r", make_accelerator(cfg, tmp_path / "r", log=False))
+
+
+@pytest.mark.parametrize("family, keys", [("pixart", "all"), ("flux", "all"), ("flux", "image")])
+def test_the_attention_panel_is_the_teachers_centre_row_and_its_squeeze(world, family, keys):
+    """The panel's numbers: teacher rows are softmax rows (over all keys: FLUX's text keys included, drawn over
+    the image keys), the squeezed rows the alpha-weighted sums of the rows they group, the figure is logged."""
+    from shd_diffusion.training.t2i_previews import attention_panel
+
+    prompts = ["train.validation_prompts=[a cat]"]
+    trainer = run(world, family, f"panel_{family}_{keys}", ["train.figure_every=2", "train.log_with=tensorboard",
+                                                            "train.steps=2", f"distill.shd_keys={keys}", *prompts])
+    assert [s for s, _ in tracker_images(trainer.run_dir, "figures/attention")] == [2]
+    panel = trainer.text_previews.panel
+    assert panel.step == 2 and panel.query == 2 * 4 + 2  # 8 x 8 latents, 2 x 2 patches: a 4 x 4 token grid
+    assert len(panel.rows) == len(trainer.layer_pairs) >= 1
+    for row in panel.rows:
+        h_t, m = row.teacher.shape
+        assert row.squeezed.shape == (1, m) and row.alphas.shape == (h_t,) and h_t == 2
+        np.testing.assert_allclose(row.teacher.sum(-1), 1.0, rtol=1e-5)  # a softmax row over all keys
+        drawn = row.teacher[:, row.image_keys]
+        assert drawn.shape == (h_t, 16)
+        if family == "pixart" or keys == "image":  # self-attention, or the image block renormalised: image keys only
+            assert m == 16 and row.image_keys == slice(0, 16)
+        else:  # joint attention: caption tokens first, the image keys after them
+            assert m == 16 + SEQ and row.image_keys == slice(SEQ, SEQ + 16) and (drawn.sum(-1) < 1).all()
+        for j, heads in enumerate(row.groups):
+            expect = sum(row.alphas[h] * row.teacher[h] for h in heads)
+            np.testing.assert_allclose(row.squeezed[j], expect, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(row.alphas.sum(), 1.0, rtol=1e-5)  # one group on the simplex
+    # Drawing it again leaves the RNG and the weights alone, and gives the same numbers.
+    state, weights = torch.get_rng_state(), {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    again = attention_panel(trainer)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(v, trainer.student.state_dict()[k]) for k, v in weights.items())
+    np.testing.assert_array_equal(again.figure, panel.figure)

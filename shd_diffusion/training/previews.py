@@ -133,10 +133,16 @@ def log_figures(trainer: Trainer, alphas: list[torch.Tensor]) -> dict[str, Any]:
         fig = figures.draw_alpha_histograms([a.cpu().numpy() for a in alphas], labels,  # each (B, H_t)
                                             lo=0.0, hi=1.0, heading=heading)
         images["figures/alpha_histograms"] = np.asarray(fig)
-    # The attention panel captures with the class-conditional models' processors, calls them with labels and
-    # noises with the DDPM process: text-to-image runs log the validation grid and alpha histograms only.
     if trainer.family.conditioning == "class" and trainer.teacher is not None and trainer.layer_pairs:
         images["figures/attention"] = np.asarray(_attention_panel(trainer, labels))
+    elif trainer.family.conditioning != "class":  # text families: teacher maps + squeeze only (t2i_previews)
+        from .t2i_previews import attention_panel
+
+        panel = attention_panel(trainer)
+        if trainer.text_previews is not None:
+            trainer.text_previews.panel = panel  # the numbers behind the logged figure
+        if panel is not None:
+            images["figures/attention"] = panel.figure
     if images:
         figures.log_images(trainer.acc.trackers, images, trainer.step)
     return images

@@ -11,13 +11,16 @@ Prompt ``i`` is rendered alone with its own CPU generator seeded by
 :func:`shd_diffusion.sampler.image_seeds` ``(i, train.seed)``: the images of a step do not depend on
 the world size or on the other prompts. Loading, encoding and rendering run inside
 ``torch.random.fork_rng``, so the training RNG stream (and the trained weights) are the same with
-previews on or off.
+previews on or off. :func:`attention_panel` draws the SHD attention panel of a text family (the
+teacher's maps of the centre image token and their squeeze), main process only, also under ``fork_rng``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -31,7 +34,8 @@ from ..prompt_lists import resolve_prompts
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["PreviewError", "pipeline_source", "TextPreviews", "check_settings", "text_previews"]
+__all__ = ["PreviewError", "pipeline_source", "TextPreviews", "check_settings", "text_previews", "AttentionPanel",
+           "PanelRow", "attention_panel"]
 
 
 class PreviewError(BadInput, ValueError):
@@ -115,6 +119,7 @@ class TextPreviews:
         for name in [n for n in pipe.components if n.startswith(("text_encoder", "tokenizer"))]:
             setattr(pipe, name, None)  # encoded once: the text encoders are not needed again
         self._rendered: tuple[int, np.ndarray] | None = None
+        self.panel: AttentionPanel | None = None  # the last logged attention panel (training.previews)
 
     def call_kwargs(self, index: int, device: torch.device) -> dict[str, Any]:
         """The ``pipeline(...)`` arguments that render prompt ``index`` (embeddings, its generator, settings)."""
@@ -229,3 +234,123 @@ def text_previews(trainer: Trainer) -> TextPreviews | None:
         length = _encoder_length(pipe, int(empty["prompt_embeds"].shape[0])) if "prompt_embeds" in empty else None
         size = int(data.input_size) * int(pipe.vae_scale_factor)  # the training resolution: latent side x VAE factor
         return TextPreviews(pipe, prompts, tc.seed, tc.validation_steps, tc.validation_guidance_scale, size, length)
+
+
+PANEL_FLOW_TIME = 0.5  # flow families' panel time (t in [0, 1]); DDPM families use previews.PANEL_TIMESTEP
+PANEL_ROWS = 4  # at most this many SHD layer pairs drawn (the first ones)
+
+
+@dataclass
+class PanelRow:
+    """The numbers behind one row of the text-to-image attention panel (one SHD layer pair).
+
+    Attributes:
+        label: "student j <- teacher i" (1-based).
+        teacher: (H_t, M) the teacher's T = 1 map row of the centre image query over the distilled keys
+            (``distill.shd_keys``: all keys of the sequence, or the image block renormalised).
+        squeezed: (H_s, M) the same row squeezed with ``alphas``: the SHD target row.
+        alphas: (H_t,) the sample's alphas (from the whole image-row map, :class:`~shd_diffusion.shd.HeadSqueezer`).
+        groups: the teacher heads of each student head.
+        image_keys: the columns of ``teacher`` / ``squeezed`` that are image keys (what is drawn).
+    """
+
+    label: str
+    teacher: np.ndarray
+    squeezed: np.ndarray
+    alphas: np.ndarray
+    groups: list[list[int]]
+    image_keys: slice
+
+
+@dataclass
+class AttentionPanel:
+    """The text-to-image attention panel of one step: its rows, centre query (index among the image tokens)."""
+
+    step: int
+    query: int
+    rows: list[PanelRow]
+    figure: np.ndarray  # uint8 (H, W, 3)
+
+
+def _panel_input(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor, Any, str]:
+    """The dataset's first item noised at the panel's fixed time with a fixed seed, as training noises:
+    x_t (1, C, H, W), the model's timestep (1,) and the conditioning (no CFG drop), and a caption of t."""
+    from ..diffusion import flow
+    from ..objective import FlowProcess
+    from .previews import PANEL_POSITION, PANEL_TIMESTEP
+    from .streams import sample_generators
+
+    device, proc = trainer.device, trainer.objective.process
+    x, y = trainer.dataset[0]
+    y = {k: v[None].to(device) for k, v in y.items()}  # (1, ...) each
+    gens = sample_generators(trainer.cfg.train.seed, [PANEL_POSITION], device)
+    x0 = trainer.encode(x[None].to(device), gens)  # (1, C, H, W)
+    noise = torch.randn(x0.shape, generator=gens[0], device=device).to(x0.dtype)
+    if isinstance(proc, FlowProcess):
+        cfg = proc.config_for(tuple(x0.shape[1:]))
+        t = torch.full((1,), PANEL_FLOW_TIME, dtype=torch.float64, device=device)
+        x_t, model_t, caption = flow.interpolate(x0, noise, t), flow.model_timestep(t, cfg.timestep_scale).float(), \
+            f"t={PANEL_FLOW_TIME}"
+    else:
+        model_t = torch.full((1,), PANEL_TIMESTEP, dtype=torch.long, device=device)
+        x_t, caption = trainer.diffusion.q_sample(x0, model_t, noise), f"t={PANEL_TIMESTEP}"
+    keep = torch.zeros(1, dtype=torch.long, device=device)  # no prompt drop
+    return x_t, model_t, trainer.family.condition(y, keep, trainer.objective.empty_conditioning), caption
+
+
+@torch.no_grad()
+def attention_panel(trainer: Trainer) -> AttentionPanel | None:
+    """The teacher's per-head maps of the centre image query and their SHD squeeze, for the first pairs.
+
+    One teacher forward (the trainer's own teacher, captured as training captures it) on the
+    dataset's first item noised at a fixed time with a fixed seed, under ``fork_rng``. Per SHD
+    pair (the first :data:`PANEL_ROWS`, self- / joint-attention only), the teacher's image-row
+    map over the distilled keys is rebuilt from the captured q, k and bias, alpha comes from the
+    whole image-row map (:class:`~shd_diffusion.shd.HeadSqueezer`, the whole-map reference), and
+    the centre query's row is drawn over the image keys on the token grid, teacher heads then the
+    squeezed ones. The image column shows the noised latent x_t (first three channels, not decoded).
+    None when no pair has image keys or the image tokens are not a square grid.
+    """
+    from .. import figures
+    from ..t2i_capture import _image_rows, _key_bias
+
+    teacher, objective, dc = trainer.teacher, trainer.objective, trainer.cfg.distill
+    if teacher is None or not trainer.layer_pairs:
+        return None
+    with _rng_untouched(trainer.device):
+        x_t, model_t, cond, caption = _panel_input(trainer)
+        with objective.teacher_capture(teacher) as store:
+            objective.teacher_family.forward(teacher, x_t, model_t, cond)
+    rows: list[PanelRow] = []
+    query = None
+    for (j, i), squeezer in list(zip(trainer.layer_pairs, trainer.squeezers))[:PANEL_ROWS]:
+        b = store.layer_indices.index(i)
+        q, k = store.queries[b].float(), store.keys[b].float()  # (1, H_t, S, d), (1, H_t, S_k, d)
+        if k.shape[-2] != q.shape[-2]:
+            continue  # cross-attention: caption keys only, no image grid
+        img = _image_rows(store.segments[b])
+        n = img.rows.stop - img.rows.start
+        g = int(round(math.sqrt(n)))
+        if g * g != n:
+            return None
+        cols = img.rows if dc.shd_keys == "image" else slice(0, k.shape[-2])
+        bias = _key_bias(store.biases[b], img.rows, cols)
+        logits = q[:, :, img.rows] @ k[:, :, cols].transpose(-1, -2) * q.shape[-1] ** -0.5  # (1, H_t, N, M)
+        if bias is not None:
+            logits = logits + bias.float()
+        probs = logits.softmax(-1)  # (1, H_t, N, M): T = 1, the maps alpha is computed from
+        values = store.values[b][:, :, cols].float()  # (1, H_t, M, d)
+        squeezed, alphas = squeezer(probs, values, img.out_weight.float())  # (1, H_s, N, M), (1, H_t)
+        query = (g // 2) * g + g // 2  # the image token at the grid centre
+        image_keys = slice(0, n) if dc.shd_keys == "image" else img.rows
+        rows.append(PanelRow(f"student {j + 1} <- teacher {i + 1}", probs[0, :, query].cpu().numpy(),
+                             squeezed[0, :, query].float().cpu().numpy(), alphas[0].float().cpu().numpy(),
+                             [list(h) for h in squeezer.resolved], image_keys))
+    if not rows or query is None:
+        return None
+    keys = "image keys" if dc.shd_keys == "image" else "image keys (of all)"  # the figure is narrow: a short title
+    title = f"step {trainer.step}, {caption}: centre token, {keys}"
+    fig = figures.draw_attention_figure(
+        figures.to_rgb_uint8(x_t[0].float().cpu()), [r.teacher[:, r.image_keys] for r in rows],
+        [r.squeezed[:, r.image_keys] for r in rows], query, title, [], row_labels=[r.label for r in rows])
+    return AttentionPanel(trainer.step, query, rows, np.asarray(fig))
