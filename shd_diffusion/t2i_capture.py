@@ -51,7 +51,7 @@ from shd_diffusion.attention import AttentionStore, Segment, require_no_grad, se
 from shd_diffusion.t2i_attention import AttentionSite, T2IAttentionSpec, t2i_spec
 
 __all__ = ["CapturedSite", "t2i_attention_layers", "cross_attention_numbering", "capture_t2i_qk", "ShdInputs",
-           "shd_inputs"]
+           "shd_inputs", "image_rows", "key_bias"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,14 +427,15 @@ class ShdInputs(NamedTuple):
     teacher_out: Tensor | None
 
 
-def _image_rows(segments: Sequence[Segment]) -> Segment:
+def image_rows(segments: Sequence[Segment]) -> Segment:
+    """The one ``image`` segment of a capture entry (its rows and out-projection)."""
     found = [s for s in segments if s.name == "image"]
     if len(found) != 1:
         raise ValueError(f"an entry needs exactly one image segment, got {[s.name for s in segments]}")
     return found[0]
 
 
-def _key_bias(bias: Tensor | None, rows: slice, keys: slice) -> Tensor | None:
+def key_bias(bias: Tensor | None, rows: slice, keys: slice) -> Tensor | None:
     """The bias restricted to query ``rows`` (unless row-broadcast) and to ``keys``."""
     if bias is None:
         return None
@@ -466,7 +467,7 @@ def shd_inputs(teacher: AttentionStore, t_index: int, student: AttentionStore, s
         raise ValueError(f"keys must be 'all' or 'image', got {keys!r}")
     if not teacher.values:
         raise ValueError("the teacher store has no values: capture the teacher with export_values=True")
-    t_img, s_img = _image_rows(teacher.segments[t_index]), _image_rows(student.segments[s_index])
+    t_img, s_img = image_rows(teacher.segments[t_index]), image_rows(student.segments[s_index])
     if (t_img.rows, teacher.keys[t_index].shape[-2]) != (s_img.rows, student.keys[s_index].shape[-2]):
         raise ValueError(
             f"teacher image rows {t_img.rows} over {teacher.keys[t_index].shape[-2]} keys != student "
@@ -483,7 +484,7 @@ def shd_inputs(teacher: AttentionStore, t_index: int, student: AttentionStore, s
         teacher_k=teacher.keys[t_index][:, :, cols],  # (B, H_t, M, d_t)
         teacher_v=teacher.values[t_index][:, :, cols],  # (B, H_t, M, d_t)
         out_weight=t_img.out_weight,
-        student_bias=_key_bias(student.biases[s_index], rows, cols),
-        teacher_bias=_key_bias(teacher.biases[t_index], rows, cols),
+        student_bias=key_bias(student.biases[s_index], rows, cols),
+        teacher_bias=key_bias(teacher.biases[t_index], rows, cols),
         teacher_out=teacher.outputs[t_index][:, :, rows] if keys == "all" else None,
     )

@@ -143,6 +143,19 @@ def test_no_private_name_crosses_the_shd_modules():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+def _private_package_imports(path: Path) -> list[str]:
+    """Underscore names ``path`` imports from any module of ``shd_diffusion`` (dunders aside)."""
+    return sorted(n for n in _imports(path) if _within(n, "shd_diffusion")
+                  and n.rpartition(".")[2].startswith("_") and not n.rpartition(".")[2].startswith("__"))
+
+
+def test_no_private_name_crosses_modules_of_the_package():
+    """What one module of the package (or a benchmark) uses from another is public in its owner."""
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    offenders = {str(p.relative_to(ROOT)): _private_package_imports(p) for p in files}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
 def test_the_private_import_rule_sees_one(monkeypatch):
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from .solve import _objective, check_ridge\n")
     assert _private_shd_imports(PACKAGE / "shd" / "chunked.py") == ["shd_diffusion.shd.solve._objective"]

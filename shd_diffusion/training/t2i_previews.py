@@ -312,7 +312,7 @@ def attention_panel(trainer: Trainer) -> AttentionPanel | None:
     None when no pair has image keys or the image tokens are not a square grid.
     """
     from .. import figures
-    from ..t2i_capture import _image_rows, _key_bias
+    from ..t2i_capture import image_rows, key_bias
 
     teacher, objective, dc = trainer.teacher, trainer.objective, trainer.cfg.distill
     if teacher is None or not trainer.layer_pairs:
@@ -328,13 +328,13 @@ def attention_panel(trainer: Trainer) -> AttentionPanel | None:
         q, k = store.queries[b].float(), store.keys[b].float()  # (1, H_t, S, d), (1, H_t, S_k, d)
         if k.shape[-2] != q.shape[-2]:
             continue  # cross-attention: caption keys only, no image grid
-        img = _image_rows(store.segments[b])
+        img = image_rows(store.segments[b])
         n = img.rows.stop - img.rows.start
         g = int(round(math.sqrt(n)))
         if g * g != n:
             return None
         cols = img.rows if dc.shd_keys == "image" else slice(0, k.shape[-2])
-        bias = _key_bias(store.biases[b], img.rows, cols)
+        bias = key_bias(store.biases[b], img.rows, cols)
         logits = q[:, :, img.rows] @ k[:, :, cols].transpose(-1, -2) * q.shape[-1] ** -0.5  # (1, H_t, N, M)
         if bias is not None:
             logits = logits + bias.float()
