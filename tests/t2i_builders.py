@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -99,15 +100,16 @@ def _sd3_clip(width: int) -> CLIPTextModelWithProjection:
         max_position_embeddings=SD3_CLIP_TOKENS, projection_dim=width, bos_token_id=0, eos_token_id=1, pad_token_id=1))
 
 
-def caption_folder(root: Path, captions: list[str]) -> Path:
-    """Images of different sizes + metadata.jsonl (diffusers' imagefolder layout)."""
+def caption_folder(root: Path, captions: list[str], extra_lines: Sequence[str] = ()) -> Path:
+    """Images of different sizes + metadata.jsonl (diffusers' imagefolder layout); ``extra_lines``
+    are appended to metadata.jsonl as they are (bad-input cases)."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, text in enumerate(captions):
         Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
         lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": text}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "metadata.jsonl").write_text("\n".join([*lines, *extra_lines]) + "\n")
     return root
 
 

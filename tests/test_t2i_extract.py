@@ -7,6 +7,8 @@ pipeline's own ``encode_prompt`` and VAE give, resume without rewriting, and ref
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 from pathlib import Path
@@ -19,7 +21,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 
 from diffusers import AutoencoderKL  # noqa: E402
-from t2i_builders import SEQ, SIZE, TEXT_DIM, build_pipeline  # noqa: E402
+from t2i_builders import SEQ, SIZE, TEXT_DIM, build_pipeline, caption_folder  # noqa: E402
 
 from shd_diffusion.cli import BadInput  # noqa: E402
 from shd_diffusion.data import TextLatentDataset  # noqa: E402
@@ -39,15 +41,7 @@ def pipelines(tmp_path_factory) -> dict[str, Path]:
     return {family: build_pipeline(root, family) for family in ("pixart", "flux")}
 
 
-def _caption_folder(root: Path, captions=CAPTIONS, extra_lines: list[str] = ()) -> Path:
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, text in enumerate(captions):
-        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
-        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": text}))
-    (root / "metadata.jsonl").write_text("\n".join([*lines, *extra_lines]) + "\n")
-    return root
+_caption_folder = functools.partial(caption_folder, captions=CAPTIONS)  # t2i_builders' folder, these captions
 
 
 def _reference_latents(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from t2i_builders import tiny_clip
 
 from shd_diffusion import t2i_sampling as ts
 from shd_diffusion.evaluation import clip_score as cs
@@ -258,24 +259,7 @@ def test_bad_students_and_prompts_are_one_clear_line(world, tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=1, bos_token_id=0, pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+    return tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_clip_score_equals_a_hand_computation(clip_dir, tmp_path, monkeypatch):
