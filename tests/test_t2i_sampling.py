@@ -38,21 +38,28 @@ def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tiny PixArt-Σ pipeline folder, a student folder, and a training checkpoint of the student."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+def _word_tokenizer() -> tuple[dict[str, int], object]:
+    """A word-level T5-style tokenizer built offline: (its vocabulary, the tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import PreTrainedTokenizerFast
 
-    from shd_diffusion.models.diffusers_t2i import student_from_teacher
-
-    root = tmp_path_factory.mktemp("t2i")
     words = "a photo of cat dog red blue car on the street".split()
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return vocab, PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny PixArt-Σ pipeline folder, a student folder, and a training checkpoint of the student."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from shd_diffusion.models.diffusers_t2i import student_from_teacher
+
+    root = tmp_path_factory.mktemp("t2i")
+    vocab, tokenizer = _word_tokenizer()
     torch.manual_seed(0)
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=12, d_kv=4, d_ff=16, num_layers=1,
                                            num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0))
@@ -313,17 +320,12 @@ def flux_pipe(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path):
     """A tiny FLUX.1 pipeline folder (CLIP + T5 text encoders, guidance-embedding transformer) loaded
     with a 2-head student built from its transformer."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
     from shd_diffusion.models.diffusers_t2i import student_from_teacher
 
     root = tmp_path_factory.mktemp("flux")
-    words = "a photo of cat dog red blue car on the street".split()
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    t5_tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    vocab, t5_tok = _word_tokenizer()
     clip_tok = CLIPTokenizer.from_pretrained(clip_dir, model_max_length=16)
     torch.manual_seed(0)
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=clip_tok.vocab_size, hidden_size=10, intermediate_size=16,
