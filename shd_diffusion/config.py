@@ -19,7 +19,7 @@ import yaml
 
 from .cli import BadInput
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_config", "dump_yaml"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_config", "dump_yaml", "changed_fields"]
 
 T = TypeVar("T")
 
@@ -161,6 +161,29 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def changed_fields(recorded: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted fields where the config dict ``current`` differs from ``recorded`` (both :func:`to_dict` forms).
+
+    A field the record lacks was added to the schema after the record was made: it counts as
+    unchanged when ``current`` holds its default in ``defaults`` (new fields default to the old
+    behaviour). A field only the record has was removed since, and counts as changed.
+    """
+    changed = []
+    for key in sorted(set(recorded) | set(current)):
+        name = f"{prefix}{key}"
+        if key not in current:
+            changed.append(name)
+        elif key not in recorded:
+            if not isinstance(defaults, dict) or key not in defaults or defaults[key] != current[key]:
+                changed.append(name)
+        elif isinstance(recorded[key], dict) and isinstance(current[key], dict):
+            sub = defaults.get(key, {}) if isinstance(defaults, dict) else {}
+            changed += changed_fields(recorded[key], current[key], sub, f"{name}.")
+        elif recorded[key] != current[key]:
+            changed.append(name)
+    return changed
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

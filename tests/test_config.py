@@ -76,3 +76,17 @@ def test_apply_overrides_creates_sections():
 def test_from_dict_rejects_non_mapping():
     with pytest.raises(ConfigError, match="expected a mapping"):
         from_dict(Outer, {"inner": 3})
+
+
+def test_changed_fields_counts_a_new_field_unchanged_only_at_its_default():
+    from shd_diffusion.config import changed_fields
+
+    defaults = {"a": 1, "sub": {"x": 0, "y": "k"}, "new": 3}
+    current = {"a": 1, "sub": {"x": 0, "y": "k"}, "new": 3}
+    assert changed_fields(current, current, defaults) == []
+    assert changed_fields({"a": 1, "sub": {"x": 0, "y": "k"}}, current, defaults) == []  # "new" added, at default
+    assert changed_fields({"a": 1, "sub": {"x": 0, "y": "k"}}, {**current, "new": 4}, defaults) == ["new"]
+    assert changed_fields({"a": 1, "sub": {"x": 0}}, {**current, "sub": {"x": 0, "y": "j"}}, defaults) == ["sub.y"]
+    assert changed_fields({**current, "gone": 5}, current, defaults) == ["gone"]  # removed from the schema
+    assert changed_fields({**current, "a": 2, "sub": {"x": 1, "y": "k"}}, current, defaults) == ["a", "sub.x"]
+    assert changed_fields({"a": 1, "sub": {"x": 0, "y": "k"}}, {**current, "extra": None}, defaults) == ["extra"]  # no default known

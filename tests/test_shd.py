@@ -445,6 +445,17 @@ def test_progressive_matches_pairwise_merging_by_hand():
     torch.testing.assert_close(maps, apply_alphas(level1, a2, [[0, 1], [2, 3]]), atol=1e-12, rtol=0)
 
 
+def test_one_level_progressive_is_the_pairwise_lstsq_squeeze():
+    """H_t = 2 H_s (the demo's 12 -> 6): one merge level on adjacent pairs, the default lstsq groups,
+    so the two modes must give the same alphas (the ablation study's kd_progressive repeats kd_shd)."""
+    attn, values, weight = make_teacher(27, b=3, h=12, n=8, d=4, dim=24)
+    assert progressive_groups(12, 6) == default_groups(12, 6)
+    maps_p, alphas_p = squeeze_heads(attn, values, weight, 6, mode="progressive")
+    maps_l, alphas_l = squeeze_heads(attn, values, weight, 6, mode="lstsq")
+    torch.testing.assert_close(alphas_p, alphas_l, atol=1e-12, rtol=0)
+    torch.testing.assert_close(maps_p, maps_l, atol=1e-12, rtol=0)
+
+
 def test_progressive_groups_and_unreachable():
     assert progressive_groups(9, 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
     assert progressive_groups(9, 5) == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]

@@ -95,7 +95,8 @@ def test_tiny_study_runs_every_arm_and_writes_every_section(tiny_study):
         assert all(e["fid"] > 0 for e in rec["evals"])
         assert res["summary"]["fid"][arm]["4"]["mean"] == rec["evals"][-1]["fid"]
     text = (report / "report.md").read_text()
-    for section in ("## FID (mean ± std over seeds)", "## Paired differences", "## Figures", "fid_vs_steps.png",
+    for section in ("## FID (mean ± std over seeds)", "## Paired differences", "## Notes", "Ordering at step 4",
+                    "Median time per run", "## Figures", "fid_vs_steps.png",
                     "alpha_per_head.png", "Command: `python scripts/demo.py --study ablations", "Machine:", "Teacher"):
         assert section in text, section
     for arm in study.ARMS:
@@ -127,3 +128,43 @@ def test_study_settings_are_the_study_defaults_then_the_flags():
     assert s.seeds == study.STUDY_SEEDS["cpu"] and s.num_samples == study.STUDY_SETTINGS["cpu"]["num_samples"]
     s = study.study_settings("cpu", seeds=(5,), num_samples=None)  # None: a flag left out
     assert s.seeds == (5,) and s.num_samples == study.STUDY_SETTINGS["cpu"]["num_samples"]
+
+
+def test_a_record_survives_a_schema_field_added_but_not_a_changed_field(tmp_path):
+    """A run's name hashes its whole config, so adding a config field renames every run; the study
+    must still reuse a record when its saved config matches field by field (the new one at its default)."""
+    from shd_diffusion.config import to_dict
+    from shd_diffusion.demo import resolve_settings, teacher_config
+    from shd_diffusion.demo.runs import run_identity
+    from shd_diffusion.train_config import ExperimentConfig
+
+    s = resolve_settings("cpu", seeds=(0,))
+    cfg = study.study_configs(s, ("kd_shd",), 400, teacher_config(s, tmp_path), tmp_path / "t.pt", tmp_path)["kd_shd", 0]
+    config = run_identity(cfg, tmp_path)
+    key = {"run": cfg.train.run_name, "num_samples": 100}
+    path = tmp_path / "kd_shd-s0.json"
+
+    def load(record):
+        path.write_text(json.dumps(record))
+        return study._load_record(path, key, config)
+
+    older = json.loads(json.dumps(config))
+    del older["distill"]["shd_beta"]  # as if shd_beta had been added to the schema after this record...
+    renamed = {"run": "kd_shd-s0-0123abcd", "num_samples": 100}
+    assert load({"key": key}) is not None  # the same key: no config needed
+    assert load({"key": renamed}) is None  # renamed and no config to compare: redone
+    assert load({"key": renamed, "config": config}) is not None
+    assert load({"key": renamed, "config": older}) is None  # ...while the study sets it to 0.25, not its default
+    defaults = to_dict(ExperimentConfig())["distill"]
+    at_default = [n for n, v in config["distill"].items() if n in defaults and defaults[n] == v]
+    assert at_default  # e.g. the squeeze rule, lstsq
+    older = json.loads(json.dumps(config))
+    for name in at_default:  # fields the student config leaves at their defaults, as if added since
+        del older["distill"][name]
+    assert load({"key": renamed, "config": older}) is not None
+    changed = json.loads(json.dumps(config))
+    changed["distill"]["temperature"] = 1.0
+    assert load({"key": renamed, "config": changed}) is None
+    assert load({"key": {**renamed, "num_samples": 50}, "config": config}) is None  # other settings differ
+    path.write_text("{not json")
+    assert study._load_record(path, key, config) is None

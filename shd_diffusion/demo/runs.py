@@ -13,8 +13,8 @@ from .files import short_hash, write_json
 from .settings import CONFIG_DIR, DemoError, DemoSettings
 from .teacher import TEACHER_ASSET, TrainedRun, checkpoint_key, checkpoint_step
 
-__all__ = ["TRAIN_TIME_FILE", "ensure_trained", "finished_checkpoint", "load_experiment", "student_config",
-           "teacher_config"]
+__all__ = ["TRAIN_TIME_FILE", "ensure_trained", "finished_checkpoint", "load_experiment", "run_identity",
+           "student_config", "teacher_config"]
 
 TRAIN_TIME_FILE = "demo_train_time.json"
 # Fields that only say how long or where a run goes: a change resumes / reuses the same run folder.
@@ -78,19 +78,24 @@ def student_config(
     top of the student YAML (an ablation arm of :mod:`.study` sets several fields).
     ``teacher.model`` is copied from the teacher config (the YAML's copy is ignored), so the two can
     never disagree. The run folder ``out/runs/<mode>-s<seed>-<hash>`` hashes the config with the
-    teacher checkpoint's path relative to ``out``: a retrained teacher gets new students.
+    teacher checkpoint's path relative to ``out`` (:func:`run_identity`): a retrained teacher gets new students.
     """
-    from ..config import to_dict
-
     extra = [f"distill.mode={mode}"] if overrides is None else list(overrides)
     cfg = load_experiment(config_dir, s.student_config, [*s.student_overrides, *extra, f"train.seed={seed}"])
     cfg.teacher.model = dataclasses.replace(teacher.student)
     cfg.teacher.checkpoint = str(teacher_checkpoint)
     cfg.train.output_dir = str(Path(out) / "runs")
-    key = _without(to_dict(cfg), _BOOKKEEPING)
-    key["teacher"]["checkpoint"] = checkpoint_key(teacher_checkpoint, out)
-    cfg.train.run_name = f"{mode}-s{seed}-{short_hash(key)}"
+    cfg.train.run_name = f"{mode}-s{seed}-{short_hash(run_identity(cfg, out))}"
     return cfg
+
+
+def run_identity(cfg: Any, out: Path) -> dict[str, Any]:
+    """What names a student run: its config without bookkeeping, the teacher checkpoint relative to ``out``."""
+    from ..config import to_dict
+
+    key = _without(to_dict(cfg), _BOOKKEEPING)
+    key["teacher"]["checkpoint"] = checkpoint_key(Path(cfg.teacher.checkpoint), out)
+    return key
 
 
 def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:

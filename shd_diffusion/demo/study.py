@@ -42,7 +42,7 @@ from .pipeline import (
     teacher_stage,
 )
 from .report import device_name
-from .runs import ensure_trained, load_experiment, student_config, teacher_config
+from .runs import ensure_trained, load_experiment, run_identity, student_config, teacher_config
 from .settings import CONFIG_DIR, DemoError, DemoSettings, resolve_settings
 from .teacher import count_params
 
@@ -180,15 +180,36 @@ def _evaluate(run: Any, s: DemoSettings, steps: int, out: Path, dev: Any, ref_pa
     return rows
 
 
-def _load_record(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The run record at ``path`` if it exists and was made with ``key``."""
+def _load_record(path: Path, key: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
+    """The run record at ``path`` if it exists and stands for ``key`` and the run config ``config``
+    (:func:`~.runs.run_identity`).
+
+    A run's name hashes its whole config, so a config field added to the schema since renames every
+    run. A record whose name no longer matches still counts when its other settings equal ``key`` and
+    its saved config differs from ``config`` in no field (:func:`~shd_diffusion.config.changed_fields`:
+    a field it lacks must hold its default now).
+    """
+    from ..config import changed_fields, to_dict
+    from ..train_config import ExperimentConfig
+
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None  # a damaged record is redone
-    return record if record.get("key") == key else None
+    if not isinstance(record, dict):
+        return None
+    if record.get("key") == key:
+        return record
+
+    def settings(k: Any) -> dict[str, Any]:
+        return {n: v for n, v in k.items() if n != "run"} if isinstance(k, dict) else {}
+
+    saved = record.get("config")
+    if settings(record.get("key")) != settings(key) or not isinstance(saved, dict):
+        return None
+    return record if not changed_fields(saved, config, to_dict(ExperimentConfig())) else None
 
 
 def _machine(dev: Any) -> str:
@@ -249,7 +270,8 @@ def run_study(
         return report_dir / "runs" / f"{arm}-s{seed}.json"
 
     keys = {k: _run_key(c, s, steps, ref_path, weights) for k, c in configs.items()}
-    records = {k: r for k in configs if (r := _load_record(record_path(*k), keys[k])) is not None}
+    identities = {k: run_identity(c, out) for k, c in configs.items()}
+    records = {k: r for k in configs if (r := _load_record(record_path(*k), keys[k], identities[k])) is not None}
     todo = [k for k in configs if k[0] in arms and k not in records]
     say(f"{len(records)} runs already recorded in {report_dir / 'runs'}; {len(todo)} to do", "study")
     done_now: list[float] = []
@@ -260,7 +282,8 @@ def run_study(
             evals = _evaluate(run, s, steps, out, dev, ref_path, weights, progress)
         record = {"arm": arm, "seed": seed, "key": keys[arm, seed], "steps": run.step, "train_time_s": run.train_time_s,
                   "params": count_params(run.checkpoint), "evals": evals, "machine": _machine(dev),
-                  "wall_s": round(time.perf_counter() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "wall_s": round(time.perf_counter() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "config": identities[arm, seed]}
         write_json(record_path(arm, seed), record)
         records[arm, seed] = record
         done_now.append(record["wall_s"])
@@ -383,6 +406,8 @@ def _markdown(res: dict[str, Any]) -> str:
         seeds = ", ".join(f"s{sd}: {d:+.1f}" for sd, d in last["per_seed"].items()) or "–"
         lines.append(f"| `{arm}` | " + " | ".join(_pm(per[str(x)]) for x in evals)
                      + f" | {seeds} | {last['reference_better']} of {last['n']} |")
+    if res.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     lines += ["", "## Figures", "", "![FID against steps](fid_vs_steps.png)", ""]
     if "alpha_stats" in res:
         lines += [f"Alpha per teacher head (paper Fig. 2 style; groups {res['groups']}): unconstrained eq. 6 on "
@@ -390,6 +415,38 @@ def _markdown(res: dict[str, Any]) -> str:
                   "![alpha per head](alpha_per_head.png)", ""]
     lines += ["Per-run records (config hash, per-step scores, times, machine): `runs/<arm>-s<seed>.json`.", ""]
     return "\n".join(lines)
+
+
+def _notes(records: dict[tuple[str, int], dict[str, Any]], summary: dict[str, Any], steps: int, scfg: Any) -> list[str]:
+    """What the tables alone would not tell: the ordering, an arm that repeats the method by
+    construction, scores that say little at this sample count, the time per run."""
+    from ..shd import default_groups, progressive_groups
+
+    notes = []
+    final = {a: t[str(steps)] for a, t in summary["fid"].items() if t[str(steps)]["mean"] is not None}
+    if final:
+        ranked = sorted(final, key=lambda a: final[a]["mean"])
+        notes.append(f"Ordering at step {steps} by mean FID, best first: "
+                     + ", ".join(f"`{a}` {final[a]['mean']:.1f}" for a in ranked) + ".")
+    ht, hs = scfg.teacher.model.num_heads, scfg.student.num_heads
+    one_level = math.ceil(ht / 2) == hs and progressive_groups(ht, hs) == (scfg.distill.groups or default_groups(ht, hs))
+    if one_level and "kd_progressive" in final:
+        notes.append(f"At {ht} -> {hs} heads progressive merging is a single pairwise level on adjacent pairs: the "
+                     "groups and eq. 6 alphas of the least-squares squeeze (`tests/test_shd.py` checks the two agree), "
+                     f"so `kd_progressive` repeats `{REFERENCE_ARM}` up to float rounding. The two differ only "
+                     "where merging takes two levels or more (e.g. 16 -> 4 heads).")
+    last = [e for r in records.values() for e in r["evals"] if e["step"] == steps]
+    if last:
+        lo, hi = min(e["precision"] for e in last), max(e["precision"] for e in last)
+        notes.append(f"Precision at step {steps} lies in [{lo:.2f}, {hi:.2f}] over all runs (recall in "
+                     f"[{min(e['recall'] for e in last):.2f}, {max(e['recall'] for e in last):.2f}]): with this few "
+                     "samples and students this early they barely separate the arms; read FID and KID.")
+    walls = sorted(r["wall_s"] for r in records.values() if "wall_s" in r)
+    if walls:
+        notes.append(f"Median time per run (train {steps} steps, sample and score 3 checkpoints): "
+                     f"{walls[len(walls) // 2] / 60:.1f} min over {len(walls)} runs; the summed time includes runs "
+                     "made while the machine was shared.")
+    return notes
 
 
 def write_study_report(
@@ -407,7 +464,7 @@ def write_study_report(
            "num_samples": s.num_samples, "num_ref": s.num_ref, "sampling_steps": s.sampling_steps, "cfg_scale": s.cfg_scale,
            "records": len(records), "expected_records": len(arms) * len(s.seeds),
            "summed_run_time_s": round(sum(r.get("wall_s", 0.0) for r in records.values()), 1),
-           **extra, "summary": summary}
+           **extra, "notes": _notes(records, summary, steps, scfg), "summary": summary}
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / "results.json", res)
     if records:
