@@ -25,6 +25,7 @@ __all__ = [
     "to_rgb_uint8",
     "draw_attention_figure",
     "draw_alpha_histograms",
+    "head_colours",
     "draw_curves",
     "Curve",
     "outside_unit_interval",
@@ -166,35 +167,67 @@ def outside_unit_interval(a: np.ndarray, tol: float = 1e-6) -> float:
     return float(np.mean((a < -tol) | (a > 1 + tol))) if a.size else 0.0
 
 
-# One colour per teacher head (cycled past 8): the alphas of one head across samples, as the paper's Fig. 2.
+# Tableau 10 hues: one per teacher head when no groups are known, one per group (student head) otherwise.
 HEAD_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-                (227, 119, 194), (127, 127, 127)]
+                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def head_colours(num_heads: int, groups: Sequence[Sequence[int]] | None = None) -> list[tuple[int, int, int]]:
+    """One colour per teacher head, as the paper's Fig. 2 draws them.
+
+    With ``groups`` (one list of teacher heads per student head) a group shares a hue and each
+    further member is lighter, so a pair's two curves (alpha and 1 - alpha) read as one pair.
+    Without, head h takes hue h, then the same hues lightened past 10 heads: unique up to 20.
+    """
+    groups = [list(g) for g in groups] if groups is not None else [[h] for h in range(num_heads)]
+    colours: list[tuple[int, int, int]] = [(0, 0, 0)] * num_heads
+    for j, group in enumerate(groups):
+        base = HEAD_COLOURS[j % len(HEAD_COLOURS)]
+        rounds = j // len(HEAD_COLOURS)  # past 10 groups: the hues again, lighter
+        for m, h in enumerate(group):
+            mix = min(0.75, 0.45 * (m / max(1, len(group) - 1)) + 0.4 * rounds)  # 0: the hue itself
+            colours[h] = tuple(round(c + (255 - c) * mix) for c in base)
+    return colours
+
+
+LEGEND_ENTRY, LEGEND_ROW = 44, 16  # pixels per head in the alpha figure's legend, per legend row
 
 
 def draw_alpha_histograms(
     alphas: list[np.ndarray], titles: list[str], lo: float = -0.5, hi: float = 1.5, bins: int = 40,
-    heading: str = "",
+    heading: str = "", groups: Sequence[Sequence[int]] | None = None,
 ) -> Any:
     """Paper Fig. 2 style: per layer, one histogram line per teacher head of its alphas, [0, 1] shaded.
 
     Pooling the heads would hide what alpha does: in a pair the two heads' alphas are a and 1 - a,
-    so a pooled histogram is symmetric about 0.5 by construction. Each head's line (its colour in
-    :data:`HEAD_COLOURS`) shows how much that head weighs in its group across samples. Values
+    so a pooled histogram is symmetric about 0.5 by construction. Each head's line (its colour from
+    :func:`head_colours`) shows how much that head weighs in its group across samples. Values
     outside [lo, hi] are counted in the end bins (the panel text gives the share outside [0, 1]).
 
     Args:
         alphas: per layer, (B, H_t) alphas (samples x teacher heads); a flat array counts as one head.
         titles: per layer panel title.
+        groups: the squeeze's teacher-head groups, for the colours (:func:`head_colours`); a legend
+            row names every head in its colour.
     """
     from PIL import Image, ImageDraw
 
     pw, ph, pad, ncol = 280, 170, 10, 3
     nrow = math.ceil(len(alphas) / ncol)
-    head = 24 if heading else 0
-    fig = Image.new("RGB", (ncol * (pw + pad) + pad, head + nrow * (ph + pad) + pad), "white")
+    num_heads = max(1 if np.ndim(a) == 1 else np.shape(a)[1] for a in alphas)
+    colours = head_colours(num_heads, groups)
+    width = ncol * (pw + pad) + pad
+    per_row = max(1, (width - 2 * pad) // LEGEND_ENTRY)
+    legend = math.ceil(num_heads / per_row) * LEGEND_ROW
+    head = (24 if heading else 0) + legend
+    fig = Image.new("RGB", (width, head + nrow * (ph + pad) + pad), "white")
     draw = ImageDraw.Draw(fig)
     if heading:
         draw.text((pad, 6), heading, fill="black")
+    for h in range(num_heads):  # the legend: a line sample and the head's index in its colour
+        x, y = pad + (h % per_row) * LEGEND_ENTRY, head - legend + (h // per_row) * LEGEND_ROW + 2
+        draw.line([x, y + 6, x + 12, y + 6], fill=colours[h], width=3)
+        draw.text((x + 15, y), f"h{h}", fill=colours[h])
     for k, (a, title) in enumerate(zip(alphas, titles)):
         a = np.asarray(a).reshape(-1, 1) if np.ndim(a) == 1 else np.asarray(a)  # (B, H_t)
         ox = pad + (k % ncol) * (pw + pad)
@@ -214,7 +247,7 @@ def draw_alpha_histograms(
             for i, f in enumerate(frac):  # a step outline, so overlapping heads stay readable
                 y = ax_b - f / top * (ax_b - ax_t)
                 points += [(xpix(edges[i]), y), (xpix(edges[i + 1]), y)]
-            draw.line([(xpix(lo), ax_b), *points, (xpix(hi), ax_b)], fill=HEAD_COLOURS[h % len(HEAD_COLOURS)], width=2)
+            draw.line([(xpix(lo), ax_b), *points, (xpix(hi), ax_b)], fill=colours[h], width=2)
         draw.line([ax_l, ax_b, ax_r, ax_b], fill="black")
         draw.line([ax_l, ax_t, ax_l, ax_b], fill="black")
         for tick in sorted({lo, 0.0, 0.5, 1.0, hi}):
@@ -374,8 +407,7 @@ def draw_prompt_grid(images: np.ndarray, captions: Sequence[str], columns: int |
 
 
 # Curve colours (Tableau 10, then darker variants): up to 14 curves stay distinguishable.
-CURVE_COLOURS = [*HEAD_COLOURS, (188, 189, 34), (23, 190, 207), (0, 0, 0), (120, 60, 160), (200, 160, 40),
-                 (60, 120, 60)]
+CURVE_COLOURS = [*HEAD_COLOURS, (0, 0, 0), (120, 60, 160), (200, 160, 40), (60, 120, 60)]
 
 
 def log_images(trackers: Iterable[Any], images: dict[str, np.ndarray], step: int) -> None:

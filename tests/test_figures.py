@@ -46,23 +46,41 @@ def test_alpha_histogram_counts_the_share_outside_the_unit_interval():
     assert figures.outside_unit_interval(a) == 2 / 5
     assert figures.outside_unit_interval(np.array([0.0, 1.0 + 1e-9])) == 0.0  # round-off is inside
     fig = figures.draw_alpha_histograms([a, a[1:4]], ["one", "two"], heading="h")
-    assert fig.size == (3 * (280 + 10) + 10, 24 + 170 + 2 * 10)  # 3 panels per row, one row
+    assert fig.size == (3 * (280 + 10) + 10, 24 + figures.LEGEND_ROW + 170 + 2 * 10)  # 3 panels per row, one row
+    many = figures.draw_alpha_histograms([np.zeros((2, 40))], ["forty heads"])  # 19 entries of 44 px a row: 3 rows
+    assert many.size[1] == 3 * figures.LEGEND_ROW + 170 + 2 * 10
+
+
+def test_head_colours_are_unique_and_a_group_shares_its_hue():
+    pairs = [[2 * j, 2 * j + 1] for j in range(6)]  # the demo's 12 -> 6 squeeze
+    colours = figures.head_colours(12, pairs)
+    assert len(set(colours)) == 12
+    for j, (first, second) in enumerate(pairs):
+        assert colours[first] == figures.HEAD_COLOURS[j]  # the group's hue...
+        hue = np.array(figures.HEAD_COLOURS[j], dtype=float)
+        room = hue < 255  # channels that can still lighten
+        mix = (np.array(colours[second])[room] - hue[room]) / (255 - hue[room])  # ...and its second head that hue lightened
+        assert np.allclose(mix, mix[0], atol=0.02) and 0.3 < mix[0] < 0.6
+    assert len(set(figures.head_colours(20))) == 20  # no groups: one colour per head up to 20
+    assert figures.head_colours(3, [[2], [0, 1]])[2] == figures.HEAD_COLOURS[0]
 
 
 def test_alpha_histograms_draw_one_line_per_teacher_head_where_its_alphas_lie():
     # A pair of heads: head 0 weighs 0.2 in every sample, head 1 the rest (0.8). Pooled, the two
     # would make one symmetric histogram; per head, each colour peaks over its own value.
     alphas = np.stack([np.full(50, 0.2), np.full(50, 0.8)], axis=1)  # (B, H_t) = (50, 2)
-    fig = figures.draw_alpha_histograms([alphas], ["pair"], lo=0.0, hi=1.0, bins=10)
+    fig = figures.draw_alpha_histograms([alphas], ["pair"], lo=0.0, hi=1.0, bins=10, groups=[[0, 1]])
     px = np.asarray(fig)  # (H, W, 3)
-    ax_l, ax_r, ax_t = 10 + 30, 10 + 280 - 10, 10 + 34  # the first panel's axes (no heading)
+    top = figures.LEGEND_ROW + 10  # below the legend row (no heading)
+    ax_l, ax_r, ax_t = 10 + 30, 10 + 280 - 10, top + 34  # the first panel's axes
+    first, second = figures.head_colours(2, [[0, 1]])
 
     def peak_x(colour):
         ys, xs = np.nonzero((px[ax_t - 1:ax_t + 2] == colour).all(-1))  # the rows of a 100 % bin
         return (xs.mean() - ax_l) / (ax_r - ax_l)  # as a value in [lo, hi] = [0, 1]
 
-    assert abs(peak_x(figures.HEAD_COLOURS[0]) - 0.25) < 0.06  # the bin [0.2, 0.3)
-    assert abs(peak_x(figures.HEAD_COLOURS[1]) - 0.85) < 0.06  # the bin [0.8, 0.9)
+    assert abs(peak_x(first) - 0.25) < 0.06  # the bin [0.2, 0.3)
+    assert abs(peak_x(second) - 0.85) < 0.06  # the bin [0.8, 0.9)
 
 
 def test_rgb_conversion_of_pixels_and_latents():

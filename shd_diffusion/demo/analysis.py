@@ -138,8 +138,8 @@ def _alpha_figure(probe: _Probe, batch: np.ndarray, path: Path) -> list[dict[str
     titles = [f"teacher layer {k + 1}{' (SHD target)' if k in probe.shd_layers else ''}" for k in range(len(per_layer))]
     sizes = sorted({len(gr) for gr in probe.groups})
     heading = (f"alpha of the {probe.heads_teacher} -> {probe.heads_student} squeeze (groups of {'/'.join(map(str, sizes))}), "
-               f"unconstrained eq. 6, batch {len(batch)}, t ~ U[0, 1000); one line per teacher head")
-    save_png(draw_alpha_histograms(per_layer, titles, heading=heading), path)
+               f"unconstrained eq. 6, batch {len(batch)}, t ~ U[0, 1000); one line per teacher head, one hue per group")
+    save_png(draw_alpha_histograms(per_layer, titles, heading=heading, groups=probe.groups), path)
     return stats
 
 

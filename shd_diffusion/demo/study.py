@@ -299,7 +299,7 @@ def run_study(
         figs, _ = attention_and_alpha_figures(teacher, tcfg, configs[REFERENCE_ARM, s.seeds[0]], ref_idx, s, out, dev)
         shutil.copyfile(out / "figures" / FIGURE_FILES["alphas"], report_dir / "alpha_per_head.png")
     extra = {"command": command, "partial": len(records) < len(configs), "machine": _machine(dev),
-             "wall_time_this_invocation_s": round(stages.elapsed(), 1),
+             "wall_time_this_invocation_s": round(stages.elapsed(), 1), "runs_this_invocation": len(todo),
              "teacher": {k: teacher_row[k] for k in ("fid", "precision", "recall", "kid_mean")},
              "alpha_stats": figs["alpha_stats"], "groups": figs["groups"], "date": time.strftime("%Y-%m-%d")}
     return write_study_report(report_dir, records, s, steps, configs[REFERENCE_ARM, s.seeds[0]], extra)
@@ -384,7 +384,8 @@ def _markdown(res: dict[str, Any]) -> str:
              "not with published FIDs.", "",
              f"Command: `{res['command']}`", f"Machine: {res.get('machine', 'see runs/*.json')}; "
              f"summed run time {res['summed_run_time_s'] / 60:.0f} min"
-             + (f"; this invocation {res['wall_time_this_invocation_s'] / 60:.0f} min" if "wall_time_this_invocation_s" in res else ""),
+             + (f"; this invocation {res['wall_time_this_invocation_s'] / 60:.0f} min for {res['runs_this_invocation']} runs"
+                if res.get("runs_this_invocation") else ""),
              ""]
     if "teacher" in res:
         lines += [f"Teacher (the ceiling, same sampling and scoring): FID {res['teacher']['fid']:.2f}", ""]
