@@ -121,6 +121,12 @@ def test_rerun_redoes_only_missing_records_even_without_the_work_folder(tiny_stu
     assert (kept.read_text(), kept.stat().st_mtime_ns) == before
     again = json.loads((runs / "kd-s0.json").read_text())
     assert again["key"] == redo["key"] and len(again["evals"]) == 3
+    report = tmp / "report" / "results.json"
+    made_by = json.loads(report.read_text())["command"]
+    assert made_by.endswith("--arms kd,kd_shd")  # this invocation trained a run: it is quoted
+    reset_accelerate_state()
+    assert demo_main([*argv, "--arms", "kd_shd"]) == 0  # nothing left to do: only the report is rewritten...
+    assert json.loads(report.read_text())["command"] == made_by  # ...and it keeps quoting the command that ran
 
 
 def test_study_settings_are_the_study_defaults_then_the_flags():

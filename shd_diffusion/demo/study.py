@@ -298,6 +298,8 @@ def run_study(
     with stages("alpha figure"):
         figs, _ = attention_and_alpha_figures(teacher, tcfg, configs[REFERENCE_ARM, s.seeds[0]], ref_idx, s, out, dev)
         shutil.copyfile(out / "figures" / FIGURE_FILES["alphas"], report_dir / "alpha_per_head.png")
+    if not todo:  # a rerun that only rewrote the report: quote the command that made the runs
+        command = _previous_command(report_dir) or command
     extra = {"command": command, "partial": len(records) < len(configs), "machine": _machine(dev),
              "wall_time_this_invocation_s": round(stages.elapsed(), 1), "runs_this_invocation": len(todo),
              "teacher": {k: teacher_row[k] for k in ("fid", "precision", "recall", "kid_mean")},
@@ -306,6 +308,15 @@ def run_study(
 
 
 # ------------------------------------------------------------------------------------------ report
+
+
+def _previous_command(report_dir: Path) -> str | None:
+    """The command quoted by the report already in ``report_dir`` (None: none readable)."""
+    try:
+        command = json.loads((report_dir / "results.json").read_text()).get("command")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return command if isinstance(command, str) and command else None
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
