@@ -28,6 +28,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cli_cases import call  # noqa: E402
+from hub_cache import offline_hub_cache  # noqa: E402
 from t2i_builders import SEQ, SIZE, build_pipeline, caption_folder, tiny_clip  # noqa: E402
 
 from shd_diffusion.commands import export, extract_latents, sample, score, train  # noqa: E402
@@ -51,26 +52,9 @@ CONDITIONING = {"pixart": {"prompt_embeds", "prompt_mask"}, "flux": {"prompt_emb
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """An offline Hugging Face cache in tmp (env and huggingface_hub's import-time constants patched,
-    restored by monkeypatch); returns a function that caches a pipeline folder as ``repo_id``."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf_home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-
-    def add(repo_id: str, folder: Path) -> Path:
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder, repo / "snapshots" / REV)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(REV)
-        return repo / "snapshots" / REV
-
-    return add
+    """An offline Hugging Face cache in tmp; returns a function that caches a pipeline folder as ``repo_id``."""
+    add = offline_hub_cache(tmp_path, monkeypatch)
+    return lambda repo_id, folder: add(repo_id, folder, REV)
 
 
 def _stand_in_inception(monkeypatch) -> None:

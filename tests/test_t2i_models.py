@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hub_cache import offline_hub_cache
 import torch
 import yaml
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
@@ -93,26 +94,10 @@ def forward(model, batch: int = 2) -> torch.Tensor:
 
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
-    """An empty offline Hugging Face cache (HF_HOME / HF_HUB_CACHE in tmp); returns a function
-    that adds a repo snapshot holding a folder's files under ``transformer/``."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf_home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import time by huggingface_hub
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-
-    def add_repo(repo_id: str, folder: Path) -> Path:
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder, repo / "snapshots" / REV / "transformer")
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(REV)
-        return repo
-
-    return add_repo
+    """An empty offline Hugging Face cache in tmp; returns a function that adds a repo snapshot
+    holding a folder's files under ``transformer/``."""
+    add = offline_hub_cache(tmp_path, monkeypatch)
+    return lambda repo_id, folder: add(repo_id, folder, REV, under="transformer")
 
 
 def _pipeline(tmp_path: Path, model_dir: Path, name: str) -> Path:

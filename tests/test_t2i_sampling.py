@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hub_cache import offline_hub_cache
 from t2i_builders import tiny_clip
 
 from shd_diffusion import t2i_sampling as ts
@@ -378,20 +379,8 @@ def test_assemble_refuses_an_extra_member_that_would_need_pickle_or_has_other_ro
 
 def test_clip_from_the_offline_hub_cache_records_its_commit(clip_dir, tmp_path, monkeypatch):
     """A Hub id resolves offline through the Hugging Face cache; the report names the snapshot commit."""
-    import shutil
-
-    import huggingface_hub.constants as constants
-
     rev = "0123456789abcdef0123456789abcdef01234567"
-    cache = tmp_path / "hub"
-    repo = cache / "models--tiny--clip"
-    shutil.copytree(clip_dir, repo / "snapshots" / rev)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    offline_hub_cache(tmp_path, monkeypatch)("tiny/clip", clip_dir, rev)
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), prompts=np.array(["a cat", "a dog"]))
     report = cs.clip_score(tmp_path / "s.npz", "tiny/clip", device="cpu", progress=False)
     assert report["clip"]["model"] == "tiny/clip" and report["clip"]["revision"] == rev
@@ -400,20 +389,7 @@ def test_clip_from_the_offline_hub_cache_records_its_commit(clip_dir, tmp_path, 
 
 
 def test_a_teacher_pipeline_by_hub_id_loads_offline_from_the_cache(world, tmp_path, monkeypatch):
-    import shutil
-
-    import huggingface_hub.constants as constants
-
-    rev = "89abcdef0123456789abcdef0123456789abcdef"
-    cache = tmp_path / "hub"
-    repo = cache / "models--tiny--pixart"
-    shutil.copytree(world["pipe"], repo / "snapshots" / rev)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    offline_hub_cache(tmp_path, monkeypatch)("tiny/pixart", world["pipe"])
     config = ts.teacher_transformer_config("tiny/pixart")
     assert config == ts.teacher_transformer_config(world["pipe"])
     student, _ = ts.load_student(world["ckpt"], config)
